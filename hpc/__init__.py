@@ -1,0 +1,1 @@
+"""The login-node agent: Slurm-managed model services and the request router."""

@@ -1,0 +1,261 @@
+"""The agent's configuration: one YAML file, validated at start.
+
+Every validation problem becomes one line `FILE: KEY: REASON`, so an operator can fix a
+config without reading a traceback.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from hpc.slurm_time import parse_duration, parse_slurm_time
+
+SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+# Slurm options the agent owns: an operator setting them in extra_sbatch would break
+# job recognition, logging or the graceful stop.
+RESERVED_SBATCH = (
+    "--job-name",
+    "-J",
+    "--comment",
+    "--output",
+    "-o",
+    "--error",
+    "-e",
+    "--signal",
+    "--parsable",
+    "--wrap",
+    "--requeue",
+)
+
+
+def _duration(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s, 10m or 1h")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        return parse_duration(value)
+    raise ValueError("expected a duration such as 30s, 10m or 1h")
+
+
+Duration = Annotated[float, BeforeValidator(_duration)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SlurmResources(Strict):
+    """What one job of a service asks Slurm for."""
+
+    partition: str | None = None
+    nodes: int = Field(1, ge=1, le=64)
+    gpus: int = Field(1, ge=0, le=16, description="GPUs per node")
+    cpus: int = Field(4, ge=1, le=1024, description="CPUs per task")
+    memory: str = Field("32G", pattern=r"^[0-9]+[KMGT]?$")
+    time_limit: str = "1:00:00"
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    extra_sbatch: list[str] = Field(default_factory=list)
+
+    @field_validator("time_limit")
+    @classmethod
+    def _time_limit(cls, value: str) -> str:
+        seconds = parse_slurm_time(value)
+        if seconds is None:
+            raise ValueError("a model service needs a finite time limit, not UNLIMITED")
+        return value
+
+    @field_validator("extra_sbatch")
+    @classmethod
+    def _extra(cls, value: list[str]) -> list[str]:
+        for option in value:
+            if not option.startswith("-") or "\n" in option:
+                raise ValueError(f"{option!r} is not an sbatch option (it must start with -)")
+            if option.split("=", 1)[0] in RESERVED_SBATCH:
+                raise ValueError(f"{option.split('=', 1)[0]} is set by the agent itself")
+        return value
+
+    @property
+    def time_limit_seconds(self) -> int:
+        seconds = parse_slurm_time(self.time_limit)
+        assert seconds is not None  # validated above
+        return seconds
+
+
+class VllmOptions(Strict):
+    """Options of the default `vllm` template; None leaves vLLM's own default."""
+
+    max_model_len: int | None = Field(None, ge=16)
+    quantization: str | None = None
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    dtype: str | None = None
+    chat_template: str | None = None
+    tool_call_parser: str | None = None
+    enable_auto_tool_choice: bool = False
+    task: Literal["generate", "embed"] = "generate"
+    enforce_eager: bool = False
+
+
+class ServiceConfig(Strict):
+    """One model service: the model id clients use and how its jobs are run."""
+
+    name: str
+    model: str = Field(description="model path or name given to the server")
+    served_model_name: str | None = None
+    template: str = Field("vllm", pattern=r"^[a-z][a-z0-9_-]{0,31}$")
+    resources: SlurmResources = Field(default_factory=SlurmResources)
+    min_instances: int = Field(1, ge=0, le=64)
+    max_instances: int = Field(1, ge=0, le=64)
+    target_concurrency: int = Field(8, ge=1, description="in-flight requests per instance")
+    renewal_lead: Duration = Field(
+        600.0, description="submit the replacement this long before the limit"
+    )
+    startup_timeout: Duration = Field(900.0, gt=0)
+    server_args: list[str] = Field(default_factory=list)
+    environment: dict[str, str] = Field(default_factory=dict)
+    container: str | None = Field(None, description="Apptainer image; None runs on the host")
+    container_binds: list[str] = Field(default_factory=list)
+    vllm: VllmOptions = Field(default_factory=VllmOptions)
+    display_name: str | None = None
+    input: list[str] = Field(default_factory=lambda: ["text"])
+    output: list[str] = Field(default_factory=lambda: ["text"])
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not SERVICE_NAME.match(value):
+            raise ValueError("use letters, digits and . _ : / - (at most 128, no leading symbol)")
+        return value
+
+    @field_validator("environment")
+    @classmethod
+    def _environment(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+                raise ValueError(f"{key!r} is not a valid environment variable name")
+        return value
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ServiceConfig:
+        if self.max_instances < self.min_instances:
+            raise ValueError("max_instances must be >= min_instances")
+        if self.renewal_lead >= self.resources.time_limit_seconds:
+            raise ValueError("renewal_lead must be shorter than resources.time_limit")
+        return self
+
+    @property
+    def model_id(self) -> str:
+        return self.served_model_name or self.name
+
+
+class RouterConfig(Strict):
+    """How the agent's router treats requests."""
+
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    queue_timeout: Duration = Field(300.0, ge=0, description="wait this long for a ready backend")
+    max_queue: int = Field(256, ge=0, description="requests waiting per service")
+    connect_timeout: Duration = Field(5.0, gt=0)
+    first_byte_timeout: Duration = Field(600.0, gt=0)
+    idle_timeout: Duration = Field(300.0, gt=0, description="longest gap between two chunks")
+
+
+class AgentConfig(Strict):
+    """The whole agent configuration file."""
+
+    state_dir: Path
+    executor: Literal["slurm", "local"] = "slurm"
+    slurm_bin_dir: Path | None = None
+    slurm_conf: Path | None = None
+    job_prefix: str = Field("saia", pattern=r"^[a-z][a-z0-9-]{0,15}$")
+    poll_interval: Duration = Field(5.0, gt=0)
+    health_interval: Duration = Field(5.0, gt=0)
+    health_timeout: Duration = Field(3.0, gt=0)
+    health_failures: int = Field(3, ge=1)
+    max_total_gpus: int | None = Field(None, ge=0)
+    slurm_timeout: Duration = Field(30.0, gt=0)
+    python: str | None = Field(
+        None, description="python on the compute nodes; default: the agent's"
+    )
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    services: list[ServiceConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique(self) -> AgentConfig:
+        seen: set[str] = set()
+        for service in self.services:
+            for key in {service.name, service.model_id}:
+                if key in seen:
+                    raise ValueError(f"service name {key!r} is used twice")
+                seen.add(key)
+        return self
+
+    def service(self, name: str) -> ServiceConfig | None:
+        for service in self.services:
+            if name in (service.name, service.model_id):
+                return service
+        return None
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; str() is one line per problem."""
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def format_validation_error(path: Path | str, error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"{path}: {_location(item['loc'])}: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: Path | str = "<config>") -> AgentConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: (top level): expected a mapping of settings")
+    try:
+        config = AgentConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(source, error)) from None
+    if not config.state_dir.is_absolute():
+        base = Path(source).parent if source != "<config>" else Path.cwd()
+        config = config.model_copy(update={"state_dir": (base / config.state_dir).resolve()})
+    return config
+
+
+def load_config(path: Path | str) -> AgentConfig:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read: {error.strerror or error}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "(yaml)"
+        problem = getattr(error, "problem", None) or error
+        raise ConfigError(f"{path}: {where}: not valid YAML: {problem}") from None
+    return parse_config(data, path)

@@ -1,0 +1,113 @@
+"""The agent's live view of backends, shared by the scheduler (writer) and router (reader).
+
+The scheduler publishes which backends are ready or draining after each observation; the
+router takes a backend for each request and reports load back. Everything here runs on the
+agent's one event loop, so no locks are needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass, field
+
+RATE_WINDOW = 60.0
+
+
+@dataclass
+class Backend:
+    service: str
+    job_id: str
+    url: str
+    api_key: str | None = None
+    draining: bool = False
+    in_flight: int = 0
+    served: int = 0
+
+
+@dataclass(frozen=True)
+class ServiceLoad:
+    in_flight: int
+    queued: int
+    rate_per_s: float
+
+
+@dataclass
+class _ServiceState:
+    backends: dict[str, Backend] = field(default_factory=dict)
+    ready_event: asyncio.Event = field(default_factory=asyncio.Event)
+    queued: int = 0
+    arrivals: deque[float] = field(default_factory=deque)
+    demand_since: float | None = None
+
+
+class BackendRegistry:
+    def __init__(self) -> None:
+        self._services: dict[str, _ServiceState] = {}
+        self.wakeup = asyncio.Event()
+
+    def _state(self, service: str) -> _ServiceState:
+        return self._services.setdefault(service, _ServiceState())
+
+    # -- scheduler side -------------------------------------------------------------
+    def publish(self, service: str, backends: list[Backend]) -> None:
+        """Replace the service's backends, keeping the router's counters of known jobs."""
+        state = self._state(service)
+        fresh: dict[str, Backend] = {}
+        for backend in backends:
+            old = state.backends.get(backend.job_id)
+            if old is not None:
+                old.url, old.api_key, old.draining = backend.url, backend.api_key, backend.draining
+                fresh[backend.job_id] = old
+            else:
+                fresh[backend.job_id] = backend
+        state.backends = fresh
+        if any(not b.draining for b in fresh.values()):
+            state.ready_event.set()
+            state.demand_since = None
+        else:
+            state.ready_event.clear()
+
+    def in_flight_of(self, service: str, job_id: str) -> int:
+        backend = self._state(service).backends.get(job_id)
+        return backend.in_flight if backend else 0
+
+    def load(self, service: str, now: float) -> ServiceLoad:
+        state = self._state(service)
+        while state.arrivals and state.arrivals[0] < now - RATE_WINDOW:
+            state.arrivals.popleft()
+        return ServiceLoad(
+            in_flight=sum(b.in_flight for b in state.backends.values()),
+            queued=state.queued,
+            rate_per_s=len(state.arrivals) / RATE_WINDOW,
+        )
+
+    def demand_since(self, service: str) -> float | None:
+        """When a request first found no ready backend (scale from zero), else None."""
+        return self._state(service).demand_since
+
+    # -- router side ----------------------------------------------------------------
+    def ready(self, service: str) -> list[Backend]:
+        return [b for b in self._state(service).backends.values() if not b.draining]
+
+    def note_arrival(self, service: str, now: float) -> None:
+        self._state(service).arrivals.append(now)
+
+    def note_demand(self, service: str, now: float) -> None:
+        """A request waits with no ready backend: wake the scheduler to start one."""
+        state = self._state(service)
+        if state.demand_since is None:
+            state.demand_since = now
+        self.wakeup.set()
+
+    async def wait_ready(self, service: str) -> None:
+        """Return once the service has a ready backend; the caller applies the timeout."""
+        state = self._state(service)
+        state.queued += 1
+        try:
+            await state.ready_event.wait()
+        finally:
+            state.queued -= 1
+
+    def queued(self, service: str) -> int:
+        return self._state(service).queued

@@ -1,0 +1,1 @@
+"""The hub: OpenAI-compatible gateway with keys, limits, accounting and upstreams."""

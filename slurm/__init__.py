@@ -1,0 +1,1 @@
+"""Job script templates rendered by hpc.job_script; shipped as package data."""
