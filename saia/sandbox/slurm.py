@@ -1,0 +1,383 @@
+"""A throw-away single-node Slurm cluster for the tests and `saia demo`.
+
+`SlurmSandbox` starts its own munged (own key and socket), slurmctld and slurmd on free
+loopback ports with a config in its own directory, and four fake GPUs (character devices)
+so `--gres=gpu:N` jobs run on a machine without GPUs. Several sandboxes can run on one
+machine at the same time: every path, port and cluster name is private. `stop()` cancels
+the cluster's jobs and kills exactly the daemons it started.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+log = logging.getLogger(__name__)
+
+SBIN = Path("/usr/sbin")
+GPUS = 4
+COMMAND_TIMEOUT = 15.0
+START_TIMEOUT = 60.0
+STOP_GRACE = 10.0
+INSTALL_HINT = "install them with `python -m saia.sandbox.packages` (as root)"
+
+
+class SandboxError(RuntimeError):
+    """The sandbox cluster cannot be started; the message says why."""
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _find(name: str) -> Path:
+    for folder in (SBIN, Path("/usr/bin")):
+        if (folder / name).exists():
+            return folder / name
+    found = shutil.which(name)
+    if found is None:
+        raise SandboxError(
+            f"{name} not found: the Slurm/munge packages are missing; {INSTALL_HINT}"
+        )
+    return Path(found)
+
+
+def _available_memory_mb() -> int:
+    with open("/proc/meminfo", encoding="ascii") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    raise SandboxError("cannot read MemAvailable from /proc/meminfo")
+
+
+def render_slurm_conf(
+    *,
+    root: Path,
+    cluster: str,
+    host: str,
+    ctld_port: int,
+    slurmd_port: int,
+    munge_socket: Path,
+    cpus: int,
+    memory_mb: int,
+) -> str:
+    """slurm.conf of a one-node cluster whose paths all live under `root`."""
+    lines = [
+        f"ClusterName={cluster}",
+        f"SlurmctldHost={host}(127.0.0.1)",
+        f"SlurmctldPort={ctld_port}",
+        f"SlurmdPort={slurmd_port}",
+        "SlurmUser=root",
+        "SlurmdUser=root",
+        "AuthType=auth/munge",
+        "CredType=cred/munge",
+        f"AuthInfo=socket={munge_socket}",
+        f"StateSaveLocation={root}/state",
+        f"SlurmdSpoolDir={root}/spool/%n",
+        f"SlurmctldPidFile={root}/run/slurmctld.pid",
+        f"SlurmdPidFile={root}/run/slurmd.pid",
+        f"SlurmctldLogFile={root}/log/slurmctld.log",
+        f"SlurmdLogFile={root}/log/slurmd.log",
+        "SlurmctldDebug=info",
+        "SlurmdDebug=info",
+        "ProctrackType=proctrack/linuxproc",
+        "TaskPlugin=task/none",
+        "JobAcctGatherType=jobacct_gather/none",
+        "AccountingStorageType=accounting_storage/none",
+        "JobCompType=jobcomp/none",
+        "MpiDefault=none",
+        "SelectType=select/cons_tres",
+        "SelectTypeParameters=CR_Core",
+        "SchedulerType=sched/backfill",
+        "SchedulerParameters=sched_interval=1,bf_interval=1,sched_min_interval=100000",
+        "GresTypes=gpu",
+        "MailProg=/bin/true",
+        f"PlugStackConfig={root}/plugstack.conf",
+        # Fast turnover for tests: finished jobs vanish quickly, kills do not linger.
+        "MinJobAge=5",
+        "KillWait=5",
+        "MessageTimeout=10",
+        "SlurmdTimeout=30",
+        "InactiveLimit=0",
+        "Waittime=0",
+        "ReturnToService=2",
+        (
+            f"NodeName={host} NodeAddr=127.0.0.1 NodeHostname={host} CPUs={cpus} "
+            f"RealMemory={memory_mb} Gres=gpu:{GPUS} State=UNKNOWN"
+        ),
+        f"PartitionName=gpu Nodes={host} Default=YES MaxTime=INFINITE State=UP",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render_gres_conf(host: str, device_dir: Path) -> str:
+    return f"AutoDetect=off\nNodeName={host} Name=gpu File={device_dir}/fakegpu[0-{GPUS - 1}]\n"
+
+
+class SlurmSandbox:
+    """A private one-node Slurm cluster (munged + slurmctld + slurmd), started by `start()`."""
+
+    def __init__(self, root: Path | str | None = None, *, cpus: int | None = None) -> None:
+        self._given_root = Path(root) if root is not None else None
+        self._cpus = cpus or os.cpu_count() or 1
+        self.root = Path()
+        self.host = socket.gethostname().split(".")[0]
+        self.cluster = f"saia{uuid.uuid4().hex[:8]}"
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._started = False
+
+    # -- public view --------------------------------------------------------------
+    @property
+    def slurm_conf(self) -> Path:
+        return self.root / "etc" / "slurm.conf"
+
+    @property
+    def bin_dir(self) -> Path:
+        """Where sbatch, squeue, scancel and scontrol live."""
+        return _find("sbatch").parent
+
+    @property
+    def munge_socket(self) -> Path:
+        return self.root / "munge" / "munge.sock"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment for Slurm client commands talking to this cluster."""
+        path = os.environ.get("PATH", "/usr/bin:/bin")
+        return dict(os.environ, SLURM_CONF=str(self.slurm_conf), PATH=f"{self.bin_dir}:{path}")
+
+    @property
+    def pids(self) -> list[int]:
+        return [proc.pid for proc in self._procs]
+
+    def run(
+        self, argv: list[str], timeout: float = COMMAND_TIMEOUT
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a Slurm client command against this cluster (no check; caller judges)."""
+        return subprocess.run(
+            argv, env=self.env, capture_output=True, text=True, timeout=timeout, check=False
+        )
+
+    # -- lifetime -----------------------------------------------------------------
+    def start(self) -> SlurmSandbox:
+        if self._started:
+            return self
+        for name in ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "scancel"):
+            _find(name)
+        self._make_root()
+        self._started = True
+        try:
+            self._write_files()
+            self._start_munged()
+            self._start_slurm()
+            self._wait_idle()
+        except BaseException:
+            self.stop()
+            raise
+        log.info("slurm sandbox %s ready in %s", self.cluster, self.root)
+        return self
+
+    def stop(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        if self._procs and self._procs[-1].poll() is None:
+            self._cancel_jobs()
+        for proc in reversed(self._procs):
+            _terminate(proc)
+        self._procs.clear()
+        if self._given_root is None:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> SlurmSandbox:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- steps of start() ------------------------------------------------------------
+    def _make_root(self) -> None:
+        if self._given_root is not None:
+            self.root = self._given_root.resolve()
+            self.root.mkdir(parents=True, exist_ok=True)
+        else:
+            # Short path under /tmp: the munge socket path must fit in sun_path (108 bytes).
+            self.root = Path(tempfile.mkdtemp(prefix="saia-slurm-", dir="/tmp"))
+        # munged insists that everyone may traverse the directories above its socket.
+        self.root.chmod(0o755)
+        for sub in ("etc", "munge", "state", "spool", "run", "log", "dev"):
+            (self.root / sub).mkdir(exist_ok=True)
+        (self.root / "munge").chmod(0o755)
+
+    def _write_files(self) -> None:
+        key = self.root / "munge" / "munge.key"
+        key.unlink(missing_ok=True)
+        _check_call([str(_find("mungekey")), "-c", "-k", str(key)], "mungekey")
+        for index in range(GPUS):
+            device = self.root / "dev" / f"fakegpu{index}"
+            if not device.exists():
+                # /dev/null's numbers: slurmd wants a character device, reads none of it.
+                os.mknod(device, 0o600 | 0o020000, os.makedev(1, 3))
+        memory_mb = max(256, int(_available_memory_mb() * 0.5))
+        conf = render_slurm_conf(
+            root=self.root,
+            cluster=self.cluster,
+            host=self.host,
+            ctld_port=free_port(),
+            slurmd_port=free_port(),
+            munge_socket=self.munge_socket,
+            cpus=self._cpus,
+            memory_mb=memory_mb,
+        )
+        self.slurm_conf.write_text(conf, encoding="utf-8")
+        gres = render_gres_conf(self.host, self.root / "dev")
+        (self.root / "etc" / "gres.conf").write_text(gres, encoding="utf-8")
+        (self.root / "etc" / "plugstack.conf").write_text("", encoding="utf-8")
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        with open(self.root / "log" / f"{name}.out", "ab") as out:
+            proc = subprocess.Popen(
+                argv,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self._procs.append(proc)
+        return proc
+
+    def _start_munged(self) -> None:
+        munge_dir = self.root / "munge"
+        proc = self._spawn(
+            "munged",
+            [
+                str(_find("munged")),
+                "--foreground",
+                f"--socket={self.munge_socket}",
+                f"--key-file={munge_dir / 'munge.key'}",
+                f"--pid-file={munge_dir / 'munged.pid'}",
+                f"--seed-file={munge_dir / 'munged.seed'}",
+                f"--log-file={self.root / 'log' / 'munged.log'}",
+            ],
+        )
+        munge = [str(_find("munge")), "-S", str(self.munge_socket), "-n"]
+        self._wait("munged", proc, lambda: self.munge_socket.exists() and _ok(munge, self.env))
+
+    def _start_slurm(self) -> None:
+        conf = str(self.slurm_conf)
+        ctld = self._spawn("slurmctld", [str(_find("slurmctld")), "-D", "-f", conf])
+        ping = [str(self.bin_dir / "scontrol"), "ping"]
+        self._wait("slurmctld", ctld, lambda: "UP" in _output(ping, self.env))
+        slurmd = self._spawn("slurmd", [str(_find("slurmd")), "-D", "-f", conf])
+        show = [str(self.bin_dir / "scontrol"), "show", "node", "-o", self.host]
+        self._wait("slurmd", slurmd, lambda: "Arch=" in _output(show, self.env))
+
+    def _wait_idle(self) -> None:
+        show = [str(self.bin_dir / "scontrol"), "show", "node", "-o", self.host]
+
+        def idle() -> bool:
+            state = _field(_output(show, self.env), "State")
+            return state.split("+")[0] == "IDLE"
+
+        self._wait("slurmd", self._procs[-1], idle)
+
+    def _wait(self, name: str, proc: subprocess.Popen[bytes], ready: _Probe) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise SandboxError(f"{name} exited with {proc.returncode}: {self._log_tail(name)}")
+            if ready():
+                return
+            time.sleep(0.2)
+        raise SandboxError(f"{name} not ready within {START_TIMEOUT:.0f}s: {self._log_tail(name)}")
+
+    def _log_tail(self, name: str) -> str:
+        lines: list[str] = []
+        for path in (self.root / "log" / f"{name}.out", self.root / "log" / f"{name}.log"):
+            if path.exists():
+                lines += path.read_text(encoding="utf-8", errors="replace").splitlines()[-5:]
+        return " | ".join(lines) or "(no log output)"
+
+    # -- steps of stop() -------------------------------------------------------------
+    def _cancel_jobs(self) -> None:
+        """Cancel every job of this private cluster and wait (bounded) until they are gone."""
+        squeue = [str(self.bin_dir / "squeue"), "--noheader", "--format=%i"]
+        job_ids = _output(squeue, self.env).split()
+        if not job_ids:
+            return
+        _ok([str(self.bin_dir / "scancel"), *job_ids], self.env)
+        deadline = time.monotonic() + STOP_GRACE + 10
+        while time.monotonic() < deadline and _output(squeue, self.env).split():
+            time.sleep(0.5)
+
+
+_Probe = Callable[[], bool]
+
+
+def _check_call(argv: list[str], what: str) -> None:
+    result = subprocess.run(
+        argv, capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False
+    )
+    if result.returncode != 0:
+        first = (result.stderr.strip().splitlines() or ["no message"])[0]
+        raise SandboxError(f"{what} failed ({result.returncode}): {first}")
+
+
+def _output(argv: list[str], env: dict[str, str]) -> str:
+    """stdout of a successful command, '' when it failed or timed out."""
+    try:
+        result = subprocess.run(
+            argv, env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return ""
+    return result.stdout if result.returncode == 0 else ""
+
+
+def _ok(argv: list[str], env: dict[str, str]) -> bool:
+    try:
+        result = subprocess.run(
+            argv, env=env, capture_output=True, timeout=COMMAND_TIMEOUT, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return False
+    return result.returncode == 0
+
+
+def _field(line: str, key: str) -> str:
+    """The value of `Key=value` in one-line `scontrol show -o` output."""
+    for word in line.split():
+        if word.startswith(f"{key}="):
+            return word.split("=", 1)[1]
+    return ""
+
+
+def _terminate(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after a grace: only this process, by its pid."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=STOP_GRACE)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=STOP_GRACE)
