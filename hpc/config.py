@@ -128,6 +128,18 @@ class ServiceConfig(Strict):
         600.0, description="submit the replacement this long before the limit"
     )
     startup_timeout: Duration = Field(900.0, gt=0)
+    look_back: Duration = Field(
+        60.0, ge=0, description="load window: the target follows the highest load seen in it"
+    )
+    scale_down_delay: Duration = Field(
+        300.0, ge=0, description="stop an instance only after the load stayed lower this long"
+    )
+    startup_backoff: Duration = Field(
+        30.0, ge=0, description="wait after a failed start; doubles per failure in a row"
+    )
+    startup_backoff_max: Duration = Field(
+        900.0, ge=0, description="upper bound of the wait between failed starts"
+    )
     server_args: list[str] = Field(default_factory=list)
     environment: dict[str, str] = Field(default_factory=dict)
     container: str | None = Field(None, description="Apptainer image; None runs on the host")
@@ -192,6 +204,10 @@ class AgentConfig(Strict):
     slurm_timeout: Duration = Field(30.0, gt=0)
     python: str | None = Field(
         None, description="python on the compute nodes; default: the agent's"
+    )
+    backend_bind_host: str = Field("0.0.0.0", description="address model servers in jobs listen on")
+    backend_advertise_host: str | None = Field(
+        None, description="address the router uses to reach a job; default: the node's hostname -f"
     )
     router: RouterConfig = Field(default_factory=RouterConfig)
     services: list[ServiceConfig] = Field(default_factory=list)

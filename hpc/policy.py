@@ -1,0 +1,326 @@
+"""The scheduling policy: which jobs to submit, cancel and drain, decided from a snapshot.
+
+Pure: `decide(snapshot, now)` never awaits, reads a clock or touches Slurm, files or HTTP.
+The agent observes the world into a `Snapshot`, calls `decide`, and carries out the
+`Decision`'s actions in order.
+
+Vocabulary: an *instance* is one serving slot of a service. A renewal pair (an old job
+and the replacement submitted before the old one's time limit) is one instance, so the
+replacement never counts as scaling up. A *draining* job takes no new requests and is
+cancelled once its in-flight count reaches zero.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from hpc.config import ServiceConfig
+from hpc.jobs import JobInfo
+
+# A draining job this close to its limit is cancelled even with requests in flight:
+# Slurm is about to kill it anyway, and a clean SIGTERM lets the server finish cleanly.
+DRAIN_DEADLINE_S = 5
+
+
+@dataclass(frozen=True)
+class JobView:
+    """One of the agent's jobs as the policy sees it."""
+
+    info: JobInfo
+    first_seen: float
+    running_since: float | None = None
+    ready_since: float | None = None
+    health_failures: int = 0
+    draining: bool = False
+    cancelled: bool = False
+    replaces: str | None = None
+    in_flight: int = 0
+
+    @property
+    def job_id(self) -> str:
+        return self.info.job_id
+
+    @property
+    def ready(self) -> bool:
+        return self.ready_since is not None
+
+
+@dataclass(frozen=True)
+class LostJob:
+    """A job Slurm no longer lists (finished, killed, cancelled)."""
+
+    job_id: str
+    was_ready: bool
+    cancelled: bool
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Consecutive failed starts of a service and when the next submission may happen."""
+
+    failures: int = 0
+    last_failure: float | None = None
+    not_before: float | None = None
+
+    def blocks(self, now: float) -> bool:
+        return self.not_before is not None and now < self.not_before
+
+
+@dataclass(frozen=True)
+class LoadSample:
+    at: float
+    load: int  # in-flight plus queued requests
+
+
+@dataclass(frozen=True)
+class ServiceSnapshot:
+    config: ServiceConfig
+    jobs: tuple[JobView, ...] = ()
+    lost: tuple[LostJob, ...] = ()
+    load: tuple[LoadSample, ...] = ()
+    demand_since: float | None = None
+    backoff: Backoff = field(default_factory=Backoff)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    services: tuple[ServiceSnapshot, ...]
+    health_failures: int = 3
+    max_total_gpus: int | None = None
+    orphans: tuple[JobView, ...] = ()  # our jobs of services no longer configured
+
+
+@dataclass(frozen=True)
+class Submit:
+    service: str
+    reason: str
+    replaces: str | None = None
+
+
+@dataclass(frozen=True)
+class Cancel:
+    service: str
+    job_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Drain:
+    service: str
+    job_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Warn:
+    service: str
+    message: str
+    job_id: str | None = None
+
+
+Action = Submit | Cancel | Drain | Warn
+
+
+@dataclass(frozen=True)
+class Decision:
+    actions: tuple[Action, ...]
+    backoff: dict[str, Backoff]
+
+    def of(self, kind: type[Action]) -> list[Action]:
+        return [action for action in self.actions if isinstance(action, kind)]
+
+
+def gpus_per_job(config: ServiceConfig) -> int:
+    return config.resources.gpus * config.resources.nodes
+
+
+def after_failure(backoff: Backoff, now: float, config: ServiceConfig) -> Backoff:
+    """One more failed start: the wait doubles each time, up to startup_backoff_max."""
+    failures = backoff.failures + 1
+    wait = min(config.startup_backoff * 2 ** (failures - 1), config.startup_backoff_max)
+    return Backoff(failures=failures, last_failure=now, not_before=now + wait)
+
+
+def desired_instances(service: ServiceSnapshot, now: float) -> int:
+    """Instances wanted now: the peak load over look_back, held for scale_down_delay.
+
+    Taking the peak over `look_back + scale_down_delay` scales up at once (the newest
+    sample is in the window) and down only after the load stayed lower for the delay.
+    """
+    config = service.config
+    window = config.look_back + config.scale_down_delay
+    peak = max((s.load for s in service.load if s.at >= now - window), default=0)
+    target = math.ceil(peak / config.target_concurrency)
+    if service.demand_since is not None:
+        target = max(target, 1)  # scale from zero: a request is waiting
+    return max(config.min_instances, min(config.max_instances, target))
+
+
+@dataclass
+class _Plan:
+    """Working state while deciding one service."""
+
+    service: ServiceSnapshot
+    now: float
+    backoff: Backoff
+    actions: list[Action] = field(default_factory=list)
+    submits: list[tuple[int, Submit]] = field(default_factory=list)  # (priority, submit)
+
+    @property
+    def name(self) -> str:
+        return self.service.config.name
+
+    def cancel(self, job: JobView, reason: str) -> None:
+        self.actions.append(Cancel(self.name, job.job_id, reason))
+
+    def warn(self, message: str, job: JobView | None = None) -> None:
+        self.actions.append(Warn(self.name, message, job.job_id if job else None))
+
+
+def _update_backoff(plan: _Plan) -> None:
+    backoff, config = plan.backoff, plan.service.config
+    for job in plan.service.jobs:
+        started = job.ready_since
+        if backoff.failures and started is not None and started >= (backoff.last_failure or 0):
+            backoff = Backoff()  # a start succeeded after the last failure
+    for lost in plan.service.lost:
+        if not lost.was_ready and not lost.cancelled:
+            backoff = after_failure(backoff, plan.now, config)
+    plan.backoff = backoff
+
+
+def _triage(plan: _Plan, threshold: int) -> list[JobView]:
+    """Cancel jobs that are done for; return the ones that keep serving or starting."""
+    config, now = plan.service.config, plan.now
+    keep: list[JobView] = []
+    for job in plan.service.jobs:
+        if job.cancelled:
+            continue
+        left = job.info.time_left_s
+        if job.draining:
+            if job.in_flight == 0 or (left is not None and left <= DRAIN_DEADLINE_S):
+                plan.cancel(job, "drained")
+            continue
+        if job.ready and job.health_failures >= threshold:
+            plan.cancel(job, f"unhealthy: {job.health_failures} failed health checks in a row")
+        elif not job.ready and job.running_since is not None:
+            if now - job.running_since > config.startup_timeout:
+                plan.cancel(job, f"not ready {config.startup_timeout:.0f}s after it started")
+                plan.backoff = after_failure(plan.backoff, now, config)
+            else:
+                keep.append(job)
+        else:
+            if not job.info.running and now - job.first_seen > config.startup_timeout:
+                waited = now - job.first_seen
+                reason = job.info.reason or "no reason given"
+                plan.warn(f"pending for {waited:.0f}s ({reason})", job)
+            keep.append(job)
+    return keep
+
+
+def _renew(plan: _Plan, live: list[JobView]) -> tuple[list[JobView], set[str]]:
+    """Drain old jobs whose replacement is ready and submit replacements that are due.
+
+    Returns the instances and the ids of jobs whose renewal is under way.
+    """
+    by_id = {job.job_id: job for job in live}
+    renewing = {job.replaces: job for job in live if job.replaces in by_id}
+    instances: list[JobView] = []
+    for job in live:
+        if job.replaces in by_id:
+            continue  # counted with the job it replaces
+        successor = renewing.get(job.job_id)
+        if successor is not None and successor.ready:
+            plan.actions.append(Drain(plan.name, job.job_id, f"replaced by {successor.job_id}"))
+            instances.append(successor)
+            continue
+        instances.append(job)
+        left = job.info.time_left_s
+        due = left is not None and left <= plan.service.config.renewal_lead
+        if job.ready and successor is None and due:
+            plan.submits.append((0, Submit(plan.name, "renewal", replaces=job.job_id)))
+    renewal = set(renewing) | {job.job_id for job in renewing.values()}
+    return instances, {job_id for job_id in renewal if job_id is not None}
+
+
+def _scale(plan: _Plan, instances: list[JobView], renewing: set[str]) -> None:
+    config = plan.service.config
+    want = desired_instances(plan.service, plan.now)
+    have = len(instances)
+    for number in range(have, want):
+        below_min = number < config.min_instances
+        reason = "min_instances" if below_min else "load"
+        plan.submits.append((0 if below_min else 1, Submit(plan.name, reason)))
+    if have <= want:
+        return
+    # Stop the least useful first: not yet ready (newest first), then the ready one with
+    # the least time left. A job with a renewal in progress is left alone.
+    idle = sorted((j for j in instances if not j.ready), key=lambda j: -j.first_seen)
+    ready = sorted(
+        (j for j in instances if j.ready and j.job_id not in renewing),
+        key=lambda j: j.info.time_left_s if j.info.time_left_s is not None else math.inf,
+    )
+    for job in [*idle, *ready][: have - want]:
+        if job.ready:
+            plan.actions.append(Drain(plan.name, job.job_id, "scale down"))
+        else:
+            plan.cancel(job, "scale down")
+
+
+def _plan_service(service: ServiceSnapshot, now: float, threshold: int) -> _Plan:
+    plan = _Plan(service=service, now=now, backoff=service.backoff)
+    _update_backoff(plan)
+    live = _triage(plan, threshold)
+    instances, renewing = _renew(plan, live)
+    _scale(plan, instances, renewing)
+    if plan.submits and plan.backoff.blocks(now):
+        until = plan.backoff.not_before or now
+        plan.warn(
+            f"{plan.backoff.failures} failed start(s) in a row: next submission in "
+            f"{until - now:.0f}s"
+        )
+        plan.submits.clear()
+    return plan
+
+
+def gpus_in_use(snapshot: Snapshot) -> int:
+    """GPUs held by all our jobs still in Slurm, draining and cancelled ones included.
+
+    Orphans (jobs of services removed from the config) count one GPU each: their real
+    size is unknown, and they are being cancelled.
+    """
+    used = sum(gpus_per_job(s.config) * len(s.jobs) for s in snapshot.services)
+    return used + len(snapshot.orphans)
+
+
+def _admit(snapshot: Snapshot, plans: Sequence[_Plan]) -> list[Action]:
+    """Admit the wanted submissions by priority within max_total_gpus."""
+    used = gpus_in_use(snapshot)
+    wanted = [(prio, index, submit) for index, p in enumerate(plans) for prio, submit in p.submits]
+    admitted: list[Action] = []
+    for _prio, index, submit in sorted(wanted, key=lambda item: (item[0], item[1])):
+        need = gpus_per_job(plans[index].service.config)
+        cap = snapshot.max_total_gpus
+        if cap is not None and used + need > cap:
+            admitted.append(Warn(submit.service, f"max_total_gpus {cap} reached: not submitted"))
+            continue
+        used += need
+        admitted.append(submit)
+    return admitted
+
+
+def decide(snapshot: Snapshot, now: float) -> Decision:
+    """What to do now; actions come in the order the agent should carry them out."""
+    plans = [_plan_service(s, now, snapshot.health_failures) for s in snapshot.services]
+    actions: list[Action] = [
+        Cancel(job.info.service, job.job_id, "service no longer configured")
+        for job in snapshot.orphans
+        if not job.cancelled
+    ]
+    for plan in plans:
+        actions.extend(plan.actions)
+    actions.extend(_admit(snapshot, plans))
+    backoff = {plan.name: plan.backoff for plan in plans}
+    return Decision(actions=tuple(actions), backoff=backoff)
