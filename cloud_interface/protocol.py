@@ -1,0 +1,280 @@
+"""The saia hop wire protocol: many concurrent request streams over one byte channel.
+
+Stdlib only and Python 3.8 compatible: the hub and the agent import it; the relay on the
+login node does not (it copies bytes and never parses frames).
+
+A frame is a fixed 10-byte header followed by its payload:
+
+    type u8 | flags u8 | stream id u32 | payload length u32     (big endian)
+
+Both sides open with HELLO (stream 0, JSON {"protocol": "saia-relay", "version": 1}). The
+client opens a stream with REQUEST (JSON head), sends the body as DATA frames and END. The
+server answers with RESPONSE (JSON head), DATA frames and END, or ERROR (JSON) at any time.
+CANCEL (client) abandons a stream. DATA is flow controlled per stream: each side may have
+at most INITIAL_WINDOW unacknowledged payload bytes in flight; the receiver returns credit
+with WINDOW (u32 increment) as its application consumes data. PING/PONG (stream 0) echo
+an 8-byte payload. Everything a peer sends is validated: a malformed, oversized or
+unexpected frame raises ProtocolError and the channel is closed.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any, Dict, List, NamedTuple, Tuple
+
+PROTOCOL = "saia-relay"
+VERSION = 1
+
+HELLO = 1
+REQUEST = 2
+DATA = 3
+END = 4
+RESPONSE = 5
+ERROR = 6
+CANCEL = 7
+WINDOW = 8
+PING = 9
+PONG = 10
+TYPE_NAMES = {
+    HELLO: "HELLO",
+    REQUEST: "REQUEST",
+    DATA: "DATA",
+    END: "END",
+    RESPONSE: "RESPONSE",
+    ERROR: "ERROR",
+    CANCEL: "CANCEL",
+    WINDOW: "WINDOW",
+    PING: "PING",
+    PONG: "PONG",
+}
+
+HEADER = struct.Struct(">BBII")
+WINDOW_BODY = struct.Struct(">I")
+MAX_DATA = 256 * 1024  # largest DATA payload
+MAX_HEAD = 64 * 1024  # largest JSON head (REQUEST, RESPONSE, ERROR, HELLO)
+MAX_HEADERS = 128
+MAX_STREAM_ID = 0xFFFFFFFF
+INITIAL_WINDOW = 1024 * 1024  # per-stream credit in each direction
+MAX_WINDOW = 64 * 1024 * 1024
+
+_CONTROL = (HELLO, PING, PONG)  # frames on stream 0
+_EXACT = {END: 0, CANCEL: 0, WINDOW: 4, PING: 8, PONG: 8}  # fixed-size payloads
+_LIMITS = {
+    HELLO: MAX_HEAD,
+    REQUEST: MAX_HEAD,
+    DATA: MAX_DATA,
+    END: 0,
+    RESPONSE: MAX_HEAD,
+    ERROR: MAX_HEAD,
+    CANCEL: 0,
+    WINDOW: 4,
+    PING: 8,
+    PONG: 8,
+}
+
+
+class ProtocolError(Exception):
+    """The peer sent something this protocol does not allow; close the channel."""
+
+
+class Frame(NamedTuple):
+    type: int
+    stream: int
+    payload: bytes
+    flags: int = 0
+
+
+class RequestHead(NamedTuple):
+    service: str
+    method: str
+    path: str
+    headers: List[Tuple[str, str]]
+
+
+class ResponseHead(NamedTuple):
+    status: int
+    headers: List[Tuple[str, str]]
+
+
+class ErrorBody(NamedTuple):
+    status: int
+    code: str
+    message: str
+
+
+def encode_frame(kind: int, stream: int, payload: bytes = b"", flags: int = 0) -> bytes:
+    limit = _LIMITS.get(kind)
+    if limit is None:
+        raise ValueError("unknown frame type %r" % (kind,))
+    if len(payload) > limit or _EXACT.get(kind, len(payload)) != len(payload):
+        raise ValueError("%s payload of %d bytes not allowed" % (TYPE_NAMES[kind], len(payload)))
+    return HEADER.pack(kind, flags, stream, len(payload)) + payload
+
+
+def _json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def encode_hello() -> bytes:
+    return encode_frame(HELLO, 0, _json({"protocol": PROTOCOL, "version": VERSION}))
+
+
+def encode_request(stream: int, head: RequestHead) -> bytes:
+    body = {
+        "service": head.service,
+        "method": head.method,
+        "path": head.path,
+        "headers": [list(pair) for pair in head.headers],
+    }
+    return encode_frame(REQUEST, stream, _json(body))
+
+
+def encode_response(stream: int, head: ResponseHead) -> bytes:
+    body = {"status": head.status, "headers": [list(pair) for pair in head.headers]}
+    return encode_frame(RESPONSE, stream, _json(body))
+
+
+def encode_error(stream: int, status: int, code: str, message: str) -> bytes:
+    text = message[:4096]
+    return encode_frame(ERROR, stream, _json({"status": status, "code": code, "message": text}))
+
+
+def encode_window(stream: int, increment: int) -> bytes:
+    return encode_frame(WINDOW, stream, WINDOW_BODY.pack(increment))
+
+
+class FrameDecoder:
+    """Incremental decoder: feed() bytes as they arrive, get whole validated frames."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame held back (non-zero at EOF means truncation)."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> List[Frame]:
+        buffer = self._buffer
+        buffer += data
+        frames = []
+        offset = 0
+        size = len(buffer)
+        while size - offset >= HEADER.size:
+            kind, flags, stream, length = HEADER.unpack_from(buffer, offset)
+            _check_header(kind, flags, stream, length)
+            end = offset + HEADER.size + length
+            if end > size:
+                break
+            frames.append(Frame(kind, stream, bytes(buffer[offset + HEADER.size : end]), flags))
+            offset = end
+        if offset:
+            del buffer[:offset]
+        return frames
+
+    def finish(self) -> None:
+        """The channel ended: complain if a frame was cut off."""
+        if self._buffer:
+            raise ProtocolError("channel closed inside a frame (%d bytes left)" % len(self._buffer))
+
+
+def _check_header(kind: int, flags: int, stream: int, length: int) -> None:
+    limit = _LIMITS.get(kind)
+    if limit is None:
+        raise ProtocolError("unknown frame type %d" % kind)
+    if flags:
+        raise ProtocolError("%s frame with unknown flags %d" % (TYPE_NAMES[kind], flags))
+    if length > limit:
+        raise ProtocolError("%s frame of %d bytes exceeds %d" % (TYPE_NAMES[kind], length, limit))
+    if _EXACT.get(kind, length) != length:
+        raise ProtocolError("%s frame must carry %d bytes" % (TYPE_NAMES[kind], _EXACT[kind]))
+    if kind != ERROR and (kind in _CONTROL) != (stream == 0):  # ERROR may be channel-wide
+        raise ProtocolError("%s frame on stream %d" % (TYPE_NAMES[kind], stream))
+
+
+def _load_object(payload: bytes, what: str) -> Dict[str, Any]:
+    try:
+        value = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ProtocolError("%s head is not valid UTF-8 JSON" % what) from None
+    if not isinstance(value, dict):
+        raise ProtocolError("%s head is not a JSON object" % what)
+    return value
+
+
+def _text(value: Any, what: str, limit: int) -> str:
+    if not isinstance(value, str) or len(value) > limit:
+        raise ProtocolError("%s must be a string of at most %d characters" % (what, limit))
+    if any(ch in value for ch in "\r\n\x00"):
+        raise ProtocolError("%s contains a control character" % what)
+    return value
+
+
+def _headers(value: Any) -> List[Tuple[str, str]]:
+    if not isinstance(value, list) or len(value) > MAX_HEADERS:
+        raise ProtocolError("headers must be a list of at most %d pairs" % MAX_HEADERS)
+    pairs = []
+    for item in value:
+        if not isinstance(item, list) or len(item) != 2:
+            raise ProtocolError("each header must be a [name, value] pair")
+        pairs.append((_text(item[0], "header name", 256), _text(item[1], "header value", 16384)))
+    return pairs
+
+
+def parse_hello(payload: bytes) -> int:
+    """Return the peer's protocol version (the caller decides whether it speaks it)."""
+    body = _load_object(payload, "HELLO")
+    version = body.get("version")
+    if body.get("protocol") != PROTOCOL or not isinstance(version, int):
+        raise ProtocolError("HELLO does not announce the %s protocol" % PROTOCOL)
+    return version
+
+
+def parse_request(payload: bytes) -> RequestHead:
+    body = _load_object(payload, "REQUEST")
+    method = _text(body.get("method"), "method", 16)
+    if not method.isalpha() or not method.isupper():
+        raise ProtocolError("method must be upper-case letters")
+    return RequestHead(
+        service=_text(body.get("service"), "service", 256),
+        method=method,
+        path=_text(body.get("path"), "path", 8192),
+        headers=_headers(body.get("headers", [])),
+    )
+
+
+def parse_response(payload: bytes) -> ResponseHead:
+    body = _load_object(payload, "RESPONSE")
+    status = body.get("status")
+    if not isinstance(status, int) or not 100 <= status <= 599:
+        raise ProtocolError("RESPONSE status must be an HTTP status code")
+    return ResponseHead(status, _headers(body.get("headers", [])))
+
+
+def parse_error(payload: bytes) -> ErrorBody:
+    body = _load_object(payload, "ERROR")
+    status = body.get("status")
+    if not isinstance(status, int) or not 100 <= status <= 599:
+        status = 502
+    return ErrorBody(
+        status,
+        _text(body.get("code", "error"), "error code", 64),
+        _text(body.get("message", ""), "error message", 4096),
+    )
+
+
+def parse_window(payload: bytes) -> int:
+    (increment,) = WINDOW_BODY.unpack(payload)
+    if increment == 0 or increment > MAX_WINDOW:
+        raise ProtocolError("WINDOW increment %d out of range" % increment)
+    return int(increment)
+
+
+def describe(frame: Frame) -> str:
+    """A short, log-safe description (never the payload: it may hold user data)."""
+    return "%s stream=%d len=%d" % (
+        TYPE_NAMES.get(frame.type, "?"),
+        frame.stream,
+        len(frame.payload),
+    )
