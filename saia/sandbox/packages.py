@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 # Other parts of the project may extend this list (e.g. a browser for the UI tests).
-PACKAGES: list[str] = ["slurm-wlm", "munge", "openssh-server", "postgresql"]
+PACKAGES: list[str] = ["slurm-wlm", "munge", "openssh-server", "postgresql", "chromium"]
 
 DPKG_TIMEOUT = 60.0
 APT_UPDATE_TIMEOUT = 600.0
