@@ -1,0 +1,135 @@
+"""SlurmJobSystem against the real sandbox cluster (marker slurm)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import pytest
+
+from hpc.config import AgentConfig
+from hpc.jobs import JobTag, Submission
+from hpc.slurm_cli import SlurmError, SlurmJobSystem
+from saia.sandbox.slurm import SlurmSandbox
+
+pytestmark = pytest.mark.slurm
+
+
+def agent_config(cluster: SlurmSandbox, state_dir: Path, **extra: object) -> AgentConfig:
+    return AgentConfig.model_validate(
+        {
+            "state_dir": state_dir,
+            "slurm_conf": cluster.slurm_conf,
+            "slurm_bin_dir": cluster.bin_dir,
+            "slurm_timeout": 15,
+            **extra,
+        }
+    )
+
+
+def sleep_submission(
+    tag: JobTag, state_dir: Path, service: str = "svc", extra: str = ""
+) -> Submission:
+    script = f"#!/bin/bash\n#SBATCH --time=5\n#SBATCH --cpus-per-task=1\n{extra}\nexec sleep 300\n"
+    return Submission(
+        service=service,
+        script=script,
+        job_name=tag.job_name(service),
+        comment=tag.comment,
+        log_path=state_dir / "jobs" / "%j.log",
+        environment={},
+    )
+
+
+async def wait_until_gone(jobs: SlurmJobSystem, job_id: str, limit_s: float = 30.0) -> None:
+    async with asyncio.timeout(limit_s):
+        while True:
+            if all(job.job_id != job_id for job in await jobs.list_jobs()):
+                return
+            await asyncio.sleep(0.3)
+
+
+def foreign_job(cluster: SlurmSandbox, name: str, comment: str) -> str:
+    submitted = cluster.run(
+        [
+            "sbatch",
+            "--parsable",
+            f"--job-name={name}",
+            f"--comment={comment}",
+            "--cpus-per-task=1",
+            "--output=/dev/null",
+            "--time=5",
+            "--wrap",
+            "sleep 300",
+        ]
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    return submitted.stdout.strip()
+
+
+def queued(cluster: SlurmSandbox, job_id: str) -> bool:
+    shown = cluster.run(["squeue", "--noheader", f"--jobs={job_id}", "--format=%i"])
+    return shown.stdout.strip() == job_id
+
+
+async def test_submit_list_cancel_only_our_jobs(
+    slurm_cluster: SlurmSandbox, tmp_path: Path
+) -> None:
+    tag = JobTag(prefix="saia", agent_id=uuid.uuid4().hex[:8])
+    jobs = SlurmJobSystem(agent_config(slurm_cluster, tmp_path), tag)
+    other_comment = foreign_job(slurm_cluster, tag.job_name("svc"), "saia-agent:someone-else")
+    other_name = foreign_job(slurm_cluster, "my-own-job", tag.comment)
+    try:
+        job_id = await jobs.submit(sleep_submission(tag, tmp_path))
+        listed = await jobs.list_jobs()
+        assert [(job.job_id, job.service) for job in listed] == [(job_id, "svc")]
+        assert listed[0].active and listed[0].time_limit_s == 300
+        for foreign in (other_comment, other_name):
+            with pytest.raises(SlurmError, match="not one of this agent's jobs"):
+                await jobs.cancel(foreign)
+            assert queued(slurm_cluster, foreign)
+        await jobs.cancel(job_id)
+        await wait_until_gone(jobs, job_id)
+        await jobs.cancel(job_id)  # already gone: nothing to do
+    finally:
+        slurm_cluster.run(["scancel", other_comment, other_name])
+        await jobs.aclose()
+
+
+async def test_bad_sbatch_option_is_slurms_message(
+    slurm_cluster: SlurmSandbox, tmp_path: Path
+) -> None:
+    tag = JobTag(prefix="saia", agent_id=uuid.uuid4().hex[:8])
+    jobs = SlurmJobSystem(agent_config(slurm_cluster, tmp_path), tag)
+    bad = sleep_submission(tag, tmp_path, extra="#SBATCH --partition=nosuch")
+    with pytest.raises(SlurmError, match="sbatch: invalid partition specified: nosuch"):
+        await jobs.submit(bad)
+    assert await jobs.list_jobs() == []
+
+
+async def test_missing_slurm_tools_are_a_clear_error(tmp_path: Path) -> None:
+    config = AgentConfig.model_validate({"state_dir": tmp_path, "slurm_bin_dir": tmp_path / "none"})
+    jobs = SlurmJobSystem(config, JobTag(prefix="saia", agent_id="x"))
+    with pytest.raises(SlurmError, match="squeue: cannot run"):
+        await jobs.list_jobs()
+
+
+async def test_hanging_tool_times_out(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text("#!/bin/sh\nexec sleep 30\n")
+    (bin_dir / "squeue").chmod(0o755)
+    config = AgentConfig.model_validate(
+        {"state_dir": tmp_path, "slurm_bin_dir": bin_dir, "slurm_timeout": 0.5}
+    )
+    jobs = SlurmJobSystem(config, JobTag(prefix="saia", agent_id="x"))
+    with pytest.raises(SlurmError, match="squeue: no answer within"):
+        await jobs.list_jobs()
+
+
+async def test_cancel_rejects_non_job_ids(tmp_path: Path) -> None:
+    config = AgentConfig.model_validate({"state_dir": tmp_path})
+    jobs = SlurmJobSystem(config, JobTag(prefix="saia", agent_id="x"))
+    with pytest.raises(SlurmError, match="not a Slurm job id"):
+        await jobs.cancel("1; rm -rf /")
