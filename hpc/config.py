@@ -209,10 +209,6 @@ class AgentConfig(Strict):
     backend_advertise_host: str | None = Field(
         None, description="address the router uses to reach a job; default: the node's hostname -f"
     )
-    backend_bind_host: str = Field("0.0.0.0", description="address model servers in jobs listen on")
-    backend_advertise_host: str | None = Field(
-        None, description="address the router uses to reach a job; default: the node's hostname -f"
-    )
     router: RouterConfig = Field(default_factory=RouterConfig)
     services: list[ServiceConfig] = Field(default_factory=list)
 
