@@ -1,0 +1,136 @@
+"""Backend probes over HTTP and the per-job health book they feed.
+
+Readiness = `GET /health` answers 200 AND `GET /v1/models` lists the service's model id.
+Once ready, a job gets `GET /health` only; `health_failures` failures in a row take it out
+of rotation (the policy cancels and replaces it). All probes of a round run concurrently
+on the agent's one keep-alive `httpx.AsyncClient`, each bounded by `health_timeout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from hpc.jobs import job_dir
+
+API_KEY_FILE = "api_key"
+
+
+@dataclass(frozen=True)
+class ProbeTarget:
+    job_id: str
+    url: str
+    model_id: str
+    api_key: str | None = None
+    ready: bool = False  # already ready: liveness (/health) only
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    job_id: str
+    ok: bool
+    detail: str = ""
+
+
+def read_backend_key(state_dir: Path, job_id: str) -> str | None:
+    """The job's backend API key (`<job dir>/api_key`, written at submission), if any."""
+    try:
+        key = (job_dir(state_dir, job_id) / API_KEY_FILE).read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    return key or None
+
+
+def _listed(body: object, model_id: str) -> bool:
+    if not isinstance(body, dict) or not isinstance(body.get("data"), list):
+        return False
+    return any(isinstance(m, dict) and m.get("id") == model_id for m in body["data"])
+
+
+async def _check(client: httpx.AsyncClient, target: ProbeTarget) -> str:
+    """Empty string when healthy (and, before ready, serving the model), else why not."""
+    headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
+    response = await client.get(f"{target.url}/health", headers=headers)
+    if response.status_code != 200:
+        return f"/health answered {response.status_code}"
+    if target.ready:
+        return ""
+    response = await client.get(f"{target.url}/v1/models", headers=headers)
+    if response.status_code != 200:
+        return f"/v1/models answered {response.status_code}"
+    try:
+        body = response.json()
+    except ValueError:
+        return "/v1/models answered no JSON"
+    return "" if _listed(body, target.model_id) else f"/v1/models lacks {target.model_id!r}"
+
+
+async def probe(client: httpx.AsyncClient, target: ProbeTarget, limit_s: float) -> ProbeResult:
+    try:
+        async with asyncio.timeout(limit_s):
+            problem = await _check(client, target)
+    except TimeoutError:
+        problem = f"no answer within {limit_s:g}s"
+    except httpx.HTTPError as error:
+        problem = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    return ProbeResult(job_id=target.job_id, ok=not problem, detail=problem)
+
+
+async def probe_all(
+    client: httpx.AsyncClient, targets: list[ProbeTarget], limit_s: float
+) -> list[ProbeResult]:
+    """Probe every target concurrently; returns one result per target, in order."""
+    async with asyncio.TaskGroup() as group:
+        tasks = [group.create_task(probe(client, target, limit_s)) for target in targets]
+    return [task.result() for task in tasks]
+
+
+@dataclass
+class HealthRecord:
+    ready_since: float | None = None
+    failures: int = 0  # consecutive failed checks since ready
+    detail: str = ""
+
+
+class HealthBook:
+    """What the probes said about each job; `record` reports changes worth acting on."""
+
+    def __init__(self, threshold: int) -> None:
+        self.threshold = threshold
+        self._records: dict[str, HealthRecord] = {}
+
+    def get(self, job_id: str) -> HealthRecord:
+        return self._records.setdefault(job_id, HealthRecord())
+
+    def seed(self, job_id: str, ready_since: float | None) -> None:
+        """Restore readiness known from the state file (an adopted job)."""
+        self.get(job_id).ready_since = ready_since
+
+    def forget(self, job_id: str) -> None:
+        self._records.pop(job_id, None)
+
+    def known(self) -> set[str]:
+        return set(self._records)
+
+    def record(self, result: ProbeResult, now: float) -> bool:
+        """Apply one probe result; True when the job became ready or crossed the threshold."""
+        record = self.get(result.job_id)
+        record.detail = result.detail
+        if record.ready_since is None:
+            if result.ok:
+                record.ready_since, record.failures = now, 0
+                return True
+            return False
+        if result.ok:
+            record.failures = 0
+            return False
+        record.failures += 1
+        return record.failures == self.threshold
+
+    def serving(self, job_id: str) -> bool:
+        """Ready and not (yet) failing enough checks to be taken out of rotation."""
+        record = self._records.get(job_id)
+        return bool(record and record.ready_since is not None and record.failures < self.threshold)
