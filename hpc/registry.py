@@ -39,6 +39,7 @@ class _ServiceState:
     queued: int = 0
     arrivals: deque[float] = field(default_factory=deque)
     demand_since: float | None = None
+    starting: int = 0
 
 
 class BackendRegistry:
@@ -50,9 +51,14 @@ class BackendRegistry:
         return self._services.setdefault(service, _ServiceState())
 
     # -- scheduler side -------------------------------------------------------------
-    def publish(self, service: str, backends: list[Backend]) -> None:
-        """Replace the service's backends, keeping the router's counters of known jobs."""
+    def publish(self, service: str, backends: list[Backend], starting: int = 0) -> None:
+        """Replace the service's backends, keeping the router's counters of known jobs.
+
+        `starting` counts the service's jobs that are pending or not yet healthy: the router
+        reports the service as `loading` meanwhile.
+        """
         state = self._state(service)
+        state.starting = starting
         fresh: dict[str, Backend] = {}
         for backend in backends:
             old = state.backends.get(backend.job_id)
@@ -111,3 +117,7 @@ class BackendRegistry:
 
     def queued(self, service: str) -> int:
         return self._state(service).queued
+
+    def starting(self, service: str) -> int:
+        """Jobs of the service pending or starting, as last published."""
+        return self._state(service).starting

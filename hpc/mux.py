@@ -1,0 +1,181 @@
+"""One framed channel carrying many request streams (both ends: hub client and agent router).
+
+The channel owns the byte pipe (an SSH exec channel on the hub, the relay's Unix socket
+connection in the agent) and the per-stream flow-control state of `cloud_interface.protocol`.
+Frames are written with one synchronous write each (atomic on one event loop); DATA waits
+for the stream's credit and for the pipe to drain, so a slow reader stalls only its stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import Protocol
+
+from cloud_interface import protocol as wire
+
+log = logging.getLogger(__name__)
+READ_SIZE = 256 * 1024
+GRANT_THRESHOLD = wire.INITIAL_WINDOW // 4  # return credit in batches, not per chunk
+
+
+class ByteReader(Protocol):
+    async def read(self, n: int = -1) -> bytes: ...
+
+
+class ByteWriter(Protocol):
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class StreamClosed(Exception):
+    """The stream (or the whole channel) ended while sending on it."""
+
+
+class Lost:
+    """Put into a stream's inbox when the channel ends before the stream did."""
+
+
+LOST = Lost()
+
+
+class StreamState:
+    """One stream's inbox and its credit in both directions."""
+
+    __slots__ = ("_credit_changed", "credit", "id", "inbox", "recv_budget", "task", "unacked")
+
+    def __init__(self, stream_id: int) -> None:
+        self.id = stream_id
+        self.inbox: asyncio.Queue[wire.Frame | Lost] = asyncio.Queue()
+        self.credit = wire.INITIAL_WINDOW  # bytes we may still send
+        self.recv_budget = wire.INITIAL_WINDOW  # bytes the peer may still send
+        self.unacked = 0  # consumed bytes not yet returned as credit
+        self.task: asyncio.Task[None] | None = None
+        self._credit_changed = asyncio.Event()
+
+    def add_credit(self, increment: int) -> None:
+        self.credit += increment
+        self._credit_changed.set()
+
+    async def wait_credit(self) -> None:
+        self._credit_changed.clear()
+        await self._credit_changed.wait()
+
+    def wake(self) -> None:
+        self._credit_changed.set()
+
+
+class Channel:
+    """Frame I/O and stream table of one connection; the owner runs `frames()`."""
+
+    def __init__(self, reader: ByteReader, writer: ByteWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._decoder = wire.FrameDecoder()
+        self._pending: deque[wire.Frame] = deque()
+        self.streams: dict[int, StreamState] = {}
+        self.closed = False
+
+    # -- sending ----------------------------------------------------------------------
+    def send(self, frame: bytes) -> None:
+        """Write a control or head frame now (small; no back-pressure needed)."""
+        if not self.closed:
+            self._writer.write(frame)
+
+    async def send_data(self, state: StreamState, data: bytes) -> None:
+        """Send `data` on the stream within its credit; raise StreamClosed if it ended."""
+        view = memoryview(data)
+        while view:
+            while state.credit <= 0:
+                if self.closed or self.streams.get(state.id) is not state:
+                    raise StreamClosed
+                await state.wait_credit()
+            if self.closed or self.streams.get(state.id) is not state:
+                raise StreamClosed
+            size = min(len(view), state.credit, wire.MAX_DATA)
+            state.credit -= size
+            self._writer.write(wire.encode_frame(wire.DATA, state.id, bytes(view[:size])))
+            view = view[size:]
+            await self.drain()
+
+    async def drain(self) -> None:
+        try:
+            await self._writer.drain()
+        except (ConnectionError, BrokenPipeError, OSError) as error:
+            raise StreamClosed from error
+
+    def consumed(self, state: StreamState, size: int) -> None:
+        """The application took `size` received bytes: return credit in batches."""
+        state.unacked += size
+        if state.unacked >= GRANT_THRESHOLD and self.streams.get(state.id) is state:
+            self.send(wire.encode_window(state.id, state.unacked))
+            state.recv_budget += state.unacked
+            state.unacked = 0
+
+    # -- streams ----------------------------------------------------------------------
+    def open(self, stream_id: int) -> StreamState:
+        state = StreamState(stream_id)
+        self.streams[stream_id] = state
+        return state
+
+    def discard(self, state: StreamState) -> None:
+        if self.streams.get(state.id) is state:
+            del self.streams[state.id]
+        state.wake()
+
+    # -- receiving --------------------------------------------------------------------
+    async def next_frame(self) -> wire.Frame | None:
+        """The next frame for the owner (None at EOF); WINDOW and PING are handled here."""
+        while True:
+            while self._pending:
+                frame = self._pending.popleft()
+                if frame.type == wire.WINDOW:
+                    state = self.streams.get(frame.stream)
+                    if state is not None:
+                        state.add_credit(wire.parse_window(frame.payload))
+                elif frame.type == wire.PING:
+                    self.send(wire.encode_frame(wire.PONG, 0, frame.payload))
+                elif frame.type != wire.PONG:
+                    if frame.type == wire.DATA:
+                        self._charge(frame)
+                    return frame
+            try:
+                data = await self._reader.read(READ_SIZE)
+            except (ConnectionError, OSError):
+                return None
+            if not data:
+                self._decoder.finish()
+                return None
+            self._pending.extend(self._decoder.feed(data))
+
+    def _charge(self, frame: wire.Frame) -> None:
+        state = self.streams.get(frame.stream)
+        if state is None:
+            return
+        state.recv_budget -= len(frame.payload)
+        if state.recv_budget < 0:
+            raise wire.ProtocolError(f"stream {frame.stream} sent beyond its window")
+
+    async def read_hello(self) -> int:
+        """The peer's first frame must be HELLO; return its version."""
+        frame = await self.next_frame()
+        if frame is None:
+            raise wire.ProtocolError("channel closed before HELLO")
+        if frame.type != wire.HELLO:
+            raise wire.ProtocolError(f"expected HELLO, got {wire.describe(frame)}")
+        return wire.parse_hello(frame.payload)
+
+    def close(self) -> None:
+        """End the channel: every open stream learns it was lost."""
+        if self.closed:
+            return
+        self.closed = True
+        for state in list(self.streams.values()):
+            state.inbox.put_nowait(LOST)
+            state.wake()
+        self.streams.clear()
+        self._writer.close()

@@ -1,0 +1,63 @@
+"""Pure routing decisions: which backend takes a request, and how a service is described.
+
+No awaits, clocks or I/O: the router passes a snapshot in and acts on the answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+Status = Literal["ready", "loading", "offline"]
+
+
+class Candidate(Protocol):
+    @property
+    def job_id(self) -> str: ...
+
+    @property
+    def in_flight(self) -> int: ...
+
+
+def pick_backend(
+    candidates: Sequence[Candidate], exclude: Collection[str], turn: int
+) -> str | None:
+    """Least outstanding requests; ties go round-robin by `turn` (the router's counter).
+
+    Returns the chosen job id, or None when every candidate is excluded (already tried).
+    """
+    usable = [c for c in candidates if c.job_id not in exclude]
+    if not usable:
+        return None
+    least = min(c.in_flight for c in usable)
+    tied = sorted(c.job_id for c in usable if c.in_flight == least)
+    return tied[turn % len(tied)]
+
+
+@dataclass(frozen=True)
+class ServiceSnapshot:
+    ready: int  # backends taking new requests
+    starting: int  # jobs pending or starting
+    in_flight: int
+    queued: int  # requests waiting for a ready backend
+    demand_waiting: bool  # a request found no backend and the scheduler was woken
+    target_concurrency: int
+
+
+def service_status(snapshot: ServiceSnapshot) -> Status:
+    if snapshot.ready > 0:
+        return "ready"
+    if snapshot.starting > 0 or snapshot.queued > 0 or snapshot.demand_waiting:
+        return "loading"
+    return "offline"
+
+
+def service_demand(snapshot: ServiceSnapshot) -> float:
+    """Load level: outstanding requests per unit of ready capacity (>1: more than it takes)."""
+    capacity = max(snapshot.ready, 1) * snapshot.target_concurrency
+    return round((snapshot.in_flight + snapshot.queued) / capacity, 3)
+
+
+def queue_is_full(queued: int, max_queue: int) -> bool:
+    return queued >= max_queue
