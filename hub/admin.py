@@ -1,0 +1,109 @@
+"""Admin REST API under /admin: keys, limits and usage (mirrors `saia hub keys|usage`).
+
+Protected by the admin token (environment variable named in the config) or a key created
+with `--admin`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from hub.accounting import GroupBy, parse_moment, usage_summary
+from hub.auth import Principal
+from hub.config import LimitsConfig
+from hub.errors import ApiError
+from hub.services import HubServices
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    owner: str | None = Field(None, max_length=200)
+    group: str | None = Field(None, max_length=200)
+    admin: bool = False
+    allowed_models: list[str] | None = None
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    expires_in_days: float | None = Field(None, gt=0)
+
+
+class KeyCreated(BaseModel):
+    key: dict[str, Any]
+    secret: str = Field(description="the API key; shown only once")
+
+
+def _services(request: Request) -> HubServices:
+    services: HubServices = request.app.state.services
+    return services
+
+
+async def _admin(request: Request) -> Principal:
+    return await _services(request).auth.authenticate_admin(request.headers, time.time())
+
+
+Services = Annotated[HubServices, Depends(_services)]
+
+
+def admin_router() -> APIRouter:
+    router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(_admin)])
+
+    @router.get("/keys", summary="List API keys (never their secrets)")
+    async def list_keys(services: Services) -> list[dict[str, Any]]:
+        return [record.public() for record in await services.keys.list()]
+
+    @router.post("/keys", status_code=201, summary="Create an API key")
+    async def create_key(body: KeyCreate, services: Services) -> KeyCreated:
+        now = time.time()
+        expires = now + body.expires_in_days * 86400 if body.expires_in_days else None
+        record, new = await services.keys.create(
+            name=body.name,
+            now=now,
+            owner=body.owner,
+            group=body.group,
+            admin=body.admin,
+            allowed_models=body.allowed_models,
+            limits=body.limits,
+            expires_at=expires,
+        )
+        return KeyCreated(key=record.public(), secret=new.secret)
+
+    @router.get("/keys/{key_id}", summary="Show one API key")
+    async def show_key(key_id: str, services: Services) -> dict[str, Any]:
+        record = await services.keys.get(key_id)
+        if record is None:
+            raise ApiError(404, f"no key {key_id}", code="key_not_found")
+        return record.public()
+
+    @router.delete("/keys/{key_id}", summary="Revoke an API key (effective within the cache TTL)")
+    async def revoke_key(key_id: str, services: Services) -> dict[str, Any]:
+        if not await services.keys.revoke(key_id, time.time()):
+            raise ApiError(404, f"no active key {key_id}", code="key_not_found")
+        services.key_cache.forget()
+        return {"id": key_id, "revoked": True}
+
+    @router.put("/keys/{key_id}/limits", summary="Replace the limits of an API key")
+    async def set_limits(key_id: str, limits: LimitsConfig, services: Services) -> dict[str, Any]:
+        if not await services.keys.set_limits(key_id, limits):
+            raise ApiError(404, f"no key {key_id}", code="key_not_found")
+        services.key_cache.forget()
+        return {"id": key_id, "limits": limits.model_dump(exclude_none=True)}
+
+    @router.get("/usage", summary="Usage summary since a date, grouped")
+    async def usage(
+        services: Services,
+        since: Annotated[str, Query(description="e.g. 2026-11-01 (UTC)")],
+        by: GroupBy = "user",
+        until: str | None = None,
+    ) -> list[dict[str, Any]]:
+        try:
+            start = parse_moment(since)
+            end = parse_moment(until) if until else None
+        except ValueError as error:
+            raise ApiError(400, str(error), param="since") from None
+        return await usage_summary(services.engine, since=start, until=end, by=by)
+
+    return router

@@ -1,0 +1,148 @@
+"""The FastAPI application: OpenAI-compatible routes, health, metrics and the chat page."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
+
+from hub.errors import ApiError, error_body
+from hub.proxy import handle
+from hub.services import HubServices, open_services
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+PROXIED = ("chat/completions", "completions", "embeddings")
+
+
+def services_of(request: Request) -> HubServices:
+    services: HubServices = request.app.state.services
+    return services
+
+
+async def _api_error(_request: Request, error: Exception) -> Response:
+    assert isinstance(error, ApiError)
+    return error.response()
+
+
+async def _http_error(_request: Request, error: Exception) -> Response:
+    assert isinstance(error, HTTPException)
+    message = {404: "no such endpoint", 405: "method not allowed"}.get(
+        error.status_code, str(error.detail)
+    )
+    return JSONResponse(error_body(error.status_code, message), status_code=error.status_code)
+
+
+async def _validation_error(_request: Request, error: Exception) -> Response:
+    assert isinstance(error, RequestValidationError)
+    first = error.errors()[0] if error.errors() else {}
+    where = ".".join(str(part) for part in first.get("loc", ()))
+    message = f"{where}: {first.get('msg', 'invalid request')}"
+    return JSONResponse(error_body(400, message, code="invalid_request"), status_code=400)
+
+
+async def _unexpected(_request: Request, error: Exception) -> Response:
+    log.error("unexpected error", exc_info=error)
+    return JSONResponse(error_body(500, "internal error in the hub"), status_code=500)
+
+
+def model_entry(services: HubServices, model_id: str, states: dict[str, Any]) -> dict[str, Any]:
+    model = services.config.model(model_id)
+    assert model is not None
+    state = states.get(model.upstream, {}).get(model.target)
+    return {
+        "id": model.id,
+        "object": "model",
+        "created": model.created,
+        "owned_by": model.owned_by,
+        "name": model.name or model.id,
+        "input": model.input,
+        "output": model.output,
+        "status": state.status if state is not None else "ready",
+        "demand": state.demand if state is not None else 0.0,
+    }
+
+
+def _add_openai_routes(app: FastAPI) -> None:
+    async def list_models(request: Request) -> dict[str, Any]:
+        services = services_of(request)
+        client = request.client.host if request.client else None
+        principal = await services.auth.authenticate(request.headers, client, time.time())
+        visible = [m for m in services.config.models if principal.allows(m.id)]
+        states = await services.model_states({m.upstream for m in visible})
+        data = [model_entry(services, m.id, states) for m in visible]
+        return {"object": "list", "data": data}
+
+    async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+        listing = await list_models(request)
+        for entry in listing["data"]:
+            if entry["id"] == model_id:
+                return dict(entry)
+        raise ApiError(404, f"the model `{model_id}` does not exist", code="model_not_found")
+
+    app.add_api_route("/v1/models", list_models, methods=["GET"], tags=["openai"])
+    app.add_api_route("/v1/models/{model_id:path}", get_model, methods=["GET"], tags=["openai"])
+    for endpoint in (*PROXIED, "tokenize", "detokenize"):
+        path = f"/v1/{endpoint}" if endpoint in PROXIED else f"/{endpoint}"
+        app.add_api_route(path, _proxy_route(endpoint), methods=["POST"], tags=["openai"])
+
+
+def _proxy_route(endpoint: str) -> Any:
+    async def route(request: Request) -> Response:
+        return await handle(services_of(request), request, endpoint)
+
+    route.__name__ = endpoint.replace("/", "_")
+    return route
+
+
+def _add_operations_routes(app: FastAPI) -> None:
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    async def metrics(request: Request) -> Response:
+        body = services_of(request).metrics.exposition()
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    app.add_api_route("/health", health, methods=["GET"], tags=["operations"])
+    app.add_api_route("/metrics", metrics, methods=["GET"], tags=["operations"])
+    if STATIC.is_dir():
+        app.mount("/chat", StaticFiles(directory=STATIC, html=True), name="chat")
+
+        async def root() -> RedirectResponse:
+            return RedirectResponse("/chat/")
+
+        app.add_api_route("/", root, methods=["GET"], include_in_schema=False)
+
+
+def create_app(config: Any, environ: Mapping[str, str] | None = None) -> FastAPI:
+    """The hub app for a validated HubConfig; services open and close with its lifespan."""
+    env = dict(os.environ if environ is None else environ)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with open_services(config, env) as services:
+            app.state.services = services
+            yield
+
+    app = FastAPI(title="saia hub", version="1", lifespan=lifespan)
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected)
+    _add_openai_routes(app)
+    _add_operations_routes(app)
+    from hub.admin import admin_router
+
+    app.include_router(admin_router())
+    return app

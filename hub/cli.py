@@ -1,0 +1,274 @@
+"""`saia hub ...`: serve the gateway, migrate its database, manage keys, report usage."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from hub.config import ConfigError, HubConfig, LimitsConfig, load_config
+
+T = TypeVar("T")
+
+config_option = click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default="hub.yaml",
+    envvar="SAIA_HUB_CONFIG",
+    show_default=True,
+    help="hub configuration file (env SAIA_HUB_CONFIG)",
+)
+
+
+def fail(message: str) -> NoReturn:
+    click.echo(message, err=True)
+    sys.exit(2)
+
+
+def _load(path: Path) -> HubConfig:
+    try:
+        return load_config(path)
+    except ConfigError as error:
+        fail(str(error))
+
+
+def _with_engine(config: HubConfig, work: Callable[[Any], Awaitable[T]]) -> T:
+    """Run `work(engine)` on a migrated database; one clear line if it cannot be reached."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from hub.storage import open_engine, upgrade
+
+    async def run() -> T:
+        engine = open_engine(config.database)
+        try:
+            await upgrade(engine)
+            return await work(engine)
+        finally:
+            await engine.dispose()
+
+    try:
+        return asyncio.run(run())
+    except (SQLAlchemyError, OSError) as error:
+        fail(f"database {config.database.split('@')[-1]}: {type(error).__name__}: {error}")
+
+
+@click.group()
+def hub() -> None:
+    """The OpenAI-compatible gateway: keys, limits, accounting and upstreams."""
+
+
+@hub.command()
+@config_option
+@click.option("--host", default=None, help="override the config's host")
+@click.option("--port", type=int, default=None, help="override the config's port")
+def serve(config_path: Path, host: str | None, port: int | None) -> None:
+    """Run the gateway (FastAPI on uvicorn)."""
+    import uvicorn
+
+    from hub.app import create_app
+
+    config = _load(config_path)
+    try:
+        app = create_app(config)
+    except ConfigError as error:
+        fail(str(error))
+    uvicorn.run(
+        app,
+        host=host or config.host,
+        port=port if port is not None else config.port,
+        log_level="info",
+        access_log=False,
+        server_header=False,
+    )
+
+
+@hub.group()
+def db() -> None:
+    """The hub's database."""
+
+
+@db.command("upgrade")
+@config_option
+def db_upgrade(config_path: Path) -> None:
+    """Create or migrate the schema to the newest version (also done at start)."""
+    config = _load(config_path)
+
+    async def nothing(_engine: Any) -> None:
+        return None
+
+    _with_engine(config, nothing)
+    click.echo(f"database is up to date: {config.database.split('@')[-1]}")
+
+
+def _limits(values: dict[str, Any]) -> LimitsConfig:
+    return LimitsConfig.model_validate({k: v for k, v in values.items() if v is not None})
+
+
+def _limit_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    for name in reversed(
+        [
+            "requests-per-minute",
+            "requests-per-hour",
+            "requests-per-day",
+            "requests-per-month",
+            "tokens-per-day",
+            "tokens-per-month",
+            "concurrent",
+        ]
+    ):
+        command = click.option(f"--{name}", type=click.IntRange(min=0), default=None)(command)
+    return command
+
+
+@hub.group()
+def keys() -> None:
+    """API keys (stored hashed; the secret is shown once, at creation)."""
+
+
+@keys.command("create")
+@config_option
+@click.option("--name", required=True, help="what the key is for")
+@click.option("--user", "owner", default=None, help="the person the key belongs to")
+@click.option("--group", default=None)
+@click.option("--model", "models", multiple=True, help="allowed model (repeat); default all")
+@click.option("--expires", default=None, help="lifetime such as 30d or 12h")
+@click.option("--admin", is_flag=True, help="may use the admin API")
+@_limit_options
+def keys_create(
+    config_path: Path,
+    name: str,
+    owner: str | None,
+    group: str | None,
+    models: tuple[str, ...],
+    expires: str | None,
+    admin: bool,
+    **limits: int | None,
+) -> None:
+    """Create a key and print its secret (once)."""
+    from hpc.slurm_time import parse_duration
+    from hub.key_store import KeyStore
+
+    config = _load(config_path)
+    try:
+        lifetime = parse_duration(expires) if expires else None
+    except ValueError as error:
+        fail(f"--expires: {error}")
+    unknown = [m for m in models if config.model(m) is None]
+    if unknown:
+        fail(f"--model: not configured: {', '.join(unknown)}")
+    now = time.time()
+
+    async def create(engine: Any) -> Any:
+        return await KeyStore(engine).create(
+            name=name, now=now, owner=owner, group=group, admin=admin,
+            allowed_models=list(models) or None, limits=_limits(limits),
+            expires_at=now + lifetime if lifetime else None,
+        )  # fmt: skip
+
+    record, new = _with_engine(config, create)
+    click.echo(f"created key {record.id} ({name}); the secret is shown only now:", err=True)
+    click.echo(new.secret)
+
+
+@keys.command("list")
+@config_option
+@click.option("--json", "as_json", is_flag=True)
+def keys_list(config_path: Path, as_json: bool) -> None:
+    """All keys, without secrets."""
+    from hub.key_store import KeyStore
+
+    config = _load(config_path)
+
+    async def listing(engine: Any) -> Any:
+        return await KeyStore(engine).list()
+
+    records = [r.public() for r in _with_engine(config, listing)]
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+        return
+    now = time.time()
+    for r in records:
+        state = "revoked" if r["revoked_at"] else "active"
+        if state == "active" and r["expires_at"] and r["expires_at"] <= now:
+            state = "expired"
+        models = ",".join(r["allowed_models"] or ["*"])
+        owner = r["owner"] or "-"
+        click.echo(f"{r['id']}  {state:8}  {owner:16}  {models:24}  {r['name']}")
+
+
+@keys.command("show")
+@config_option
+@click.argument("key_id")
+def keys_show(config_path: Path, key_id: str) -> None:
+    """One key's settings as JSON."""
+    from hub.key_store import KeyStore
+
+    config = _load(config_path)
+
+    async def get(engine: Any) -> Any:
+        return await KeyStore(engine).get(key_id)
+
+    record = _with_engine(config, get)
+    if record is None:
+        fail(f"no key {key_id}")
+    click.echo(json.dumps(record.public(), indent=2))
+
+
+@keys.command("revoke")
+@config_option
+@click.argument("key_id")
+def keys_revoke(config_path: Path, key_id: str) -> None:
+    """Revoke a key (running hubs notice within auth.key_cache_ttl)."""
+    from hub.key_store import KeyStore
+
+    config = _load(config_path)
+
+    async def revoke(engine: Any) -> bool:
+        return await KeyStore(engine).revoke(key_id, time.time())
+
+    if not _with_engine(config, revoke):
+        fail(f"no active key {key_id}")
+    click.echo(f"revoked {key_id}")
+
+
+@hub.command()
+@config_option
+@click.option("--since", required=True, help="first day, e.g. 2026-11-01 (UTC)")
+@click.option("--until", default=None, help="end (exclusive)")
+@click.option(
+    "--by", type=click.Choice(["user", "key", "model", "group", "upstream"]), default="user"
+)
+@click.option("--csv", "as_csv", is_flag=True, help="CSV instead of a table")
+def usage(config_path: Path, since: str, until: str | None, by: str, as_csv: bool) -> None:
+    """Requests and tokens per user, key, model, group or upstream."""
+    from hub.accounting import parse_moment, usage_summary
+
+    config = _load(config_path)
+    try:
+        start = parse_moment(since)
+        end = parse_moment(until) if until else None
+    except ValueError as error:
+        fail(f"--since/--until: {error}")
+
+    async def summary(engine: Any) -> list[dict[str, Any]]:
+        return await usage_summary(engine, since=start, until=end, by=by)  # type: ignore[arg-type]
+
+    rows = _with_engine(config, summary)
+    columns = [by, "requests", "errors", "prompt_tokens", "completion_tokens", "mean_latency_ms"]
+    if as_csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerows([[row[c] for c in columns] for row in rows])
+        return
+    click.echo("  ".join(f"{c:>18}" for c in columns))
+    for row in rows:
+        click.echo("  ".join(f"{row[c] if row[c] is not None else '-'!s:>18}" for c in columns))

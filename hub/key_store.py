@@ -1,0 +1,184 @@
+"""API keys in the database, and the short-lived in-memory cache of lookups.
+
+The cache keeps each lookup (found or not) for `ttl` seconds, so a revoked or changed key
+takes effect within that time on every replica; the hot path costs no database trip for a
+key seen recently.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from hub.config import LimitsConfig
+from hub.keys import NewKey, generate_key, hash_key, key_id_of
+from hub.storage import api_keys
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    id: str
+    digest: str
+    name: str
+    owner: str | None
+    group: str | None
+    admin: bool
+    allowed_models: tuple[str, ...] | None
+    limits: LimitsConfig
+    created_at: float
+    expires_at: float | None
+    revoked_at: float | None
+
+    def problem(self, now: float) -> str | None:
+        """Why the key cannot be used now, or None."""
+        if self.revoked_at is not None:
+            return "this API key has been revoked"
+        if self.expires_at is not None and now >= self.expires_at:
+            return "this API key has expired"
+        return None
+
+    def allows(self, model: str) -> bool:
+        return self.allowed_models is None or model in self.allowed_models
+
+    def public(self) -> dict[str, Any]:
+        """Everything but the digest (for listings and the admin API)."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "owner": self.owner,
+            "group": self.group,
+            "admin": self.admin,
+            "allowed_models": list(self.allowed_models) if self.allowed_models else None,
+            "limits": self.limits.model_dump(exclude_none=True),
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+            "revoked_at": self.revoked_at,
+        }
+
+
+def _record(row: Any) -> KeyRecord:
+    models = row.allowed_models
+    return KeyRecord(
+        id=row.id,
+        digest=row.digest,
+        name=row.name,
+        owner=row.owner,
+        group=row.group_name,
+        admin=bool(row.admin),
+        allowed_models=tuple(models) if models is not None else None,
+        limits=LimitsConfig.model_validate(row.limits or {}),
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        revoked_at=row.revoked_at,
+    )
+
+
+class KeyStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def create(
+        self,
+        *,
+        name: str,
+        now: float,
+        owner: str | None = None,
+        group: str | None = None,
+        admin: bool = False,
+        allowed_models: Sequence[str] | None = None,
+        limits: LimitsConfig | None = None,
+        expires_at: float | None = None,
+    ) -> tuple[KeyRecord, NewKey]:
+        new = generate_key()
+        record = KeyRecord(
+            id=new.key_id,
+            digest=new.digest,
+            name=name,
+            owner=owner,
+            group=group,
+            admin=admin,
+            allowed_models=tuple(allowed_models) if allowed_models is not None else None,
+            limits=limits or LimitsConfig(),
+            created_at=now,
+            expires_at=expires_at,
+            revoked_at=None,
+        )
+        values = {
+            **{k: v for k, v in record.__dict__.items() if k not in ("group", "limits")},
+            "group_name": group,
+            "allowed_models": list(allowed_models) if allowed_models is not None else None,
+            "limits": record.limits.model_dump(exclude_none=True),
+        }
+        async with self._engine.begin() as connection:
+            await connection.execute(api_keys.insert().values(values))
+        return record, new
+
+    async def get(self, key_id: str) -> KeyRecord | None:
+        async with self._engine.connect() as connection:
+            result = await connection.execute(select(api_keys).where(api_keys.c.id == key_id))
+            row = result.first()
+        return _record(row) if row is not None else None
+
+    async def list(self) -> list[KeyRecord]:
+        async with self._engine.connect() as connection:
+            result = await connection.execute(select(api_keys).order_by(api_keys.c.created_at))
+            return [_record(row) for row in result.all()]
+
+    async def revoke(self, key_id: str, now: float) -> bool:
+        statement = (
+            update(api_keys)
+            .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+            .values(revoked_at=now)
+        )
+        async with self._engine.begin() as connection:
+            result = await connection.execute(statement)
+        return result.rowcount > 0
+
+    async def set_limits(self, key_id: str, limits: LimitsConfig) -> bool:
+        statement = (
+            update(api_keys)
+            .where(api_keys.c.id == key_id)
+            .values(limits=limits.model_dump(exclude_none=True))
+        )
+        async with self._engine.begin() as connection:
+            result = await connection.execute(statement)
+        return result.rowcount > 0
+
+
+class KeyCache:
+    """Recent key lookups by the presented key, found or not, for `ttl` seconds."""
+
+    def __init__(self, store: KeyStore, ttl: float, max_entries: int = 10_000) -> None:
+        self._store = store
+        self._ttl = ttl
+        self._max = max_entries
+        self._entries: OrderedDict[str, tuple[float, KeyRecord | None]] = OrderedDict()
+
+    async def lookup(self, presented: str, now: float) -> KeyRecord | None:
+        """The record of a presented key if it is well-formed and its secret matches."""
+        digest = hash_key(presented)  # the cache never holds a secret
+        cached = self._entries.get(digest)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        key_id = key_id_of(presented)
+        record = await self._store.get(key_id) if key_id is not None else None
+        if record is not None and not hmac.compare_digest(digest, record.digest):
+            record = None
+        self._entries[digest] = (now + self._ttl, record)
+        self._entries.move_to_end(digest)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+        return record
+
+    def forget(self) -> None:
+        self._entries.clear()
+
+
+def with_limits(record: KeyRecord, limits: LimitsConfig) -> KeyRecord:
+    return replace(record, limits=limits)

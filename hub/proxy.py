@@ -1,0 +1,324 @@
+"""One API request from the client to an upstream and back, with accounting.
+
+The handler authenticates, admits (limits), rewrites the body (alias, hooks, usage request)
+and opens the upstream response. Everything that must happen when the request ends (release
+the in-flight slot, close the upstream response, record usage and metrics) is registered on
+one AsyncExitStack, owned by the handler until a stream starts and by the streaming response
+afterwards, so a client that goes away mid-stream releases everything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from hub.accounting import UsageRecord
+from hub.auth import Principal
+from hub.config import ModelConfig
+from hub.errors import ApiError, sse_error
+from hub.hooks import apply_hooks, ask_for_usage
+from hub.services import HubServices
+from hub.sse import Usage, UsageTap, usage_from_body
+from hub.upstream import UpstreamError, UpstreamRequest, UpstreamResponse, forwardable
+
+log = logging.getLogger(__name__)
+
+MAX_ERROR_BODY = 64 * 1024
+MAX_ANSWER_BODY = 64 * 1024 * 1024
+CLIENT_GONE = 499
+
+
+@dataclass
+class Outcome:
+    """What is known about a request when it ends; filled in as it runs."""
+
+    endpoint: str
+    model: str
+    upstream: str
+    principal: Principal
+    stream: bool
+    started_at: float
+    started: float  # perf_counter
+    request_id: str
+    status: int = CLIENT_GONE
+    usage: Usage | None = None
+    first_chunk: float | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise ApiError(413, f"request body larger than {limit} bytes", code="body_too_large")
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body larger than {limit} bytes", code="body_too_large")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def parse_request(body: bytes) -> dict[str, Any]:
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(payload, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "`model` is required", param="model", code="missing_model")
+    return payload
+
+
+def resolve_model(services: HubServices, principal: Principal, model_id: str) -> ModelConfig:
+    model = services.config.model(model_id)
+    if model is None:
+        raise ApiError(
+            404, f"the model `{model_id}` does not exist", param="model", code="model_not_found"
+        )
+    if not principal.allows(model_id):
+        raise ApiError(
+            403,
+            f"this key may not use the model `{model_id}`",
+            param="model",
+            code="model_not_allowed",
+        )
+    return model
+
+
+def finish(services: HubServices, outcome: Outcome) -> None:
+    """Record usage and metrics of a finished request (never awaits)."""
+    now = time.perf_counter()
+    usage = outcome.usage or Usage(0, 0)
+    ttft = outcome.first_chunk - outcome.started if outcome.first_chunk else None
+    principal = outcome.principal
+    services.metrics.observe(
+        model=outcome.model,
+        upstream=outcome.upstream,
+        endpoint=outcome.endpoint,
+        status=outcome.status,
+        seconds=now - outcome.started,
+        ttft=ttft,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+    )
+    record = UsageRecord(
+        request_id=outcome.request_id,
+        key_id=principal.key_id,
+        user_name=principal.user,
+        group_name=principal.group,
+        model=outcome.model,
+        upstream=outcome.upstream,
+        endpoint=outcome.endpoint,
+        status=outcome.status,
+        stream=outcome.stream,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        latency_ms=(now - outcome.started) * 1000,
+        ttft_ms=ttft * 1000 if ttft else None,
+        started_at=outcome.started_at,
+        finished_at=outcome.started_at + (now - outcome.started),
+    )
+    subjects = tuple(subject for subject, _ in principal.limited_subjects())
+    services.recorder.record(record, subjects)
+
+
+class UpstreamStreamingResponse(StreamingResponse):
+    """A streaming answer that owns the request's exit stack until the stream ends."""
+
+    def __init__(
+        self,
+        stack: AsyncExitStack,
+        content: AsyncGenerator[bytes, None],
+        status: int,
+        headers: dict[str, str],
+    ) -> None:
+        super().__init__(content, status_code=status, headers=headers)
+        self._stack = stack
+        self._content = content
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with self._stack:
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                # A stream cancelled while it waited in `send` is finished here, before the
+                # stack closes the upstream and records the outcome.
+                await self._content.aclose()
+
+
+async def relay(
+    response: UpstreamResponse, tap: UsageTap, outcome: Outcome
+) -> AsyncGenerator[bytes, None]:
+    """The client's stream: upstream chunks as they come, minus the usage chunk if unasked."""
+    try:
+        async for chunk in response.chunks:
+            out = tap.feed(chunk)
+            if out:
+                if outcome.first_chunk is None:
+                    outcome.first_chunk = time.perf_counter()
+                yield out
+        rest = tap.flush()
+        if rest:
+            yield rest
+        outcome.status = response.status if tap.error is None else 502
+    except UpstreamError as error:
+        log.warning("stream %s from %s broke: %s", outcome.request_id, outcome.upstream, error)
+        outcome.status = error.status
+        yield sse_error(error.status, error.message, code=error.code)
+    finally:
+        outcome.usage = tap.usage
+
+
+async def read_limited(chunks: AsyncIterator[bytes], limit: int) -> bytes:
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise UpstreamError(502, "the upstream's answer is too large")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def upstream_error_body(status: int, body: bytes) -> tuple[int, bytes]:
+    """What the client sees of an upstream's error answer (always OpenAI's error JSON)."""
+    if status in (401, 403, 407):
+        # The upstream refused the hub's own credentials: not the client's fault.
+        error = ApiError(502, "the upstream refused the hub's credentials", code="upstream_auth")
+        return 502, json.dumps(error.body()).encode()
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        payload = None
+    if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
+        return status, body
+    text = body[:500].decode("utf-8", "replace").strip() or f"upstream answered {status}"
+    return status, json.dumps(ApiError(status, text, code="upstream_error").body()).encode()
+
+
+async def complete(
+    response: UpstreamResponse, outcome: Outcome, headers: dict[str, str]
+) -> Response:
+    """A non-streamed answer (or an upstream error) read whole and passed on."""
+    limit = MAX_ERROR_BODY if response.status >= 400 else MAX_ANSWER_BODY
+    body = await read_limited(response.chunks, limit)
+    outcome.first_chunk = time.perf_counter()
+    status = response.status
+    if status >= 400:
+        status, body = upstream_error_body(status, body)
+    else:
+        outcome.usage = usage_from_body(body)
+    outcome.status = status
+    merged = {**dict(forwardable(response.headers)), **headers}
+    return Response(body, status_code=status, headers=merged)
+
+
+def new_request_id() -> str:
+    return f"req-{uuid.uuid4().hex}"
+
+
+def _rewrite(
+    payload: dict[str, Any], model: ModelConfig, endpoint: str
+) -> tuple[bytes, bool, bool]:
+    """Upstream body, whether it streams, whether the client asked for the usage chunk."""
+    rewritten = apply_hooks(payload, model.hooks, endpoint)
+    rewritten["model"] = model.target
+    stream = rewritten.get("stream") is True
+    client_asked = False
+    if stream:
+        rewritten, client_asked = ask_for_usage(rewritten)
+    return json.dumps(rewritten, separators=(",", ":")).encode(), stream, client_asked
+
+
+async def handle(services: HubServices, request: Request, endpoint: str) -> Response:
+    """POST /v1/<endpoint> (and vLLM's /tokenize, /detokenize)."""
+    started_at, started = time.time(), time.perf_counter()
+    client = request.client.host if request.client else None
+    principal = await services.auth.authenticate(request.headers, client, started_at)
+    payload = parse_request(await read_body(request, services.config.max_body_bytes))
+    model = resolve_model(services, principal, payload["model"])
+    upstream = services.upstreams[model.upstream]
+    body, stream, client_asked = _rewrite(payload, model, endpoint)
+    outcome = Outcome(
+        endpoint,
+        model.id,
+        upstream.name,
+        principal,
+        stream,
+        started_at,
+        started,
+        new_request_id(),
+    )
+    try:
+        limit_headers = await services.admission.admit(principal, started_at)
+    except ApiError as error:
+        outcome.status = error.status
+        services.metrics.rejected.labels("rate_limit").inc()
+        finish(services, outcome)
+        raise
+    return await _forward(services, upstream, outcome, body, client_asked, limit_headers)
+
+
+async def _forward(
+    services: HubServices,
+    upstream: Any,
+    outcome: Outcome,
+    body: bytes,
+    client_asked: bool,
+    limit_headers: dict[str, str],
+) -> Response:
+    headers = {**limit_headers, "x-request-id": outcome.request_id}
+    stack = AsyncExitStack()
+    handed_over = False
+    try:
+        release = services.admission.acquire(outcome.principal, limit_headers)
+        stack.callback(release)
+        stack.callback(finish, services, outcome)
+        gauge = services.metrics.in_flight.labels(outcome.model, outcome.upstream)
+        gauge.inc()
+        stack.callback(gauge.dec)
+        request = UpstreamRequest(
+            "POST", _path(outcome.endpoint), body, outcome.model, outcome.request_id
+        )
+        response = await stack.enter_async_context(upstream.stream(request))
+        if not outcome.stream or response.status >= 400:
+            return await complete(response, outcome, headers)
+        tap = UsageTap(strip_usage=not client_asked)
+        stream_headers = {
+            **dict(forwardable(response.headers)),
+            **headers,
+            "cache-control": "no-cache",
+            "x-accel-buffering": "no",
+        }
+        handed_over = True
+        return UpstreamStreamingResponse(
+            stack, relay(response, tap, outcome), response.status, stream_headers
+        )
+    except UpstreamError as error:
+        outcome.status = error.status
+        raise ApiError(error.status, error.message, code=error.code, headers=headers) from None
+    except ApiError as error:
+        outcome.status = error.status
+        error.headers = {**headers, **error.headers}
+        raise
+    finally:
+        if not handed_over:
+            await stack.aclose()
+
+
+def _path(endpoint: str) -> str:
+    return f"/{endpoint}" if endpoint in ("tokenize", "detokenize") else f"/v1/{endpoint}"

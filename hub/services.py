@@ -1,0 +1,112 @@
+"""Everything a running hub holds, opened and closed together by the app's lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+
+import httpx
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from hub.accounting import UsageRecorder
+from hub.admission import Admission
+from hub.auth import Authenticator
+from hub.config import ConfigError, HpcUpstreamConfig, HubConfig
+from hub.key_store import KeyCache, KeyStore
+from hub.metrics import HubMetrics
+from hub.openai_upstream import OpenAIUpstream, shared_client
+from hub.storage import CounterStore, open_engine, upgrade
+from hub.upstream import ModelState, Upstream
+
+log = logging.getLogger(__name__)
+
+STATES_TIMEOUT = 3.0
+
+
+@dataclass
+class HubServices:
+    config: HubConfig
+    engine: AsyncEngine
+    keys: KeyStore
+    key_cache: KeyCache
+    counters: CounterStore
+    recorder: UsageRecorder
+    auth: Authenticator
+    admission: Admission
+    metrics: HubMetrics
+    upstreams: dict[str, Upstream]
+
+    async def model_states(self, names: set[str]) -> dict[str, dict[str, ModelState]]:
+        """Live state per upstream (bounded in time; a failing upstream reports nothing)."""
+        async with asyncio.TaskGroup() as group:
+            tasks = {name: group.create_task(self._states(name)) for name in names}
+        return {name: task.result() for name, task in tasks.items()}
+
+    async def _states(self, name: str) -> dict[str, ModelState]:
+        try:
+            async with asyncio.timeout(STATES_TIMEOUT):
+                return await self.upstreams[name].states()
+        except TimeoutError:
+            log.warning("upstream %s did not report its models in time", name)
+            return {}
+
+
+async def _open_upstreams(
+    config: HubConfig,
+    client: httpx.AsyncClient,
+    environ: Mapping[str, str],
+    stack: AsyncExitStack,
+) -> dict[str, Upstream]:
+    upstreams: dict[str, Upstream] = {}
+    for name, upstream in config.upstreams.items():
+        if isinstance(upstream, HpcUpstreamConfig):
+            # Imported here: the SSH side is only loaded by hubs that use it.
+            module = importlib.import_module("hub.hpc_upstream")
+            upstreams[name] = await stack.enter_async_context(module.HpcUpstream(name, upstream))
+        else:
+            upstreams[name] = OpenAIUpstream(name, upstream, client, environ)
+    return upstreams
+
+
+def admin_token(config: HubConfig, environ: Mapping[str, str]) -> str | None:
+    name = config.auth.admin_token_env
+    token = environ.get(name) if name else None
+    if token is not None and len(token) < 16:
+        raise ConfigError(f"environment variable {name}: the admin token needs 16+ characters")
+    return token or None
+
+
+@asynccontextmanager
+async def open_services(
+    config: HubConfig, environ: Mapping[str, str], *, migrate: bool = True
+) -> AsyncIterator[HubServices]:
+    engine = open_engine(config.database)
+    try:
+        if migrate:
+            await upgrade(engine)
+        keys = KeyStore(engine)
+        cache = KeyCache(keys, config.auth.key_cache_ttl)
+        counters = CounterStore(engine)
+        async with AsyncExitStack() as stack:
+            client = await stack.enter_async_context(shared_client(config.max_connections))
+            upstreams = await _open_upstreams(config, client, environ, stack)
+            recorder = UsageRecorder(engine, counters, config.usage_flush_interval)
+            await stack.enter_async_context(recorder.running())
+            yield HubServices(
+                config=config,
+                engine=engine,
+                keys=keys,
+                key_cache=cache,
+                counters=counters,
+                recorder=recorder,
+                auth=Authenticator(config.auth, cache, admin_token(config, environ)),
+                admission=Admission(counters),
+                metrics=HubMetrics(),
+                upstreams=upstreams,
+            )
+    finally:
+        await engine.dispose()

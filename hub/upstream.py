@@ -1,0 +1,111 @@
+"""The one interface every upstream (OpenAI-compatible provider, HPC site) implements."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+ModelStatus = Literal["ready", "loading", "offline"]
+
+# Never forwarded from an upstream: hop-by-hop headers, framing and encoding (the hub
+# re-frames the body), and headers the hub sets itself.
+DROPPED_RESPONSE_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "content-encoding",
+        "content-length",
+        "date",
+        "server",
+        "set-cookie",
+        "retry-after",
+        "ratelimit-reset",
+    }
+)
+
+
+def forwardable(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [
+        (name, value)
+        for name, value in headers
+        if (lower := name.lower()) not in DROPPED_RESPONSE_HEADERS
+        and not lower.startswith("x-ratelimit-")
+    ]
+
+
+@dataclass(frozen=True)
+class UpstreamRequest:
+    method: str
+    path: str  # e.g. /v1/chat/completions (or /tokenize)
+    body: bytes
+    model: str  # the upstream's name for the model
+    request_id: str
+
+
+@dataclass(frozen=True)
+class UpstreamResponse:
+    status: int
+    headers: list[tuple[str, str]]
+    chunks: AsyncIterator[bytes]
+
+
+@dataclass(frozen=True)
+class ModelState:
+    status: ModelStatus
+    demand: float
+
+
+class UpstreamError(Exception):
+    """The upstream failed; `status` is what the client gets (502, 503, 504)."""
+
+    def __init__(self, status: int, message: str, code: str = "upstream_error") -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+
+
+class UpstreamUnavailable(UpstreamError):
+    """Nothing was sent yet: another site may be tried."""
+
+
+class UpstreamTimeout(UpstreamError):
+    def __init__(self, message: str) -> None:
+        super().__init__(504, message, "upstream_timeout")
+
+
+class Upstream(Protocol):
+    name: str
+
+    def stream(self, request: UpstreamRequest) -> AbstractAsyncContextManager[UpstreamResponse]:
+        """Send the request; the response head is available on enter, the body streams."""
+        ...
+
+    async def states(self) -> dict[str, ModelState]:
+        """Live state per upstream model name; models not listed count as ready."""
+        ...
+
+
+async def idle_limited(
+    chunks: AsyncIterator[bytes], idle: float, upstream: str
+) -> AsyncIterator[bytes]:
+    """The chunks, failing with UpstreamTimeout when one takes longer than `idle`."""
+    while True:
+        try:
+            async with asyncio.timeout(idle):
+                chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise UpstreamTimeout(f"upstream {upstream} sent nothing for {idle:g} s") from None
+        yield chunk
