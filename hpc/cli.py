@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import logging
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -49,3 +54,130 @@ def check_config(config_path: Path) -> None:
             f"{service.resources.gpus} GPU(s) x {service.resources.nodes} node(s), "
             f"time limit {service.resources.time_limit}"
         )
+
+
+@hpc.command("agent")
+@config_option
+@click.option(
+    "--drain-on-exit",
+    is_flag=True,
+    help="cancel the agent's jobs when it stops (default: leave them for the next agent)",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
+def agent(config_path: Path, drain_on_exit: bool, log_level: str) -> None:
+    """Run the agent: keep model-server jobs running and route requests to them.
+
+    A second agent on the same state dir waits as standby and takes over when the first
+    stops. SIGTERM/SIGINT stop the agent; its jobs keep running unless --drain-on-exit.
+    """
+    config = load_or_exit(config_path)
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from hpc.agent import run_until_signal
+
+    asyncio.run(run_until_signal(config, drain_on_exit=drain_on_exit))
+
+
+@hpc.command("status")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="print the snapshot as JSON")
+def status(config_path: Path, as_json: bool) -> None:
+    """Show services and jobs from the agent's last status snapshot (and its age)."""
+    from rich.console import Console
+
+    from hpc.status import StatusError, read_status, render_status, status_dict
+
+    config = load_or_exit(config_path)
+    try:
+        snapshot = read_status(config.state_dir)
+    except StatusError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps(status_dict(snapshot, time.time()), indent=1))
+    else:
+        Console().print(render_status(snapshot))
+
+
+@hpc.command("logs")
+@config_option
+@click.argument("job")
+@click.option("-n", "--lines", default=50, show_default=True, type=click.IntRange(0, 1_000_000))
+@click.option("-f", "--follow", is_flag=True, help="keep printing what the job writes")
+def logs(config_path: Path, job: str, lines: int, follow: bool) -> None:
+    """Print the end of a job's log (JOB: a Slurm job id or local-N of this state dir)."""
+    from hpc.status import job_log, tail
+
+    config = load_or_exit(config_path)
+    try:
+        path = job_log(config.state_dir, job)
+        text, offset = tail(path, lines)
+    except (ValueError, OSError) as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(1)
+    out = sys.stdout.buffer
+    out.write(text)
+    out.flush()
+    with contextlib.suppress(KeyboardInterrupt):
+        while follow:
+            time.sleep(0.5)
+            with path.open("rb") as handle:
+                handle.seek(offset)
+                chunk = handle.read()
+            offset += len(chunk)
+            out.write(chunk)
+            out.flush()
+
+
+@hpc.command("authorized-keys")
+@click.option(
+    "--key",
+    "key_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="the hub's public key file (.pub)",
+)
+@click.option("--from", "from_cidr", help="only accept the key from these addresses (CIDR, ...)")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), help="agent state")
+@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--python", default=None, help="login node python3 for the relay")
+@click.option("--no-start", is_flag=True, help="the relay never starts the agent itself")
+def authorized_keys(
+    key_path: Path,
+    from_cidr: str | None,
+    state_dir: Path | None,
+    config_path: Path | None,
+    python: str | None,
+    no_start: bool,
+) -> None:
+    """Print the authorized_keys line forcing the hub's key to run the relay."""
+    from hpc.authorized_keys import (
+        KeyLineError,
+        agent_command,
+        authorized_keys_line,
+        default_python,
+        read_public_key,
+        relay_argv,
+    )
+
+    if state_dir is None and config_path is None:
+        click.echo("error: give --config (or --state-dir)", err=True)
+        sys.exit(2)
+    if config_path is not None:
+        config_path = config_path.resolve()
+        state_dir = state_dir or load_or_exit(config_path).state_dir
+    assert state_dir is not None
+    agent = None if no_start or config_path is None else agent_command(config_path)
+    try:
+        key = read_public_key(key_path)
+        argv = relay_argv(python or default_python(), state_dir.resolve(), agent)
+        click.echo(authorized_keys_line(key, argv, from_cidr))
+    except KeyLineError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(2)

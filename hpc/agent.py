@@ -1,0 +1,438 @@
+"""The login-node agent: observe -> decide -> act, health probes and the router.
+
+`run_agent()` waits for the leader lock (standby until then), restores or rebuilds its
+state, then runs in one TaskGroup: the scheduler loop (`Agent.step`), the health prober,
+a forwarder of the router's scale-from-zero wake-ups, and the router itself.
+
+On SIGTERM/SIGINT the agent stops acting, writes its state and releases the lock, but
+leaves its jobs running: a restarted (or standby) agent adopts them by their tag, so an
+agent restart never interrupts serving. `drain_on_exit=True` cancels them instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+import re
+import signal
+import time
+from collections import deque
+from collections.abc import Callable
+
+import httpx
+
+from hpc.config import AgentConfig, ServiceConfig
+from hpc.health import HealthBook, ProbeTarget, probe_all, read_backend_key
+from hpc.jobs import Endpoint, JobInfo, JobSystem, JobTag, Submission, read_endpoint
+from hpc.leader import LOCK_FILE, LeaderLock
+from hpc.policy import (
+    Backoff,
+    Cancel,
+    Decision,
+    Drain,
+    JobView,
+    LoadSample,
+    LostJob,
+    ServiceSnapshot,
+    Snapshot,
+    Submit,
+    Warn,
+    after_failure,
+    decide,
+)
+from hpc.registry import Backend, BackendRegistry
+from hpc.state import AgentState, JobRecord, StateError, agent_id, load_state, save_state
+from hpc.status import build_status, write_status
+
+log = logging.getLogger(__name__)
+
+Render = Callable[[ServiceConfig], Submission]
+JobSystemFactory = Callable[[AgentConfig, JobTag], JobSystem]
+IMMEDIATE_STEPS = 3  # re-decide at once after acting, but never spin
+
+
+class Agent:
+    """The leader's scheduler; one instance owns the state, health book and registry view."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        jobs: JobSystem,
+        registry: BackendRegistry,
+        state: AgentState,
+        render: Render,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config, self.jobs, self.registry, self.state = config, jobs, registry, state
+        self.render, self.clock = render, clock
+        self.services = {service.name: service for service in config.services}
+        self.health = HealthBook(config.health_failures)
+        self.endpoints: dict[str, Endpoint] = {}
+        self.keys: dict[str, str | None] = {}
+        self.infos: dict[str, JobInfo] = {}
+        self.loads: dict[str, deque[LoadSample]] = {name: deque() for name in self.services}
+        self.warnings: dict[str, list[str]] = {}
+        self.last_error = ""
+        self._logged: set[tuple[str, str | None, str]] = set()
+        self._announced: set[str] = set()
+        self._wake = asyncio.Event()
+        for job_id, record in state.jobs.items():
+            self.health.seed(job_id, record.ready_since)
+
+    # -- lifetime -------------------------------------------------------------------
+    async def run(self) -> None:
+        """Until cancelled: the scheduler loop, health probes, wake-ups and the router."""
+        limits = httpx.Limits(max_keepalive_connections=64, keepalive_expiry=30)
+        async with (
+            httpx.AsyncClient(limits=limits, trust_env=False) as client,
+            asyncio.TaskGroup() as group,
+        ):
+            group.create_task(self._health_loop(client), name="health")
+            group.create_task(self._forward_wakeups(), name="wakeups")
+            group.create_task(self._serve_router(), name="router")
+            await self._schedule_loop()
+
+    async def _schedule_loop(self) -> None:
+        streak = 0
+        while True:
+            acted = await self.step()
+            streak = streak + 1 if acted else 0
+            if acted and streak <= IMMEDIATE_STEPS:
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.poll_interval):
+                    await self._wake.wait()
+            self._wake.clear()
+
+    async def _forward_wakeups(self) -> None:
+        while True:
+            await self.registry.wakeup.wait()
+            self.registry.wakeup.clear()
+            self._wake.set()
+
+    async def _serve_router(self) -> None:
+        try:
+            from hpc.router import serve_requests
+        except ImportError as error:
+            # The router is built separately; scheduling must work without it.
+            log.warning("no request router (%s): not listening for requests", error)
+            return
+        await serve_requests(self.config, self.registry)
+
+    async def shutdown(self, drain: bool) -> None:
+        """Leave jobs to the next agent (or cancel them when asked), save everything."""
+        if drain:
+            for job_id, record in self.state.jobs.items():
+                if not record.cancelled:
+                    await self._cancel(Cancel(record.service, job_id, "agent exit with drain"))
+        self._save(self.clock(), stopped=True)
+
+    # -- one loop: observe -> decide -> act -----------------------------------------
+    async def step(self) -> bool:
+        """One observation, decision and act; True when it submitted or cancelled."""
+        now = self.clock()
+        try:
+            async with asyncio.timeout(self.config.slurm_timeout + 5):
+                infos = await self.jobs.list_jobs()
+        except Exception as error:  # Slurm down or slow: keep serving, retry next loop
+            self.last_error = f"cannot list jobs: {error}"
+            log.warning("%s", self.last_error)
+            self._save(now)
+            return False
+        self.last_error = ""
+        decision = decide(self.observe(infos, now), now)
+        acted = await self.act(decision, now)
+        self.publish()
+        self._save(now)
+        return acted
+
+    def observe(self, infos: list[JobInfo], now: float) -> Snapshot:
+        self.infos = {info.job_id: info for info in infos}
+        lost = self._drop_lost()
+        for info in infos:
+            self._track(info, now)
+        for service in self.services.values():
+            self._sample_load(service, now)
+        snapshots = tuple(
+            ServiceSnapshot(
+                config=service,
+                jobs=tuple(self._view(i) for i in infos if i.service == name),
+                lost=tuple(lost.get(name, ())),
+                load=tuple(self.loads[name]),
+                demand_since=self.registry.demand_since(name),
+                backoff=self.state.backoff.get(name, Backoff()),
+            )
+            for name, service in self.services.items()
+        )
+        orphans = tuple(self._view(i) for i in infos if i.service not in self.services)
+        return Snapshot(
+            services=snapshots,
+            health_failures=self.config.health_failures,
+            max_total_gpus=self.config.max_total_gpus,
+            orphans=orphans,
+        )
+
+    def _drop_lost(self) -> dict[str, list[LostJob]]:
+        lost: dict[str, list[LostJob]] = {}
+        for job_id in [j for j in self.state.jobs if j not in self.infos]:
+            record = self.state.jobs.pop(job_id)
+            was_ready = record.ready_since is not None
+            lost.setdefault(record.service, []).append(
+                LostJob(job_id, was_ready=was_ready, cancelled=record.cancelled)
+            )
+            self.health.forget(job_id)
+            self.endpoints.pop(job_id, None)
+            self.keys.pop(job_id, None)
+            self._announced.discard(job_id)
+            log.info("job %s (%s) is gone from Slurm", job_id, record.service)
+        for record in self.state.jobs.values():
+            if record.replaces is not None and record.replaces not in self.state.jobs:
+                record.replaces = None
+        return lost
+
+    def _track(self, info: JobInfo, now: float) -> None:
+        record = self.state.jobs.get(info.job_id)
+        if record is None:
+            first_seen = info.submit_time or now
+            record = self.state.jobs[info.job_id] = JobRecord(info.service, first_seen)
+            log.info("adopted job %s (%s, %s)", info.job_id, info.service, info.state)
+        if info.running and record.running_since is None:
+            record.running_since = min(info.start_time or now, now)
+        if info.running and info.job_id not in self.endpoints:
+            endpoint = read_endpoint(self.config.state_dir, info.job_id)
+            if endpoint is not None:
+                self.endpoints[info.job_id] = endpoint
+                self.keys[info.job_id] = read_backend_key(self.config.state_dir, info.job_id)
+        ready_since = self.health.get(info.job_id).ready_since
+        if record.ready_since is None and ready_since is not None:
+            record.ready_since = ready_since
+
+    def _sample_load(self, service: ServiceConfig, now: float) -> None:
+        # The registry keeps the router's monotonic clock; the samples use the agent's.
+        load = self.registry.load(service.name, time.monotonic())
+        history = self.loads[service.name]
+        history.append(LoadSample(now, load.in_flight + load.queued))
+        window = service.look_back + service.scale_down_delay
+        while history and history[0].at < now - window:
+            history.popleft()
+
+    def _view(self, info: JobInfo) -> JobView:
+        record = self.state.jobs[info.job_id]
+        health = self.health.get(info.job_id)
+        return JobView(
+            info=info,
+            first_seen=record.first_seen,
+            running_since=record.running_since,
+            ready_since=record.ready_since,
+            health_failures=health.failures,
+            draining=record.draining,
+            cancelled=record.cancelled,
+            replaces=record.replaces,
+            in_flight=self.registry.in_flight_of(info.service, info.job_id),
+        )
+
+    async def act(self, decision: Decision, now: float) -> bool:
+        self.state.backoff.update(decision.backoff)
+        self.warnings = {}
+        acted = False
+        for action in decision.actions:
+            if isinstance(action, Warn):
+                self._warn(action)
+            elif isinstance(action, Drain):
+                self.state.jobs[action.job_id].draining = True
+                log.info("draining job %s (%s): %s", action.job_id, action.service, action.reason)
+            elif isinstance(action, Cancel):
+                acted = await self._cancel(action) or acted
+            elif isinstance(action, Submit):
+                acted = await self._submit(action, now) or acted
+        return acted
+
+    def _warn(self, warn: Warn) -> None:
+        self.warnings.setdefault(warn.service, []).append(
+            f"job {warn.job_id}: {warn.message}" if warn.job_id else warn.message
+        )
+        key = (warn.service, warn.job_id, re.sub(r"[0-9]+", "N", warn.message))
+        if key not in self._logged:  # once per kind of problem, not once per loop
+            self._logged.add(key)
+            log.warning("%s: %s", warn.service, self.warnings[warn.service][-1])
+
+    async def _cancel(self, cancel: Cancel) -> bool:
+        record = self.state.jobs.get(cancel.job_id)
+        if record is not None:
+            record.cancelled = True
+            self.publish()  # out of rotation before Slurm signals it
+        log.info("cancelling job %s (%s): %s", cancel.job_id, cancel.service, cancel.reason)
+        try:
+            async with asyncio.timeout(self.config.slurm_timeout + 5):
+                await self.jobs.cancel(cancel.job_id)
+        except Exception as error:  # retried next loop
+            log.error("cannot cancel job %s: %s", cancel.job_id, error)
+            if record is not None:
+                record.cancelled = False
+            return False
+        return True
+
+    async def _submit(self, submit: Submit, now: float) -> bool:
+        service = self.services[submit.service]
+        try:
+            submission = self.render(service)
+            async with asyncio.timeout(self.config.slurm_timeout + 5):
+                job_id = await self.jobs.submit(submission)
+        except Exception as error:  # a failed submission backs off like a failed start
+            backoff = self.state.backoff.get(service.name, Backoff())
+            self.state.backoff[service.name] = after_failure(backoff, now, service)
+            message = f"submission failed: {error}"
+            self.warnings.setdefault(service.name, []).append(message)
+            log.error("%s: %s", service.name, message)
+            return False
+        self.state.jobs[job_id] = JobRecord(service.name, now, replaces=submit.replaces)
+        log.info("submitted job %s (%s): %s", job_id, service.name, submit.reason)
+        return True
+
+    def publish(self) -> None:
+        """Tell the router which backends serve (ready or draining) per service."""
+        per_service: dict[str, list[Backend]] = {name: [] for name in self.services}
+        starting = dict.fromkeys(self.services, 0)
+        for job_id, record in self.state.jobs.items():
+            if record.cancelled or record.service not in per_service:
+                continue
+            endpoint = self.endpoints.get(job_id)
+            if endpoint is None or not self.health.serving(job_id):
+                starting[record.service] += record.ready_since is None
+                continue
+            backend = Backend(
+                service=record.service,
+                job_id=job_id,
+                url=endpoint.url,
+                api_key=self.keys.get(job_id),
+                draining=record.draining,
+            )
+            per_service[record.service].append(backend)
+        for name, backends in per_service.items():
+            self.registry.publish(name, backends, starting=starting[name])
+
+    def _save(self, now: float, stopped: bool = False) -> None:
+        try:
+            save_state(self.config.state_dir, self.state)
+            write_status(self.config.state_dir, build_status(self, now, stopped))
+        except OSError as error:
+            log.error("cannot write the agent state: %s", error)
+
+    # -- health ---------------------------------------------------------------------
+    async def _health_loop(self, client: httpx.AsyncClient) -> None:
+        while True:
+            targets = self._probe_targets()
+            if targets:
+                results = await probe_all(client, targets, self.config.health_timeout)
+                now, changed = self.clock(), False
+                for result in results:
+                    if result.job_id in self.state.jobs:
+                        changed = self.health.record(result, now) or changed
+                        self._log_probe(result.job_id, result.detail)
+                if changed:
+                    self._wake.set()
+            await asyncio.sleep(self.config.health_interval)
+
+    def _probe_targets(self) -> list[ProbeTarget]:
+        targets = []
+        for job_id, endpoint in self.endpoints.items():
+            record = self.state.jobs.get(job_id)
+            if record is None or record.cancelled or record.service not in self.services:
+                continue
+            targets.append(
+                ProbeTarget(
+                    job_id=job_id,
+                    url=endpoint.url,
+                    model_id=self.services[record.service].model_id,
+                    api_key=self.keys.get(job_id),
+                    ready=self.health.get(job_id).ready_since is not None,
+                )
+            )
+        return targets
+
+    def _log_probe(self, job_id: str, detail: str) -> None:
+        health = self.health.get(job_id)
+        if health.ready_since is None:
+            return  # still starting: the startup timeout speaks for it
+        if not detail and job_id not in self._announced:
+            self._announced.add(job_id)
+            log.info("job %s is ready at %s", job_id, self.endpoints[job_id].url)
+        elif detail:
+            failures = health.failures
+            log.warning("job %s failed %d health check(s) in a row: %s", job_id, failures, detail)
+
+
+def make_job_system(config: AgentConfig, tag: JobTag) -> JobSystem:
+    if config.executor == "local":
+        # imported by name: the local executor is optional on a Slurm login node
+        local: JobSystemFactory = importlib.import_module("hpc.local_executor").LocalJobSystem
+        return local(config, tag)
+    from hpc.slurm_cli import SlurmJobSystem
+
+    return SlurmJobSystem(config, tag)
+
+
+def default_render(service: ServiceConfig, config: AgentConfig, tag: JobTag) -> Submission:
+    from hpc.job_script import render_job
+
+    return render_job(service, config, tag)
+
+
+def restore_state(config: AgentConfig, ident: str) -> AgentState:
+    """The saved state; a corrupt file is reported and the state rebuilt from Slurm."""
+    try:
+        return load_state(config.state_dir, ident)
+    except StateError as error:
+        log.error("%s; rebuilding from Slurm", error)
+        return AgentState(agent_id=ident)
+
+
+async def run_agent(
+    config: AgentConfig,
+    *,
+    registry: BackendRegistry | None = None,
+    drain_on_exit: bool = False,
+    job_system: JobSystemFactory = make_job_system,
+    render: Callable[[ServiceConfig, AgentConfig, JobTag], Submission] | None = None,
+    standby_poll: float = 1.0,
+) -> None:
+    """Lead (after standing by, if another agent leads) until cancelled."""
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    async with LeaderLock(config.state_dir / LOCK_FILE, standby_poll):
+        ident = agent_id(config.state_dir)
+        tag = JobTag(config.job_prefix, ident)
+        render_with = render or default_render
+        jobs = job_system(config, tag)
+        agent = Agent(
+            config,
+            jobs,
+            registry or BackendRegistry(),
+            restore_state(config, ident),
+            render=lambda service: render_with(service, config, tag),
+        )
+        log.info("agent %s leads in %s (pid %d)", ident, config.state_dir, os.getpid())
+        try:
+            await agent.run()
+        finally:
+            await agent.shutdown(drain_on_exit)
+            await jobs.aclose()
+            log.info("agent %s stopped; jobs left running: %s", ident, not drain_on_exit)
+
+
+async def run_until_signal(config: AgentConfig, *, drain_on_exit: bool = False) -> None:
+    """`saia hpc agent`: run until SIGTERM or SIGINT, then stop cleanly."""
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, task.cancel)
+    try:
+        await run_agent(config, drain_on_exit=drain_on_exit)
+    except asyncio.CancelledError:
+        log.info("stopped by signal")
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)

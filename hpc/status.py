@@ -1,0 +1,271 @@
+"""The agent's status snapshot (`<state_dir>/status.json`) and its rendering for operators.
+
+The agent rewrites the file atomically after every loop; `saia hpc status` reads it and
+shows its age, so an agent that died (or hangs) is visible as a stale snapshot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from hpc.jobs import write_atomic
+
+if TYPE_CHECKING:
+    from hpc.agent import Agent
+
+STATUS_FILE = "status.json"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    job_id: str
+    service: str
+    state: str
+    endpoint: str | None
+    ready: bool
+    draining: bool
+    cancelled: bool
+    time_left_s: int | None
+    reason: str = ""
+    health: str = ""
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    name: str
+    model_id: str
+    ready: int
+    starting: int
+    draining: int
+    in_flight: int
+    queued: int
+    rate_per_s: float
+    min_instances: int
+    max_instances: int
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AgentStatus:
+    agent_id: str
+    pid: int
+    written_at: float
+    poll_interval: float
+    stopped: bool = False
+    services: list[ServiceStatus] = field(default_factory=list)
+    jobs: list[JobStatus] = field(default_factory=list)
+    error: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps({"version": VERSION, **asdict(self)}, indent=1) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> AgentStatus:
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.pop("version", None) != VERSION:
+            raise ValueError("not a saia status file of a known version")
+        services = [ServiceStatus(**s) for s in data.pop("services")]
+        jobs = [JobStatus(**j) for j in data.pop("jobs")]
+        return cls(services=services, jobs=jobs, **data)
+
+
+class StatusError(Exception):
+    """No usable status file; str() is one line."""
+
+
+def write_status(state_dir: Path, status: AgentStatus) -> None:
+    write_atomic(state_dir / STATUS_FILE, status.to_json(), mode=0o644)
+
+
+def read_status(state_dir: Path) -> AgentStatus:
+    path = state_dir / STATUS_FILE
+    try:
+        return AgentStatus.from_json(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StatusError(f"{path}: no status yet (has the agent ever run here?)") from None
+    except OSError as error:
+        raise StatusError(f"{path}: cannot read: {error.strerror or error}") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise StatusError(f"{path}: unreadable status: {error}") from None
+
+
+def age_note(status: AgentStatus, now: float) -> tuple[str, bool]:
+    """How old the snapshot is, and whether that means the agent is not running."""
+    age = max(0.0, now - status.written_at)
+    if status.stopped:
+        return f"agent {status.agent_id} stopped {age:.0f}s ago", True
+    stale = age > max(3 * status.poll_interval, 30.0)
+    note = f"agent {status.agent_id} (pid {status.pid}), updated {age:.0f}s ago"
+    return (note + ": STALE, is the agent running?" if stale else note), stale
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = max(0, int(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+def _services_table(status: AgentStatus) -> Table:
+    table = Table(title="services", title_justify="left")
+    table.add_column("service")
+    for column in ("min..max", "ready", "starting", "draining", "in flight", "queued", "req/s"):
+        table.add_column(column, justify="right")
+    for s in status.services:
+        table.add_row(
+            s.model_id,
+            f"{s.min_instances}..{s.max_instances}",
+            str(s.ready),
+            str(s.starting),
+            str(s.draining),
+            str(s.in_flight),
+            str(s.queued),
+            f"{s.rate_per_s:.2f}",
+        )
+    return table
+
+
+def _warnings(status: AgentStatus) -> list[RenderableType]:
+    return [
+        Text(f"warning: {s.model_id}: {message}", style="yellow")
+        for s in status.services
+        for message in s.warnings
+    ]
+
+
+def _jobs_table(status: AgentStatus, age: float) -> Table:
+    table = Table(title="jobs", title_justify="left")
+    for column in ("job", "service", "state", "endpoint", "serving", "time left", "note"):
+        table.add_column(column)
+    for j in status.jobs:
+        serving = (
+            "cancelled"
+            if j.cancelled
+            else "draining"
+            if j.draining
+            else "ready"
+            if j.ready
+            else "pending"
+            if j.state == "PENDING"
+            else "starting"
+        )
+        left = None if j.time_left_s is None else j.time_left_s - age
+        note = j.health or j.reason
+        table.add_row(
+            j.job_id, j.service, j.state, j.endpoint or "-", serving, _duration(left), note
+        )
+    return table
+
+
+def render_status(status: AgentStatus, now: float | None = None) -> RenderableType:
+    now = time.time() if now is None else now
+    note, bad = age_note(status, now)
+    parts: list[RenderableType] = [Text(note, style="bold red" if bad else "bold")]
+    if status.error:
+        parts.append(Text(f"last error: {status.error}", style="red"))
+    age = max(0.0, now - status.written_at)
+    parts += [_services_table(status), *_warnings(status), _jobs_table(status, age)]
+    return Group(*parts)
+
+
+def status_dict(status: AgentStatus, now: float) -> dict[str, Any]:
+    """The snapshot plus its age, for `saia hpc status --json`."""
+    _note, stale = age_note(status, now)
+    return {**asdict(status), "age_s": round(now - status.written_at, 3), "stale": stale}
+
+
+def _job_status(agent: Agent, job_id: str) -> JobStatus | None:
+    info, record = agent.infos.get(job_id), agent.state.jobs.get(job_id)
+    if info is None or record is None:
+        return None
+    endpoint = agent.endpoints.get(job_id)
+    health = agent.health.get(job_id)
+    return JobStatus(
+        job_id=job_id,
+        service=record.service,
+        state=info.state,
+        endpoint=f"{endpoint.host}:{endpoint.port}" if endpoint else None,
+        ready=agent.health.serving(job_id),
+        draining=record.draining,
+        cancelled=record.cancelled,
+        time_left_s=info.time_left_s,
+        reason=info.reason,
+        health=health.detail,
+    )
+
+
+def build_status(agent: Agent, now: float, stopped: bool = False) -> AgentStatus:
+    """What `saia hpc status` shows, taken from the agent's live view."""
+    jobs = [j for j in (_job_status(agent, job_id) for job_id in agent.state.jobs) if j]
+    services = []
+    for service in agent.config.services:
+        mine = [j for j in jobs if j.service == service.name and not j.cancelled]
+        load = agent.registry.load(service.name, time.monotonic())
+        services.append(
+            ServiceStatus(
+                name=service.name,
+                model_id=service.model_id,
+                ready=sum(j.ready and not j.draining for j in mine),
+                starting=sum(not j.ready and not j.draining for j in mine),
+                draining=sum(j.draining for j in mine),
+                in_flight=load.in_flight,
+                queued=load.queued,
+                rate_per_s=load.rate_per_s,
+                min_instances=service.min_instances,
+                max_instances=service.max_instances,
+                warnings=list(agent.warnings.get(service.name, [])),
+            )
+        )
+    return AgentStatus(
+        agent_id=agent.state.agent_id,
+        pid=os.getpid(),
+        written_at=now,
+        poll_interval=agent.config.poll_interval,
+        stopped=stopped,
+        services=services,
+        jobs=jobs,
+        error=agent.last_error,
+    )
+
+
+JOB_ID = re.compile(r"^(?:[0-9]{1,15}(?:_[0-9]{1,9})?|local-[0-9]{1,15})$")
+
+
+def job_log(state_dir: Path, job_id: str) -> Path:
+    """The log of one of this state dir's jobs; ValueError (one line) otherwise.
+
+    The id is checked against Slurm's and the local executor's forms before it touches a
+    path, so `saia hpc logs ../../etc/passwd` cannot leave the state dir.
+    """
+    if not JOB_ID.match(job_id):
+        raise ValueError(f"{job_id!r} is not a job id (a Slurm job id or local-N)")
+    jobs = state_dir / "jobs"
+    for candidate in (jobs / f"{job_id}.log", jobs / job_id / "job.log"):
+        if candidate.is_file():
+            return candidate
+    raise ValueError(f"no log of job {job_id} under {jobs}")
+
+
+def tail(path: Path, lines: int, block: int = 65536) -> tuple[bytes, int]:
+    """The last `lines` lines of a file and the offset where the file ends."""
+    with path.open("rb") as handle:
+        end = handle.seek(0, os.SEEK_END)
+        start, data = end, b""
+        while start > 0 and data.count(b"\n") <= lines:
+            start = max(0, start - block)
+            handle.seek(start)
+            data = handle.read(end - start)
+    kept = data.splitlines(keepends=True)[-lines:] if lines else []
+    return b"".join(kept), end
