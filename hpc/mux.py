@@ -118,6 +118,8 @@ class Channel:
 
     # -- streams ----------------------------------------------------------------------
     def open(self, stream_id: int) -> StreamState:
+        if self.closed:
+            raise StreamClosed
         state = StreamState(stream_id)
         self.streams[stream_id] = state
         return state

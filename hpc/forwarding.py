@@ -1,0 +1,232 @@
+"""Forwarding one routed request to a backend model server, streaming the answer back.
+
+The router hands over a validated request and a `ResponseSink`; this module picks a backend
+(waiting for one when none is ready), keeps the registry's load counters, retries once on
+another backend when the first fails before answering, and never truncates a stream
+silently: a break after the response started ends with an OpenAI-style error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import defaultdict
+from typing import Protocol
+
+import httpx
+
+from cloud_interface.protocol import RequestHead
+from hpc.config import RouterConfig, ServiceConfig
+from hpc.registry import Backend, BackendRegistry
+from hpc.routing_policy import pick_backend, queue_is_full
+
+log = logging.getLogger(__name__)
+
+# Never forwarded in either direction: hop-by-hop, or set by the hop itself.
+HOP_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "expect",
+    }
+)
+CLIENT_ONLY = frozenset(
+    {"authorization", "cookie", "accept-encoding", "forwarded", "x-forwarded-for"}
+    | {"x-forwarded-host", "x-forwarded-proto", "x-real-ip", "api-key"}
+)
+TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz")
+RETRY_AFTER_QUEUE_FULL = "5"
+RETRY_AFTER_NOT_READY = "30"
+
+
+class ResponseSink(Protocol):
+    """Where the answer of one request goes (a stream of the hop channel)."""
+
+    def start(self, status: int, headers: list[tuple[str, str]]) -> None: ...
+
+    async def send(self, data: bytes) -> None: ...
+
+    def finish(self) -> None: ...
+
+    def fail(self, status: int, code: str, message: str) -> None: ...
+
+
+class Rejection(Exception):
+    """Answer the request with this error instead of forwarding it."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after: str | None = None):
+        super().__init__(message)
+        self.status, self.code, self.retry_after = status, code, retry_after
+
+
+class Unreachable(Exception):
+    """The backend failed before sending any response byte: another one may take it."""
+
+
+def error_body(message: str, kind: str, code: str | int, param: str | None = None) -> bytes:
+    error = {"message": message, "type": kind, "param": param, "code": code}
+    return json.dumps({"error": error}).encode()
+
+
+def backend_headers(headers: list[tuple[str, str]], api_key: str | None) -> list[tuple[str, str]]:
+    """The client's headers minus hop-by-hop and credentials, plus the backend's own key."""
+    named_by_connection = {
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() == "connection"
+        for token in value.split(",")
+    }
+    out = []
+    for name, value in headers:
+        lower = name.lower()
+        if not lower or not set(lower) <= TOKEN_CHARS:
+            raise Rejection(400, "invalid_header", "a request header name is not valid")
+        if lower in HOP_HEADERS or lower in CLIENT_ONLY or lower in named_by_connection:
+            continue
+        out.append((name, value))
+    out.append(("accept-encoding", "identity"))
+    if api_key:
+        out.append(("authorization", f"Bearer {api_key}"))
+    return out
+
+
+def response_headers(headers: httpx.Headers) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in headers.multi_items() if k.lower() not in HOP_HEADERS]
+
+
+class Forwarder:
+    """Sends requests to the registry's backends over one keep-alive HTTP client."""
+
+    def __init__(self, http: httpx.AsyncClient, registry: BackendRegistry, config: RouterConfig):
+        self._http = http
+        self._registry = registry
+        self._config = config
+        self._turns: defaultdict[str, int] = defaultdict(int)
+        self._timeout = httpx.Timeout(
+            connect=config.connect_timeout,
+            read=config.first_byte_timeout,
+            write=config.connect_timeout,
+            pool=config.connect_timeout,
+        )
+
+    async def forward(
+        self, sink: ResponseSink, service: ServiceConfig, head: RequestHead, body: bytes
+    ) -> None:
+        headers = backend_headers(head.headers, None)  # validate before waiting
+        name = service.name
+        self._registry.note_arrival(name, time.monotonic())
+        tried: set[str] = set()
+        for _attempt in range(2):
+            backend = await self._acquire(name, tried)
+            if backend is None:
+                break
+            tried.add(backend.job_id)
+            if backend.api_key:
+                headers = backend_headers(head.headers, backend.api_key)
+            backend.in_flight += 1
+            try:
+                await self._exchange(sink, backend, head, headers, body)
+                return
+            except Unreachable as error:
+                log.warning(
+                    "backend %s of %s failed before answering: %s", backend.job_id, name, error
+                )
+            finally:
+                backend.in_flight -= 1
+                backend.served += 1
+        raise Rejection(502, "backend_unavailable", f"no backend of {service.model_id} answered")
+
+    async def _acquire(self, name: str, tried: set[str]) -> Backend | None:
+        ready = self._registry.ready(name)
+        if not ready and not tried:
+            ready = await self._wait_ready(name)
+        job_id = pick_backend(ready, tried, self._turns[name])
+        self._turns[name] += 1
+        return next((b for b in ready if b.job_id == job_id), None)
+
+    async def _wait_ready(self, name: str) -> list[Backend]:
+        registry = self._registry
+        if queue_is_full(registry.queued(name), self._config.max_queue):
+            raise Rejection(
+                503, "queue_full", f"too many requests wait for {name}", RETRY_AFTER_QUEUE_FULL
+            )
+        registry.note_demand(name, time.monotonic())
+        try:
+            async with asyncio.timeout(self._config.queue_timeout):
+                while not (ready := registry.ready(name)):
+                    await registry.wait_ready(name)
+        except TimeoutError:
+            message = (
+                f"{name} is starting: no instance became ready within "
+                f"{self._config.queue_timeout:.0f} s, retry later"
+            )
+            raise Rejection(503, "model_loading", message, RETRY_AFTER_NOT_READY) from None
+        return ready
+
+    async def _exchange(
+        self,
+        sink: ResponseSink,
+        backend: Backend,
+        head: RequestHead,
+        headers: list[tuple[str, str]],
+        body: bytes,
+    ) -> None:
+        request = self._http.build_request(
+            head.method,
+            backend.url.rstrip("/") + head.path,
+            headers=headers,
+            content=body,
+            timeout=self._timeout,
+        )
+        try:
+            response = await self._http.send(request, stream=True)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as error:
+            raise Unreachable(type(error).__name__) from error
+        except (httpx.ReadError, httpx.WriteError) as error:
+            raise Unreachable(type(error).__name__) from error
+        except httpx.TimeoutException:
+            raise Rejection(504, "backend_timeout", "the model did not answer in time") from None
+        try:
+            sink.start(response.status_code, response_headers(response.headers))
+            await self._pass_body(sink, response)
+        finally:
+            await response.aclose()
+
+    async def _pass_body(self, sink: ResponseSink, response: httpx.Response) -> None:
+        idle = self._config.idle_timeout
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(idle) as timer:
+                async for chunk in response.aiter_raw():
+                    timer.reschedule(None)  # a slow client is back-pressure, not idleness
+                    await sink.send(chunk)
+                    timer.reschedule(loop.time() + idle)
+        except TimeoutError:
+            await self._break(sink, response, f"the model sent nothing for {idle:.0f} s")
+            return
+        except httpx.HTTPError as error:
+            await self._break(sink, response, f"the model's stream broke ({type(error).__name__})")
+            return
+        sink.finish()
+
+    async def _break(self, sink: ResponseSink, response: httpx.Response, message: str) -> None:
+        """End a started response with an explicit error, never a silent truncation."""
+        log.warning("stream from %s broke: %s", response.request.url.host, message)
+        if response.headers.get("content-type", "").startswith("text/event-stream"):
+            event = {"object": "error", **json.loads(error_body(message, "upstream_error", 502))}
+            await sink.send(b"data: " + json.dumps(event).encode() + b"\n\n")
+            sink.finish()
+        else:
+            sink.fail(502, "upstream_error", message)

@@ -1,0 +1,321 @@
+"""The hub's side of the SSH hop: request streams to one login node's agent.
+
+`HopClient` keeps `target.connections` SSH connections to the login node, each with one
+long-lived exec channel running the forced command (the relay), which speaks
+`cloud_interface.protocol` with the agent's router. Every request is one stream on such a
+channel, so hundreds run concurrently over one connection (OpenSSH's MaxSessions does not
+apply). The host key is checked against the pinned known_hosts file. Lost connections are
+re-established with exponential back-off and jitter.
+
+Errors: HopUnavailable (no connection, or it was lost before the response started: the
+caller may retry elsewhere), HopTimeout (no response in time), HopError (anything else,
+including a break after the response started).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import asyncssh
+
+from cloud_interface import protocol as wire
+from hpc.mux import LOST, Channel, Lost, StreamClosed, StreamState
+
+log = logging.getLogger(__name__)
+BACKOFF_START = 0.2
+BACKOFF_MAX = 30.0
+SSH_WINDOW = 8 * 1024 * 1024
+
+
+class HopError(Exception):
+    """The hop failed; `status` is the HTTP status the hub should answer with."""
+
+    def __init__(self, message: str, status: int = 502) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class HopUnavailable(HopError):
+    """No usable connection, or it broke before the response started: safe to retry."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 503)
+
+
+class HopTimeout(HopError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 504)
+
+
+@dataclass(frozen=True)
+class HopTarget:
+    """One login node."""
+
+    host: str
+    port: int
+    user: str
+    client_key: Path
+    known_hosts: Path
+    command: str = "saia-relay 1"
+    connections: int = 1
+
+
+class HopResponse:
+    """A response whose body streams from the login node (like httpx's stream mode)."""
+
+    def __init__(
+        self, status: int, headers: list[tuple[str, str]], link: Link, state: StreamState
+    ) -> None:
+        self.status = status
+        self.headers = headers
+        self._link = link
+        self._state = state
+        self.finished = False
+
+    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+        channel, state = self._link.channel, self._state
+        while not self.finished:
+            item = await state.inbox.get()
+            if isinstance(item, Lost):
+                self.finished = True
+                raise HopError("the connection to the login node broke during the response")
+            if item.type == wire.DATA:
+                channel.consumed(state, len(item.payload))
+                yield item.payload
+            elif item.type == wire.END:
+                self.finished = True
+            else:
+                self.finished = True
+                error = wire.parse_error(item.payload)
+                raise HopError(error.message, error.status)
+
+
+class Link:
+    """One SSH connection and its relay channel."""
+
+    def __init__(self, connection: asyncssh.SSHClientConnection, channel: Channel) -> None:
+        self.connection = connection
+        self.channel = channel
+        self._next_id = 0
+
+    def open_stream(self) -> StreamState:
+        self._next_id += 1
+        return self.channel.open(self._next_id)
+
+    async def run(self) -> None:
+        """Deliver frames to their streams until the channel ends."""
+        try:
+            while (frame := await self.channel.next_frame()) is not None:
+                self._deliver(frame)
+        except wire.ProtocolError as error:
+            log.warning("hop channel to the login node broke: %s", error)
+        finally:
+            self.channel.close()
+            self.connection.close()
+
+    def _deliver(self, frame: wire.Frame) -> None:
+        if frame.type not in (wire.RESPONSE, wire.DATA, wire.END, wire.ERROR):
+            raise wire.ProtocolError(f"the agent sent {wire.describe(frame)}")
+        if frame.stream == 0:  # channel-wide error from the agent
+            raise wire.ProtocolError(wire.parse_error(frame.payload).message)
+        state = self.channel.streams.get(frame.stream)
+        if state is not None:
+            state.inbox.put_nowait(frame)
+
+
+class HopClient:
+    """Request streams to one login node; one per node, owned by the hub's lifespan."""
+
+    def __init__(
+        self, target: HopTarget, *, connect_timeout: float = 10, keepalive_interval: float = 15
+    ) -> None:
+        self.target = target
+        self._connect_timeout = connect_timeout
+        self._keepalive_interval = keepalive_interval
+        self._links: list[Link | None] = [None] * max(1, target.connections)
+        self._supervisors: list[asyncio.Task[None]] = []
+        self._changed = asyncio.Event()
+
+    async def __aenter__(self) -> HopClient:
+        for slot in range(len(self._links)):
+            self._supervisors.append(asyncio.create_task(self._supervise(slot)))
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for task in self._supervisors:
+            task.cancel()
+        await asyncio.gather(*self._supervisors, return_exceptions=True)
+        self._supervisors.clear()
+
+    # -- connections ------------------------------------------------------------------
+    async def _supervise(self, slot: int) -> None:
+        """Keep one connection up: connect, serve until lost, back off, again."""
+        failures = 0
+        while True:
+            try:
+                link = await self._connect()
+            except (OSError, asyncssh.Error, wire.ProtocolError, TimeoutError, HopError) as error:
+                failures += 1
+                delay = min(BACKOFF_MAX, BACKOFF_START * 2**failures) * random.uniform(0.5, 1.0)
+                log.warning(
+                    "cannot reach %s:%d (%s); retrying in %.1f s",
+                    self.target.host,
+                    self.target.port,
+                    error,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            self._links[slot] = link
+            self._changed.set()
+            try:
+                await link.run()
+            finally:
+                self._links[slot] = None
+                link.connection.close()
+                with contextlib.suppress(Exception):
+                    await link.connection.wait_closed()
+
+    async def _connect(self) -> Link:
+        target = self.target
+        async with asyncio.timeout(self._connect_timeout):
+            connection = await asyncssh.connect(
+                target.host,
+                target.port,
+                username=target.user,
+                client_keys=[str(target.client_key)],
+                known_hosts=str(target.known_hosts),
+                agent_path=None,
+                config=None,
+                preferred_auth="publickey",
+                keepalive_interval=self._keepalive_interval,
+                keepalive_count_max=3,
+            )
+            try:
+                return await self._open_channel(connection)
+            except BaseException:
+                connection.close()
+                raise
+
+    async def _open_channel(self, connection: asyncssh.SSHClientConnection) -> Link:
+        process = await connection.create_process(
+            self.target.command, encoding=None, window=SSH_WINDOW
+        )
+        channel = Channel(process.stdout, process.stdin)
+        channel.send(wire.encode_hello())
+        try:
+            version = await channel.read_hello()
+        except wire.ProtocolError:
+            reason = await _first_line(process.stderr)
+            raise HopUnavailable(f"the login node refused the hop: {reason}") from None
+        if version != wire.VERSION:
+            raise HopUnavailable(f"the agent speaks protocol version {version}")
+        return Link(connection, channel)
+
+    async def _link(self) -> Link:
+        """The live connection with the fewest streams, waiting a bit for one to come up."""
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                while True:
+                    live = [k for k in self._links if k is not None and not k.channel.closed]
+                    if live:
+                        return min(live, key=lambda k: len(k.channel.streams))
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            raise HopUnavailable(f"no connection to {self.target.host}") from None
+
+    # -- requests ---------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def stream(
+        self,
+        service: str,
+        method: str,
+        path: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        *,
+        first_byte_timeout: float,
+    ) -> AsyncIterator[HopResponse]:
+        link = await self._link()
+        channel = link.channel
+        try:
+            state = link.open_stream()
+        except StreamClosed:
+            raise HopUnavailable("the connection to the login node was lost") from None
+        response: HopResponse | None = None
+        try:
+            head = wire.RequestHead(service, method, path, list(headers))
+            try:
+                async with asyncio.timeout(first_byte_timeout):
+                    response = await self._exchange(link, state, head, body)
+            except TimeoutError:
+                raise HopTimeout(f"no response within {first_byte_timeout:.0f} s") from None
+            yield response
+        finally:
+            if response is None or not response.finished:
+                channel.send(wire.encode_frame(wire.CANCEL, state.id))
+            channel.discard(state)
+
+    async def _exchange(
+        self, link: Link, state: StreamState, head: wire.RequestHead, body: bytes
+    ) -> HopResponse:
+        channel = link.channel
+        try:
+            channel.send(wire.encode_request(state.id, head))
+            await channel.send_data(state, body)
+            channel.send(wire.encode_frame(wire.END, state.id))
+        except StreamClosed:
+            raise HopUnavailable("the connection to the login node was lost") from None
+        except ValueError as error:  # head too large for a frame
+            raise HopError(str(error), 400) from None
+        item = await state.inbox.get()
+        if item is LOST or isinstance(item, Lost):
+            raise HopUnavailable("the connection to the login node was lost")
+        if item.type == wire.ERROR:
+            refusal = wire.parse_error(item.payload)
+            raise HopError(refusal.message, refusal.status)
+        if item.type != wire.RESPONSE:
+            raise HopError(f"the agent answered with {wire.describe(item)}")
+        parsed = wire.parse_response(item.payload)
+        return HopResponse(parsed.status, parsed.headers, link, state)
+
+    async def services(self) -> list[dict[str, Any]]:
+        """The agent's live service state (id, name, status, demand, input, output, ...)."""
+        path = "/saia/services"
+        async with self.stream("", "GET", path, [], b"", first_byte_timeout=30) as response:
+            body = b"".join([chunk async for chunk in response.aiter_bytes()])
+        if response.status != 200:
+            raise HopError(f"the agent answered {response.status} to {path}")
+        try:
+            data = json.loads(body)["data"]
+        except (ValueError, KeyError, TypeError):
+            raise HopError("the agent's service list is not valid JSON") from None
+        if not isinstance(data, list):
+            raise HopError("the agent's service list is not a list")
+        return data
+
+
+async def _first_line(stream: asyncssh.SSHReader[bytes]) -> str:
+    try:
+        async with asyncio.timeout(2):
+            data = await stream.read(4096)
+    except (TimeoutError, OSError, asyncssh.Error):
+        return "no reason given"
+    text = data.decode("utf-8", "replace").strip().splitlines()
+    return text[0][:300] if text else "no reason given"
