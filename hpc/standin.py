@@ -1,0 +1,473 @@
+"""The stand-in model server: a small OpenAI-compatible server shaped like vLLM's.
+
+Used by the fast tests, the benchmarks and `saia demo` where a real model is not needed.
+It answers like `vllm serve` does (`/health`, `/v1/models`, chat and text completions,
+streamed or not, embeddings, `/tokenize`, Prometheus `/metrics` with vLLM's gauges) but
+"generates" deterministic text from the prompt: one token per word, so tests can predict
+every answer. `/v1/models` names it: `owned_by: "saia-standin"`.
+
+    python -m hpc.standin --host 127.0.0.1 --port 8000 --model-name tiny [--token-delay 0.01]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import math
+import os
+import signal
+import struct
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from types import FrameType
+from typing import Any, Literal
+
+import uvicorn
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+EMBEDDING_DIM = 32
+MAX_MODEL_LEN = 4096
+OWNER = "saia-standin"
+_ERROR_TYPES = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    404: "NotFoundError",
+    405: "MethodNotAllowedError",
+}
+
+
+# -- requests -------------------------------------------------------------------------
+class _Loose(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ContentPart(_Loose):
+    type: str
+    text: str | None = None
+
+
+class Message(_Loose):
+    role: str
+    content: str | list[ContentPart] | None = None
+
+
+class StreamOptions(_Loose):
+    include_usage: bool = False
+
+
+class GenerationRequest(_Loose):
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Literal[1] = 1
+
+
+class ChatRequest(GenerationRequest):
+    messages: list[Message] = Field(min_length=1)
+
+
+class CompletionRequest(GenerationRequest):
+    prompt: str | list[str]
+
+
+class EmbeddingRequest(_Loose):
+    model: str
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] = "float"
+
+
+class TokenizeRequest(_Loose):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = None
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+
+# -- the deterministic "model" --------------------------------------------------------
+def words_of(text: str) -> list[str]:
+    return text.split()
+
+
+def chat_prompt(messages: list[Message]) -> str:
+    parts: list[str] = []
+    for message in messages:
+        if isinstance(message.content, str):
+            parts.append(message.content)
+        elif message.content:
+            parts += [part.text for part in message.content if part.text]
+    return " ".join(parts)
+
+
+def reply_tokens(prompt: str, max_tokens: int) -> tuple[list[str], str]:
+    """The answer's tokens (an echo of the prompt's words) and its finish reason."""
+    natural = ["echo:", *words_of(prompt)]
+    if max_tokens < len(natural):
+        return natural[:max_tokens], "length"
+    return natural, "stop"
+
+
+def token_id(word: str) -> int:
+    return int.from_bytes(hashlib.sha256(word.encode()).digest()[:4], "big") % 32000
+
+
+def embedding(text: str) -> list[float]:
+    """A deterministic unit vector of EMBEDDING_DIM floats for the text."""
+    digest = hashlib.sha256(text.encode()).digest()  # 32 bytes, one per dimension
+    raw = [(byte - 127.5) / 127.5 for byte in digest[:EMBEDDING_DIM]]
+    norm = math.sqrt(sum(value * value for value in raw)) or 1.0
+    return [value / norm for value in raw]
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()
+
+
+# -- the server -----------------------------------------------------------------------
+class Standin:
+    """Request handlers and load gauges of one stand-in server."""
+
+    def __init__(
+        self,
+        model_name: str,
+        *,
+        api_key: str | None = None,
+        token_delay: float = 0.0,
+        max_tokens_default: int = 64,
+        max_running: int = 0,
+    ) -> None:
+        self.model_name = model_name
+        self.api_key = api_key
+        self.token_delay = token_delay
+        self.max_tokens_default = max_tokens_default
+        self.running = 0
+        self.waiting = 0
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self._slots = asyncio.Semaphore(max_running) if max_running > 0 else None
+        self.created = int(time.time())
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """One running request; beyond --max-running requests wait (and count as waiting)."""
+        if self._slots is not None:
+            self.waiting += 1
+            try:
+                await self._slots.acquire()
+            finally:
+                self.waiting -= 1
+        self.running += 1
+        try:
+            yield
+        finally:
+            self.running -= 1
+            if self._slots is not None:
+                self._slots.release()
+
+    def check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise ApiError(404, f"The model `{model}` does not exist.", "model")
+
+    def max_tokens(self, request: GenerationRequest) -> int:
+        return request.max_completion_tokens or request.max_tokens or self.max_tokens_default
+
+    # -- endpoints ----------------------------------------------------------------------
+    async def health(self, request: Request) -> Response:
+        return Response(status_code=200)
+
+    async def models(self, request: Request) -> Response:
+        card = {
+            "id": self.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": OWNER,
+            "root": self.model_name,
+            "parent": None,
+            "max_model_len": MAX_MODEL_LEN,
+        }
+        return JSONResponse({"object": "list", "data": [card]})
+
+    async def metrics(self, request: Request) -> Response:
+        label = json.dumps(self.model_name)
+        lines = []
+        for name, kind, value, text in (
+            ("vllm:num_requests_running", "gauge", self.running, "Requests being generated."),
+            ("vllm:num_requests_waiting", "gauge", self.waiting, "Requests waiting to run."),
+            ("vllm:prompt_tokens_total", "counter", self.prompt_tokens_total, "Prompt tokens."),
+            ("vllm:generation_tokens_total", "counter", self.generation_tokens_total, "Tokens."),
+        ):
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+            lines.append(f"{name}{{model_name={label}}} {float(value)}")
+        return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    async def chat(self, request: Request) -> Response:
+        body = ChatRequest.model_validate(await json_body(request))
+        self.check_model(body.model)
+        return await self.generate(body, chat_prompt(body.messages), chat=True)
+
+    async def completions(self, request: Request) -> Response:
+        body = CompletionRequest.model_validate(await json_body(request))
+        self.check_model(body.model)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) != 1:
+            raise ApiError(400, "the stand-in takes exactly one prompt", "prompt")
+        return await self.generate(body, prompts[0], chat=False)
+
+    async def embeddings(self, request: Request) -> Response:
+        body = EmbeddingRequest.model_validate(await json_body(request))
+        self.check_model(body.model)
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        data = []
+        for index, text in enumerate(texts):
+            vector: list[float] | str = embedding(text)
+            if body.encoding_format == "base64":
+                vector = base64.b64encode(struct.pack(f"<{EMBEDDING_DIM}f", *vector)).decode()
+            data.append({"object": "embedding", "index": index, "embedding": vector})
+        tokens = sum(len(words_of(text)) for text in texts)
+        self.prompt_tokens_total += tokens
+        return JSONResponse(
+            {
+                "object": "list",
+                "model": self.model_name,
+                "data": data,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        )
+
+    async def tokenize(self, request: Request) -> Response:
+        body = TokenizeRequest.model_validate(await json_body(request))
+        if body.model is not None:
+            self.check_model(body.model)
+        if body.prompt is None and body.messages is None:
+            raise ApiError(400, "give either prompt or messages", "prompt")
+        text = body.prompt if body.prompt is not None else chat_prompt(body.messages or [])
+        tokens = [token_id(word) for word in words_of(text)]
+        return JSONResponse(
+            {"count": len(tokens), "max_model_len": MAX_MODEL_LEN, "tokens": tokens}
+        )
+
+    # -- generation -----------------------------------------------------------------------
+    async def generate(self, body: GenerationRequest, prompt: str, *, chat: bool) -> Response:
+        tokens, finish = reply_tokens(prompt, self.max_tokens(body))
+        prompt_tokens = len(words_of(prompt))
+        ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            chunks = self.stream(ident, chat, tokens, finish, prompt_tokens, include_usage)
+            return StreamingResponse(chunks, media_type="text/event-stream")
+        async with self.slot():
+            self.prompt_tokens_total += prompt_tokens
+            if self.token_delay:
+                await asyncio.sleep(self.token_delay * len(tokens))
+            self.generation_tokens_total += len(tokens)
+        text = " ".join(tokens)
+        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        return JSONResponse(
+            {
+                "id": ident,
+                "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()),
+                "model": self.model_name,
+                "choices": [choice],
+                "usage": usage(prompt_tokens, len(tokens)),
+            }
+        )
+
+    async def stream(
+        self,
+        ident: str,
+        chat: bool,
+        tokens: list[str],
+        finish: str,
+        prompt_tokens: int,
+        include_usage: bool,
+    ) -> AsyncIterator[bytes]:
+        """SSE chunks like vLLM/OpenAI: role, one chunk per token, finish, [usage], [DONE]."""
+        created = int(time.time())
+
+        def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+            data: dict[str, Any] = {
+                "id": ident,
+                "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": created,
+                "model": self.model_name,
+                "choices": choices,
+            }
+            if include_usage:
+                data["usage"] = None
+            return sse({**data, **extra})
+
+        def piece(text: str | None, reason: str | None) -> dict[str, Any]:
+            out: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": reason}
+            if chat:
+                out["delta"] = {} if text is None else {"content": text}
+            else:
+                out["text"] = text or ""
+            return out
+
+        async with self.slot():
+            self.prompt_tokens_total += prompt_tokens
+            if chat:
+                yield chunk([{**piece(None, None), "delta": {"role": "assistant", "content": ""}}])
+            for index, word in enumerate(tokens):
+                if self.token_delay:
+                    await asyncio.sleep(self.token_delay)
+                self.generation_tokens_total += 1
+                yield chunk([piece(word if index == 0 else f" {word}", None)])
+            yield chunk([piece(None, finish)])
+        if include_usage:
+            yield chunk([], usage=usage(prompt_tokens, len(tokens)))
+        yield sse("[DONE]")
+
+
+# -- HTTP plumbing --------------------------------------------------------------------
+def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
+    kind = _ERROR_TYPES.get(status, "InternalServerError")
+    error = {"message": message, "type": kind, "param": param, "code": status}
+    return JSONResponse({"error": error}, status_code=status)
+
+
+async def json_body(request: Request) -> dict[str, Any]:
+    try:
+        data = json.loads(await request.body())
+    except ValueError:
+        raise ApiError(400, "the request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return data
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def guarded(standin: Standin, handler: Handler) -> Handler:
+    """vLLM's rules: API key (when set) on the API routes, errors as OpenAI error JSON."""
+
+    async def endpoint(request: Request) -> Response:
+        if standin.api_key is not None:
+            expected = f"Bearer {standin.api_key}"
+            if request.headers.get("authorization", "") != expected:
+                return error_response(401, "Unauthorized: a valid API key is required")
+        try:
+            return await handler(request)
+        except ApiError as error:
+            return error_response(error.status, error.message, error.param)
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "body"
+            return error_response(400, f"{where}: {first['msg']}", where)
+
+    return endpoint
+
+
+def build_app(standin: Standin) -> Starlette:
+    api = [
+        ("/v1/models", standin.models, "GET"),
+        ("/v1/chat/completions", standin.chat, "POST"),
+        ("/v1/completions", standin.completions, "POST"),
+        ("/v1/embeddings", standin.embeddings, "POST"),
+        ("/tokenize", standin.tokenize, "POST"),
+    ]
+    routes = [
+        Route("/health", standin.health, methods=["GET"]),
+        Route("/metrics", standin.metrics, methods=["GET"]),
+        *(Route(path, guarded(standin, fn), methods=[method]) for path, fn, method in api),
+    ]
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return error_response(404, f"no route {request.method} {request.url.path}")
+
+    async def not_allowed(request: Request, exc: Exception) -> Response:
+        return error_response(405, f"{request.method} is not allowed on {request.url.path}")
+
+    return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_allowed})
+
+
+class StandinServer(uvicorn.Server):
+    """uvicorn, but a SIGTERM/SIGINT stop exits 0 (uvicorn re-raises the signal by default)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        previous = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _stop(self, sig: int, frame: FrameType | None) -> None:
+        # A second signal while stopping gives up on open streams.
+        self.force_exit = self.should_exit
+        self.should_exit = True
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m hpc.standin", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--model-name", required=True)
+    parser.add_argument("--api-key-env", help="environment variable holding the API key")
+    parser.add_argument("--token-delay", type=float, default=0.0, help="seconds per token")
+    parser.add_argument("--max-tokens-default", type=int, default=64)
+    parser.add_argument("--max-running", type=int, default=0, help="0: no limit")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
+    if args.api_key_env and not api_key:
+        raise SystemExit(f"standin: environment variable {args.api_key_env} is empty or unset")
+    standin = Standin(
+        args.model_name,
+        api_key=api_key,
+        token_delay=args.token_delay,
+        max_tokens_default=args.max_tokens_default,
+        max_running=args.max_running,
+    )
+    config = uvicorn.Config(
+        build_app(standin),
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=5,
+    )
+    server = StandinServer(config)
+    server.run()
+    if not server.started:
+        raise SystemExit(f"standin: could not serve on {args.host}:{args.port}")
+
+
+if __name__ == "__main__":
+    main()
