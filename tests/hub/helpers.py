@@ -62,7 +62,9 @@ def hub_config(
 
 
 @asynccontextmanager
-async def running_hub(config: HubConfig, environ: dict[str, str] | None = None) -> AsyncIterator[RunningHub]:
+async def running_hub(
+    config: HubConfig, environ: dict[str, str] | None = None
+) -> AsyncIterator[RunningHub]:
     app = create_app(config, {"SAIA_HUB_ADMIN_TOKEN": ADMIN_TOKEN, **(environ or {})})
     port = free_port()
     server = uvicorn.Server(

@@ -66,8 +66,10 @@ async def test_streaming_chat_is_incremental_and_usage_stripped(
     async with running_hub(config) as hub:
         api = client(hub, await hub.create_key())
         stream = await api.chat.completions.create(
-            model="slow", messages=[{"role": "user", "content": "a b c d e f"}],
-            max_tokens=5, stream=True,
+            model="slow",
+            messages=[{"role": "user", "content": "a b c d e f"}],
+            max_tokens=5,
+            stream=True,
         )
         arrivals: list[float] = []
         chunks = []
@@ -87,8 +89,11 @@ async def test_streaming_chat_is_incremental_and_usage_stripped(
 async def test_streaming_with_usage_requested_keeps_the_chunk(hub: RunningHub) -> None:
     api = client(hub, await hub.create_key())
     stream = await api.chat.completions.create(
-        model=STANDIN_MODEL, messages=[{"role": "user", "content": "x y"}], max_tokens=2,
-        stream=True, stream_options={"include_usage": True},
+        model=STANDIN_MODEL,
+        messages=[{"role": "user", "content": "x y"}],
+        max_tokens=2,
+        stream=True,
+        stream_options={"include_usage": True},
     )
     chunks = [chunk async for chunk in stream]
     assert chunks[-1].usage is not None and not chunks[-1].choices
@@ -113,8 +118,11 @@ async def test_unknown_body_fields_pass_through(hub: RunningHub) -> None:
         response = await http.post(
             "/v1/chat/completions",
             json={
-                "model": STANDIN_MODEL, "messages": [{"role": "user", "content": "q"}],
-                "timeout": 30, "stream_options": None, "max_tokens": 1,
+                "model": STANDIN_MODEL,
+                "messages": [{"role": "user", "content": "q"}],
+                "timeout": 30,
+                "stream_options": None,
+                "max_tokens": 1,
             },
         )
     assert response.status_code == 200, response.text
@@ -124,17 +132,20 @@ async def test_auth_errors_map_to_client_exceptions(hub: RunningHub) -> None:
     messages = [{"role": "user", "content": "hi"}]
     with pytest.raises(openai.AuthenticationError):
         await client(hub, "sk-saia-nonsense").chat.completions.create(
-            model=STANDIN_MODEL, messages=messages  # type: ignore[arg-type]
+            model=STANDIN_MODEL,
+            messages=messages,  # type: ignore[arg-type]
         )
     limited = await hub.create_key(allowed_models=["other"])
     with pytest.raises(openai.PermissionDeniedError):
         await client(hub, limited).chat.completions.create(
-            model=STANDIN_MODEL, messages=messages  # type: ignore[arg-type]
+            model=STANDIN_MODEL,
+            messages=messages,  # type: ignore[arg-type]
         )
     assert [m.id async for m in client(hub, limited).models.list()] == []
     with pytest.raises(openai.NotFoundError):
         await client(hub, await hub.create_key()).chat.completions.create(
-            model="no-such-model", messages=messages  # type: ignore[arg-type]
+            model="no-such-model",
+            messages=messages,  # type: ignore[arg-type]
         )
 
 
@@ -250,7 +261,8 @@ async def test_health_metrics_and_admin(hub: RunningHub) -> None:
     async with hub.client() as http:
         assert (await http.get("/health")).status_code == 200
         created = await http.post(
-            "/admin/keys", json={"name": "via-api", "owner": "bob", "limits": {"concurrent": 3}},
+            "/admin/keys",
+            json={"name": "via-api", "owner": "bob", "limits": {"concurrent": 3}},
             headers={"authorization": f"Bearer {ADMIN_TOKEN}"},
         )
         assert created.status_code == 201, created.text
@@ -258,7 +270,8 @@ async def test_health_metrics_and_admin(hub: RunningHub) -> None:
         denied = await http.get("/admin/keys", headers={"authorization": f"Bearer {secret}"})
         assert denied.status_code == 403
         answer = await http.post(
-            "/v1/completions", json={"model": STANDIN_MODEL, "prompt": "a", "max_tokens": 1},
+            "/v1/completions",
+            json={"model": STANDIN_MODEL, "prompt": "a", "max_tokens": 1},
             headers={"authorization": f"Bearer {secret}"},
         )
         assert answer.status_code == 200
@@ -269,8 +282,9 @@ async def test_health_metrics_and_admin(hub: RunningHub) -> None:
         listing = (await http.get("/admin/keys", headers=admin)).json()
         assert [k["id"] for k in listing] == [key_id] and "digest" not in listing[0]
         await hub.services.recorder.flush()
-        usage = await http.get("/admin/usage", params={"since": "2020-01-01", "by": "user"},
-                               headers=admin)
+        usage = await http.get(
+            "/admin/usage", params={"since": "2020-01-01", "by": "user"}, headers=admin
+        )
         assert usage.json()[0]["user"] == "bob" and usage.json()[0]["requests"] == 1
         revoked = await http.delete(f"/admin/keys/{key_id}", headers=admin)
         assert revoked.status_code == 200
