@@ -141,6 +141,9 @@ class ServiceConfig(Strict):
         900.0, ge=0, description="upper bound of the wait between failed starts"
     )
     server_args: list[str] = Field(default_factory=list)
+    server_command: list[str] | None = Field(
+        None, description="program (argv) the template starts instead of its default server"
+    )
     environment: dict[str, str] = Field(default_factory=dict)
     container: str | None = Field(None, description="Apptainer image; None runs on the host")
     container_binds: list[str] = Field(default_factory=list)

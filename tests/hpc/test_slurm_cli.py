@@ -6,10 +6,12 @@ import asyncio
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 
 from hpc.config import AgentConfig
-from hpc.jobs import JobTag, Submission
+from hpc.job_script import render_job
+from hpc.jobs import Endpoint, JobTag, Submission, job_dir, read_endpoint
 from hpc.slurm_cli import SlurmError, SlurmJobSystem
 from saia.sandbox.slurm import SlurmSandbox
 
@@ -133,3 +135,78 @@ async def test_cancel_rejects_non_job_ids(tmp_path: Path) -> None:
     jobs = SlurmJobSystem(config, JobTag(prefix="saia", agent_id="x"))
     with pytest.raises(SlurmError, match="not a Slurm job id"):
         await jobs.cancel("1; rm -rf /")
+
+
+def job_processes(job_id: str) -> list[int]:
+    """Pids of live processes that belong to the Slurm job (by their SLURM_JOB_ID)."""
+    marker = f"\0SLURM_JOB_ID={job_id}\0".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = b"\0" + (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if marker in environ:
+            pids.append(int(entry.name))
+    return pids
+
+
+def standin_config(cluster: SlurmSandbox, state_dir: Path) -> AgentConfig:
+    service = {
+        "name": "tiny",
+        "model": "tiny-model",
+        "template": "standin",
+        "renewal_lead": 30,
+        "resources": {"gpus": 1, "cpus": 1, "memory": "1G", "time_limit": "5:00"},
+    }
+    return agent_config(
+        cluster,
+        state_dir,
+        backend_bind_host="127.0.0.1",
+        backend_advertise_host="127.0.0.1",
+        services=[service],
+    )
+
+
+async def test_standin_job_serves_and_stops(slurm_cluster: SlurmSandbox, tmp_path: Path) -> None:
+    config = standin_config(slurm_cluster, tmp_path)
+    tag = JobTag(prefix="saia", agent_id=uuid.uuid4().hex[:8])
+    jobs = SlurmJobSystem(config, tag)
+    job_id = await jobs.submit(render_job(config.services[0], config, tag))
+    try:
+        endpoint = await wait_endpoint(config.state_dir, job_id)
+        assert endpoint.host == "127.0.0.1"
+        async with httpx.AsyncClient(base_url=endpoint.url, timeout=5) as client:
+            await wait_healthy(client)
+            models = (await client.get("/v1/models")).json()
+        assert [model["id"] for model in models["data"]] == ["tiny"]
+        assert job_processes(job_id)
+    finally:
+        await jobs.cancel(job_id)
+    await wait_until_gone(jobs, job_id)
+    assert job_processes(job_id) == []
+    log = (job_dir(config.state_dir, job_id) / "job.log").read_text()
+    assert f"saia: job {job_id} serves tiny on 127.0.0.1:{endpoint.port}" in log
+    assert "saia: server exited with status 0" in log
+
+
+async def wait_endpoint(state_dir: Path, job_id: str, limit_s: float = 60.0) -> Endpoint:
+    async with asyncio.timeout(limit_s):
+        while True:
+            endpoint = read_endpoint(state_dir, job_id)
+            if endpoint is not None:
+                return endpoint
+            await asyncio.sleep(0.2)
+
+
+async def wait_healthy(client: httpx.AsyncClient, limit_s: float = 30.0) -> None:
+    async with asyncio.timeout(limit_s):
+        while True:
+            try:
+                if (await client.get("/health")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.1)
