@@ -1,0 +1,234 @@
+"""The agent in-process against the real sandbox Slurm cluster, with stand-in model servers.
+
+Each test uses its own job prefix and state dir; jobs left over are cancelled by name at
+the end. Intervals are short so the whole file runs in about a minute or two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from hpc.agent import run_agent
+from hpc.config import AgentConfig, parse_config
+from hpc.jobs import JobInfo, JobTag
+from hpc.registry import Backend, BackendRegistry
+from hpc.slurm_cli import SlurmJobSystem
+from hpc.state import agent_id
+from saia.sandbox.slurm import SlurmSandbox
+
+pytestmark = pytest.mark.slurm
+SERVICE = "tiny"
+
+
+def agent_config(
+    cluster: SlurmSandbox, state_dir: Path, prefix: str, **service: Any
+) -> AgentConfig:
+    return parse_config(
+        {
+            "state_dir": str(state_dir),
+            "slurm_conf": str(cluster.slurm_conf),
+            "slurm_bin_dir": str(cluster.bin_dir),
+            "slurm_timeout": 20,
+            "job_prefix": prefix,
+            "poll_interval": 0.5,
+            "health_interval": 0.25,
+            "health_timeout": 2,
+            "health_failures": 2,
+            "backend_bind_host": "127.0.0.1",
+            "backend_advertise_host": "127.0.0.1",
+            "python": sys.executable,
+            "services": [
+                {
+                    "name": SERVICE,
+                    "model": "tiny",
+                    "template": "standin",
+                    "min_instances": 1,
+                    "max_instances": 1,
+                    "startup_timeout": "60s",
+                    "renewal_lead": "60s",
+                    "scale_down_delay": 0,
+                    "startup_backoff": 1,
+                    "resources": {"gpus": 1, "cpus": 1, "memory": "256M", "time_limit": "10:00"},
+                    **service,
+                }
+            ],
+        }
+    )
+
+
+@pytest.fixture
+def prefix(slurm_cluster: SlurmSandbox) -> Any:
+    """A job prefix of this test only; its jobs are cancelled at the end."""
+    name = "t" + uuid.uuid4().hex[:8]
+    yield name
+    slurm_cluster.run(["scancel", f"--name={name}-{SERVICE}"])
+
+
+@contextlib.asynccontextmanager
+async def running_agent(
+    config: AgentConfig, registry: BackendRegistry | None = None
+) -> AsyncIterator[BackendRegistry]:
+    registry = registry or BackendRegistry()
+    task = asyncio.create_task(run_agent(config, registry=registry, standby_poll=0.2))
+    try:
+        yield registry
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert task.cancelled(), "the agent ended on its own"
+
+
+async def until(check: Callable[[], Any], limit_s: float, what: str) -> Any:
+    """Poll `check` (bounded) until it returns something truthy."""
+    async with asyncio.timeout(limit_s):
+        while not (value := check()):  # noqa: ASYNC110 (polls state nothing signals)
+            await asyncio.sleep(0.05)
+    assert value, what
+    return value
+
+
+def ready(registry: BackendRegistry) -> list[Backend]:
+    return registry.ready(SERVICE)
+
+
+async def our_jobs(config: AgentConfig) -> list[JobInfo]:
+    tag = JobTag(config.job_prefix, agent_id(config.state_dir))
+    return await SlurmJobSystem(config, tag).list_jobs()
+
+
+async def test_min_instance_becomes_ready_and_serves(
+    slurm_cluster: SlurmSandbox, prefix: str, tmp_path: Path
+) -> None:
+    config = agent_config(slurm_cluster, tmp_path, prefix)
+    async with running_agent(config) as registry:
+        backends = await until(lambda: ready(registry), 60, "no backend became ready")
+        async with httpx.AsyncClient(trust_env=False) as client:
+            answer = await client.post(
+                f"{backends[0].url}/v1/chat/completions",
+                json={"model": "tiny", "messages": [{"role": "user", "content": "hello there"}]},
+                timeout=10,
+            )
+        assert answer.status_code == 200
+        assert answer.json()["choices"][0]["message"]["content"]
+        jobs = await our_jobs(config)
+        assert [j.job_id for j in jobs] == [backends[0].job_id]
+        assert jobs[0].running
+
+
+async def test_job_cancelled_from_outside_is_replaced(
+    slurm_cluster: SlurmSandbox, prefix: str, tmp_path: Path
+) -> None:
+    config = agent_config(slurm_cluster, tmp_path, prefix)
+    async with running_agent(config) as registry:
+        first = (await until(lambda: ready(registry), 60, "not ready"))[0].job_id
+        assert slurm_cluster.run(["scancel", first]).returncode == 0
+
+        def replaced() -> list[Backend]:
+            return [b for b in ready(registry) if b.job_id != first]
+
+        await until(replaced, 60, "no replacement became ready")
+        assert first not in [j.job_id for j in await our_jobs(config)]
+
+
+async def test_renewal_overlaps_without_a_gap(
+    slurm_cluster: SlurmSandbox, prefix: str, tmp_path: Path
+) -> None:
+    """A 2-minute job renewed 100 s before its limit: the old one drains, then goes."""
+    config = agent_config(
+        slurm_cluster,
+        tmp_path,
+        prefix,
+        renewal_lead="100s",
+        resources={"gpus": 1, "cpus": 1, "memory": "256M", "time_limit": "2:00"},
+    )
+    async with running_agent(config) as registry:
+        old = (await until(lambda: ready(registry), 60, "not ready"))[0]
+        old.in_flight += 1  # a request the router is still streaming from the old job
+        samples: list[list[tuple[str, bool]]] = []
+
+        def handed_over() -> bool:
+            backends = registry._state(SERVICE).backends.values()
+            samples.append([(b.job_id, b.draining) for b in backends])
+            return any(b.job_id != old.job_id for b in ready(registry))
+
+        await until(handed_over, 90, "the replacement never became ready")
+        assert all(any(not draining for _, draining in s) for s in samples), "a gap"
+        await until(lambda: old.draining, 10, "the old job was not drained")
+        await asyncio.sleep(1.5)  # several loops: a busy draining job is kept
+        assert old.job_id in [j.job_id for j in await our_jobs(config)]
+        old.in_flight -= 1  # the request finished
+        await until(lambda: old.job_id not in registry._state(SERVICE).backends, 10, "kept")
+        new = ready(registry)
+        assert len(new) == 1 and new[0].job_id != old.job_id
+        jobs = await until_async_jobs(config, lambda js: old.job_id not in js, 30)
+        assert jobs == [new[0].job_id]
+
+
+async def until_async_jobs(
+    config: AgentConfig, check: Callable[[list[str]], bool], limit_s: float
+) -> list[str]:
+    async with asyncio.timeout(limit_s):
+        while not check(ids := [j.job_id for j in await our_jobs(config)]):  # noqa: ASYNC110
+            await asyncio.sleep(0.3)
+    return ids
+
+
+async def test_restart_adopts_jobs_without_duplicates(
+    slurm_cluster: SlurmSandbox, prefix: str, tmp_path: Path
+) -> None:
+    config = agent_config(slurm_cluster, tmp_path, prefix)
+    async with running_agent(config) as registry:
+        first = (await until(lambda: ready(registry), 60, "not ready"))[0].job_id
+    # the agent stopped; its job keeps running for the next one
+    assert [j.job_id for j in await our_jobs(config)] == [first]
+    async with running_agent(config) as registry:
+        adopted = await until(lambda: ready(registry), 30, "not re-published")
+        await asyncio.sleep(1.5)  # a few loops: nothing new is submitted
+        assert [b.job_id for b in adopted] == [first]
+        assert [j.job_id for j in await our_jobs(config)] == [first]
+
+
+async def test_corrupt_state_is_rebuilt_from_slurm(
+    slurm_cluster: SlurmSandbox, prefix: str, tmp_path: Path
+) -> None:
+    config = agent_config(slurm_cluster, tmp_path, prefix)
+    async with running_agent(config) as registry:
+        first = (await until(lambda: ready(registry), 60, "not ready"))[0].job_id
+    (tmp_path / "agent-state.json").write_text("{garbage")
+    async with running_agent(config) as registry:
+        await until(lambda: ready(registry), 30, "not re-published")
+        assert [j.job_id for j in await our_jobs(config)] == [first]
+
+
+async def test_second_agent_stands_by_then_takes_over(
+    slurm_cluster: SlurmSandbox, prefix: str, tmp_path: Path
+) -> None:
+    config = agent_config(slurm_cluster, tmp_path, prefix)
+    first_registry, second_registry = BackendRegistry(), BackendRegistry()
+    first = asyncio.create_task(run_agent(config, registry=first_registry, standby_poll=0.2))
+    second: asyncio.Task[None] | None = None
+    try:
+        job_id = (await until(lambda: ready(first_registry), 60, "not ready"))[0].job_id
+        second = asyncio.create_task(run_agent(config, registry=second_registry, standby_poll=0.2))
+        await asyncio.sleep(1.5)
+        assert not second.done()
+        assert ready(second_registry) == []  # standby: it neither observes nor acts
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+        taken = await until(lambda: ready(second_registry), 30, "no take-over")
+        assert [b.job_id for b in taken] == [job_id]
+        assert [j.job_id for j in await our_jobs(config)] == [job_id]
+    finally:
+        for task in (first, second):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
