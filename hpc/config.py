@@ -111,6 +111,16 @@ class VllmOptions(Strict):
     enable_auto_tool_choice: bool = False
     task: Literal["generate", "embed"] = "generate"
     enforce_eager: bool = False
+    ray_port: int = Field(6379, ge=1024, le=65535, description="Ray head port (multi-node)")
+    ray_join_timeout: Duration = Field(
+        300.0, gt=0, description="wait this long for every node to join Ray (multi-node)"
+    )
+
+    @model_validator(mode="after")
+    def _tool_choice(self) -> VllmOptions:
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            raise ValueError("enable_auto_tool_choice needs a tool_call_parser")
+        return self
 
 
 class ServiceConfig(Strict):
@@ -147,6 +157,12 @@ class ServiceConfig(Strict):
     environment: dict[str, str] = Field(default_factory=dict)
     container: str | None = Field(None, description="Apptainer image; None runs on the host")
     container_binds: list[str] = Field(default_factory=list)
+    hf_home: str | None = Field(
+        None, description="HF_HOME of the job (bound into the container); offline by default"
+    )
+    api_key: bool = Field(
+        True, description="protect the backend with a random per-job key (VLLM_API_KEY)"
+    )
     vllm: VllmOptions = Field(default_factory=VllmOptions)
     display_name: str | None = None
     input: list[str] = Field(default_factory=lambda: ["text"])

@@ -1,0 +1,64 @@
+"""The `vllm serve` options of a service, from its configuration (pure).
+
+The job template adds the model, `--host` and `--port`; everything else a service sets
+comes from here, checked against `vllm serve --help=all` of vLLM 0.32. The operator's
+`server_args` come last, so they can override anything (argparse keeps the last value).
+The backend key is never an option: vLLM reads `VLLM_API_KEY` from the environment, which
+keeps it out of `ps`.
+"""
+
+from __future__ import annotations
+
+from hpc.config import AgentConfig, ServiceConfig, VllmOptions
+
+
+def parallel_args(service: ServiceConfig) -> list[str]:
+    """Tensor parallel over the GPUs of a node, pipeline parallel over the nodes."""
+    resources = service.resources
+    args = ["--tensor-parallel-size", str(max(1, resources.gpus))]
+    if resources.nodes > 1:
+        # Ray spans the nodes; "mp" would only ever see the head node's GPUs.
+        args += [
+            "--pipeline-parallel-size",
+            str(resources.nodes),
+            "--distributed-executor-backend",
+            "ray",
+        ]
+    return args
+
+
+def option_args(options: VllmOptions) -> list[str]:
+    """The per-service vLLM options; None leaves vLLM's own default."""
+    args: list[str] = []
+    valued: list[tuple[str, object]] = [
+        ("--max-model-len", options.max_model_len),
+        ("--quantization", options.quantization),
+        ("--gpu-memory-utilization", options.gpu_memory_utilization),
+        ("--dtype", options.dtype),
+        ("--chat-template", options.chat_template),
+        ("--tool-call-parser", options.tool_call_parser),
+    ]
+    for flag, value in valued:
+        if value is not None:
+            args += [flag, str(value)]
+    if options.enable_auto_tool_choice:
+        args.append("--enable-auto-tool-choice")
+    if options.enforce_eager:
+        args.append("--enforce-eager")
+    if options.task == "embed":
+        # vLLM 0.32 has no `--task`: the pooling runner serves /v1/embeddings; its
+        # `--convert auto` keeps embedding checkpoints as they are and adapts generative
+        # ones with the embed adapter.
+        args += ["--runner", "pooling"]
+    return args
+
+
+def build_vllm_args(service: ServiceConfig, config: AgentConfig) -> list[str]:
+    """Options after `vllm serve MODEL --host H --port P`, for the job script."""
+    return [
+        "--served-model-name",
+        service.model_id,
+        *parallel_args(service),
+        *option_args(service.vllm),
+        *service.server_args,
+    ]
