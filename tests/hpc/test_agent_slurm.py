@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -77,7 +79,9 @@ def prefix(slurm_cluster: SlurmSandbox) -> Any:
 async def running_agent(
     config: AgentConfig, registry: BackendRegistry | None = None
 ) -> AsyncIterator[BackendRegistry]:
+    """Run the agent as a task; on exit cancel it and check it left no task behind."""
     registry = registry or BackendRegistry()
+    before = asyncio.all_tasks()
     task = asyncio.create_task(run_agent(config, registry=registry, standby_poll=0.2))
     try:
         yield registry
@@ -85,6 +89,8 @@ async def running_agent(
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         assert task.cancelled(), "the agent ended on its own"
+        assert asyncio.all_tasks() - before == set(), "the agent leaked tasks"
+        assert not (config.state_dir / "agent.sock").exists()
 
 
 async def until(check: Callable[[], Any], limit_s: float, what: str) -> Any:
@@ -232,3 +238,50 @@ async def test_second_agent_stands_by_then_takes_over(
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_scale_from_zero_on_demand_and_back_to_zero(
+    slurm_cluster: SlurmSandbox, prefix: str, tmp_path: Path
+) -> None:
+    config = agent_config(slurm_cluster, tmp_path, prefix, min_instances=0, look_back="3s")
+    async with running_agent(config) as registry:
+        await asyncio.sleep(1.0)
+        assert await our_jobs(config) == []  # no demand, no job
+        # what the router does for a request that finds no backend:
+        waiter = asyncio.create_task(registry.wait_ready(SERVICE))
+        await asyncio.sleep(0)
+        registry.note_demand(SERVICE, time.monotonic())
+        await asyncio.wait_for(waiter, 60)
+        assert len(ready(registry)) == 1
+        # nothing in flight for look_back (3 s): drained and cancelled, back to zero
+        await until(lambda: not ready(registry), 30, "not scaled down")
+        assert await until_async_jobs(config, lambda ids: not ids, 30) == []
+
+
+async def test_failed_starts_are_replaced_with_growing_backoff(
+    slurm_cluster: SlurmSandbox, prefix: str, tmp_path: Path
+) -> None:
+    """A server that never answers: cancelled after startup_timeout, resubmitted later."""
+    config = agent_config(
+        slurm_cluster,
+        tmp_path,
+        prefix,
+        startup_timeout="2s",
+        startup_backoff="1s",
+        server_command=["bash", "-c", "exec sleep 600", "never-listens"],
+    )
+    async with running_agent(config):
+        state = tmp_path / "agent-state.json"
+
+        def failures() -> int:
+            try:
+                data = json.loads(state.read_text())
+            except (OSError, ValueError):
+                return 0
+            return int(data["backoff"].get(SERVICE, {}).get("failures", 0))
+
+        await until(lambda: failures() >= 2, 60, "the failing job was not replaced twice")
+        backoff = json.loads(state.read_text())["backoff"][SERVICE]
+        assert backoff["not_before"] - backoff["last_failure"] == pytest.approx(2.0)  # 1 s, 2 s
+        ids = [int(j.job_id) for j in await our_jobs(config)]
+        assert len(ids) <= 2  # the current try, maybe the last one still stopping
