@@ -9,6 +9,7 @@ shutdown. A crash loses at most the last interval.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -74,6 +75,7 @@ class UsageRecorder:
         self._counters = counters
         self._interval = interval
         self._pending: list[tuple[UsageRecord, tuple[str, ...]]] = []
+        self._writing = 0
 
     def record(self, record: UsageRecord, token_subjects: tuple[str, ...] = ()) -> None:
         """Queue one record; never blocks. `token_subjects` get its tokens counted."""
@@ -84,39 +86,51 @@ class UsageRecorder:
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        """Records not yet written (including a batch being written)."""
+        return len(self._pending) + self._writing
 
     async def flush(self) -> int:
-        """Write everything queued; on failure keep it for the next attempt."""
+        """Write everything queued; on failure or cancellation keep it for the next attempt."""
         batch, self._pending = self._pending, []
         if not batch:
             return 0
         rows = merge_rows(row for record, subjects in batch for row in token_rows(record, subjects))
+        self._writing = len(batch)
         try:
             async with self._engine.begin() as connection:
                 await connection.execute(usage.insert(), [asdict(r) for r, _ in batch])
-            await self._counters.bump(rows)
+                # Same transaction: a batch is counted exactly once, or retried whole.
+                await self._counters.bump(rows, connection)
         except (SQLAlchemyError, OSError) as error:
             log.error("writing %d usage records failed: %s", len(batch), error)
             self._pending[:0] = batch
             return 0
+        except BaseException:
+            self._pending[:0] = batch
+            raise
+        finally:
+            self._writing = 0
         return len(batch)
 
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
+    async def run(self, stop: asyncio.Event) -> None:
+        """Flush every interval until `stop` is set, then once more."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._interval):
+                    await stop.wait()
             await self.flush()
+        await self.flush()
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[UsageRecorder]:
-        """The flusher's lifetime: started on enter, stopped and drained on exit."""
+        """The flusher's lifetime: started on enter; on exit it drains the queue and ends."""
+        stop = asyncio.Event()
         async with asyncio.TaskGroup() as group:
-            task = group.create_task(self.run(), name="usage-flusher")
+            group.create_task(self.run(stop), name="usage-flusher")
             try:
                 yield self
             finally:
-                task.cancel()
-        await self.flush()
+                stop.set()
 
 
 async def usage_summary(

@@ -33,7 +33,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,11 @@ class CounterStore:
         self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
         self._dialect = engine.dialect.name
 
-    async def bump(self, rows: Sequence[tuple[str, str, int, int, int]]) -> list[CounterRow]:
+    async def bump(
+        self,
+        rows: Sequence[tuple[str, str, int, int, int]],
+        connection: AsyncConnection | None = None,
+    ) -> list[CounterRow]:
         """Add (requests, tokens) to each (subject, period, start) row; return the new totals.
 
         Rows must be unique per (subject, period, start): one statement cannot touch a row
@@ -163,8 +167,11 @@ class CounterStore:
                 "tokens": rate_counters.c.tokens + base.excluded.tokens,
             },
         ).returning(*rate_counters.c)
-        async with self._engine.connect() as connection:
+        if connection is not None:  # part of the caller's transaction
             result = await connection.execute(statement)
+            return [CounterRow(*row) for row in result.all()]
+        async with self._engine.connect() as own:
+            result = await own.execute(statement)
             return [CounterRow(*row) for row in result.all()]
 
     async def prune(self, before: float) -> None:
