@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
 import sys
 import time
 import uuid
@@ -285,3 +287,38 @@ async def test_failed_starts_are_replaced_with_growing_backoff(
         assert backoff["not_before"] - backoff["last_failure"] == pytest.approx(2.0)  # 1 s, 2 s
         ids = [int(j.job_id) for j in await our_jobs(config)]
         assert len(ids) <= 2  # the current try, maybe the last one still stopping
+
+
+def server_pid(port: int) -> int:
+    """The stand-in server process listening on `port` (this machine is the only node)."""
+    wanted = ["hpc.standin", "--port", str(port)]
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            continue
+        if wanted[0] in argv and any(argv[i : i + 2] == wanted[1:] for i in range(len(argv))):
+            return int(entry.name)
+    raise AssertionError(f"no stand-in server on port {port}")
+
+
+async def test_unhealthy_backend_is_taken_out_and_replaced(
+    slurm_cluster: SlurmSandbox, prefix: str, tmp_path: Path
+) -> None:
+    config = agent_config(slurm_cluster, tmp_path, prefix).model_copy(
+        update={"health_timeout": 0.5}
+    )
+    async with running_agent(config) as registry:
+        sick = (await until(lambda: ready(registry), 60, "not ready"))[0]
+        pid = server_pid(int(sick.url.rsplit(":", 1)[1]))
+        os.kill(pid, signal.SIGSTOP)  # alive but answering nothing
+        try:
+            await until(lambda: sick.job_id not in registry._state(SERVICE).backends, 20, "kept")
+            fresh = await until(lambda: ready(registry), 60, "no replacement")
+            assert fresh[0].job_id != sick.job_id
+            assert await until_async_jobs(config, lambda ids: sick.job_id not in ids, 30)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
