@@ -1,0 +1,88 @@
+"""SSE usage parsing and stripping: incremental, at any split of the byte stream."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hub.sse import Usage, UsageTap, usage_from_body
+
+
+def event(payload: object) -> bytes:
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+TOKENS = [
+    event(
+        {"object": "chat.completion.chunk", "choices": [{"delta": {"content": w}}], "usage": None}
+    )
+    for w in ("one", " two", ' "usage" in text', " three")
+]
+USAGE = event(
+    {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 4, "total_tokens": 11}}
+)
+STREAM = b"".join(TOKENS) + USAGE + b"data: [DONE]\n\n"
+
+
+def run(tap: UsageTap, pieces: list[bytes]) -> bytes:
+    return b"".join(tap.feed(piece) for piece in pieces) + tap.flush()
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    bounds = [0, *points, len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def test_strips_the_unasked_usage_chunk_and_keeps_the_rest_byte_for_byte() -> None:
+    tap = UsageTap(strip_usage=True)
+    assert run(tap, [STREAM]) == b"".join(TOKENS) + b"data: [DONE]\n\n"
+    assert tap.usage == Usage(7, 4)
+
+
+def test_keeps_the_usage_chunk_when_the_client_asked() -> None:
+    tap = UsageTap(strip_usage=False)
+    assert run(tap, [STREAM]) == STREAM
+    assert tap.usage == Usage(7, 4)
+
+
+def test_complete_events_are_forwarded_at_once() -> None:
+    tap = UsageTap(strip_usage=True)
+    assert tap.feed(TOKENS[0]) == TOKENS[0]
+    assert tap.feed(TOKENS[1][:5]) == b""  # an incomplete event waits for its end
+    assert tap.feed(TOKENS[1][5:]) == TOKENS[1]
+
+
+def test_crlf_separators() -> None:
+    data = STREAM.replace(b"\n\n", b"\r\n\r\n")
+    tap = UsageTap(strip_usage=True)
+    out = run(tap, [data[:50], data[50:]])
+    assert tap.usage == Usage(7, 4) and b'"usage": {' not in out and out.endswith(b"[DONE]\r\n\r\n")
+
+
+def test_error_events_are_noticed_and_forwarded() -> None:
+    error = event({"object": "error", "error": {"message": "backend died", "code": 502}})
+    tap = UsageTap(strip_usage=True)
+    assert run(tap, [TOKENS[0] + error]) == TOKENS[0] + error
+    assert tap.error == "backend died"
+
+
+@given(st.lists(st.integers(min_value=0), max_size=12), st.booleans())
+def test_any_split_gives_the_same_output(cuts: list[int], strip: bool) -> None:
+    whole = UsageTap(strip_usage=strip)
+    expected = run(whole, [STREAM])
+    pieces = UsageTap(strip_usage=strip)
+    assert run(pieces, split(STREAM, cuts)) == expected
+    assert pieces.usage == whole.usage == Usage(7, 4)
+
+
+def test_usage_of_complete_bodies() -> None:
+    assert usage_from_body(b'{"usage": {"prompt_tokens": 3, "completion_tokens": 1}}') == Usage(
+        3, 1
+    )
+    assert usage_from_body(b'{"usage": {"prompt_tokens": 3}}') == Usage(3, 0)  # embeddings
+    assert usage_from_body(b"not json") is None
+    assert usage_from_body(b'{"usage": null}') is None
