@@ -81,7 +81,15 @@ def agent(config_path: Path, drain_on_exit: bool, log_level: str) -> None:
     )
     from hpc.agent import run_until_signal
 
-    asyncio.run(run_until_signal(config, drain_on_exit=drain_on_exit))
+    try:
+        asyncio.run(run_until_signal(config, drain_on_exit=drain_on_exit))
+    except OSError as error:  # e.g. a state dir it cannot create or write
+        click.echo(f"error: {error.filename or config.state_dir}: {error.strerror}", err=True)
+        sys.exit(1)
+    except Exception as error:  # a bug: the details go to the log, one line to the operator
+        logging.getLogger("hpc.agent").exception("the agent failed")
+        click.echo(f"error: the agent failed: {error}", err=True)
+        sys.exit(1)
 
 
 @hpc.command("status")

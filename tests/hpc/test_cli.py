@@ -139,3 +139,13 @@ async def test_agent_process_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     assert proc.stderr is not None
     assert b"Traceback" not in await proc.stderr.read()
     assert (tmp_path / "state" / "agent-id").read_text().strip().isalnum()
+
+
+def test_agent_with_unusable_state_dir_is_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    path = tmp_path / "agent.yaml"
+    path.write_text(f"state_dir: {blocker / 'state'}\n")
+    result = CliRunner().invoke(hpc, ["agent", "-c", str(path)])
+    assert result.exit_code == 1
+    assert result.output.strip() == f"error: {blocker / 'state'}: Not a directory"
