@@ -84,6 +84,7 @@ class Router:
         self.forwarder = forwarder
         self.created = int(time.time())
         self._connections: set[asyncio.Task[Any]] = set()
+        self._closing = False
 
     async def handle_connection(self, reader: asyncio.StreamReader, writer: Any) -> None:
         task = asyncio.current_task()
@@ -103,11 +104,16 @@ class Router:
             reason = str(error) or "no HELLO in time"
             log.warning("closing a relay connection: %s", reason)
             channel.send(wire.encode_error(0, 400, "protocol_error", reason))
+        except asyncio.CancelledError:
+            if not self._closing:
+                raise
+            # Shutting down: end quietly (asyncio's server callback logs a cancelled task).
         finally:
             channel.close()
             self._connections.discard(task)
 
     async def close(self) -> None:
+        self._closing = True
         for task in list(self._connections):
             task.cancel()
         await asyncio.gather(*self._connections, return_exceptions=True)
