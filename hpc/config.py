@@ -111,7 +111,9 @@ class VllmOptions(Strict):
     enable_auto_tool_choice: bool = False
     task: Literal["generate", "embed"] = "generate"
     enforce_eager: bool = False
-    ray_port: int = Field(6379, ge=1024, le=65535, description="Ray head port (multi-node)")
+    ray_port: int | None = Field(
+        None, ge=1024, le=65535, description="Ray head port (multi-node); None: a free one"
+    )
     ray_join_timeout: Duration = Field(
         300.0, gt=0, description="wait this long for every node to join Ray (multi-node)"
     )

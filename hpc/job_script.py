@@ -21,6 +21,7 @@ from pathlib import Path
 from hpc.config import AgentConfig, ServiceConfig
 from hpc.jobs import JobTag, Submission
 from hpc.slurm_time import format_slurm_time
+from hpc.vllm_args import build_vllm_args, container_binds
 
 TEMPLATE_PACKAGE = "slurm"
 PROLOGUE = "common.sh"
@@ -33,25 +34,14 @@ class JobScriptError(ValueError):
     """A service that cannot be rendered into a job script; str() says why."""
 
 
-def vllm_args(service: ServiceConfig, config: AgentConfig) -> list[str]:
-    """Basic `vllm serve` options; host and port come from the prologue's variables."""
-    gpus = max(1, service.resources.gpus)
-    return [
-        "--served-model-name",
-        service.model_id,
-        "--tensor-parallel-size",
-        str(gpus),
-        *service.server_args,
-    ]
-
-
 def standin_args(service: ServiceConfig, config: AgentConfig) -> list[str]:
     return list(service.server_args)
 
 
 # Per template: the server's own arguments (after host/port/model, which the body sets).
 ARG_BUILDERS: dict[str, Callable[[ServiceConfig, AgentConfig], list[str]]] = {
-    "vllm": vllm_args,
+    "vllm": build_vllm_args,
+    "vllm-multinode": build_vllm_args,
     "standin": standin_args,
 }
 
@@ -127,18 +117,29 @@ def job_variables(service: ServiceConfig, config: AgentConfig) -> list[str]:
         "SAIA_CONTAINER": service.container or "",
         "SAIA_PYTHON": config.python or sys.executable,
         "SAIA_STOP_TIMEOUT": str(stop_warning(service.resources.time_limit_seconds)),
+        "SAIA_MAKE_API_KEY": "1" if service.api_key else "",
+        "SAIA_HF_HOME": service.hf_home or "",
+        "SAIA_RAY_PORT": str(service.vllm.ray_port or ""),
+        "SAIA_RAY_JOIN_TIMEOUT": str(round(service.vllm.ray_join_timeout)),
     }
     lines = [f"export {key}={shlex.quote(value)}" for key, value in values.items()]
     lines.append(f"SAIA_SERVER_ARGS={_array(builder(service, config))}")
     lines.append(f"SAIA_SERVER_COMMAND={_array(service.server_command or [])}")
-    lines.append(f"SAIA_CONTAINER_BINDS={_array(service.container_binds)}")
+    lines.append(f"SAIA_CONTAINER_BINDS={_array(container_binds(service, config))}")
     lines += [f"export {key}={shlex.quote(value)}" for key, value in service.environment.items()]
     return lines
 
 
+def template_file(service: ServiceConfig) -> str:
+    """The body's file: a `vllm` service on several nodes runs the Ray-based variant."""
+    if service.template == "vllm" and service.resources.nodes > 1:
+        return "vllm-multinode.sh"
+    return f"{service.template}.sh"
+
+
 def render_script(service: ServiceConfig, config: AgentConfig, tag: JobTag) -> str:
     variables = job_variables(service, config)
-    body = template_text(f"{service.template}.sh")
+    body = template_text(template_file(service))
     parts = [
         "#!/bin/bash",
         *sbatch_lines(service, config, tag),
@@ -147,7 +148,7 @@ def render_script(service: ServiceConfig, config: AgentConfig, tag: JobTag) -> s
         *variables,
         f"# ---- slurm/{PROLOGUE}",
         template_text(PROLOGUE).rstrip("\n"),
-        f"# ---- slurm/{service.template}.sh",
+        f"# ---- slurm/{template_file(service)}",
         body.rstrip("\n"),
     ]
     return "\n".join(parts) + "\n"

@@ -62,3 +62,19 @@ def build_vllm_args(service: ServiceConfig, config: AgentConfig) -> list[str]:
         *option_args(service.vllm),
         *service.server_args,
     ]
+
+
+def container_binds(service: ServiceConfig, config: AgentConfig) -> list[str]:
+    """Apptainer binds: the operator's, then what a job reads or writes outside the image.
+
+    The state dir (endpoint, key, vLLM's cache in the job dir), HF_HOME, a model and a chat
+    template given as absolute paths. Without a container only the operator's list is kept.
+    """
+    binds = list(service.container_binds)
+    if not service.container:
+        return binds
+    paths = [str(config.state_dir), service.hf_home, service.model, service.vllm.chat_template]
+    for path in paths:
+        if path and path.startswith("/") and path not in binds:
+            binds.append(path)
+    return binds

@@ -8,6 +8,14 @@ export SAIA_JOB_DIR="$SAIA_STATE_DIR/jobs/$SAIA_JOB_ID"
 mkdir -p "$SAIA_JOB_DIR"
 # The job's output file is <state_dir>/jobs/<id>.log (Slurm cannot create folders).
 ln -sfn "../$SAIA_JOB_ID.log" "$SAIA_JOB_DIR/job.log"
+# A random key per job keeps other users of the node off the backend port. The server reads
+# it from VLLM_API_KEY (never argv, which `ps` shows); the agent reads the file, which is
+# written before endpoint.json.
+if [[ "${SAIA_MAKE_API_KEY:-}" == 1 ]]; then
+    (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$SAIA_JOB_DIR/api_key")
+    VLLM_API_KEY="$(<"$SAIA_JOB_DIR/api_key")"
+    export VLLM_API_KEY
+fi
 if [[ -z "$SAIA_ADVERTISE_HOST" ]]; then
     SAIA_ADVERTISE_HOST="$(hostname -f 2>/dev/null || hostname)"
     export SAIA_ADVERTISE_HOST
@@ -61,17 +69,23 @@ saia_stop() {
     fi
 }
 
-# saia_serve CMD [ARGS...]: run the model server, publish its endpoint, stop it on SIGTERM.
-saia_serve() {
-    local -a command=("$@")
+# saia_wrap CMD [ARGS...]: sets SAIA_WRAPPED to CMD, inside `apptainer exec` with a container.
+saia_wrap() {
+    SAIA_WRAPPED=("$@")
     if [[ -n "$SAIA_CONTAINER" ]]; then
         local -a binds=()
         local bind
         for bind in "${SAIA_CONTAINER_BINDS[@]}"; do
             binds+=(--bind "$bind")
         done
-        command=(apptainer exec --nv "${binds[@]}" "$SAIA_CONTAINER" "${command[@]}")
+        SAIA_WRAPPED=(apptainer exec --nv "${binds[@]}" "$SAIA_CONTAINER" "$@")
     fi
+}
+
+# saia_serve CMD [ARGS...]: run the model server, publish its endpoint, stop it on SIGTERM.
+saia_serve() {
+    saia_wrap "$@"
+    local -a command=("${SAIA_WRAPPED[@]}")
     echo "saia: job $SAIA_JOB_ID serves $SAIA_SERVICE on $SAIA_ADVERTISE_HOST:$SAIA_PORT" >&2
     "${command[@]}" &
     SAIA_SERVER_PID=$!

@@ -1,0 +1,94 @@
+# vLLM across the job's nodes: a Ray cluster (the head on this batch node, one worker per
+# other node, each started with srun) and `vllm serve` on the head, pipeline parallel over
+# the nodes and tensor parallel over each node's GPUs (options from hpc.vllm_args).
+# `ray` and `python3` are taken from PATH (or the container), like `vllm`; the service's
+# environment can set SAIA_RAY, SAIA_RAY_PYTHON and SAIA_RAY_HEAD_IP.
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
+if [[ -n "$SAIA_HF_HOME" ]]; then
+    export HF_HOME="$SAIA_HF_HOME"
+fi
+export VLLM_CACHE_ROOT="${VLLM_CACHE_ROOT:-$SAIA_JOB_DIR/vllm-cache}"
+if ((${#SAIA_SERVER_COMMAND[@]})); then
+    SAIA_VLLM=("${SAIA_SERVER_COMMAND[@]}")
+else
+    SAIA_VLLM=(vllm serve)
+fi
+SAIA_RAY="${SAIA_RAY:-ray}"
+SAIA_RAY_PYTHON="${SAIA_RAY_PYTHON:-python3}"
+
+SAIA_NODE_TEXT="$(scontrol show hostnames "$SLURM_JOB_NODELIST")"
+mapfile -t SAIA_NODE_LIST <<<"$SAIA_NODE_TEXT"
+SAIA_HEAD_NODE="${SAIA_NODE_LIST[0]}"
+# `hostname -i` can say 127.0.1.1 on Debian; the first configured address reaches the head.
+if [[ -z "${SAIA_RAY_HEAD_IP:-}" ]]; then
+    SAIA_RAY_HEAD_IP="$(hostname -I | awk '{print $1}')"
+fi
+if [[ -z "$SAIA_RAY_PORT" ]]; then
+    SAIA_RAY_PORT="$(saia_free_port)"
+fi
+export RAY_ADDRESS="$SAIA_RAY_HEAD_IP:$SAIA_RAY_PORT"
+SAIA_RAY_PIDS=()
+
+# Stop Ray on every node when the job ends, however it ends (bounded; Slurm kills the rest).
+saia_ray_stop() {
+    local pid ticks=$((SAIA_STOP_TIMEOUT * 10))
+    for pid in "${SAIA_RAY_PIDS[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${SAIA_RAY_PIDS[@]}"; do
+        while kill -0 "$pid" 2>/dev/null && ((ticks > 0)); do
+            sleep 0.1
+            ticks=$((ticks - 1))
+        done
+        kill -KILL "$pid" 2>/dev/null || true
+    done
+}
+trap saia_ray_stop EXIT
+trap 'exit 143' TERM INT # until saia_serve takes the stop signal over
+
+# How many Ray nodes are alive (empty while the head does not answer).
+saia_ray_nodes() {
+    saia_wrap "$SAIA_RAY_PYTHON" -c 'import ray
+ray.init(address="auto", logging_level="ERROR")
+print(sum(1 for node in ray.nodes() if node["Alive"]))'
+    timeout 20 "${SAIA_WRAPPED[@]}" 2>/dev/null | tail -n 1 || true
+}
+
+saia_wrap "$SAIA_RAY" start --head --block --disable-usage-stats --include-dashboard=false \
+    --node-ip-address="$SAIA_RAY_HEAD_IP" --port="$SAIA_RAY_PORT" \
+    --num-gpus="$SAIA_GPUS_PER_NODE"
+"${SAIA_WRAPPED[@]}" &
+SAIA_RAY_PIDS+=($!)
+saia_wrap "$SAIA_RAY" start --block --disable-usage-stats --address="$RAY_ADDRESS" \
+    --num-gpus="$SAIA_GPUS_PER_NODE"
+for node in "${SAIA_NODE_LIST[@]:1}"; do
+    srun --nodes=1 --ntasks=1 -w "$node" --kill-on-bad-exit=1 "${SAIA_WRAPPED[@]}" &
+    SAIA_RAY_PIDS+=($!)
+done
+
+echo "saia: waiting for ${#SAIA_NODE_LIST[@]} nodes to join Ray at $RAY_ADDRESS" >&2
+SAIA_RAY_DEADLINE=$((SECONDS + SAIA_RAY_JOIN_TIMEOUT))
+while :; do
+    joined="$(saia_ray_nodes)"
+    if [[ "$joined" == "${#SAIA_NODE_LIST[@]}" ]]; then
+        break
+    fi
+    for pid in "${SAIA_RAY_PIDS[@]}"; do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            echo "saia: a Ray process (pid $pid) exited before the cluster formed" >&2
+            exit 1
+        fi
+    done
+    if ((SECONDS >= SAIA_RAY_DEADLINE)); then
+        echo "saia: ${joined:-0} of ${#SAIA_NODE_LIST[@]} nodes joined Ray" \
+            "within ${SAIA_RAY_JOIN_TIMEOUT}s" >&2
+        exit 1
+    fi
+    sleep 2
+done
+echo "saia: Ray cluster of $joined nodes; head $SAIA_HEAD_NODE ($RAY_ADDRESS)" >&2
+
+saia_serve "${SAIA_VLLM[@]}" "$SAIA_MODEL" \
+    --host "$SAIA_BIND_HOST" \
+    --port "$SAIA_PORT" \
+    "${SAIA_SERVER_ARGS[@]}"
