@@ -9,6 +9,7 @@ the cluster's jobs and kills exactly the daemons it started.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -17,7 +18,6 @@ import socket
 import subprocess
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -73,6 +73,7 @@ def render_slurm_conf(
     munge_socket: Path,
     cpus: int,
     memory_mb: int,
+    overcommit: bool = False,
 ) -> str:
     """slurm.conf of a one-node cluster whose paths all live under `root`."""
     lines = [
@@ -114,6 +115,8 @@ def render_slurm_conf(
         "InactiveLimit=0",
         "Waittime=0",
         "ReturnToService=2",
+        # More CPUs than the machine has (for many small test jobs): trust the config.
+        *(["SlurmdParameters=config_overrides"] if overcommit else []),
         (
             f"NodeName={host} NodeAddr=127.0.0.1 NodeHostname={host} CPUs={cpus} "
             f"RealMemory={memory_mb} Gres=gpu:{GPUS} State=UNKNOWN"
@@ -134,8 +137,9 @@ class SlurmSandbox:
         self._given_root = Path(root) if root is not None else None
         self._cpus = cpus or os.cpu_count() or 1
         self.root = Path()
+        self._socket_dir: Path | None = None
         self.host = socket.gethostname().split(".")[0]
-        self.cluster = f"saia{uuid.uuid4().hex[:8]}"
+        self.cluster = ""
         self._procs: list[subprocess.Popen[bytes]] = []
         self._started = False
 
@@ -151,7 +155,9 @@ class SlurmSandbox:
 
     @property
     def munge_socket(self) -> Path:
-        return self.root / "munge" / "munge.sock"
+        if self._socket_dir is None:
+            raise SandboxError("the sandbox has not been started")
+        return self._socket_dir / "munge.sock"
 
     @property
     def env(self) -> dict[str, str]:
@@ -199,6 +205,9 @@ class SlurmSandbox:
         for proc in reversed(self._procs):
             _terminate(proc)
         self._procs.clear()
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+            self._socket_dir = None
         if self._given_root is None:
             shutil.rmtree(self.root, ignore_errors=True)
 
@@ -219,13 +228,16 @@ class SlurmSandbox:
             self.root = self._given_root.resolve()
             self.root.mkdir(parents=True, exist_ok=True)
         else:
-            # Short path under /tmp: the munge socket path must fit in sun_path (108 bytes).
             self.root = Path(tempfile.mkdtemp(prefix="saia-slurm-", dir="/tmp"))
-        # munged insists that everyone may traverse the directories above its socket.
-        self.root.chmod(0o755)
+        # Stable per directory: slurmctld refuses saved state of another cluster name.
+        self.cluster = "saia" + hashlib.sha256(str(self.root).encode()).hexdigest()[:8]
         for sub in ("etc", "munge", "state", "spool", "run", "log", "dev"):
             (self.root / sub).mkdir(exist_ok=True)
-        (self.root / "munge").chmod(0o755)
+        (self.root / "munge").chmod(0o700)
+        # The socket gets its own short folder under /tmp: its path must fit in sun_path
+        # (108 bytes) and munged wants every folder above it traversable by everyone.
+        self._socket_dir = Path(tempfile.mkdtemp(prefix="saia-munge-", dir="/tmp"))
+        self._socket_dir.chmod(0o755)
 
     def _write_files(self) -> None:
         key = self.root / "munge" / "munge.key"
@@ -246,6 +258,7 @@ class SlurmSandbox:
             munge_socket=self.munge_socket,
             cpus=self._cpus,
             memory_mb=memory_mb,
+            overcommit=self._cpus > (os.cpu_count() or 1),
         )
         self.slurm_conf.write_text(conf, encoding="utf-8")
         gres = render_gres_conf(self.host, self.root / "dev")

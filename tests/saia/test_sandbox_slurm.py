@@ -61,6 +61,19 @@ def test_two_sandboxes_run_side_by_side(slurm_cluster: SlurmSandbox) -> None:
     assert "UP" in ping.stdout
 
 
+def test_given_root_survives_a_restart(tmp_path: Path) -> None:
+    job_ids = []
+    for _ in range(2):
+        with SlurmSandbox(tmp_path / "cluster", cpus=1) as sandbox:
+            submitted = sandbox.run(
+                ["sbatch", "--parsable", "--output=/dev/null", "--wrap", "true"]
+            )
+            assert submitted.returncode == 0, submitted.stderr
+            job_ids.append(int(submitted.stdout.strip()))
+    assert job_ids[1] > job_ids[0]  # the saved state was taken up again
+    assert (tmp_path / "cluster" / "etc" / "slurm.conf").exists()
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
