@@ -25,7 +25,7 @@ from collections.abc import Callable
 import httpx
 
 from hpc.config import AgentConfig, ServiceConfig
-from hpc.health import HealthBook, ProbeTarget, probe_all, read_backend_key
+from hpc.health import HealthBook, HealthMonitor, ProbeTarget, read_backend_key
 from hpc.jobs import Endpoint, JobInfo, JobSystem, JobTag, Submission, read_endpoint
 from hpc.leader import LOCK_FILE, LeaderLock
 from hpc.policy import (
@@ -77,7 +77,6 @@ class Agent:
         self.warnings: dict[str, list[str]] = {}
         self.last_error = ""
         self._logged: set[tuple[str, str | None, str]] = set()
-        self._announced: set[str] = set()
         self._wake = asyncio.Event()
         for job_id, record in state.jobs.items():
             self.health.seed(job_id, record.ready_since)
@@ -90,7 +89,15 @@ class Agent:
             httpx.AsyncClient(limits=limits, trust_env=False) as client,
             asyncio.TaskGroup() as group,
         ):
-            group.create_task(self._health_loop(client), name="health")
+            monitor = HealthMonitor(
+                self.health,
+                self._probe_targets,
+                self._wake.set,
+                self.config.health_interval,
+                self.config.health_timeout,
+                self.clock,
+            )
+            group.create_task(monitor.run(client), name="health")
             group.create_task(self._forward_wakeups(), name="wakeups")
             group.create_task(self._serve_router(), name="router")
             await self._schedule_loop()
@@ -186,7 +193,6 @@ class Agent:
             self.health.forget(job_id)
             self.endpoints.pop(job_id, None)
             self.keys.pop(job_id, None)
-            self._announced.discard(job_id)
             log.info("job %s (%s) is gone from Slurm", job_id, record.service)
         for record in self.state.jobs.values():
             if record.replaces is not None and record.replaces not in self.state.jobs:
@@ -322,20 +328,6 @@ class Agent:
             log.error("cannot write the agent state: %s", error)
 
     # -- health ---------------------------------------------------------------------
-    async def _health_loop(self, client: httpx.AsyncClient) -> None:
-        while True:
-            targets = self._probe_targets()
-            if targets:
-                results = await probe_all(client, targets, self.config.health_timeout)
-                now, changed = self.clock(), False
-                for result in results:
-                    if result.job_id in self.state.jobs:
-                        changed = self.health.record(result, now) or changed
-                        self._log_probe(result.job_id, result.detail)
-                if changed:
-                    self._wake.set()
-            await asyncio.sleep(self.config.health_interval)
-
     def _probe_targets(self) -> list[ProbeTarget]:
         targets = []
         for job_id, endpoint in self.endpoints.items():
@@ -352,17 +344,6 @@ class Agent:
                 )
             )
         return targets
-
-    def _log_probe(self, job_id: str, detail: str) -> None:
-        health = self.health.get(job_id)
-        if health.ready_since is None:
-            return  # still starting: the startup timeout speaks for it
-        if not detail and job_id not in self._announced:
-            self._announced.add(job_id)
-            log.info("job %s is ready at %s", job_id, self.endpoints[job_id].url)
-        elif detail:
-            failures = health.failures
-            log.warning("job %s failed %d health check(s) in a row: %s", job_id, failures, detail)
 
 
 def make_job_system(config: AgentConfig, tag: JobTag) -> JobSystem:

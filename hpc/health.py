@@ -9,6 +9,8 @@ on the agent's one keep-alive `httpx.AsyncClient`, each bounded by `health_timeo
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import httpx
 
 from hpc.jobs import job_dir
 
+log = logging.getLogger(__name__)
 API_KEY_FILE = "api_key"
 
 
@@ -116,8 +119,13 @@ class HealthBook:
         return set(self._records)
 
     def record(self, result: ProbeResult, now: float) -> bool:
-        """Apply one probe result; True when the job became ready or crossed the threshold."""
-        record = self.get(result.job_id)
+        """Apply one probe result; True when the job became ready or crossed the threshold.
+
+        A result for a job forgotten while it was being probed is dropped.
+        """
+        record = self._records.get(result.job_id)
+        if record is None:
+            return False
         record.detail = result.detail
         if record.ready_since is None:
             if result.ok:
@@ -134,3 +142,50 @@ class HealthBook:
         """Ready and not (yet) failing enough checks to be taken out of rotation."""
         record = self._records.get(job_id)
         return bool(record and record.ready_since is not None and record.failures < self.threshold)
+
+
+class HealthMonitor:
+    """Probes the backends `targets()` names every `interval`; calls `on_change` when a job
+    becomes ready or crosses the failure threshold, so the scheduler acts at once."""
+
+    def __init__(
+        self,
+        book: HealthBook,
+        targets: Callable[[], list[ProbeTarget]],
+        on_change: Callable[[], None],
+        interval: float,
+        limit_s: float,
+        clock: Callable[[], float],
+    ) -> None:
+        self.book, self.targets, self.on_change = book, targets, on_change
+        self.interval, self.limit_s, self.clock = interval, limit_s, clock
+        self._announced: set[str] = set()
+
+    async def run(self, client: httpx.AsyncClient) -> None:
+        """Until cancelled."""
+        while True:
+            targets = self.targets()
+            if targets:
+                results = await probe_all(client, targets, self.limit_s)
+                now, changed = self.clock(), False
+                for target, result in zip(targets, results, strict=True):
+                    changed = self.book.record(result, now) or changed
+                    self._log(target, result)
+                if changed:
+                    self.on_change()
+            await asyncio.sleep(self.interval)
+
+    def _log(self, target: ProbeTarget, result: ProbeResult) -> None:
+        record = self.book.get(target.job_id) if target.job_id in self.book.known() else None
+        if record is None or record.ready_since is None:
+            return  # still starting: the startup timeout speaks for it
+        if result.ok and target.job_id not in self._announced:
+            self._announced.add(target.job_id)
+            log.info("job %s is ready at %s", target.job_id, target.url)
+        elif not result.ok:
+            log.warning(
+                "job %s failed %d health check(s) in a row: %s",
+                target.job_id,
+                record.failures,
+                result.detail,
+            )

@@ -14,7 +14,15 @@ import httpx
 import pytest
 import uvicorn
 
-from hpc.health import HealthBook, ProbeResult, ProbeTarget, probe, probe_all, read_backend_key
+from hpc.health import (
+    HealthBook,
+    HealthMonitor,
+    ProbeResult,
+    ProbeTarget,
+    probe,
+    probe_all,
+    read_backend_key,
+)
 from hpc.jobs import job_dir
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -147,3 +155,23 @@ def test_health_book_seeded_from_state() -> None:
     assert book.serving("9")
     assert not book.record(ProbeResult("9", True), 60.0)
     assert book.get("9").ready_since == 50.0
+
+
+async def test_monitor_wakes_the_scheduler_when_a_job_becomes_ready(
+    backend: tuple[Backend, str],
+) -> None:
+    _app, url = backend
+    book = HealthBook(threshold=2)
+    book.get("1")  # a job the agent tracks
+    woken = asyncio.Event()
+    targets = [ProbeTarget("1", url, "tiny"), ProbeTarget("gone", url, "tiny")]
+    monitor = HealthMonitor(book, lambda: targets, woken.set, 0.05, 1.0, lambda: 7.0)
+    async with httpx.AsyncClient() as client:
+        task = asyncio.create_task(monitor.run(client))
+        try:
+            await asyncio.wait_for(woken.wait(), 5)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    assert book.get("1").ready_since == 7.0
+    assert book.known() == {"1"}  # a result for a job nobody tracks is dropped
