@@ -61,6 +61,7 @@ def model_entry(services: HubServices, model_id: str, states: dict[str, Any]) ->
     model = services.config.model(model_id)
     assert model is not None
     state = states.get(model.upstream, {}).get(model.target)
+    default = services.upstreams[model.upstream].default_status
     return {
         "id": model.id,
         "object": "model",
@@ -69,7 +70,7 @@ def model_entry(services: HubServices, model_id: str, states: dict[str, Any]) ->
         "name": model.name or model.id,
         "input": model.input,
         "output": model.output,
-        "status": state.status if state is not None else "ready",
+        "status": state.status if state is not None else default,
         "demand": state.demand if state is not None else 0.0,
     }
 

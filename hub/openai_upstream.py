@@ -11,6 +11,7 @@ import httpx
 from hub.config import ConfigError, OpenAIUpstreamConfig
 from hub.upstream import (
     ModelState,
+    ModelStatus,
     UpstreamError,
     UpstreamRequest,
     UpstreamResponse,
@@ -32,6 +33,8 @@ def shared_client(max_connections: int) -> httpx.AsyncClient:
 
 
 class OpenAIUpstream:
+    default_status: ModelStatus = "ready"  # a provider's models are taken as ready
+
     def __init__(
         self,
         name: str,
@@ -111,4 +114,4 @@ class OpenAIUpstream:
             ) from None
 
     async def states(self) -> dict[str, ModelState]:
-        return {}  # a provider's models are taken as ready
+        return {}

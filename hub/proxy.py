@@ -50,6 +50,7 @@ class Outcome:
     started_at: float
     started: float  # perf_counter
     request_id: str
+    target: str  # the upstream's name for the model
     status: int = CLIENT_GONE
     usage: Usage | None = None
     first_chunk: float | None = None
@@ -262,6 +263,7 @@ async def handle(services: HubServices, request: Request, endpoint: str) -> Resp
         started_at,
         started,
         new_request_id(),
+        model.target,
     )
     try:
         limit_headers = await services.admission.admit(principal, started_at)
@@ -292,7 +294,7 @@ async def _forward(
         gauge.inc()
         stack.callback(gauge.dec)
         request = UpstreamRequest(
-            "POST", _path(outcome.endpoint), body, outcome.model, outcome.request_id
+            "POST", _path(outcome.endpoint), body, outcome.target, outcome.request_id
         )
         response = await stack.enter_async_context(upstream.stream(request))
         if not outcome.stream or response.status >= 400:

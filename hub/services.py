@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib
 import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -65,8 +64,9 @@ async def _open_upstreams(
     for name, upstream in config.upstreams.items():
         if isinstance(upstream, HpcUpstreamConfig):
             # Imported here: the SSH side is only loaded by hubs that use it.
-            module = importlib.import_module("hub.hpc_upstream")
-            upstreams[name] = await stack.enter_async_context(module.HpcUpstream(name, upstream))
+            from hub.hpc_upstream import HpcUpstream
+
+            upstreams[name] = await stack.enter_async_context(HpcUpstream(name, upstream))
         else:
             upstreams[name] = OpenAIUpstream(name, upstream, client, environ)
     return upstreams

@@ -86,6 +86,7 @@ class UpstreamTimeout(UpstreamError):
 
 class Upstream(Protocol):
     name: str
+    default_status: ModelStatus  # of a model the live state does not mention
 
     def stream(self, request: UpstreamRequest) -> AbstractAsyncContextManager[UpstreamResponse]:
         """Send the request; the response head is available on enter, the body streams."""

@@ -1,0 +1,164 @@
+"""Upstream: models served by saia agents on HPC login nodes, over the SSH hop.
+
+One HopClient per site, all owned by this upstream's lifetime (`async with`). A request goes
+to the first site that takes it: a site that is unavailable before the response started
+(HopUnavailable) is skipped and the next one tried. The agents' live service state
+(`HopClient.services()`) is cached for `services_ttl` seconds and merged over sites.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from types import TracebackType
+from typing import Any
+
+from hub.config import HpcSite, HpcUpstreamConfig
+from hub.ssh_client import HopClient, HopError, HopResponse, HopTarget, HopTimeout, HopUnavailable
+from hub.upstream import (
+    ModelState,
+    ModelStatus,
+    UpstreamError,
+    UpstreamRequest,
+    UpstreamResponse,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    idle_limited,
+)
+
+log = logging.getLogger(__name__)
+
+FAILED_SITE_COOLDOWN = 30.0
+_RANK: dict[str, int] = {"ready": 2, "loading": 1, "offline": 0}
+
+
+def merge_states(reports: list[list[dict[str, Any]]]) -> dict[str, ModelState]:
+    """Per service id, the best status over sites and the lowest demand at that status."""
+    merged: dict[str, ModelState] = {}
+    for report in reports:
+        for entry in report:
+            service, status = entry.get("id"), entry.get("status")
+            demand = entry.get("demand", 0.0)
+            if not isinstance(service, str) or status not in _RANK:
+                continue
+            if not isinstance(demand, int | float):
+                demand = 0.0
+            state = ModelState(status, float(demand))
+            old = merged.get(service)
+            if old is None or (_RANK[status], -state.demand) > (_RANK[old.status], -old.demand):
+                merged[service] = state
+    return merged
+
+
+def site_order(failed_at: list[float | None], now: float, cooldown: float) -> list[int]:
+    """Sites in configured order, those that failed within `cooldown` moved to the end.
+
+    A site that is down would otherwise cost every request its connect timeout.
+    """
+    recent = [i for i, t in enumerate(failed_at) if t is not None and now - t < cooldown]
+    return [i for i in range(len(failed_at)) if i not in recent] + recent
+
+
+def target_of(site: HpcSite) -> HopTarget:
+    return HopTarget(
+        host=site.host,
+        port=site.port,
+        user=site.user,
+        client_key=site.client_key,
+        known_hosts=site.known_hosts,
+        connections=site.connections,
+    )
+
+
+class HpcUpstream:
+    default_status: ModelStatus = "offline"
+
+    def __init__(self, name: str, config: HpcUpstreamConfig) -> None:
+        self.name = name
+        self._config = config
+        self._clients = [
+            HopClient(target_of(site), connect_timeout=config.timeouts.connect)
+            for site in config.sites
+        ]
+        self._stack = AsyncExitStack()
+        self._cached: tuple[float, dict[str, ModelState]] | None = None
+        self._failed_at: list[float | None] = [None] * len(self._clients)
+
+    async def __aenter__(self) -> HpcUpstream:
+        async with AsyncExitStack() as stack:
+            for client in self._clients:
+                await stack.enter_async_context(client)
+            self._stack = stack.pop_all()
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self._stack.aclose()
+
+    @asynccontextmanager
+    async def stream(self, request: UpstreamRequest) -> AsyncIterator[UpstreamResponse]:
+        async with AsyncExitStack() as stack:
+            response = await self._open(request, stack)
+            chunks = idle_limited(self._body(response), self._config.timeouts.idle, self.name)
+            yield UpstreamResponse(response.status, response.headers, chunks)
+
+    async def _open(self, request: UpstreamRequest, stack: AsyncExitStack) -> HopResponse:
+        """The first site's response; unavailable sites (nothing sent yet) are skipped."""
+        headers = [("content-type", "application/json"), ("x-request-id", request.request_id)]
+        failures: list[str] = []
+        now = asyncio.get_running_loop().time()
+        for index in site_order(self._failed_at, now, FAILED_SITE_COOLDOWN):
+            site, client = self._config.sites[index], self._clients[index]
+            opened = client.stream(
+                request.model,
+                request.method,
+                request.path,
+                headers,
+                request.body,
+                first_byte_timeout=self._config.timeouts.first_byte,
+            )
+            try:
+                response = await stack.enter_async_context(opened)
+            except HopUnavailable as error:
+                self._failed_at[index] = asyncio.get_running_loop().time()
+                failures.append(f"{site.host}: {error}")
+                continue
+            except HopTimeout:
+                raise UpstreamTimeout(f"{site.host} did not answer in time") from None
+            except HopError as error:
+                raise UpstreamError(error.status, str(error)) from None
+            self._failed_at[index] = None
+            return response
+        log.warning("no site of %s took the request: %s", self.name, "; ".join(failures))
+        raise UpstreamUnavailable(503, f"no HPC site of {self.name} is reachable now")
+
+    async def _body(self, response: HopResponse) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in response.aiter_bytes():
+                yield chunk
+        except HopError as error:
+            raise UpstreamError(error.status, str(error)) from None
+
+    async def states(self) -> dict[str, ModelState]:
+        now = asyncio.get_running_loop().time()
+        if self._cached is not None and self._cached[0] > now:
+            return self._cached[1]
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(self._site_services(c)) for c in self._clients]
+        merged = merge_states([task.result() for task in tasks])
+        self._cached = (now + self._config.services_ttl, merged)
+        return merged
+
+    async def _site_services(self, client: HopClient) -> list[dict[str, Any]]:
+        try:
+            async with asyncio.timeout(self._config.timeouts.connect):
+                return await client.services()
+        except (HopError, TimeoutError) as error:
+            log.warning("%s: no service state from a site: %s", self.name, error)
+            return []

@@ -1,0 +1,133 @@
+"""The hub's hpc upstream over the real hop: hub (uvicorn) -> HopClient -> sshd with the
+forced-command key -> relay -> the agent's router (in-process) -> stand-in server."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from hpc.config import AgentConfig, ServiceConfig
+from hpc.registry import Backend, BackendRegistry
+from hub.config import parse_config
+from hub.hpc_upstream import merge_states, site_order
+from hub.upstream import ModelState
+from saia.sandbox.postgres import free_port
+from saia.sandbox.sshd import SshdSandbox
+from tests.fixtures.standin import StandinProcess
+from tests.hpc.test_router_ssh import running_router
+from tests.hub.helpers import running_hub
+
+MODEL = "hpc-model"
+
+
+def test_merge_states_prefers_the_best_site() -> None:
+    reports = [
+        [{"id": "a", "status": "loading", "demand": 0.0}, {"id": "b", "status": "offline"}],
+        [{"id": "a", "status": "ready", "demand": 2.5}, {"id": "a2", "status": "bogus"}],
+        [{"id": "a", "status": "ready", "demand": 0.5}],
+    ]
+    assert merge_states(reports) == {
+        "a": ModelState("ready", 0.5),
+        "b": ModelState("offline", 0.0),
+    }
+
+
+def test_sites_that_failed_recently_go_last() -> None:
+    assert site_order([None, None, None], 100.0, 30.0) == [0, 1, 2]
+    assert site_order([95.0, None, 50.0], 100.0, 30.0) == [1, 2, 0]
+    assert site_order([95.0, 99.0], 100.0, 30.0) == [0, 1]  # all down: still tried
+
+
+def hub_config(tmp_path: Path, sshd: SshdSandbox) -> Any:
+    live = {
+        "host": sshd.host, "port": sshd.port, "user": sshd.user,
+        "client_key": str(sshd.client_key), "known_hosts": str(sshd.known_hosts),
+    }  # fmt: skip
+    dead = {**live, "port": free_port()}  # nothing listens: the hub must fail over
+    return parse_config(
+        {
+            "data_dir": str(tmp_path / "hub-data"),
+            "usage_flush_interval": 0.2,
+            "upstreams": {
+                "cluster": {
+                    "kind": "hpc",
+                    "sites": [dead, live],
+                    "timeouts": {"connect": 2, "first_byte": 30, "idle": 30},
+                    "services_ttl": 0,
+                }
+            },
+            "models": [{"id": "public-name", "upstream": "cluster", "upstream_model": MODEL}],
+        }
+    )
+
+
+@pytest.mark.ssh
+async def test_hpc_models_chat_and_stream_with_failover(
+    tmp_path: Path, sshd: SshdSandbox, standin_factory: Callable[..., StandinProcess]
+) -> None:
+    agent = AgentConfig(state_dir=sshd.state_dir, services=[ServiceConfig(name=MODEL, model=MODEL)])
+    registry = BackendRegistry()
+    async with running_router(agent, registry), running_hub(hub_config(tmp_path, sshd)) as hub:
+        key = await hub.create_key(owner="dora")
+        async with hub.client(key) as http:
+            models = (await http.get("/v1/models")).json()["data"]
+            assert [(m["id"], m["status"]) for m in models] == [("public-name", "offline")]
+            server = standin_factory(MODEL)
+            registry.publish(MODEL, [Backend(MODEL, "job-1", server.url)])
+            models = (await http.get("/v1/models")).json()["data"]
+            assert models[0]["status"] == "ready"
+            assert isinstance(models[0]["demand"], float)
+            body = {
+                "model": "public-name", "max_tokens": 3,
+                "messages": [{"role": "user", "content": "alpha beta gamma delta"}],
+            }  # fmt: skip
+            answer = await http.post("/v1/chat/completions", json=body)
+            assert answer.status_code == 200, answer.text
+            usage = answer.json()["usage"]
+            chunks = []
+            async with http.stream(
+                "POST", "/v1/chat/completions", json={**body, "stream": True}
+            ) as stream:
+                assert stream.status_code == 200
+                async for line in stream.aiter_lines():
+                    if line.startswith("data: {"):
+                        chunks.append(json.loads(line[6:]))
+        assert all(chunk["choices"] for chunk in chunks)  # usage chunk stripped
+        await hub.services.recorder.flush()
+        summary = await _usage(hub.services.engine)
+        assert summary == [
+            ("dora", 200, usage["prompt_tokens"], usage["completion_tokens"], False),
+            ("dora", 200, usage["prompt_tokens"], usage["completion_tokens"], True),
+        ]
+
+
+@pytest.mark.ssh
+async def test_no_site_reachable_is_503(tmp_path: Path, sshd: SshdSandbox) -> None:
+    config = hub_config(tmp_path, sshd)  # the router is not running: the relay fails
+    sites = config.upstreams["cluster"].sites[:1]  # type: ignore[union-attr]
+    cluster = config.upstreams["cluster"].model_copy(update={"sites": sites})
+    config = config.model_copy(update={"upstreams": {"cluster": cluster}})
+    async with running_hub(config) as hub, hub.client(await hub.create_key()) as http:
+        body = {"model": "public-name", "prompt": "x"}
+        response = await http.post("/v1/completions", json=body)
+    assert response.status_code == 503
+    assert "reachable" in response.json()["error"]["message"]
+
+
+async def _usage(engine: Any) -> list[tuple[Any, ...]]:
+    from sqlalchemy import select
+
+    from hub.storage import usage
+
+    columns = (usage.c.user_name, usage.c.status, usage.c.prompt_tokens)
+    statement = select(*columns, usage.c.completion_tokens, usage.c.stream).order_by(usage.c.id)
+    async with engine.connect() as connection:
+        return [tuple(row) for row in (await connection.execute(statement)).all()]
+
+
+_ = httpx  # the hub's own client type is httpx
