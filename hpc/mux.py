@@ -132,19 +132,21 @@ class Channel:
     # -- receiving --------------------------------------------------------------------
     async def next_frame(self) -> wire.Frame | None:
         """The next frame for the owner (None at EOF); WINDOW and PING are handled here."""
-        while True:
-            while self._pending:
-                frame = self._pending.popleft()
-                if frame.type == wire.WINDOW:
-                    state = self.streams.get(frame.stream)
-                    if state is not None:
-                        state.add_credit(wire.parse_window(frame.payload))
-                elif frame.type == wire.PING:
-                    self.send(wire.encode_frame(wire.PONG, 0, frame.payload))
-                elif frame.type != wire.PONG:
-                    if frame.type == wire.DATA:
-                        self._charge(frame)
-                    return frame
+        while (frame := await self._next_raw()) is not None:
+            if frame.type == wire.WINDOW:
+                state = self.streams.get(frame.stream)
+                if state is not None:
+                    state.add_credit(wire.parse_window(frame.payload))
+            elif frame.type == wire.PING:
+                self.send(wire.encode_frame(wire.PONG, 0, frame.payload))
+            elif frame.type != wire.PONG:
+                if frame.type == wire.DATA:
+                    self._charge(frame)
+                return frame
+        return None
+
+    async def _next_raw(self) -> wire.Frame | None:
+        while not self._pending:
             try:
                 data = await self._reader.read(READ_SIZE)
             except (ConnectionError, OSError):
@@ -153,6 +155,7 @@ class Channel:
                 self._decoder.finish()
                 return None
             self._pending.extend(self._decoder.feed(data))
+        return self._pending.popleft()
 
     def _charge(self, frame: wire.Frame) -> None:
         state = self.streams.get(frame.stream)
@@ -164,7 +167,7 @@ class Channel:
 
     async def read_hello(self) -> int:
         """The peer's first frame must be HELLO; return its version."""
-        frame = await self.next_frame()
+        frame = await self._next_raw()
         if frame is None:
             raise wire.ProtocolError("channel closed before HELLO")
         if frame.type != wire.HELLO:

@@ -199,15 +199,20 @@ class Session:
         self.tasks: asyncio.TaskGroup | None = None
 
     async def run(self) -> None:
+        violation: wire.ProtocolError | None = None
         async with asyncio.TaskGroup() as tasks:
             self.tasks = tasks
             try:
                 while (frame := await self.channel.next_frame()) is not None:
                     self.dispatch(frame)
+            except wire.ProtocolError as error:  # raised after the group, not wrapped by it
+                violation = error
             finally:  # the client is gone (or broke the protocol): drop its streams
                 for state in list(self.channel.streams.values()):
                     if state.task is not None:
                         state.task.cancel()
+        if violation is not None:
+            raise violation
 
     def dispatch(self, frame: wire.Frame) -> None:
         kind, stream = frame.type, frame.stream
