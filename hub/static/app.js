@@ -10,6 +10,7 @@ const $ = (id) => document.getElementById(id);
 
 const ui = {
   layout: $("layout"),
+  sidebar: $("sidebar"),
   conversationList: $("conversation-list"),
   newChat: $("new-chat"),
   identity: $("identity"),
@@ -216,7 +217,7 @@ function openConversation(id) {
   if (model && state.models.some((m) => m.id === model)) ui.modelSelect.value = model;
   showModelState();
   renderAll();
-  ui.layout.classList.remove("sidebar-open");
+  setSidebar(false);
   ui.prompt.focus();
 }
 
@@ -420,6 +421,11 @@ function onPromptKey(event) {
 
 // ---- start ------------------------------------------------------------------------
 
+function setSidebar(open) {
+  ui.layout.classList.toggle("sidebar-open", open);
+  ui.toggleSidebar.setAttribute("aria-expanded", String(open));
+}
+
 function bind() {
   ui.composer.addEventListener("submit", send);
   ui.prompt.addEventListener("keydown", onPromptKey);
@@ -434,9 +440,16 @@ function bind() {
     settings.setModel(ui.modelSelect.value);
     showModelState();
   });
-  ui.toggleSidebar.addEventListener("click", () => {
-    const open = ui.layout.classList.toggle("sidebar-open");
-    ui.toggleSidebar.setAttribute("aria-expanded", String(open));
+  ui.toggleSidebar.addEventListener("click", (event) => {
+    event.stopPropagation();
+    setSidebar(!ui.layout.classList.contains("sidebar-open"));
+  });
+  // On small screens the sidebar overlays the chat: a click beside it or Escape closes it.
+  ui.layout.addEventListener("click", (event) => {
+    if (!event.composedPath().includes(ui.sidebar)) setSidebar(false);
+  });
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "Escape") setSidebar(false);
   });
   setInterval(refreshModels, MODEL_REFRESH_MS);
 }
