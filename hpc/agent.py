@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 import os
 import re
@@ -52,6 +51,7 @@ log = logging.getLogger(__name__)
 Render = Callable[[ServiceConfig], Submission]
 JobSystemFactory = Callable[[AgentConfig, JobTag], JobSystem]
 IMMEDIATE_STEPS = 3  # re-decide at once after acting, but never spin
+EXIT_DRAIN_WAIT = 60.0  # --drain-on-exit: how long to wait for cancelled jobs to end
 
 
 class Agent:
@@ -135,7 +135,20 @@ class Agent:
             for job_id, record in self.state.jobs.items():
                 if not record.cancelled:
                     await self._cancel(Cancel(record.service, job_id, "agent exit with drain"))
+            await self._wait_gone(EXIT_DRAIN_WAIT)
         self._save(self.clock(), stopped=True)
+
+    async def _wait_gone(self, limit_s: float) -> None:
+        """Wait (bounded) until the job system lists none of our jobs any more."""
+        jobs: list[JobInfo] = []
+        try:
+            async with asyncio.timeout(limit_s):
+                while jobs := await self.jobs.list_jobs():  # noqa: ASYNC110 (no event to await)
+                    await asyncio.sleep(0.5)
+        except TimeoutError:
+            log.warning("jobs still stopping after %.0fs: %s", limit_s, [j.job_id for j in jobs])
+        except Exception as error:  # the jobs were cancelled; only the confirmation failed
+            log.warning("cannot confirm the jobs stopped: %s", error)
 
     # -- one loop: observe -> decide -> act -----------------------------------------
     async def step(self) -> bool:
@@ -348,9 +361,9 @@ class Agent:
 
 def make_job_system(config: AgentConfig, tag: JobTag) -> JobSystem:
     if config.executor == "local":
-        # imported by name: the local executor is optional on a Slurm login node
-        local: JobSystemFactory = importlib.import_module("hpc.local_executor").LocalJobSystem
-        return local(config, tag)
+        from hpc.local_executor import LocalJobSystem
+
+        return LocalJobSystem(config, tag)
     from hpc.slurm_cli import SlurmJobSystem
 
     return SlurmJobSystem(config, tag)

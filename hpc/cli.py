@@ -79,6 +79,8 @@ def agent(config_path: Path, drain_on_exit: bool, log_level: str) -> None:
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    for noisy in ("httpx", "httpcore"):  # one line per health probe otherwise
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     from hpc.agent import run_until_signal
 
     try:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import signal
 import sys
 import time
@@ -13,7 +15,14 @@ import pytest
 from click.testing import CliRunner
 
 from hpc.cli import hpc
-from hpc.status import AgentStatus, JobStatus, ServiceStatus, read_status, write_status
+from hpc.status import (
+    AgentStatus,
+    JobStatus,
+    ServiceStatus,
+    StatusError,
+    read_status,
+    write_status,
+)
 
 
 def config_file(tmp_path: Path, extra: str = "") -> Path:
@@ -149,3 +158,93 @@ def test_agent_with_unusable_state_dir_is_one_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(hpc, ["agent", "-c", str(path)])
     assert result.exit_code == 1
     assert result.output.strip() == f"error: {blocker / 'state'}: Not a directory"
+
+
+def local_config(tmp_path: Path) -> Path:
+    path = tmp_path / "local.yaml"
+    path.write_text(
+        f"""\
+state_dir: {tmp_path / "state"}
+executor: local
+poll_interval: 0.3
+health_interval: 0.2
+backend_bind_host: 127.0.0.1
+backend_advertise_host: 127.0.0.1
+python: {sys.executable}
+services:
+  - name: tiny
+    model: tiny
+    template: standin
+    renewal_lead: 60s
+    resources: {{gpus: 0, cpus: 1, time_limit: "10:00"}}
+"""
+    )
+    return path
+
+
+async def saia(*args: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).with_name("saia")),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+async def ready_job(state_dir: Path, pid: int, limit_s: float) -> JobStatus:
+    """The first ready job in the status written by the agent process `pid`."""
+    async with asyncio.timeout(limit_s):
+        while True:
+            with contextlib.suppress(StatusError):
+                status = read_status(state_dir)
+                jobs = [j for j in status.jobs if j.ready and status.pid == pid]
+                if jobs:
+                    return jobs[0]
+            await asyncio.sleep(0.1)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_local_agent_end_to_end_with_restart_and_drain(tmp_path: Path) -> None:
+    """`saia hpc agent` on the local executor: serves, restarts adopting, drains on exit."""
+    config, state = local_config(tmp_path), tmp_path / "state"
+    saia_bin = str(Path(sys.executable).with_name("saia"))
+    agent = await asyncio.create_subprocess_exec(saia_bin, "hpc", "agent", "-c", str(config))
+    job_pid = 0
+    try:
+        job = await ready_job(state, agent.pid, 30)
+        record = json.loads((state / "jobs" / job.job_id / "local.json").read_text())
+        job_pid = record["pid"]
+        code, out = await saia("hpc", "status", "-c", str(config), "--json")
+        assert code == 0 and json.loads(out)["services"][0]["ready"] == 1
+        code, out = await saia("hpc", "logs", "-c", str(config), job.job_id, "-n", "100")
+        assert code == 0 and out  # the stand-in's own output
+        agent.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(agent.wait(), 15) == 0
+        assert alive(job_pid)  # left running for the next agent
+
+        agent = await asyncio.create_subprocess_exec(
+            saia_bin, "hpc", "agent", "-c", str(config), "--drain-on-exit"
+        )
+        adopted = await ready_job(state, agent.pid, 30)
+        assert adopted.job_id == job.job_id
+        agent.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(agent.wait(), 15) == 0
+        async with asyncio.timeout(35):  # SIGTERM, then SIGKILL after the grace
+            while alive(job_pid):  # noqa: ASYNC110 (a foreign process: nothing to await)
+                await asyncio.sleep(0.1)
+    finally:
+        if agent.returncode is None:
+            agent.kill()
+            await agent.wait()
+        if job_pid and alive(job_pid):
+            os.killpg(job_pid, signal.SIGKILL)
