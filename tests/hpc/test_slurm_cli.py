@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from pathlib import Path
 
@@ -117,17 +118,48 @@ async def test_missing_slurm_tools_are_a_clear_error(tmp_path: Path) -> None:
         await jobs.list_jobs()
 
 
-async def test_hanging_tool_times_out(tmp_path: Path) -> None:
-    bin_dir = tmp_path / "bin"
+def hanging_squeue(tmp_path: Path) -> tuple[Path, Path]:
+    """A fake Slurm bin dir whose squeue records its pid and then hangs."""
+    bin_dir, pid_file = tmp_path / "bin", tmp_path / "squeue.pid"
     bin_dir.mkdir()
-    (bin_dir / "squeue").write_text("#!/bin/sh\nexec sleep 30\n")
+    (bin_dir / "squeue").write_text(f"#!/bin/sh\necho $$ > {pid_file}\nexec sleep 30\n")
     (bin_dir / "squeue").chmod(0o755)
+    return bin_dir, pid_file
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_hanging_tool_times_out_and_is_killed(tmp_path: Path) -> None:
+    bin_dir, pid_file = hanging_squeue(tmp_path)
     config = AgentConfig.model_validate(
         {"state_dir": tmp_path, "slurm_bin_dir": bin_dir, "slurm_timeout": 0.5}
     )
     jobs = SlurmJobSystem(config, JobTag(prefix="saia", agent_id="x"))
     with pytest.raises(SlurmError, match="squeue: no answer within"):
         await jobs.list_jobs()
+    assert not pid_alive(int(pid_file.read_text()))
+
+
+async def test_cancelled_call_kills_its_process(tmp_path: Path) -> None:
+    bin_dir, pid_file = hanging_squeue(tmp_path)
+    config = AgentConfig.model_validate({"state_dir": tmp_path, "slurm_bin_dir": bin_dir})
+    jobs = SlurmJobSystem(config, JobTag(prefix="saia", agent_id="x"))
+    call = asyncio.create_task(jobs.list_jobs())
+    async with asyncio.timeout(10):
+        while True:
+            if pid_file.exists() and pid_file.read_text().strip():
+                break
+            await asyncio.sleep(0.02)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert not pid_alive(int(pid_file.read_text()))
 
 
 async def test_cancel_rejects_non_job_ids(tmp_path: Path) -> None:
