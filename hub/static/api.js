@@ -71,7 +71,10 @@ export class HubClient {
       });
     } catch (error) {
       if (error.name === "AbortError") throw error;
-      throw new ApiError("network", "the hub cannot be reached");
+      throw new ApiError(
+        "network",
+        "the hub cannot be reached; check the connection or reload the page",
+      );
     }
     if (!response.ok) throw await responseError(response);
     return response;

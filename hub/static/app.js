@@ -311,7 +311,6 @@ function setStreaming(on) {
   ui.stop.hidden = !on;
   ui.newChat.disabled = on;
   ui.messages.setAttribute("aria-busy", String(on));
-  if (on) ui.stop.focus();
 }
 
 // What the model sees: earlier turns with text, never our error notes. A question whose
