@@ -147,6 +147,17 @@ async def test_job_cancelled_from_outside_is_replaced(
         assert first not in [j.job_id for j in await our_jobs(config)]
 
 
+def published(registry: BackendRegistry) -> dict[str, bool]:
+    """Job id -> draining, of every backend the agent publishes (ready or draining)."""
+    return {b.job_id: b.draining for b in registry._state(SERVICE).backends.values()}
+
+
+async def sample_ready(registry: BackendRegistry, counts: list[int]) -> None:
+    while True:  # until cancelled; one sample every 20 ms
+        counts.append(len(ready(registry)))
+        await asyncio.sleep(0.02)
+
+
 async def test_renewal_overlaps_without_a_gap(
     slurm_cluster: SlurmSandbox, prefix: str, tmp_path: Path
 ) -> None:
@@ -160,25 +171,25 @@ async def test_renewal_overlaps_without_a_gap(
     )
     async with running_agent(config) as registry:
         old = (await until(lambda: ready(registry), 60, "not ready"))[0]
-        old.in_flight += 1  # a request the router is still streaming from the old job
-        samples: list[list[tuple[str, bool]]] = []
-
-        def handed_over() -> bool:
-            backends = registry._state(SERVICE).backends.values()
-            samples.append([(b.job_id, b.draining) for b in backends])
-            return any(b.job_id != old.job_id for b in ready(registry))
-
-        await until(handed_over, 90, "the replacement never became ready")
-        assert all(any(not draining for _, draining in s) for s in samples), "a gap"
-        await until(lambda: old.draining, 10, "the old job was not drained")
-        await asyncio.sleep(1.5)  # several loops: a busy draining job is kept
-        assert old.job_id in [j.job_id for j in await our_jobs(config)]
-        old.in_flight -= 1  # the request finished
-        await until(lambda: old.job_id not in registry._state(SERVICE).backends, 10, "kept")
-        new = ready(registry)
-        assert len(new) == 1 and new[0].job_id != old.job_id
-        jobs = await until_async_jobs(config, lambda js: old.job_id not in js, 30)
-        assert jobs == [new[0].job_id]
+        old.in_flight += 1  # as the router does while it streams a response from the old job
+        counts: list[int] = []
+        sampler = asyncio.create_task(sample_ready(registry, counts))
+        try:
+            new = await until(
+                lambda: [b for b in ready(registry) if b.job_id != old.job_id], 90, "no renewal"
+            )
+            await until(lambda: published(registry).get(old.job_id), 10, "old not draining")
+            await asyncio.sleep(1.5)  # several loops: a draining job with a request is kept
+            assert old.job_id in [j.job_id for j in await our_jobs(config)]
+            old.in_flight -= 1  # the request finished
+            await until(lambda: old.job_id not in published(registry), 10, "old kept")
+            jobs = await until_async_jobs(config, lambda ids: old.job_id not in ids, 30)
+            assert jobs == [new[0].job_id]
+        finally:
+            sampler.cancel()
+            await asyncio.gather(sampler, return_exceptions=True)
+        assert len(counts) > 100 and min(counts) >= 1, "a moment without a ready backend"
+        assert published(registry) == {new[0].job_id: False}
 
 
 async def until_async_jobs(
