@@ -15,10 +15,10 @@ few so that it starts fast. Nothing from the client is passed to a shell or used
 
 from __future__ import annotations
 
+import _socket  # the C module: `socket` would import enum & co (start-up time)
+import _thread
 import os
-import socket
 import sys
-import threading
 import time
 
 TYPE_CHECKING = False
@@ -90,9 +90,9 @@ def parse_command(original: str | None) -> str:
     raise _refused("command refused: this key only runs '%s %s'" % (NAME, VERSION))
 
 
-def connect(path: str) -> socket.socket | None:
+def connect(path: str) -> _socket.socket | None:
     """The agent's socket, or None if no agent listens there."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.connect(path)
     except (FileNotFoundError, ConnectionRefusedError):
@@ -144,7 +144,7 @@ def _start_agent(settings: Settings) -> subprocess.Popen[bytes]:
             raise RelayError("cannot start the agent: %s" % error.strerror) from None
 
 
-def connect_or_start(settings: Settings) -> socket.socket:
+def connect_or_start(settings: Settings) -> _socket.socket:
     path = os.path.join(settings.state_dir, SOCKET_NAME)
     sock = connect(path)
     if sock is not None:
@@ -180,7 +180,7 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def _client_to_agent(sock: socket.socket) -> None:
+def _client_to_agent(sock: _socket.socket) -> None:
     """stdin -> socket; at EOF half-close the socket so the agent sees the end."""
     try:
         while True:
@@ -191,16 +191,18 @@ def _client_to_agent(sock: socket.socket) -> None:
     except OSError:
         pass
     try:  # noqa: SIM105 - contextlib would cost start-up time
-        sock.shutdown(socket.SHUT_WR)
+        sock.shutdown(_socket.SHUT_WR)
     except OSError:
         pass
 
 
-def relay(sock: socket.socket) -> None:
-    """Copy bytes both ways until the agent's side ends (or the client cannot take more)."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUFFER)
-    pump = threading.Thread(target=_client_to_agent, args=(sock,), daemon=True)
-    pump.start()
+def relay(sock: _socket.socket) -> None:
+    """Copy bytes both ways until the agent's side ends (or the client cannot take more).
+
+    The other direction runs on a bare thread: it dies with the process when this ends.
+    """
+    sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF, BUFFER)
+    _thread.start_new_thread(_client_to_agent, (sock,))
     try:
         while True:
             data = sock.recv(BUFFER)
