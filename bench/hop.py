@@ -24,13 +24,11 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from hpc.config import AgentConfig, RouterConfig, ServiceConfig  # noqa: E402
-from hpc.registry import Backend, BackendRegistry  # noqa: E402
-from hpc.router import SOCKET_NAME, serve_requests  # noqa: E402
-from hub.ssh_client import HopClient, HopTarget  # noqa: E402
-from saia.sandbox.sshd import SshdSandbox, free_port  # noqa: E402
+from hpc.config import AgentConfig, RouterConfig, ServiceConfig
+from hpc.registry import Backend, BackendRegistry
+from hpc.router import SOCKET_NAME, serve_requests
+from hub.ssh_client import HopClient, HopTarget
+from saia.sandbox.sshd import SshdSandbox, free_port
 
 MODEL = "bench-model"
 BODY = json.dumps(
@@ -170,7 +168,9 @@ def main() -> None:
     parser.add_argument("--concurrent", type=int, default=64)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--serve-router", nargs=2, metavar=("STATE_DIR", "URL"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--serve-router", nargs=2, metavar=("STATE_DIR", "URL"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.serve_router:
         run_router(*args.serve_router)
@@ -179,11 +179,8 @@ def main() -> None:
         root = Path(tmp)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        standin = start_process(
-            [sys.executable, "-m", "hpc.standin", "--host", "127.0.0.1", "--port", str(port)]
-            + ["--model-name", MODEL],
-            lambda: healthy(url),
-        )
+        argv = [sys.executable, "-m", "hpc.standin", "--host", "127.0.0.1", "--port", str(port)]
+        standin = start_process([*argv, "--model-name", MODEL], lambda: healthy(url))
         router = start_process(
             [sys.executable, __file__, "--serve-router", str(root / "state"), url],
             lambda: (root / "state" / SOCKET_NAME).exists(),
