@@ -15,9 +15,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
-import hashlib
 import json
-import math
 import os
 import signal
 import struct
@@ -26,17 +24,33 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from types import FrameType
-from typing import Any, Literal
+from typing import Any
 
 import uvicorn
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-EMBEDDING_DIM = 32
-MAX_MODEL_LEN = 4096
+from hpc.standin_model import (
+    EMBEDDING_DIM,
+    MAX_MODEL_LEN,
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    GenerationRequest,
+    TokenizeRequest,
+    chat_prompt,
+    embedding,
+    reply_tokens,
+    sse,
+    token_id,
+    usage,
+    words_of,
+)
+
 OWNER = "saia-standin"
 _ERROR_TYPES = {
     400: "BadRequestError",
@@ -44,108 +58,6 @@ _ERROR_TYPES = {
     404: "NotFoundError",
     405: "MethodNotAllowedError",
 }
-
-
-# -- requests -------------------------------------------------------------------------
-class _Loose(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-class ContentPart(_Loose):
-    type: str
-    text: str | None = None
-
-
-class Message(_Loose):
-    role: str
-    content: str | list[ContentPart] | None = None
-
-
-class StreamOptions(_Loose):
-    include_usage: bool = False
-
-
-class GenerationRequest(_Loose):
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: Literal[1] = 1
-
-
-class ChatRequest(GenerationRequest):
-    messages: list[Message] = Field(min_length=1)
-
-
-class CompletionRequest(GenerationRequest):
-    prompt: str | list[str]
-
-
-class EmbeddingRequest(_Loose):
-    model: str
-    input: str | list[str]
-    encoding_format: Literal["float", "base64"] = "float"
-
-
-class TokenizeRequest(_Loose):
-    model: str | None = None
-    prompt: str | None = None
-    messages: list[Message] | None = None
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param = status, message, param
-
-
-# -- the deterministic "model" --------------------------------------------------------
-def words_of(text: str) -> list[str]:
-    return text.split()
-
-
-def chat_prompt(messages: list[Message]) -> str:
-    parts: list[str] = []
-    for message in messages:
-        if isinstance(message.content, str):
-            parts.append(message.content)
-        elif message.content:
-            parts += [part.text for part in message.content if part.text]
-    return " ".join(parts)
-
-
-def reply_tokens(prompt: str, max_tokens: int) -> tuple[list[str], str]:
-    """The answer's tokens (an echo of the prompt's words) and its finish reason."""
-    natural = ["echo:", *words_of(prompt)]
-    if max_tokens < len(natural):
-        return natural[:max_tokens], "length"
-    return natural, "stop"
-
-
-def token_id(word: str) -> int:
-    return int.from_bytes(hashlib.sha256(word.encode()).digest()[:4], "big") % 32000
-
-
-def embedding(text: str) -> list[float]:
-    """A deterministic unit vector of EMBEDDING_DIM floats for the text."""
-    digest = hashlib.sha256(text.encode()).digest()  # 32 bytes, one per dimension
-    raw = [(byte - 127.5) / 127.5 for byte in digest[:EMBEDDING_DIM]]
-    norm = math.sqrt(sum(value * value for value in raw)) or 1.0
-    return [value / norm for value in raw]
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def sse(data: dict[str, Any] | str) -> bytes:
-    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
-    return f"data: {text}\n\n".encode()
 
 
 # -- the server -----------------------------------------------------------------------
