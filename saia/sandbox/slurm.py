@@ -9,6 +9,7 @@ the cluster's jobs and kills exactly the daemons it started.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
@@ -25,6 +26,7 @@ from types import TracebackType
 log = logging.getLogger(__name__)
 
 SBIN = Path("/usr/sbin")
+PR_SET_PDEATHSIG = 1
 GPUS = 4
 COMMAND_TIMEOUT = 15.0
 START_TIMEOUT = 60.0
@@ -274,6 +276,7 @@ class SlurmSandbox:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         self._procs.append(proc)
         return proc
@@ -344,6 +347,15 @@ class SlurmSandbox:
 
 
 _Probe = Callable[[], bool]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the process that started it dies.
+
+    A killed test run must not leave a cluster behind (stop() never ran).
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _check_call(argv: list[str], what: str) -> None:
