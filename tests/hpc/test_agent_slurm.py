@@ -333,3 +333,28 @@ async def test_unhealthy_backend_is_taken_out_and_replaced(
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
+
+
+async def test_scales_up_on_load_and_down_after_the_delay(
+    slurm_cluster: SlurmSandbox, prefix: str, tmp_path: Path
+) -> None:
+    config = agent_config(
+        slurm_cluster,
+        tmp_path,
+        prefix,
+        max_instances=2,
+        target_concurrency=2,
+        look_back="1s",
+        scale_down_delay="2s",
+    )
+    async with running_agent(config) as registry:
+        first = (await until(lambda: ready(registry), 60, "not ready"))[0]
+        first.in_flight += 3  # as the router counts 3 requests: ceil(3 / 2) = 2 instances
+        both = await until(lambda: len(ready(registry)) == 2 and ready(registry), 60, "no 2nd")
+        first.in_flight -= 3
+        # idle again: one instance goes after look_back + scale_down_delay (3 s), not before
+        await asyncio.sleep(1.5)
+        assert len(ready(registry)) == 2
+        await until(lambda: len(ready(registry)) == 1, 20, "not scaled down")
+        ids = await until_async_jobs(config, lambda ids: len(ids) == 1, 30)
+        assert ids[0] in {b.job_id for b in both}
