@@ -185,6 +185,8 @@ class SlurmSandbox:
             return self
         for name in ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "scancel"):
             _find(name)
+        if os.geteuid() != 0:
+            raise SandboxError("the sandbox Slurm cluster runs its daemons as root; run as root")
         self._make_root()
         self._started = True
         try:
