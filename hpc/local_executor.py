@@ -111,6 +111,7 @@ class LocalRecord:
     prefix: str
     agent_id: str
     pid: int
+    pgid: int
     proc_start: int
     start: float
     limit_s: int
@@ -148,7 +149,7 @@ class LocalJob:
 
     def signal_group(self, signum: int) -> None:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.record.pid, signum)
+            os.killpg(self.record.pgid, signum)
 
     def finish(self) -> int | None:
         """After the exit: kill what is left of the group, reap the shell; its exit code."""
@@ -206,6 +207,7 @@ class LocalJobSystem:
             prefix=self._tag.prefix,
             agent_id=self._tag.agent_id,
             pid=proc.pid,
+            pgid=proc.pid,  # the shell leads its own session and group
             proc_start=process_start_ticks(proc.pid) or 0,
             start=time.time(),
             limit_s=request.time_limit_s,
@@ -285,7 +287,7 @@ class LocalJobSystem:
             record = read_record(self._config.state_dir, path.parent.name)
             if record is None or not record.ours(self._tag) or record.job_id in self._jobs:
                 continue
-            if process_start_ticks(record.pid) != record.proc_start:
+            if not _same_process(record):
                 continue  # gone, or the pid now belongs to another process
             try:
                 job = LocalJob(record, None)
@@ -349,6 +351,16 @@ class LocalJobSystem:
             nodes=(record.host,),
             reason="",
         )
+
+
+def _same_process(record: LocalRecord) -> bool:
+    """The recorded job shell still runs: same pid, start time and process group."""
+    if process_start_ticks(record.pid) != record.proc_start:
+        return False
+    try:
+        return os.getpgid(record.pid) == record.pgid
+    except ProcessLookupError:
+        return False
 
 
 def read_record(state_dir: Path, job_id: str) -> LocalRecord | None:
