@@ -41,6 +41,12 @@ export class ConversationStore {
     const stored = read(CONVERSATIONS, []);
     this.conversations = Array.isArray(stored) ? stored.filter(isConversation) : [];
     this.activeId = read(ACTIVE, null);
+    // An answer still streaming when the page closed was cut off there.
+    for (const conversation of this.conversations) {
+      for (const message of conversation.messages) {
+        if (message.pending) Object.assign(message, { pending: false, stopped: true });
+      }
+    }
   }
 
   list() {

@@ -371,6 +371,21 @@ async def test_conversations_persist_and_delete(browser: Browser, hub: HubProces
     assert "echo: first conversation" in await last_answer_text(page)
     await page.click("button[aria-label='Delete conversation: first conversation']")
     assert await titles.all_text_contents() == ["second conversation"]
+
+    # Leaving the page mid-answer: the saved answer is marked stopped, not left streaming.
+    await page.click("#new-chat")
+    await send(page, " ".join(f"word{index}" for index in range(60)))
+    await page.wait_for_function(
+        "() => (document.querySelector('#messages .message.assistant:last-of-type "
+        ".message-body')?.textContent ?? '').includes('word2')"
+    )
+    await page.reload()
+    await page.locator("#model-select:not([disabled])").wait_for()
+    assert await titles.count() == 2
+    answer = page.locator("#messages .message.assistant").last
+    assert "stopped" in (await answer.locator(".message-meta").text_content() or "")
+    assert "pending" not in (await answer.get_attribute("class") or "")
+    assert await wait_for_idle_backend(hub.standin) == 0  # the hub let go of the backend too
     assert problems == []
 
 
