@@ -41,6 +41,7 @@ from hpc.standin_model import (
     CompletionRequest,
     EmbeddingRequest,
     GenerationRequest,
+    StreamShape,
     TokenizeRequest,
     chat_prompt,
     embedding,
@@ -190,7 +191,8 @@ class Standin:
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            chunks = self.stream(ident, chat, tokens, finish, prompt_tokens, include_usage)
+            shape = StreamShape(ident, self.model_name, chat, include_usage, int(time.time()))
+            chunks = self.stream(shape, tokens, finish, prompt_tokens)
             return StreamingResponse(chunks, media_type="text/event-stream")
         async with self.slot():
             self.prompt_tokens_total += prompt_tokens
@@ -215,49 +217,21 @@ class Standin:
         )
 
     async def stream(
-        self,
-        ident: str,
-        chat: bool,
-        tokens: list[str],
-        finish: str,
-        prompt_tokens: int,
-        include_usage: bool,
+        self, shape: StreamShape, tokens: list[str], finish: str, prompt_tokens: int
     ) -> AsyncIterator[bytes]:
         """SSE chunks like vLLM/OpenAI: role, one chunk per token, finish, [usage], [DONE]."""
-        created = int(time.time())
-
-        def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
-            data: dict[str, Any] = {
-                "id": ident,
-                "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": created,
-                "model": self.model_name,
-                "choices": choices,
-            }
-            if include_usage:
-                data["usage"] = None
-            return sse({**data, **extra})
-
-        def piece(text: str | None, reason: str | None) -> dict[str, Any]:
-            out: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": reason}
-            if chat:
-                out["delta"] = {} if text is None else {"content": text}
-            else:
-                out["text"] = text or ""
-            return out
-
         async with self.slot():
             self.prompt_tokens_total += prompt_tokens
-            if chat:
-                yield chunk([{**piece(None, None), "delta": {"role": "assistant", "content": ""}}])
+            if shape.chat:
+                yield shape.chunk([shape.role()])
             for index, word in enumerate(tokens):
                 if self.token_delay:
                     await asyncio.sleep(self.token_delay)
                 self.generation_tokens_total += 1
-                yield chunk([piece(word if index == 0 else f" {word}", None)])
-            yield chunk([piece(None, finish)])
-        if include_usage:
-            yield chunk([], usage=usage(prompt_tokens, len(tokens)))
+                yield shape.chunk([shape.piece(word if index == 0 else f" {word}", None)])
+            yield shape.chunk([shape.piece(None, finish)])
+        if shape.include_usage:
+            yield shape.chunk([], usage=usage(prompt_tokens, len(tokens)))
         yield sse("[DONE]")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -111,6 +112,42 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+
+
+@dataclass(frozen=True)
+class StreamShape:
+    """What every SSE chunk of one stream looks like (chat or text, with usage or not)."""
+
+    ident: str
+    model: str
+    chat: bool
+    include_usage: bool
+    created: int
+
+    def chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        data: dict[str, Any] = {
+            "id": self.ident,
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if self.include_usage:
+            data["usage"] = None  # OpenAI: null on every chunk but the usage chunk
+        return sse({**data, **extra})
+
+    def piece(self, text: str | None, reason: str | None) -> dict[str, Any]:
+        """One choice: new text (None: nothing, as in the closing chunk) and a finish reason."""
+        out: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": reason}
+        if self.chat:
+            out["delta"] = {} if text is None else {"content": text}
+        else:
+            out["text"] = text or ""
+        return out
+
+    def role(self) -> dict[str, Any]:
+        """The opening choice of a chat stream."""
+        return {**self.piece(None, None), "delta": {"role": "assistant", "content": ""}}
 
 
 def sse(data: dict[str, Any] | str) -> bytes:
