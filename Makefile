@@ -18,7 +18,7 @@ system-packages: venv
 	$(BIN)/python -m saia.sandbox.packages
 
 demo: venv system-packages
-	$(BIN)/saia demo
+	$(BIN)/saia demo $(ARGS)
 
 lint: venv
 	$(BIN)/ruff check .

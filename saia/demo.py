@@ -1,0 +1,336 @@
+"""`saia demo`: the whole system on one machine, with embedded defaults.
+
+As root with Debian packages at hand: a throw-away single-node Slurm cluster with fake GPUs,
+a loopback sshd whose key is forced to the relay, the agent, and the hub with SQLite. The
+model service is the stand-in server by default, or the real vLLM on the CPU (`--vllm`).
+Without root or Debian packages it says so and uses the local executor with the hub talking
+to the agent's socket directly. Ctrl-C stops everything it started, in reverse order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+import yaml
+from rich.console import Console
+
+MODEL_ID = "demo"
+READY_TIMEOUT = 120.0
+VLLM_READY_TIMEOUT = 900.0
+console = Console(stderr=True, highlight=False)
+
+
+class DemoError(RuntimeError):
+    """The demo could not come up; str() says why and what to do."""
+
+
+def _full_mode_possible() -> tuple[bool, str]:
+    if os.geteuid() != 0:
+        return False, "not root: the throw-away Slurm cluster and sshd need root"
+    missing = [b for b in ("slurmctld", "slurmd", "munged") if not _which_sbin(b)]
+    if missing or not Path("/usr/sbin/sshd").exists():
+        return False, "Slurm/munge/sshd are not installed (python -m saia.sandbox.packages)"
+    return True, "Slurm cluster + sshd"
+
+
+def _which_sbin(name: str) -> str | None:
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+
+
+def _ensure_packages() -> None:
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return
+    with console.status("checking Debian packages (Slurm, munge, sshd)..."):
+        done = subprocess.run(
+            [sys.executable, "-m", "saia.sandbox.packages"],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+            check=False,
+        )
+    if done.returncode != 0:
+        console.print(f"[yellow]packages: {done.stdout.strip()} {done.stderr.strip()}")
+
+
+def agent_config(root: Path, *, executor: str, slurm: Any, vllm: Any) -> dict[str, Any]:
+    """The agent's YAML for the demo: one service, fast polling, loopback only."""
+    service: dict[str, Any] = {
+        "name": MODEL_ID,
+        "model": MODEL_ID,
+        "template": "standin",
+        "resources": {"gpus": 1, "cpus": 1, "memory": "1G", "time_limit": "2:00:00"},
+        "min_instances": 1,
+        "max_instances": 2,
+        "target_concurrency": 16,
+        "renewal_lead": "5m",
+        "startup_timeout": "2m",
+        "display_name": "Demo model (stand-in server)",
+    }
+    if vllm is not None:
+        service |= {
+            "model": str(vllm.model_dir),
+            "template": "vllm",
+            "server_command": [str(vllm.python), "-m", "vllm.entrypoints.openai.api_server"],
+            "resources": {"gpus": 1, "cpus": 2, "memory": "8G", "time_limit": "4:00:00"},
+            "startup_timeout": "15m",
+            "environment": dict(vllm.environment),
+            "vllm": {"max_model_len": 256, "dtype": "float32", "enforce_eager": True},
+            "display_name": "Tiny Llama (real vLLM on the CPU)",
+        }
+    config: dict[str, Any] = {
+        "state_dir": str(root / "agent-state"),
+        "executor": executor,
+        "poll_interval": "1s",
+        "health_interval": "2s",
+        "backend_bind_host": "127.0.0.1",
+        "backend_advertise_host": "127.0.0.1",
+        "python": sys.executable,
+        "router": {"queue_timeout": "15m" if vllm else "2m"},
+        "services": [service],
+    }
+    if slurm is not None:
+        config |= {"slurm_conf": str(slurm.slurm_conf), "slurm_bin_dir": str(slurm.bin_dir)}
+    return config
+
+
+def hub_config(root: Path, port: int, site: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "host": "127.0.0.1",
+        "port": port,
+        "data_dir": str(root / "hub-data"),
+        "upstreams": {"cluster": {"kind": "hpc", "sites": [site]}},
+        "models": [
+            {"id": MODEL_ID, "upstream": "cluster", "name": "Demo model", "owned_by": "saia-demo"}
+        ],
+    }
+
+
+class Demo:
+    """Owns every process the demo starts; `close()` stops them in reverse order."""
+
+    def __init__(self, root: Path, port: int, use_vllm: bool, full: bool) -> None:
+        self.root, self.port, self.use_vllm, self.full = root, port, use_vllm, full
+        self._stops: list[tuple[str, Callable[[], None]]] = []
+        self._processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.key = ""
+
+    def _owned(self, name: str, stop: Callable[[], None]) -> None:
+        self._stops.append((name, stop))
+
+    def close(self) -> None:
+        for name, stop in reversed(self._stops):
+            with console.status(f"stopping {name}..."):
+                try:
+                    stop()
+                except Exception as error:  # keep stopping the rest
+                    console.print(f"[red]stopping {name} failed: {error}")
+        self._stops.clear()
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        log = (self.root / f"{name}.log").open("ab")
+        process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+        self._processes[name] = process
+        self._owned(name, lambda: _terminate(process))
+        return process
+
+    def start(self) -> None:
+        slurm = self._start_slurm() if self.full else None
+        vllm = self._prepare_vllm() if self.use_vllm else None
+        executor = "slurm" if self.full else "local"
+        config = agent_config(self.root, executor=executor, slurm=slurm, vllm=vllm)
+        agent_path = self.root / "agent.yaml"
+        agent_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        state_dir = Path(config["state_dir"])
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        saia = [sys.executable, "-m", "saia"]
+        self._spawn("agent", [*saia, "hpc", "agent", "-c", str(agent_path), "--drain-on-exit"])
+        site = self._start_sshd(state_dir, agent_path) if self.full else self._local_site(state_dir)
+        hub_path = self.root / "hub.yaml"
+        hub_path.write_text(yaml.safe_dump(hub_config(self.root, self.port, site)))
+        self.key = self._create_key(saia, hub_path)
+        self._spawn("hub", [*saia, "hub", "serve", "-c", str(hub_path)])
+        self._wait_ready(VLLM_READY_TIMEOUT if vllm else READY_TIMEOUT)
+
+    def _start_slurm(self) -> Any:
+        from saia.sandbox.slurm import SlurmSandbox
+
+        with console.status("starting a throw-away Slurm cluster (munge, slurmctld, slurmd)..."):
+            cluster = SlurmSandbox(self.root / "slurm").start()
+        self._owned("Slurm cluster", cluster.stop)
+        console.print(f"[green]Slurm[/] cluster up (SLURM_CONF={cluster.slurm_conf})")
+        return cluster
+
+    def _prepare_vllm(self) -> Any:
+        from saia.sandbox.vllm import ensure
+
+        with console.status("installing vLLM for the CPU and building a tiny model (minutes)..."):
+            return ensure()
+
+    def _start_sshd(self, state_dir: Path, agent_path: Path) -> dict[str, Any]:
+        from saia.sandbox.sshd import SshdSandbox
+
+        agent = [sys.executable, "-m", "saia", "hpc", "agent", "-c", str(agent_path)]
+        with console.status("starting sshd on 127.0.0.1 with a forced-command key..."):
+            sshd = SshdSandbox(self.root / "sshd", state_dir, agent=agent).start()
+        self._owned("sshd", sshd.stop)
+        console.print(f"[green]sshd[/] on 127.0.0.1:{sshd.port}, key forced to the relay")
+        return {
+            "host": sshd.host,
+            "port": sshd.port,
+            "user": sshd.user,
+            "client_key": str(sshd.client_key),
+            "known_hosts": str(sshd.known_hosts),
+        }
+
+    def _local_site(self, state_dir: Path) -> dict[str, Any]:
+        raise DemoError(
+            "this machine cannot run the demo's Slurm cluster and sshd: run it as root on "
+            "Debian with `python -m saia.sandbox.packages` available"
+        )
+
+    def _create_key(self, saia: list[str], hub_path: Path) -> str:
+        done = subprocess.run(
+            [*saia, "hub", "keys", "create", "-c", str(hub_path), "--name", "demo"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if done.returncode != 0 or not done.stdout.strip():
+            raise DemoError(f"could not create an API key: {done.stderr.strip()}")
+        return done.stdout.strip().splitlines()[-1]
+
+    def _wait_ready(self, timeout: float) -> None:
+        url = f"http://127.0.0.1:{self.port}/v1/models"
+        headers = {"Authorization": f"Bearer {self.key}"}
+        deadline = time.monotonic() + timeout
+        status = "starting"
+        with console.status("waiting for the hub and the model job...") as spinner:
+            while time.monotonic() < deadline:
+                status = _model_status(url, headers) or "hub starting"
+                spinner.update(f"waiting for the model job: {status}")
+                if status == "ready":
+                    return
+                self.check_alive()
+                time.sleep(1.0)
+        raise DemoError(
+            f"the model was not ready after {timeout:.0f} s ({status}); see {self.root}/"
+        )
+
+    def check_alive(self) -> None:
+        for name, process in self._processes.items():
+            if process.poll() is not None:
+                log = self.root / f"{name}.log"
+                tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+                raise DemoError(f"the {name} stopped ({process.returncode}): {' | '.join(tail)}")
+
+
+def _model_status(url: str, headers: dict[str, str]) -> str | None:
+    try:
+        response = httpx.get(url, headers=headers, timeout=5.0)
+        models = response.json().get("data", [])
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
+    for model in models:
+        if model.get("id") == MODEL_ID:
+            return str(model.get("status", "unknown"))
+    return "not listed"
+
+
+def _terminate(process: subprocess.Popen[bytes], grace: float = 15.0) -> None:
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(5)
+
+
+@contextlib.contextmanager
+def _work_dir(path: Path | None) -> Iterator[Path]:
+    if path is not None:
+        path.mkdir(parents=True, exist_ok=True)
+        yield path.resolve()
+        return
+    root = Path(tempfile.mkdtemp(prefix="saia-demo-"))
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _print_ready(port: int, key: str) -> None:
+    base = f"http://127.0.0.1:{port}/v1"
+    click.echo(f"SAIA_BASE_URL={base}")
+    click.echo(f"SAIA_API_KEY={key}")
+    click.echo(
+        f'\ncurl {base}/chat/completions -H "Authorization: Bearer $SAIA_API_KEY" '
+        f"-H 'Content-Type: application/json' "
+        f'-d \'{{"model": "{MODEL_ID}", "messages": [{{"role": "user", '
+        f'"content": "Hello!"}}]}}\''
+    )
+    click.echo(f"\nchat page: http://127.0.0.1:{port}/chat/  (log in with the key above)")
+    click.echo("Ctrl-C stops everything the demo started.", err=True)
+
+
+@click.command()
+@click.option("--port", default=8000, show_default=True, help="the hub's port on 127.0.0.1")
+@click.option("--vllm", "use_vllm", is_flag=True, help="serve a tiny model with real vLLM (CPU)")
+@click.option(
+    "--dir",
+    "work_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="keep the demo's files here (default: a temporary dir, removed at exit)",
+)
+def demo(port: int, use_vllm: bool, work_dir: Path | None) -> None:
+    """Bring the whole system up on this machine and serve until Ctrl-C."""
+    _ensure_packages()
+    full, why = _full_mode_possible()
+    console.print(f"saia demo: {why}")
+    stop = _install_signal_handlers()
+    with _work_dir(work_dir) as root:
+        session = Demo(root, port, use_vllm, full)
+        try:
+            session.start()
+            _print_ready(port, session.key)
+            while not stop():
+                session.check_alive()
+                time.sleep(0.5)
+        except DemoError as error:
+            console.print(f"[red]error:[/] {error}")
+            raise SystemExit(1) from None
+        except KeyboardInterrupt:
+            pass
+        finally:
+            session.close()
+            console.print("saia demo: everything stopped")
+
+
+def _install_signal_handlers() -> Callable[[], bool]:
+    requested: list[int] = []
+
+    def handler(signum: int, _frame: object) -> None:
+        requested.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return lambda: bool(requested)
