@@ -116,19 +116,24 @@ async def our_jobs(config: AgentConfig) -> list[JobInfo]:
 async def test_min_instance_becomes_ready_and_serves(
     slurm_cluster: SlurmSandbox, prefix: str, tmp_path: Path
 ) -> None:
-    config = agent_config(slurm_cluster, tmp_path, prefix)
+    """The job's server demands its per-job key: readiness and requests must carry it."""
+    config = agent_config(
+        slurm_cluster, tmp_path, prefix, server_args=["--api-key-env", "VLLM_API_KEY"]
+    )
     async with running_agent(config) as registry:
-        backends = await until(lambda: ready(registry), 60, "no backend became ready")
-        async with httpx.AsyncClient(trust_env=False) as client:
-            answer = await client.post(
-                f"{backends[0].url}/v1/chat/completions",
-                json={"model": "tiny", "messages": [{"role": "user", "content": "hello there"}]},
-                timeout=10,
-            )
+        backend = (await until(lambda: ready(registry), 60, "no backend became ready"))[0]
+        key_file = tmp_path / "jobs" / backend.job_id / "api_key"
+        assert backend.api_key and backend.api_key == key_file.read_text().strip()
+        chat = {"model": "tiny", "messages": [{"role": "user", "content": "hello there"}]}
+        async with httpx.AsyncClient(trust_env=False, timeout=10) as client:
+            url = f"{backend.url}/v1/chat/completions"
+            assert (await client.post(url, json=chat)).status_code == 401
+            headers = {"Authorization": f"Bearer {backend.api_key}"}
+            answer = await client.post(url, json=chat, headers=headers)
         assert answer.status_code == 200
         assert answer.json()["choices"][0]["message"]["content"]
         jobs = await our_jobs(config)
-        assert [j.job_id for j in jobs] == [backends[0].job_id]
+        assert [j.job_id for j in jobs] == [backend.job_id]
         assert jobs[0].running
 
 
