@@ -206,6 +206,7 @@ class Agent:
             self.health.forget(job_id)
             self.endpoints.pop(job_id, None)
             self.keys.pop(job_id, None)
+            self._logged = {key for key in self._logged if key[1] != job_id}
             log.info("job %s (%s) is gone from Slurm", job_id, record.service)
         for record in self.state.jobs.values():
             if record.replaces is not None and record.replaces not in self.state.jobs:
@@ -256,7 +257,7 @@ class Agent:
     async def act(self, decision: Decision, now: float) -> bool:
         self.state.backoff.update(decision.backoff)
         self.warnings = {}
-        acted = False
+        acted, refused = False, set()
         for action in decision.actions:
             if isinstance(action, Warn):
                 self._warn(action)
@@ -265,8 +266,11 @@ class Agent:
                 log.info("draining job %s (%s): %s", action.job_id, action.service, action.reason)
             elif isinstance(action, Cancel):
                 acted = await self._cancel(action) or acted
-            elif isinstance(action, Submit):
-                acted = await self._submit(action, now) or acted
+            elif isinstance(action, Submit) and action.service not in refused:
+                if await self._submit(action, now):
+                    acted = True
+                else:  # one failure backs off; the service's other submissions wait too
+                    refused.add(action.service)
         return acted
 
     def _warn(self, warn: Warn) -> None:

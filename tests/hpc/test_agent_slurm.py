@@ -363,3 +363,30 @@ async def test_scales_up_on_load_and_down_after_the_delay(
         await until(lambda: len(ready(registry)) == 1, 20, "not scaled down")
         ids = await until_async_jobs(config, lambda ids: len(ids) == 1, 30)
         assert ids[0] in {b.job_id for b in both}
+
+
+async def test_refused_submission_is_reported_and_backs_off(
+    slurm_cluster: SlurmSandbox, prefix: str, tmp_path: Path
+) -> None:
+    config = agent_config(
+        slurm_cluster,
+        tmp_path,
+        prefix,
+        min_instances=2,
+        max_instances=2,
+        startup_backoff="60s",
+        resources={"partition": "no-such-partition", "cpus": 1, "time_limit": "10:00"},
+    )
+    async with running_agent(config):
+
+        def warnings() -> list[str]:
+            try:
+                status = json.loads((tmp_path / "status.json").read_text())
+            except (OSError, ValueError):
+                return []
+            return [w for w in status["services"][0]["warnings"] if "next submission" in w]
+
+        assert await until(warnings, 30, "no back-off warning")
+        state = json.loads((tmp_path / "agent-state.json").read_text())
+        assert state["backoff"][SERVICE]["failures"] == 1  # one refusal, not one per instance
+        assert state["jobs"] == {}
