@@ -148,9 +148,16 @@ function detail(error) {
   return error.message.replace(/[.\s]+$/, "");
 }
 
+// A wait in words a person reads at a glance: 45 s, 12 min, 3 h.
+export function formatWait(seconds) {
+  if (seconds < 90) return `${seconds} s`;
+  if (seconds < 90 * 60) return `${Math.round(seconds / 60)} min`;
+  return `${Math.round(seconds / 3600)} h`;
+}
+
 export function describeError(error, modelName) {
   const model = modelName || "this model";
-  const wait = error.retryAfter != null ? ` Try again in ${error.retryAfter} s.` : "";
+  const wait = error.retryAfter != null ? ` Try again in ${formatWait(error.retryAfter)}.` : "";
   switch (error.kind) {
     case "auth":
       return `Your API key was not accepted (401): ${detail(error)}. Log in with a valid key.`;

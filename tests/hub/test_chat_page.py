@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -62,7 +64,7 @@ class HubProcess:
     standin: StandinProcess
     fragile: StandinProcess
     key: str  # any model, no limits
-    limited_key: str  # two requests per minute
+    limited_key: str  # two requests per day (a minute window could roll over mid-test)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -145,7 +147,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
         key = saia("hub", "keys", "create", "-c", config, "--name", "chat", cwd=directory)
         limited = saia(
             "hub", "keys", "create", "-c", config, "--name", "limited",
-            "--requests-per-minute", "2", cwd=directory,
+            "--requests-per-day", "2", cwd=directory,
         )  # fmt: skip
         proc = start_hub(directory, config)
         server = HubProcess(
@@ -330,12 +332,12 @@ async def test_bad_key_and_refusals_are_explained(browser: Browser, hub: HubProc
     await log_in(page, hub.limited_key)
     await page.select_option("#model-select", MODEL)
     await page.click("#new-chat")
-    for turn in range(2):  # the key's two requests of this minute
+    for turn in range(2):  # the key's two requests of the day
         await send(page, f"turn {turn}")
         await watch_answer(page, limit_s=30)
     await send(page, "one too many")
     await banner.filter(has_text="Rate limit reached (429)").wait_for()
-    assert "Try again in" in (await banner.text_content() or "")
+    assert re.search(r"Try again in \d+ (s|min|h)\.", await banner.text_content() or "")
     assert problems == []
 
 
@@ -414,6 +416,15 @@ def demand_level(demand: object) -> str | None:
     return "low" if demand <= 1 else "medium" if demand <= 3 else "high"
 
 
+def wait_in_words(seconds: int) -> str:
+    """How the page words a Retry-After: seconds under 90 s, minutes under 90 min, else hours."""
+    if seconds < 90:
+        return f"{seconds} s"
+    if seconds < 90 * 60:
+        return f"{math.floor(seconds / 60 + 0.5)} min"  # JavaScript's Math.round
+    return f"{math.floor(seconds / 3600 + 0.5)} h"
+
+
 SSE_PAYLOADS = [
     '{"choices":[{"delta":{"content":"a"}}]}',
     '{"choices":[{"delta":{"content":"two\\nlines"}}]}',
@@ -476,4 +487,14 @@ async def test_page_logic_in_the_browser(browser: Browser, hub: HubProcess) -> N
         now_ms,
     )
     assert retry == [17, 30, None, None]
+
+    waits = [0, 45, 89, 90, 150, 600, 5399, 5400, 9000, 86399]
+    words = await page.evaluate(
+        """async (waits) => {
+            const { formatWait } = await import(new URL("api.js", location.href));
+            return waits.map(formatWait);
+        }""",
+        waits,
+    )
+    assert words == [wait_in_words(seconds) for seconds in waits]
     assert problems == []
