@@ -56,6 +56,32 @@ def check_config(config_path: Path) -> None:
         )
 
 
+@hpc.command("job-script")
+@config_option
+@click.argument("service_name", metavar="SERVICE")
+def job_script(config_path: Path, service_name: str) -> None:
+    """Print the batch script the agent would submit for SERVICE (nothing is submitted)."""
+    from hpc.job_script import JobScriptError, render_job
+    from hpc.jobs import JobTag
+    from hpc.state import AGENT_ID_FILE
+
+    config = load_or_exit(config_path)
+    service = config.service(service_name)
+    if service is None:
+        click.echo(f"error: no service {service_name!r} in {config_path}", err=True)
+        sys.exit(2)
+    ident = ""  # the agent's id when it has one; this command never creates state
+    with contextlib.suppress(OSError):
+        ident = (config.state_dir / AGENT_ID_FILE).read_text(encoding="ascii").strip()
+    tag = JobTag(config.job_prefix, ident or "AGENT-ID")
+    try:
+        submission = render_job(service, config, tag)
+    except JobScriptError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(2)
+    click.echo(submission.script, nl=False)
+
+
 @hpc.command("agent")
 @config_option
 @click.option(

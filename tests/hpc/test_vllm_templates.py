@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from hpc.cli import hpc
 from hpc.config import AgentConfig, load_config, parse_config
 from hpc.job_script import render_job, template_file
 from hpc.jobs import JobTag
@@ -64,6 +66,17 @@ def test_examples_cover_every_vllm_feature() -> None:
         assert "#SBATCH --no-requeue" in script
         assert "#SBATCH --signal=B:TERM@60" in script
         assert "#SBATCH --output=/srv/saia/state/jobs/%j.log" in script
+
+
+def test_job_script_command_prints_the_rendered_script() -> None:
+    config_path = EXAMPLES / "vllm-single-node.yaml"
+    result = CliRunner().invoke(hpc, ["job-script", "-c", str(config_path), "llama-3.1-8b"])
+    assert result.exit_code == 0, result.output
+    expected = render_example(config_path).replace("saia-agent:login1", "saia-agent:AGENT-ID")
+    assert result.output == expected
+    missing = CliRunner().invoke(hpc, ["job-script", "-c", str(config_path), "nope"])
+    assert missing.exit_code == 2
+    assert "no service 'nope'" in missing.output
 
 
 def test_vllm_on_several_nodes_uses_the_multinode_body() -> None:
