@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 
 from hub.errors import ApiError, error_body
 from hub.proxy import handle
-from hub.services import HubServices, open_services
+from hub.services import HubServices, check_environment, open_services
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,7 @@ def _add_operations_routes(app: FastAPI) -> None:
 def create_app(config: Any, environ: Mapping[str, str] | None = None) -> FastAPI:
     """The hub app for a validated HubConfig; services open and close with its lifespan."""
     env = dict(os.environ if environ is None else environ)
+    check_environment(config, env)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

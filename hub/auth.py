@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 from collections.abc import Mapping
@@ -35,6 +36,7 @@ class Principal:
         return subjects
 
 
+@functools.lru_cache(maxsize=4096)
 def merge_limits(specific: LimitsConfig, default: LimitsConfig) -> LimitsConfig:
     """Each limit from `specific` where set, from `default` otherwise."""
     values = {

@@ -75,9 +75,20 @@ async def _open_upstreams(
 def admin_token(config: HubConfig, environ: Mapping[str, str]) -> str | None:
     name = config.auth.admin_token_env
     token = environ.get(name) if name else None
-    if token is not None and len(token) < 16:
+    if not token:
+        return None
+    if len(token) < 16:
         raise ConfigError(f"environment variable {name}: the admin token needs 16+ characters")
-    return token or None
+    return token
+
+
+def check_environment(config: HubConfig, environ: Mapping[str, str]) -> None:
+    """Settings taken from the environment, checked before serving (ConfigError)."""
+    admin_token(config, environ)
+    for name, upstream in config.upstreams.items():
+        variable = getattr(upstream, "api_key_env", None)
+        if variable and not environ.get(variable):
+            raise ConfigError(f"upstream {name}: environment variable {variable} is not set")
 
 
 @asynccontextmanager
@@ -90,8 +101,9 @@ async def open_services(
             await upgrade(engine)
         keys = KeyStore(engine)
         cache = KeyCache(keys, config.auth.key_cache_ttl)
-        counters = CounterStore(engine)
         async with AsyncExitStack() as stack:
+            counters = CounterStore(config.database)
+            stack.push_async_callback(counters.aclose)
             client = await stack.enter_async_context(shared_client(config.max_connections))
             upstreams = await _open_upstreams(config, client, environ, stack)
             recorder = UsageRecorder(engine, counters, config.usage_flush_interval)

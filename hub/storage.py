@@ -31,9 +31,9 @@ from sqlalchemy import (
     event,
     text,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.sql.elements import TextClause
 
 log = logging.getLogger(__name__)
 
@@ -107,16 +107,30 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def open_engine(url: str) -> AsyncEngine:
-    """An engine for the URL; SQLite files get their directory, WAL and a busy timeout."""
+def open_engine(url: str, *, autocommit: bool = False) -> AsyncEngine:
+    """An engine for the URL; SQLite files get their directory, WAL and a busy timeout.
+
+    `autocommit` engines run single statements without BEGIN/COMMIT or a reset when a
+    connection goes back to the pool: one round trip per statement (the rate counters).
+    """
+    options: dict[str, Any] = {}
+    if autocommit:
+        options = {"isolation_level": "AUTOCOMMIT", "pool_reset_on_return": None}
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
+        if autocommit:
+            # SQLite runs one writer at a time: queueing on one connection in asyncio is far
+            # cheaper than several connections sleeping in SQLite's busy handler.
+            options.update(pool_size=1, max_overflow=0, pool_timeout=60)
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url, connect_args={"timeout": 10})
+        engine = create_async_engine(url, connect_args={"timeout": 10}, **options)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
-    return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    return create_async_engine(
+        url, pool_size=20, max_overflow=40, pool_recycle=1800, pool_pre_ping=not autocommit,
+        **options,
+    )  # fmt: skip
 
 
 def _upgrade(connection: Connection, revision: str) -> None:
@@ -135,12 +149,31 @@ async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
         await connection.run_sync(_upgrade, revision)
 
 
-class CounterStore:
-    """Atomic fixed-window counters shared by all replicas using the database."""
+def _bump_statement(rows: int) -> TextClause:
+    """The upsert of `rows` counter rows; plain SQL, valid on SQLite 3.35+ and PostgreSQL,
+    built once per row count so the hot path compiles nothing."""
+    values = ", ".join(f"(:s{i}, :p{i}, :t{i}, :r{i}, :k{i})" for i in range(rows))
+    return text(
+        "INSERT INTO rate_counters (subject, period, start, requests, tokens) "
+        f"VALUES {values} ON CONFLICT (subject, period, start) DO UPDATE SET "
+        "requests = rate_counters.requests + excluded.requests, "
+        "tokens = rate_counters.tokens + excluded.tokens "
+        "RETURNING subject, period, start, requests, tokens"
+    )
 
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
-        self._dialect = engine.dialect.name
+
+class CounterStore:
+    """Atomic fixed-window counters shared by all replicas using the database.
+
+    Owns an autocommit engine of its own (`aclose()` it).
+    """
+
+    def __init__(self, url: str) -> None:
+        self._engine = open_engine(url, autocommit=True)
+        self._statements: dict[int, TextClause] = {}
+
+    async def aclose(self) -> None:
+        await self._engine.dispose()
 
     async def bump(
         self,
@@ -150,32 +183,28 @@ class CounterStore:
         """Add (requests, tokens) to each (subject, period, start) row; return the new totals.
 
         Rows must be unique per (subject, period, start): one statement cannot touch a row
-        twice on PostgreSQL.
+        twice on PostgreSQL. With `connection`, the statement joins the caller's transaction.
         """
         if not rows:
             return []
-        insert = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
-        values = [
-            {"subject": s, "period": p, "start": t, "requests": r, "tokens": k}
-            for s, p, t, r, k in rows
-        ]
-        base = insert(rate_counters).values(values)
-        statement = base.on_conflict_do_update(
-            index_elements=["subject", "period", "start"],
-            set_={
-                "requests": rate_counters.c.requests + base.excluded.requests,
-                "tokens": rate_counters.c.tokens + base.excluded.tokens,
-            },
-        ).returning(*rate_counters.c)
-        if connection is not None:  # part of the caller's transaction
-            result = await connection.execute(statement)
+        statement = self._statements.get(len(rows))
+        if statement is None:
+            statement = self._statements[len(rows)] = _bump_statement(len(rows))
+        params: dict[str, Any] = {}
+        for i, (subject, period, start, requests, tokens) in enumerate(rows):
+            params.update(
+                {f"s{i}": subject, f"p{i}": period, f"t{i}": start, f"r{i}": requests,
+                 f"k{i}": tokens}
+            )  # fmt: skip
+        if connection is not None:
+            result = await connection.execute(statement, params)
             return [CounterRow(*row) for row in result.all()]
         async with self._engine.connect() as own:
-            result = await own.execute(statement)
+            result = await own.execute(statement, params)
             return [CounterRow(*row) for row in result.all()]
 
     async def prune(self, before: float) -> None:
-        """Drop windows that ended long ago (the month window lasts at most 31 days)."""
+        """Drop windows that started long ago (a month window lasts at most 31 days)."""
         async with self._engine.connect() as connection:
             await connection.execute(
                 rate_counters.delete().where(rate_counters.c.start < int(before))

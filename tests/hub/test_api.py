@@ -209,7 +209,7 @@ async def test_concurrency_cap(tmp_path: Path, standin_factory: object) -> None:
     slow = standin_factory("slow", token_delay=0.1)  # type: ignore[operator]
     async with running_hub(hub_config(tmp_path, slow.url, "slow")) as hub:
         key = await hub.create_key(limits=_limits(concurrent=2))
-        body = {"model": "slow", "prompt": "a", "max_tokens": 8}
+        body = {"model": "slow", "prompt": "a b c d e f g h i j", "max_tokens": 8}
         async with hub.client(key) as http:
             results = await asyncio.gather(
                 *(http.post("/v1/completions", json=body) for _ in range(4))
@@ -225,7 +225,8 @@ async def test_streams_cancelled_by_clients_release_everything(
     slow = standin_factory("slow", token_delay=0.05)  # type: ignore[operator]
     async with running_hub(hub_config(tmp_path, slow.url, "slow")) as hub:
         key = await hub.create_key(limits=_limits(concurrent=50))
-        body = {"model": "slow", "prompt": "a", "max_tokens": 200, "stream": True}
+        words = " ".join(f"w{i}" for i in range(200))  # the stand-in echoes the prompt
+        body = {"model": "slow", "prompt": words, "max_tokens": 200, "stream": True}
 
         async def abandon(http: httpx.AsyncClient) -> None:
             async with http.stream("POST", "/v1/completions", json=body) as response:
@@ -243,7 +244,7 @@ async def test_streams_cancelled_by_clients_release_everything(
         assert hub.services.metrics.in_flight.labels("slow", "local")._value.get() == 0
         await hub.services.recorder.flush()
         rows = await usage_rows(hub)
-        assert len(rows) == 20 and all(row["status"] == 499 for row in rows)
+        assert [row["status"] for row in rows] == [499] * 20
 
 
 async def test_upstream_down_is_502(tmp_path: Path) -> None:

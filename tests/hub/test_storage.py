@@ -62,16 +62,23 @@ async def test_keys_round_trip_and_revocation_within_cache_ttl(engine: AsyncEngi
     assert updated is not None and updated.limits == LimitsConfig(concurrent=1)
 
 
-async def test_counter_increments_are_atomic(engine: AsyncEngine) -> None:
-    counters = CounterStore(engine)
+@pytest.fixture
+async def counters(engine: AsyncEngine, database_url: str) -> AsyncIterator[CounterStore]:
+    store = CounterStore(database_url)
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
+async def test_counter_increments_are_atomic(counters: CounterStore) -> None:
     rows = [("key:a", "minute", 60, 1, 0), ("key:a", "day", 0, 1, 0)]
     results = await asyncio.gather(*(counters.bump(rows) for _ in range(40)))
     minute = sorted(r.requests for result in results for r in result if r.period == "minute")
     assert minute == list(range(1, 41))  # every increment saw its own total
 
 
-async def test_usage_batches_and_summary(engine: AsyncEngine) -> None:
-    counters = CounterStore(engine)
+async def test_usage_batches_and_summary(engine: AsyncEngine, counters: CounterStore) -> None:
     recorder = UsageRecorder(engine, counters, interval=0.05)
     now = time.time()
     async with recorder.running():
@@ -95,8 +102,8 @@ async def test_usage_batches_and_summary(engine: AsyncEngine) -> None:
     assert await usage_summary(engine, since=now + 10, until=None, by="model") == []
 
 
-async def test_recorder_flushes_on_shutdown(engine: AsyncEngine) -> None:
-    recorder = UsageRecorder(engine, CounterStore(engine), interval=60)
+async def test_recorder_flushes_on_shutdown(engine: AsyncEngine, counters: CounterStore) -> None:
+    recorder = UsageRecorder(engine, counters, interval=60)
     async with recorder.running():
         recorder.record(_record("last", "carol", time.time()))
     async with engine.connect() as connection:
