@@ -166,7 +166,10 @@ export function describeError(error, modelName) {
     case "rate":
       return `Rate limit reached (429): ${detail(error)}.${wait || " Try again later."}`;
     case "loading":
-      return `${model} is not ready yet (503): ${detail(error)}.${wait || " It is starting on the cluster; try again in a minute."}`;
+      return (
+        `${model} is not ready yet (503): ${detail(error)}.` +
+        (wait || " It is starting on the cluster; try again in a minute.")
+      );
     case "network":
       return `Network problem: ${detail(error)}.`;
     case "stream":

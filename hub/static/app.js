@@ -2,7 +2,7 @@
 
 import { ApiError, HubClient, describeError } from "./api.js";
 import { describeModel, normalizeModels } from "./models.js";
-import { renderMarkdown, renderPlain } from "./markdown.js";
+import { conversationItem, fillMessage, messageView } from "./views.js";
 import { ConversationStore, settings } from "./store.js";
 
 const MODEL_REFRESH_MS = 30000;
@@ -106,7 +106,9 @@ async function login(event) {
       error.kind === "auth" ? "This API key was not accepted (401)." : describeError(error);
     return;
   }
-  if (!settings.setApiKey(key)) showError("This browser refused to save the key; log in again next time.");
+  if (!settings.setApiKey(key)) {
+    showError("This browser refused to save the key; log in again next time.");
+  }
   ui.apiKey.value = "";
   ui.loginError.textContent = "";
   ui.loginDialog.close();
@@ -189,24 +191,12 @@ async function refreshModels() {
 // ---- conversations ----------------------------------------------------------------
 
 function renderConversations() {
-  const active = state.store.active();
-  const items = state.store.list().map((conversation) => {
-    const item = document.createElement("li");
-    const open = document.createElement("button");
-    open.type = "button";
-    open.className = "conversation";
-    open.textContent = conversation.title;
-    if (conversation === active) open.setAttribute("aria-current", "true");
-    open.addEventListener("click", () => openConversation(conversation.id));
-    const remove = document.createElement("button");
-    remove.type = "button";
-    remove.className = "delete";
-    remove.textContent = "×";
-    remove.setAttribute("aria-label", `Delete conversation: ${conversation.title}`);
-    remove.addEventListener("click", () => deleteConversation(conversation.id));
-    item.append(open, remove);
-    return item;
-  });
+  const items = state.store.list().map((conversation) =>
+    conversationItem(conversation, conversation === state.store.active(), {
+      open: openConversation,
+      remove: deleteConversation,
+    }),
+  );
   ui.conversationList.replaceChildren(...items);
 }
 
@@ -236,54 +226,6 @@ function newChat() {
 
 // ---- messages ---------------------------------------------------------------------
 
-function usageText(usage) {
-  if (!usage) return "";
-  return `${usage.prompt_tokens ?? "?"} prompt + ${usage.completion_tokens ?? "?"} answer tokens`;
-}
-
-function metaText(message) {
-  const parts = [];
-  if (message.model) parts.push(message.model);
-  if (message.usage) parts.push(usageText(message.usage));
-  if (message.finish === "length") parts.push("cut off at the token limit");
-  if (message.stopped) parts.push("stopped");
-  return parts.join(" · ");
-}
-
-function messageView(message) {
-  const view = ui.template.content.firstElementChild.cloneNode(true);
-  view.classList.add(message.role);
-  view.querySelector(".message-role").textContent = message.role === "user" ? "You" : "Assistant";
-  fillMessage(view, message);
-  return view;
-}
-
-function fillMessage(view, message) {
-  const body = view.querySelector(".message-body");
-  if (message.role === "user") renderPlain(body, message.content);
-  else renderMarkdown(body, message.content);
-  if (message.reasoning) body.prepend(reasoningView(message.reasoning));
-  if (message.error) {
-    const error = document.createElement("p");
-    error.className = "message-error";
-    error.textContent = message.error;
-    body.append(error);
-  }
-  view.querySelector(".message-meta").textContent = metaText(message);
-  view.classList.toggle("pending", Boolean(message.pending));
-}
-
-function reasoningView(text) {
-  const details = document.createElement("details");
-  details.className = "reasoning";
-  const summary = document.createElement("summary");
-  summary.textContent = "Reasoning";
-  const body = document.createElement("p");
-  body.textContent = text;
-  details.append(summary, body);
-  return details;
-}
-
 function renderMessages() {
   const conversation = state.store.active();
   if (!conversation || !conversation.messages.length) {
@@ -295,7 +237,8 @@ function renderMessages() {
     ui.messages.replaceChildren(empty);
     return;
   }
-  ui.messages.replaceChildren(...conversation.messages.map(messageView));
+  const views = conversation.messages.map((message) => messageView(ui.template, message));
+  ui.messages.replaceChildren(...views);
   ui.messages.scrollTop = ui.messages.scrollHeight;
 }
 

@@ -62,7 +62,13 @@ export class ConversationStore {
   }
 
   create(model) {
-    const conversation = { id: newId(), title: "New chat", model, messages: [], updated: Date.now() };
+    const conversation = {
+      id: newId(),
+      title: "New chat",
+      model,
+      messages: [],
+      updated: Date.now(),
+    };
     this.conversations.push(conversation);
     this.activeId = conversation.id;
     return this.save();
