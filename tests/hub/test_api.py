@@ -308,3 +308,35 @@ async def usage_rows(hub: RunningHub) -> list[dict[str, object]]:
     async with hub.services.engine.connect() as connection:
         result = await connection.execute(select(usage).order_by(usage.c.id))
         return [dict(row._mapping) for row in result.all()]
+
+
+async def test_identity_from_a_trusted_proxy_header(tmp_path: Path, standin_server: str) -> None:
+    auth = {
+        "proxy_user_header": "X-Forwarded-User",
+        "trusted_proxies": ["127.0.0.0/8"],
+        "user_limits": {"requests_per_day": 1},
+    }
+    config = hub_config(tmp_path, standin_server, STANDIN_MODEL, auth=auth)
+    body = {"model": STANDIN_MODEL, "prompt": "a", "max_tokens": 1}
+    async with running_hub(config) as hub, hub.client() as http:
+        first = await http.post("/v1/completions", json=body, headers={"x-forwarded-user": "eve"})
+        again = await http.post("/v1/completions", json=body, headers={"x-forwarded-user": "eve"})
+        other = await http.post("/v1/completions", json=body, headers={"x-forwarded-user": "fay"})
+        anonymous = await http.post("/v1/completions", json=body)
+        await hub.services.recorder.flush()
+        users = [row["user_name"] for row in await usage_rows(hub)]
+    assert first.status_code == 200 and first.headers["x-ratelimit-limit-day"] == "1"
+    assert again.status_code == 429  # the user's own daily limit
+    assert other.status_code == 200
+    assert anonymous.status_code == 401
+    assert users == ["eve", "eve", "fay"]
+
+
+async def test_proxy_header_from_an_untrusted_address_is_ignored(
+    tmp_path: Path, standin_server: str
+) -> None:
+    auth = {"proxy_user_header": "X-Forwarded-User", "trusted_proxies": ["10.9.9.0/24"]}
+    config = hub_config(tmp_path, standin_server, STANDIN_MODEL, auth=auth)
+    async with running_hub(config) as hub, hub.client() as http:
+        response = await http.get("/v1/models", headers={"x-forwarded-user": "mallory"})
+    assert response.status_code == 401
