@@ -207,6 +207,16 @@ async def last_answer_text(page: Page) -> str:
     return str(text)
 
 
+async def wait_for_answer_text(page: Page, text: str) -> None:
+    """Until the answer being written contains `text` (the page's default timeout bounds it)."""
+    await page.wait_for_function(
+        """(text) => (document.querySelector(
+            '#messages .message.assistant:last-of-type .message-body')?.textContent ?? ''
+        ).includes(text)""",
+        arg=text,
+    )
+
+
 async def watch_answer(page: Page, limit_s: float) -> list[str]:
     """Samples of the answer's text until the page says it is complete (bounded)."""
     samples: list[str] = []
@@ -248,7 +258,7 @@ async def wait_for_idle_backend(standin: StandinProcess, limit_s: float = 10.0) 
     return running
 
 
-async def test_chat_streams_markdown_and_stops(
+async def test_chat_streams_sanitised_markdown(
     browser: Browser, hub: HubProcess, tmp_path: Path
 ) -> None:
     page, problems = await open_page(browser, hub)
@@ -277,17 +287,19 @@ async def test_chat_streams_markdown_and_stops(
     meta = await page.locator("#messages .message.assistant .message-meta").last.text_content()
     assert meta is not None and "prompt" in meta and "answer tokens" in meta  # usage arrived
     await save_screenshot(page, tmp_path)
+    assert problems == []
 
-    # A long answer, stopped after its first words: the page says so and the backend stops.
-    # (In a new chat: the stand-in echoes the whole conversation.)
-    await page.click("#new-chat")
+
+async def test_stop_ends_the_answer_and_the_backend_request(
+    browser: Browser, hub: HubProcess
+) -> None:
+    page, problems = await open_page(browser, hub)
+    await log_in(page, hub.key)
+    await page.select_option("#model-select", MODEL)
     long_prompt = " ".join(f"word{index}" for index in range(60))
     await send(page, long_prompt)
     await page.locator("#stop").wait_for(state="visible")
-    await page.wait_for_function(
-        "() => (document.querySelector('#messages .message.assistant:last-of-type "
-        ".message-body')?.textContent ?? '').includes('word2')"
-    )
+    await wait_for_answer_text(page, "word2")
     await page.click("#stop")
     await page.locator("#send").wait_for(state="visible")
     stopped_text = await last_answer_text(page)
@@ -377,10 +389,7 @@ async def test_conversations_persist_and_delete(browser: Browser, hub: HubProces
     # Leaving the page mid-answer: the saved answer is marked stopped, not left streaming.
     await page.click("#new-chat")
     await send(page, " ".join(f"word{index}" for index in range(60)))
-    await page.wait_for_function(
-        "() => (document.querySelector('#messages .message.assistant:last-of-type "
-        ".message-body')?.textContent ?? '').includes('word2')"
-    )
+    await wait_for_answer_text(page, "word2")
     await page.reload()
     await page.locator("#model-select:not([disabled])").wait_for()
     assert await titles.count() == 2
@@ -396,10 +405,7 @@ async def test_answer_broken_mid_stream_is_reported(browser: Browser, hub: HubPr
     await log_in(page, hub.key)
     await page.select_option("#model-select", FRAGILE_MODEL)
     await send(page, " ".join(f"part{index}" for index in range(60)))
-    await page.wait_for_function(
-        "() => (document.querySelector('#messages .message.assistant:last-of-type "
-        ".message-body')?.textContent ?? '').includes('part2')"
-    )
+    await wait_for_answer_text(page, "part2")
     hub.fragile.proc.kill()  # the model server dies while it answers
     banner = page.locator("#error-banner")
     await banner.filter(has_text="The answer was interrupted").wait_for()
