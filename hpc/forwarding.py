@@ -15,9 +15,8 @@ import time
 from collections import defaultdict
 from typing import Protocol
 
-import httpx
-
 from cloud_interface.protocol import RequestHead
+from hpc.backend_http import BackendBroken, BackendHttp, BackendResponse, BackendUnreachable
 from hpc.config import RouterConfig, ServiceConfig
 from hpc.registry import Backend, BackendRegistry
 from hpc.routing_policy import pick_backend, queue_is_full
@@ -102,24 +101,24 @@ def backend_headers(headers: list[tuple[str, str]], api_key: str | None) -> list
     return out
 
 
-def response_headers(headers: httpx.Headers) -> list[tuple[str, str]]:
-    return [(k, v) for k, v in headers.multi_items() if k.lower() not in HOP_HEADERS]
+def response_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in headers if k.lower() not in HOP_HEADERS]
+
+
+def is_event_stream(headers: list[tuple[str, str]]) -> bool:
+    return any(
+        k.lower() == "content-type" and v.startswith("text/event-stream") for k, v in headers
+    )
 
 
 class Forwarder:
-    """Sends requests to the registry's backends over one keep-alive HTTP client."""
+    """Sends requests to the registry's backends over the router's keep-alive client."""
 
-    def __init__(self, http: httpx.AsyncClient, registry: BackendRegistry, config: RouterConfig):
+    def __init__(self, http: BackendHttp, registry: BackendRegistry, config: RouterConfig):
         self._http = http
         self._registry = registry
         self._config = config
         self._turns: defaultdict[str, int] = defaultdict(int)
-        self._timeout = httpx.Timeout(
-            connect=config.connect_timeout,
-            read=config.first_byte_timeout,
-            write=config.connect_timeout,
-            pool=config.connect_timeout,
-        )
 
     async def forward(
         self, sink: ResponseSink, service: ServiceConfig, head: RequestHead, body: bytes
@@ -183,48 +182,41 @@ class Forwarder:
         headers: list[tuple[str, str]],
         body: bytes,
     ) -> None:
-        request = self._http.build_request(
-            head.method,
-            backend.url.rstrip("/") + head.path,
-            headers=headers,
-            content=body,
-            timeout=self._timeout,
-        )
         try:
-            response = await self._http.send(request, stream=True)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as error:
-            raise Unreachable(type(error).__name__) from error
-        except (httpx.ReadError, httpx.WriteError) as error:
-            raise Unreachable(type(error).__name__) from error
-        except httpx.TimeoutException:
+            async with asyncio.timeout(self._config.first_byte_timeout):
+                response = await self._http.send(backend.url, head.method, head.path, headers, body)
+        except BackendUnreachable as error:
+            raise Unreachable(str(error)) from error
+        except TimeoutError:
             raise Rejection(504, "backend_timeout", "the model did not answer in time") from None
         try:
-            sink.start(response.status_code, response_headers(response.headers))
+            sink.start(response.status, response_headers(response.headers))
             await self._pass_body(sink, response)
         finally:
-            await response.aclose()
+            self._http.release(response)
 
-    async def _pass_body(self, sink: ResponseSink, response: httpx.Response) -> None:
+    async def _pass_body(self, sink: ResponseSink, response: BackendResponse) -> None:
         idle = self._config.idle_timeout
         loop = asyncio.get_running_loop()
+        event_stream = is_event_stream(response.headers)
         try:
             async with asyncio.timeout(idle) as timer:
-                async for chunk in response.aiter_raw():
+                async for chunk in response.chunks():
                     timer.reschedule(None)  # a slow client is back-pressure, not idleness
                     await sink.send(chunk)
                     timer.reschedule(loop.time() + idle)
         except TimeoutError:
-            await self._break(sink, response, f"the model sent nothing for {idle:.0f} s")
+            await self._break(sink, event_stream, f"the model sent nothing for {idle:.0f} s")
             return
-        except httpx.HTTPError as error:
-            await self._break(sink, response, f"the model's stream broke ({type(error).__name__})")
+        except BackendBroken as error:
+            await self._break(sink, event_stream, f"the model's stream broke: {error}")
             return
         sink.finish()
 
-    async def _break(self, sink: ResponseSink, response: httpx.Response, message: str) -> None:
+    async def _break(self, sink: ResponseSink, event_stream: bool, message: str) -> None:
         """End a started response with an explicit error, never a silent truncation."""
-        log.warning("stream from %s broke: %s", response.request.url.host, message)
-        if response.headers.get("content-type", "").startswith("text/event-stream"):
+        log.warning("a backend response broke off: %s", message)
+        if event_stream:
             event = {"object": "error", **json.loads(error_body(message, "upstream_error", 502))}
             await sink.send(b"data: " + json.dumps(event).encode() + b"\n\n")
             sink.finish()

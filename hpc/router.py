@@ -19,9 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from cloud_interface import protocol as wire
+from hpc.backend_http import BackendHttp
 from hpc.config import AgentConfig
 from hpc.forwarding import Forwarder, Rejection, error_body
 from hpc.mux import Channel, StreamClosed, StreamState
@@ -313,8 +312,7 @@ async def _listen(router: Router, path: Path) -> asyncio.AbstractServer:
 async def serve_requests(config: AgentConfig, registry: BackendRegistry) -> None:
     """Serve hop channels on `<state_dir>/agent.sock` until cancelled."""
     path = config.state_dir / SOCKET_NAME
-    limits = httpx.Limits(max_connections=2048, max_keepalive_connections=512)
-    async with httpx.AsyncClient(limits=limits, trust_env=False) as http:
+    async with BackendHttp(config.router.connect_timeout) as http:
         router = Router(config, registry, Forwarder(http, registry, config.router))
         server = await _listen(router, path)
         log.info("router listening on %s", path)
