@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
@@ -27,6 +28,8 @@ from hub.storage import CounterStore, merge_rows, usage
 log = logging.getLogger(__name__)
 
 MAX_PENDING = 200_000
+PRUNE_INTERVAL = 3600.0
+COUNTER_RETENTION = 40 * 86400.0  # longer than any window (a month)
 GroupBy = Literal["user", "key", "model", "group", "upstream"]
 _COLUMNS = {
     "user": usage.c.user_name,
@@ -113,13 +116,24 @@ class UsageRecorder:
         return len(batch)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Flush every interval until `stop` is set, then once more."""
+        """Flush every interval until `stop` is set, then once more; prune old counters."""
+        loop = asyncio.get_running_loop()
+        next_prune = loop.time()
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._interval):
                     await stop.wait()
             await self.flush()
+            if loop.time() >= next_prune:
+                next_prune = loop.time() + PRUNE_INTERVAL
+                await self._prune()
         await self.flush()
+
+    async def _prune(self) -> None:
+        try:
+            await self._counters.prune(time.time() - COUNTER_RETENTION)
+        except (SQLAlchemyError, OSError) as error:
+            log.warning("pruning old rate-limit counters failed: %s", error)
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[UsageRecorder]:

@@ -168,6 +168,8 @@ async def relay(
     try:
         async for chunk in response.chunks:
             out = tap.feed(chunk)
+            if out and outcome.target != outcome.model:
+                out = rename_model(out, outcome.target, outcome.model)
             if out:
                 if outcome.first_chunk is None:
                     outcome.first_chunk = time.perf_counter()
@@ -223,9 +225,20 @@ async def complete(
         status, body = upstream_error_body(status, body)
     else:
         outcome.usage = usage_from_body(body)
+        if outcome.target != outcome.model:
+            body = rename_model(body, outcome.target, outcome.model)
     outcome.status = status
     merged = {**dict(forwardable(response.headers)), **headers}
     return Response(body, status_code=status, headers=merged)
+
+
+def rename_model(data: bytes, target: str, public: str) -> bytes:
+    """Answers of an aliased model name the public id; a byte replacement, no re-encoding."""
+    for separator in (b":", b": "):
+        old = b'"model"' + separator + json.dumps(target).encode()
+        if old in data:
+            data = data.replace(old, b'"model"' + separator + json.dumps(public).encode())
+    return data
 
 
 def new_request_id() -> str:

@@ -340,3 +340,31 @@ async def test_proxy_header_from_an_untrusted_address_is_ignored(
     async with running_hub(config) as hub, hub.client() as http:
         response = await http.get("/v1/models", headers={"x-forwarded-user": "mallory"})
     assert response.status_code == 401
+
+
+async def test_alias_and_hooks(tmp_path: Path, standin_server: str) -> None:
+    alias = {
+        "id": "friendly",
+        "upstream": "local",
+        "upstream_model": STANDIN_MODEL,
+        "hooks": {"system_prompt": "Answer briefly.", "max_tokens_cap": 3},
+    }
+    config = hub_config(tmp_path, standin_server, STANDIN_MODEL, models=[alias])
+    async with running_hub(config) as hub:
+        api = client(hub, await hub.create_key())
+        messages = [{"role": "user", "content": "w1 w2 w3 w4 w5 w6 w7 w8"}]
+        answer = await api.chat.completions.create(
+            model="friendly",
+            messages=messages,
+            max_tokens=100,  # type: ignore[arg-type]
+        )
+        assert answer.model == "friendly"
+        assert answer.usage is not None and answer.usage.completion_tokens <= 3
+        # The stand-in echoes the prompt: the system prompt was prepended.
+        assert "Answer" in (answer.choices[0].message.content or "")
+        stream = await api.chat.completions.create(
+            model="friendly",
+            messages=messages,
+            stream=True,  # type: ignore[arg-type]
+        )
+        assert {chunk.model async for chunk in stream} == {"friendly"}

@@ -131,3 +131,10 @@ def _record(request_id: str, user: str, now: float) -> UsageRecord:
         upstream="u", endpoint="completions", status=200, stream=False, prompt_tokens=5,
         completion_tokens=2, latency_ms=10.0, ttft_ms=None, started_at=now, finished_at=now,
     )  # fmt: skip
+
+
+async def test_old_counter_windows_are_pruned(counters: CounterStore) -> None:
+    await counters.bump([("key:a", "day", 1000, 1, 0), ("key:a", "day", 5000, 1, 0)])
+    await counters.prune(before=2000)
+    left = await counters.bump([("key:a", "day", 1000, 0, 0), ("key:a", "day", 5000, 0, 0)])
+    assert sorted((row.start, row.requests) for row in left) == [(1000, 0), (5000, 1)]
