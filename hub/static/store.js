@@ -31,8 +31,9 @@ function newId() {
   return crypto.randomUUID ? crypto.randomUUID() : `${Date.now()}-${Math.random()}`;
 }
 
+// The first line of the first question, without Markdown emphasis marks.
 export function titleOf(text) {
-  const line = text.trim().split("\n")[0];
+  const line = text.trim().split("\n")[0].replace(/[*_`#>~]+/g, "").trim();
   return line.length > TITLE_LENGTH ? `${line.slice(0, TITLE_LENGTH - 1)}…` : line || "New chat";
 }
 
