@@ -103,7 +103,8 @@ export class HubClient {
   }
 }
 
-async function* readEvents(stream, signal) {
+// Exported for the page tests; the page itself reads through HubClient.streamChat.
+export async function* readEvents(stream, signal) {
   const reader = stream.pipeThrough(new TextDecoderStream()).getReader();
   const parser = new SseParser();
   try {
@@ -114,7 +115,10 @@ async function* readEvents(stream, signal) {
         if (payload.trim() === "[DONE]") return;
         yield* chunkEvents(payload);
       }
-      if (done) return;
+      // OpenAI-style streams always end with [DONE]; without it the answer was cut off.
+      if (done) {
+        throw new ApiError("stream", "the connection closed before the answer was complete");
+      }
     }
   } catch (error) {
     if (error instanceof ApiError || signal?.aborted) throw error;

@@ -440,6 +440,11 @@ SSE_PAYLOADS = [
 ]
 
 
+CHUNK_A = '{"object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"a"}}]}'
+USAGE = '{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}'
+STREAM_ERROR = '{"object":"error","error":{"message":"backend lost","type":"server_error"}}'
+
+
 def sse_text(payloads: list[str]) -> str:
     """Events as servers send them: comments, CRLF and LF line ends, optional space."""
     parts = [": keep-alive comment\n\n"]
@@ -493,6 +498,37 @@ async def test_page_logic_in_the_browser(browser: Browser, hub: HubProcess) -> N
         now_ms,
     )
     assert retry == [17, 30, None, None]
+
+    streams = {
+        "complete": sse_text([CHUNK_A, USAGE, "[DONE]"]),
+        "error in stream": sse_text([CHUNK_A, STREAM_ERROR, "[DONE]"]),
+        "cut off": sse_text([CHUNK_A]),
+    }
+    outcomes = await page.evaluate(
+        """async (streams) => {
+            const { readEvents } = await import(new URL("api.js", location.href));
+            const outcomes = {};
+            for (const [name, text] of Object.entries(streams)) {
+                const body = new Response(text).body;
+                const events = [];
+                try {
+                    for await (const event of readEvents(body)) events.push(event);
+                    outcomes[name] = { events, error: null };
+                } catch (error) {
+                    outcomes[name] = { events, error: [error.kind, error.message] };
+                }
+            }
+            return outcomes;
+        }""",
+        streams,
+    )
+    first = {"content": "a", "reasoning": ""}
+    usage = {"usage": json.loads(USAGE)["usage"]}
+    assert outcomes["complete"] == {"events": [first, usage], "error": None}
+    message = json.loads(STREAM_ERROR)["error"]["message"]
+    assert outcomes["error in stream"] == {"events": [first], "error": ["stream", message]}
+    assert outcomes["cut off"]["events"] == [first]
+    assert outcomes["cut off"]["error"][0] == "stream"
 
     waits = [0, 45, 89, 90, 150, 600, 5399, 5400, 9000, 86399]
     words = await page.evaluate(
