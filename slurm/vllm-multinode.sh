@@ -61,8 +61,11 @@ saia_wrap "$SAIA_RAY" start --head --block --disable-usage-stats --include-dashb
 SAIA_RAY_PIDS+=($!)
 saia_wrap "$SAIA_RAY" start --block --disable-usage-stats --address="$RAY_ADDRESS" \
     --num-gpus="$SAIA_GPUS_PER_NODE"
+# Since Slurm 22.05 a step does not inherit the job's --cpus-per-task: pass it on, or Ray's
+# workers on the other nodes would be confined to one CPU.
 for node in "${SAIA_NODE_LIST[@]:1}"; do
-    srun --nodes=1 --ntasks=1 -w "$node" --kill-on-bad-exit=1 "${SAIA_WRAPPED[@]}" &
+    srun --nodes=1 --ntasks=1 -w "$node" --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
+        --kill-on-bad-exit=1 "${SAIA_WRAPPED[@]}" &
     SAIA_RAY_PIDS+=($!)
 done
 

@@ -60,7 +60,7 @@ def test_examples_cover_every_vllm_feature() -> None:
     assert "--enable-auto-tool-choice" in scripts["vllm-single-node"]
     assert "SAIA_CONTAINER=/images/vllm-0.32.0.sif" in scripts["vllm-apptainer"]
     assert '"$SAIA_RAY" start --head' in scripts["vllm-multinode"]
-    assert 'srun --nodes=1 --ntasks=1 -w "$node"' in scripts["vllm-multinode"]
+    assert 'srun --nodes=1 --ntasks=1 -w "$node" --cpus-per-task=' in scripts["vllm-multinode"]
     assert "--runner pooling" in scripts["vllm-embeddings"]
     for script in scripts.values():
         assert "#SBATCH --no-requeue" in script
@@ -182,6 +182,7 @@ class RunningJob:
             "HOME": str(tmp_path),
             "SLURM_JOB_ID": "77",
             "SLURM_JOB_NODELIST": "node[1-3]",
+            "SLURM_CPUS_PER_TASK": "6",
             "FAKE_LOG": str(self.log),
             "FAKE_RAY_NODES": str(tmp_path / "ray-nodes"),
         }
@@ -306,6 +307,7 @@ def test_multinode_job_forms_ray_then_serves_on_the_head(
             "--ntasks=1",
             "-w",
             node,
+            "--cpus-per-task=6",
             "--kill-on-bad-exit=1",
             "ray",
             "start",
