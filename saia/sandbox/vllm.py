@@ -105,7 +105,8 @@ def _run(argv: list[str], log: Path, timeout: float, what: str) -> None:
 
 
 def _tail(log: Path) -> str:
-    lines = [line.strip() for line in log.read_text(encoding="utf-8").splitlines()]
+    text = log.read_text(encoding="utf-8", errors="replace")
+    lines = [line.strip() for line in text.splitlines()]
     errors = [line for line in lines if line.startswith("ERROR") or "Error" in line]
     return (errors or lines or ["(no output)"])[-1] + f" (full output: {log})"
 
