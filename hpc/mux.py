@@ -77,14 +77,32 @@ class Channel:
         self._writer = writer
         self._decoder = wire.FrameDecoder()
         self._pending: deque[wire.Frame] = deque()
+        self._outgoing: list[bytes] = []
+        self._flush_scheduled = False
         self.streams: dict[int, StreamState] = {}
         self.closed = False
 
     # -- sending ----------------------------------------------------------------------
     def send(self, frame: bytes) -> None:
-        """Write a control or head frame now (small; no back-pressure needed)."""
-        if not self.closed:
-            self._writer.write(frame)
+        """Queue a frame; all frames queued in one loop iteration go out in one write.
+
+        Coalescing matters: on the hub every write is an SSH packet (encrypted in Python),
+        and each write costs the relay a wake-up; a request is REQUEST+DATA+END, and many
+        streams answer at once.
+        """
+        if self.closed:
+            return
+        self._outgoing.append(frame)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._outgoing and not self.closed:
+            data = b"".join(self._outgoing)
+            self._outgoing.clear()
+            self._writer.write(data)
 
     async def send_data(self, state: StreamState, data: bytes) -> None:
         """Send `data` on the stream within its credit; raise StreamClosed if it ended."""
@@ -98,8 +116,10 @@ class Channel:
                 raise StreamClosed
             size = min(len(view), state.credit, wire.MAX_DATA)
             state.credit -= size
-            self._writer.write(wire.encode_frame(wire.DATA, state.id, bytes(view[:size])))
+            self.send(wire.encode_frame(wire.DATA, state.id, bytes(view[:size])))
             view = view[size:]
+            if len(self._outgoing) > 64 or size == wire.MAX_DATA:
+                self._flush()  # large transfers: hand over now so drain() sees them
             await self.drain()
 
     async def drain(self) -> None:
@@ -178,6 +198,7 @@ class Channel:
         """End the channel: every open stream learns it was lost."""
         if self.closed:
             return
+        self._flush()  # e.g. an ERROR frame queued just before closing
         self.closed = True
         for state in list(self.streams.values()):
             state.inbox.put_nowait(LOST)
