@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from saia.sandbox.postgres import free_port
+from saia.sandbox.postgres import PostgresSandbox, free_port
 
 MODEL = "bench-model"
 BODY = {
@@ -37,7 +37,9 @@ BODY = {
 
 
 @contextmanager
-def process(argv: list[str], health: str, env: dict[str, str] | None = None) -> Iterator[None]:
+def process(
+    argv: list[str], health: str, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     with tempfile.TemporaryFile() as output:
         proc = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT, env=env)
         try:
@@ -53,7 +55,7 @@ def process(argv: list[str], health: str, env: dict[str, str] | None = None) -> 
                     time.sleep(0.1)
             else:
                 raise SystemExit(f"{health} did not answer in 30 s")
-            yield
+            yield proc
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -63,9 +65,11 @@ def process(argv: list[str], health: str, env: dict[str, str] | None = None) -> 
                 proc.wait(10)
 
 
-def hub_key(config: Path) -> str:
+def hub_key(config: Path, limited: bool) -> str:
     argv = [sys.executable, "-m", "saia", "hub", "keys", "create", "-c", str(config)]
-    argv += ["--name", "bench", "--user", "bench", "--requests-per-minute", "1000000"]
+    argv += ["--name", "bench", "--user", "bench"]
+    if limited:
+        argv += ["--requests-per-minute", "1000000"]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)
     return result.stdout.strip()
 
@@ -95,11 +99,20 @@ async def concurrent(client: httpx.AsyncClient, url: str, width: int, total: int
     return total / (time.perf_counter() - start)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (robust to other load on the machine)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def p99(values: list[float]) -> float:
     return sorted(values)[min(len(values) - 1, int(len(values) * 0.99))]
 
 
-async def measure(direct: str, hub: str, key: str, args: argparse.Namespace) -> None:
+async def measure(
+    direct: str, hub: str, key: str, args: argparse.Namespace, pids: tuple[int, int]
+) -> None:
+    standin_pid, hub_pid = pids
     limits = httpx.Limits(max_connections=args.concurrent, max_keepalive_connections=64)
     headers = {"authorization": f"Bearer {key}"}
     timeout = httpx.Timeout(60.0)
@@ -110,9 +123,14 @@ async def measure(direct: str, hub: str, key: str, args: argparse.Namespace) -> 
         await sequential(client, hub, 50)
         direct_times: list[float] = []
         hub_times: list[float] = []
+        hub_cpu = standin_cpu = 0.0
         for _ in range(args.sequential // 20):  # alternate in small slices
+            before = cpu_seconds(standin_pid)
             direct_times += await sequential(client, direct, 20)
+            standin_cpu += cpu_seconds(standin_pid) - before
+            before = cpu_seconds(hub_pid)
             hub_times += await sequential(client, hub, 20)
+            hub_cpu += cpu_seconds(hub_pid) - before
         added = statistics.median(hub_times) - statistics.median(direct_times)
         print(f"sequential ({len(hub_times)} requests each, non-streamed chat):")
         print(f"  direct median {statistics.median(direct_times) * 1e3:.2f} ms, "
@@ -121,6 +139,8 @@ async def measure(direct: str, hub: str, key: str, args: argparse.Namespace) -> 
               f"p99 {p99(hub_times) * 1e3:.2f} ms")  # fmt: skip
         print(f"  added  median {added * 1e3:.2f} ms, "
               f"p99 {(p99(hub_times) - p99(direct_times)) * 1e3:.2f} ms")  # fmt: skip
+        print(f"  CPU per request: hub process {hub_cpu / len(hub_times) * 1e3:.2f} ms, "
+              f"stand-in {standin_cpu / len(direct_times) * 1e3:.2f} ms")  # fmt: skip
         direct_rates, hub_rates = [], []
         for _ in range(args.rounds):
             direct_rates.append(await concurrent(client, direct, args.concurrent, args.total))
@@ -138,32 +158,50 @@ def main() -> None:
     parser.add_argument("--concurrent", type=int, default=64)
     parser.add_argument("--total", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--postgres", action="store_true", help="a sandbox PostgreSQL instead of SQLite"
+    )
+    parser.add_argument(
+        "--no-limits", action="store_true", help="a key without limits (no counters)"
+    )
     args = parser.parse_args()
+    if args.postgres:
+        with PostgresSandbox() as postgres:
+            run(args, postgres.create_database("bench"))
+    else:
+        run(args, None)
+
+
+def run(args: argparse.Namespace, database_url: str | None) -> None:
     standin_port, hub_port = free_port(), free_port()
     with tempfile.TemporaryDirectory(prefix="saia-bench-hub-") as root:
         config = Path(root) / "hub.yaml"
         config.write_text(
             f"port: {hub_port}\ndata_dir: {root}/data\n"
-            f"upstreams:\n  local:\n    kind: openai\n"
+            + (f"database_url: {database_url}\n" if database_url else "")
+            + f"upstreams:\n  local:\n    kind: openai\n"
             f"    base_url: http://127.0.0.1:{standin_port}/v1\n"
             f"models:\n  - id: {MODEL}\n    upstream: local\n"
         )
-        key = hub_key(config)
+        key = hub_key(config, not args.no_limits)
         standin = [sys.executable, "-m", "hpc.standin", "--port", str(standin_port)]
         standin += ["--model-name", MODEL]
         hub = [sys.executable, "-m", "saia", "hub", "serve", "-c", str(config)]
         env = {**os.environ, "SAIA_HUB_ADMIN_TOKEN": ""}
         with (
-            process(standin, f"http://127.0.0.1:{standin_port}/health"),
-            process(hub, f"http://127.0.0.1:{hub_port}/health", env),
+            process(standin, f"http://127.0.0.1:{standin_port}/health") as standin_process,
+            process(hub, f"http://127.0.0.1:{hub_port}/health", env) as hub_process,
         ):
-            print(f"python {' '.join(sys.argv)}  (cpus: {os.cpu_count()})")
+            database = "PostgreSQL" if database_url else "SQLite"
+            limits = "no limits" if args.no_limits else "rate-limited key"
+            print(f"python {' '.join(sys.argv)}  (cpus: {os.cpu_count()}, {database}, {limits})")
             asyncio.run(
                 measure(
                     f"http://127.0.0.1:{standin_port}/v1/chat/completions",
                     f"http://127.0.0.1:{hub_port}/v1/chat/completions",
                     key,
                     args,
+                    (standin_process.pid, hub_process.pid),
                 )
             )
 

@@ -25,7 +25,11 @@ def shared_client(max_connections: int) -> httpx.AsyncClient:
     """The one HTTP client of all openai upstreams (pooled keep-alive connections)."""
     return httpx.AsyncClient(
         limits=httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
+            max_connections=max_connections,
+            max_keepalive_connections=max_connections,
+            # Below the usual 5 s server-side keep-alive (uvicorn, vLLM): a connection is
+            # never reused just as the server closes it.
+            keepalive_expiry=2.0,
         ),
         trust_env=False,  # never route upstream traffic through a proxy from the environment
         follow_redirects=False,
