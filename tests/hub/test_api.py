@@ -4,6 +4,7 @@ the official `openai` client unchanged."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -368,3 +369,32 @@ async def test_alias_and_hooks(tmp_path: Path, standin_server: str) -> None:
             stream=True,  # type: ignore[arg-type]
         )
         assert {chunk.model async for chunk in stream} == {"friendly"}
+
+
+async def test_timeouts_504_before_and_error_event_after_the_stream_started(
+    tmp_path: Path, standin_factory: object
+) -> None:
+    slow = standin_factory("slow", token_delay=1.0)  # type: ignore[operator]
+    upstream = {
+        "kind": "openai",
+        "base_url": f"{slow.url}/v1",
+        "timeouts": {"connect": 2, "first_byte": 0.5, "idle": 0.5},
+    }
+    config = hub_config(tmp_path, slow.url, "slow", upstreams={"local": upstream})
+    words = "a b c d e f g h"
+    async with running_hub(config) as hub, hub.client(await hub.create_key()) as http:
+        whole = await http.post(
+            "/v1/completions", json={"model": "slow", "prompt": words, "max_tokens": 5}
+        )
+        assert whole.status_code == 504 and whole.json()["error"]["type"] == "timeout_error"
+        events = []
+        body = {"model": "slow", "prompt": words, "max_tokens": 5, "stream": True}
+        async with http.stream("POST", "/v1/completions", json=body) as stream:
+            assert stream.status_code == 200
+            async for line in stream.aiter_lines():
+                if line.startswith("data: "):
+                    events.append(json.loads(line[6:]))
+        assert events[-1]["object"] == "error"
+        assert events[-1]["error"]["type"] == "timeout_error"
+        await hub.services.recorder.flush()
+        assert [row["status"] for row in await usage_rows(hub)] == [504, 504]
