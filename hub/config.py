@@ -7,6 +7,7 @@ variable.
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import re
 from pathlib import Path
@@ -47,6 +48,12 @@ class TimeoutsConfig(Strict):
 class AzureOptions(Strict):
     deployment: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
     api_version: str = Field(pattern=r"^[A-Za-z0-9._-]{1,32}$")
+
+    @field_validator("api_version", mode="before")
+    @classmethod
+    def _version(cls, value: Any) -> Any:
+        # YAML reads an unquoted 2024-06-01 as a date.
+        return value.isoformat() if isinstance(value, datetime.date) else value
 
 
 class OpenAIUpstreamConfig(Strict):

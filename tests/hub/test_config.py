@@ -61,3 +61,10 @@ def test_unreadable_and_invalid_yaml(tmp_path: Path) -> None:
     broken.write_text("models: [\n")
     with pytest.raises(ConfigError, match=r"broken.yaml: line \d+: not valid YAML"):
         load_config(broken)
+
+
+def test_the_example_config_is_valid() -> None:
+    example = Path(__file__).parents[2] / "hub" / "hub.example.yaml"
+    config = load_config(example)
+    assert {m.id for m in config.models} == {"llama-3.1-70b", "gpt-4o", "gpt-4o-azure"}
+    assert config.auth.default_key_limits.requests_per_minute == 60
