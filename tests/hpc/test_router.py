@@ -158,8 +158,7 @@ async def test_pooled_connections_are_reused_and_a_dead_backend_is_unreachable(
             assert response.status == 200
             assert b"".join([chunk async for chunk in response.chunks()]) == b""
             http.release(response)
-        (pool,) = http._idle.values()
-        assert len(pool) == 1  # one keep-alive connection served all three
+        assert (http.idle_connections, http.busy_connections) == (1, 0)  # one served all three
         server.stop()
         with pytest.raises(BackendUnreachable):  # the stale one fails, a new one is refused
             await http.send(server.url, "GET", "/health", [], b"")
