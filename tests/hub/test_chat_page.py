@@ -182,6 +182,13 @@ async def open_page(browser: Browser, hub: HubProcess, **options: Any) -> tuple[
     problems: list[str] = []
     page.on("pageerror", lambda error: problems.append(str(error)))
     page.on("dialog", lambda dialog: problems.append(f"unexpected dialog: {dialog.message}"))
+    # The page's Content-Security-Policy allows no inline script or style: a violation is a bug.
+    page.on(
+        "console",
+        lambda message: (
+            problems.append(message.text) if "Content Security Policy" in message.text else None
+        ),
+    )
     await page.goto(f"{hub.url}/")
     assert page.url == f"{hub.url}/chat/"
     return page, problems
@@ -262,6 +269,8 @@ async def test_chat_streams_sanitised_markdown(
     browser: Browser, hub: HubProcess, tmp_path: Path
 ) -> None:
     page, problems = await open_page(browser, hub)
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
     await log_in(page, hub.key)
     await page.select_option("#model-select", MODEL)
     option = await page.locator(f"#model-select option[value='{MODEL}']").text_content()
@@ -271,7 +280,8 @@ async def test_chat_streams_sanitised_markdown(
 
     prompt = (
         "Summarise the **request path** hub `ssh` relay agent Slurm job"
-        " <img src=x onerror=alert(1)> [docs](https://example.org/docs)"
+        " <img src=x onerror=alert(1)> ![leak](http://127.0.0.1:9/leak.png)"
+        " [docs](https://example.org/docs)"
     )
     await send(page, prompt)
     samples = await watch_answer(page, limit_s=30)
@@ -281,13 +291,17 @@ async def test_chat_streams_sanitised_markdown(
     body = page.locator("#messages .message.assistant .message-body").last
     assert await body.locator("strong").text_content() == "request path"
     assert await body.locator("code").text_content() == "ssh"
-    link = body.locator("a")
+    link = body.locator("a", has_text="docs")
     assert await link.get_attribute("rel") == "noopener noreferrer nofollow"
+    image_link = body.locator("a", has_text="leak")  # an image becomes a link
+    assert await image_link.get_attribute("href") == "http://127.0.0.1:9/leak.png"
     assert await page.locator("#messages img").count() == 0  # sanitised: no images at all
     meta = await page.locator("#messages .message.assistant .message-meta").last.text_content()
     assert meta is not None and "prompt" in meta and "answer tokens" in meta  # usage arrived
+    assert not [url for url in requested if url.endswith(("/x", "leak.png"))]  # no fetches
     await save_screenshot(page, tmp_path)
-    assert problems == []
+    assert "<img src=x onerror=alert(1)>" in await last_answer_text(page)  # shown as text
+    assert problems == []  # no script error, no dialog, no CSP report (nothing parsed it)
 
 
 async def test_stop_ends_the_answer_and_the_backend_request(
@@ -539,4 +553,12 @@ async def test_page_logic_in_the_browser(browser: Browser, hub: HubProcess) -> N
         waits,
     )
     assert words == [wait_in_words(seconds) for seconds in waits]
+
+    unnamed = await page.evaluate(
+        """() => [...document.querySelectorAll("button, select, textarea, input")]
+            .filter((element) => !(element.labels?.length || element.getAttribute("aria-label")
+                                   || element.textContent.trim()))
+            .map((element) => element.outerHTML)"""
+    )
+    assert unnamed == []  # every control has an accessible name
     assert problems == []
