@@ -144,6 +144,7 @@ class HopClient:
         self._links: list[Link | None] = [None] * max(1, target.connections)
         self._supervisors: list[asyncio.Task[None]] = []
         self._changed = asyncio.Event()
+        self._last_error = "not connected yet"
 
     async def __aenter__(self) -> HopClient:
         for slot in range(len(self._links)):
@@ -169,6 +170,7 @@ class HopClient:
             try:
                 link = await self._connect()
             except (OSError, asyncssh.Error, wire.ProtocolError, TimeoutError, HopError) as error:
+                self._last_error = str(error) or type(error).__name__
                 failures += 1
                 delay = min(BACKOFF_MAX, BACKOFF_START * 2**failures) * random.uniform(0.5, 1.0)
                 log.warning(
@@ -238,7 +240,8 @@ class HopClient:
                     self._changed.clear()
                     await self._changed.wait()
         except TimeoutError:
-            raise HopUnavailable(f"no connection to {self.target.host}") from None
+            message = f"no connection to {self.target.host}: {self._last_error}"
+            raise HopUnavailable(message) from None
 
     # -- requests ---------------------------------------------------------------------
     @contextlib.asynccontextmanager

@@ -16,7 +16,7 @@ import pytest
 from hpc.config import AgentConfig, ServiceConfig
 from hpc.registry import Backend, BackendRegistry
 from hpc.router import SOCKET_NAME, serve_requests
-from hub.ssh_client import HopClient, HopError, HopTarget, HopTimeout, HopUnavailable
+from hub.ssh_client import HopClient, HopTarget, HopTimeout, HopUnavailable
 from saia.sandbox.sshd import SshdSandbox
 from tests.fixtures.standin import StandinProcess
 
@@ -142,5 +142,5 @@ async def test_requests_wait_for_the_connection_to_come_up(
 
 async def test_refusal_reason_is_reported(sshd: SshdSandbox) -> None:
     async with HopClient(target(sshd, command="saia-relay 7"), connect_timeout=2) as client:
-        with pytest.raises(HopError):
+        with pytest.raises(HopUnavailable, match="unsupported saia-relay protocol version"):
             await client.services()
