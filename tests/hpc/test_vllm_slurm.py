@@ -92,9 +92,11 @@ async def until(check: Callable[[], Any], limit_s: float, what: str) -> Any:
     return value
 
 
-def job_processes(job_id: str) -> list[str]:
-    """Command lines of live processes started by the job (SLURM_JOB_ID in their env)."""
-    marker = f"SLURM_JOB_ID={job_id}".encode()
+def job_processes(state_dir: Path, job_id: str) -> list[str]:
+    """Command lines of live processes of the job: SAIA_JOB_DIR (exported by the prologue)
+    in their environment. Not SLURM_JOB_ID: other sandbox clusters on this machine reuse ids.
+    """
+    marker = f"SAIA_JOB_DIR={job_dir(state_dir, job_id)}".encode()
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -228,13 +230,15 @@ async def test_agent_runs_vllm_in_slurm_and_routes_to_it(
         key_file = job_dir(tmp_path, backend.job_id) / "api_key"
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
         assert backend.api_key == key_file.read_text()
-        assert not any(backend.api_key in cmd for cmd in job_processes(backend.job_id))
+        running = job_processes(tmp_path, backend.job_id)
+        assert any("vllm" in cmd for cmd in running), running
+        assert not any(backend.api_key in cmd for cmd in running)
         await check_backend_directly(backend)
         await check_through_router(tmp_path)
         tag = JobTag(prefix, agent_id(tmp_path))
     assert slurm_cluster.run(["scancel", backend.job_id]).returncode == 0
     await gone_from_slurm(config, tag, backend.job_id)
-    await until(lambda: not job_processes(backend.job_id), 15, "the job left processes")
+    await until(lambda: not job_processes(tmp_path, backend.job_id), 15, "the job left processes")
     log = (job_dir(tmp_path, backend.job_id) / "job.log").read_text(errors="replace")
     assert "SIGTERM received, stopping the server" in log
     assert "server exited with status 0" in log
@@ -270,7 +274,7 @@ async def test_embeddings_job_without_backend_key(
         await jobs.cancel(job_id)
         await jobs.aclose()
     await gone_from_slurm(config, tag, job_id)
-    await until(lambda: not job_processes(job_id), 15, "the job left processes")
+    await until(lambda: not job_processes(tmp_path, job_id), 15, "the job left processes")
 
 
 async def wait_healthy(client: httpx.AsyncClient) -> None:
