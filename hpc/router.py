@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 SOCKET_NAME = "agent.sock"
 HELLO_TIMEOUT = 10.0
 MAX_STREAMS = 4096  # concurrent streams per channel
+MIN_BODY_BUDGET = 64 * 1024 * 1024  # request bytes one connection may hold
 FORWARDED = frozenset(
     {
         ("POST", "/v1/chat/completions"),
@@ -196,6 +198,11 @@ class Session:
         self.incoming: dict[int, Incoming] = {}
         self.last_id = 0
         self.tasks: asyncio.TaskGroup | None = None
+        # Request bodies held by this connection: beyond the budget, credit is withheld
+        # (the client's sends wait) until bodies are released.
+        self.budget = max(MIN_BODY_BUDGET, 4 * router.config.router.max_body_bytes)
+        self.buffered = 0
+        self.withheld: deque[tuple[StreamState, int]] = deque()
 
     async def run(self) -> None:
         violation: wire.ProtocolError | None = None
@@ -228,7 +235,9 @@ class Session:
         if kind == wire.CANCEL:
             if state.task is not None:
                 state.task.cancel()
-            self.incoming.pop(stream, None)
+            cancelled = self.incoming.pop(stream, None)
+            if cancelled is not None:
+                self.release(len(cancelled.body))
             self.channel.discard(state)
         elif kind == wire.DATA:
             self.receive(state, frame.payload)
@@ -251,12 +260,26 @@ class Session:
         incoming = self.incoming.get(state.id)
         if incoming is None:
             raise wire.ProtocolError(f"DATA after END on stream {state.id}")
-        self.channel.consumed(state, len(data))
         if len(incoming.body) + len(data) > self.router.config.router.max_body_bytes:
             incoming.too_large = True
+            self.release(len(incoming.body))
             incoming.body.clear()
-        elif not incoming.too_large:
-            incoming.body += data
+        if incoming.too_large:
+            self.channel.consumed(state, len(data))  # discarded at once
+            return
+        incoming.body += data
+        self.buffered += len(data)
+        if self.buffered <= self.budget:
+            self.channel.consumed(state, len(data))
+        else:
+            self.withheld.append((state, len(data)))
+
+    def release(self, size: int) -> None:
+        """A body is no longer held: return withheld credit while within the budget."""
+        self.buffered -= size
+        while self.withheld and self.buffered <= self.budget:
+            state, withheld = self.withheld.popleft()
+            self.channel.consumed(state, withheld)
 
     def start(self, stream: int) -> None:
         incoming = self.incoming.pop(stream, None)
@@ -282,6 +305,7 @@ class Session:
         except StreamClosed:
             pass
         finally:
+            self.release(len(incoming.body))
             self.channel.discard(incoming.state)
 
     async def checked_answer(self, sink: StreamSink, incoming: Incoming) -> None:

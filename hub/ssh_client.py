@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import random
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from hpc.mux import LOST, Channel, Lost, StreamClosed, StreamState
 log = logging.getLogger(__name__)
 BACKOFF_START = 0.2
 BACKOFF_MAX = 30.0
+STABLE_AFTER = 5.0  # seconds a connection must live to reset the back-off
 SSH_WINDOW = 8 * 1024 * 1024
 
 
@@ -182,9 +184,9 @@ class HopClient:
                 )
                 await asyncio.sleep(delay)
                 continue
-            failures = 0
             self._links[slot] = link
             self._changed.set()
+            started = time.monotonic()
             try:
                 await link.run()
             finally:
@@ -192,6 +194,10 @@ class HopClient:
                 link.connection.close()
                 with contextlib.suppress(Exception):
                     await link.connection.wait_closed()
+            # A connection that dies at once counts as a failure: no reconnect storm.
+            failures = 0 if time.monotonic() - started > STABLE_AFTER else failures + 1
+            if failures:
+                await asyncio.sleep(min(BACKOFF_MAX, BACKOFF_START * 2**failures))
 
     async def _connect(self) -> Link:
         target = self.target
