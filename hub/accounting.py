@@ -79,6 +79,7 @@ class UsageRecorder:
         self._interval = interval
         self._pending: list[tuple[UsageRecord, tuple[str, ...]]] = []
         self._writing = 0
+        self._lock = asyncio.Lock()
 
     def record(self, record: UsageRecord, token_subjects: tuple[str, ...] = ()) -> None:
         """Queue one record; never blocks. `token_subjects` get its tokens counted."""
@@ -93,7 +94,11 @@ class UsageRecorder:
         return len(self._pending) + self._writing
 
     async def flush(self) -> int:
-        """Write everything queued; on failure or cancellation keep it for the next attempt."""
+        """Write everything queued (after any write in progress); keep it on failure."""
+        async with self._lock:
+            return await self._write()
+
+    async def _write(self) -> int:
         batch, self._pending = self._pending, []
         if not batch:
             return 0

@@ -71,6 +71,7 @@ async def running_hub(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
     )
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
+    before = asyncio.all_tasks()
     task = asyncio.create_task(server.serve())
     try:
         for _ in range(200):
@@ -85,3 +86,10 @@ async def running_hub(
         server.should_exit = True
         async with asyncio.timeout(15):
             await task
+        # Everything the hub started (flusher, SSH supervisors, streams) ended with it.
+        for _ in range(50):
+            if not asyncio.all_tasks() - before - {task, asyncio.current_task()}:
+                break
+            await asyncio.sleep(0.02)
+        leaked = asyncio.all_tasks() - before - {task, asyncio.current_task()}
+        assert not leaked, f"the hub leaked tasks: {leaked}"
