@@ -1,5 +1,6 @@
-"""What the SSH hop costs: HopClient -> sshd -> relay -> router -> stand-in, against a direct
-httpx call to the same stand-in, alternating in one run. Prints figures; asserts nothing.
+"""What the SSH hop costs: HopClient -> sshd -> relay -> router -> stand-in, against direct
+calls to the same stand-in (httpx, and the router's own lean client, which shows what the
+hop adds without httpx's pool overhead), alternating in one run. Prints figures only.
 
     .venv/bin/python bench/hop.py [--sequential 400] [--concurrent 64] [--requests 2000]
 
@@ -19,11 +20,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 import httpx
 
+# bench/hub.py would shadow the `hub` package when this runs as a script: repo root first.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hpc.backend_http import BackendHttp
 from hpc.config import AgentConfig, RouterConfig, ServiceConfig
 from hpc.registry import Backend, BackendRegistry
 from hpc.router import SOCKET_NAME, serve_requests
@@ -69,6 +74,15 @@ def healthy(url: str) -> bool:
         return False
 
 
+try:  # the hub (uvicorn[standard]) and the agent run on uvloop when it is installed
+    import uvloop
+
+    new_loop: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    LOOP = "uvloop"
+except ImportError:
+    new_loop, LOOP = asyncio.new_event_loop, "asyncio"
+
+
 def run_router(state_dir: str, url: str) -> None:
     """The agent's router alone (child process), with the stand-in published as ready."""
     config = AgentConfig(
@@ -78,13 +92,8 @@ def run_router(state_dir: str, url: str) -> None:
     )
     registry = BackendRegistry()
     registry.publish(MODEL, [Backend(MODEL, "bench", url)])
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    asyncio.run(serve_requests(config, registry))
+    with asyncio.Runner(loop_factory=new_loop) as runner:
+        runner.run(serve_requests(config, registry))
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -92,26 +101,27 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-async def sequential(direct: Call, hop: Call, count: int) -> None:
-    times: dict[str, list[float]] = {"direct": [], "hop": []}
-    for _ in range(20):  # warm up both paths
-        await direct()
-        await hop()
+async def sequential(calls: Mapping[str, Call], count: int) -> None:
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(20):  # warm up every path
+        for call in calls.values():
+            await call()
     for _ in range(count):
-        for name, call in (("direct", direct), ("hop", hop)):
+        for name, call in calls.items():
             start = time.perf_counter()
             await call()
             times[name].append((time.perf_counter() - start) * 1000)
-    d, h = times["direct"], times["hop"]
-    print(f"sequential, {count} requests each (ms):")
+    print(f"sequential, {count} requests each, alternating (ms):")
     for name, values in times.items():
         print(
-            f"  {name:6s} median {statistics.median(values):6.2f}   "
+            f"  {name:12s} median {statistics.median(values):6.2f}   "
             f"p99 {percentile(values, 0.99):6.2f}"
         )
-    added_median = statistics.median(h) - statistics.median(d)
-    added_p99 = percentile(h, 0.99) - percentile(d, 0.99)
-    print(f"  added  median {added_median:6.2f}   p99 {added_p99:6.2f}")
+    hop = times["hop"]
+    for name in (n for n in calls if n != "hop"):
+        added_median = statistics.median(hop) - statistics.median(times[name])
+        added_p99 = percentile(hop, 0.99) - percentile(times[name], 0.99)
+        print(f"  added vs {name:12s} median {added_median:6.2f}   p99 {added_p99:6.2f}")
 
 
 async def throughput(call: Call, workers: int, total: int) -> float:
@@ -130,26 +140,36 @@ async def throughput(call: Call, workers: int, total: int) -> float:
     return total / (time.perf_counter() - start)
 
 
-async def concurrent(direct: Call, hop: Call, workers: int, total: int, rounds: int) -> None:
-    rates: dict[str, list[float]] = {"direct": [], "hop": []}
+async def concurrent(calls: Mapping[str, Call], workers: int, total: int, rounds: int) -> None:
+    rates: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(rounds):
-        rates["direct"].append(await throughput(direct, workers, total))
-        rates["hop"].append(await throughput(hop, workers, total))
+        for name, call in calls.items():
+            rates[name].append(await throughput(call, workers, total))
     print(f"{workers} concurrent, {rounds} alternating rounds of {total} requests (req/s):")
     for name, values in rates.items():
-        print(f"  {name:6s} " + "  ".join(f"{v:7.0f}" for v in values))
-    ratio = statistics.median(rates["hop"]) / statistics.median(rates["direct"])
-    print(f"  hop/direct ratio (medians): {ratio:.2f}")
+        print(f"  {name:12s} " + "  ".join(f"{v:7.0f}" for v in values))
+    for name in (n for n in calls if n != "hop"):
+        ratio = statistics.median(rates["hop"]) / statistics.median(rates[name])
+        print(f"  hop / {name:12s} (medians): {ratio:.2f}")
 
 
 async def measure(url: str, sshd: SshdSandbox, args: argparse.Namespace) -> None:
     target = HopTarget(sshd.host, sshd.port, sshd.user, sshd.client_key, sshd.known_hosts)
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-    async with httpx.AsyncClient(limits=limits, trust_env=False) as http, HopClient(target) as hop:
+    http = httpx.AsyncClient(limits=limits, trust_env=False)
+    async with http, BackendHttp(connect_timeout=10) as lean, HopClient(target) as hop:
 
         async def direct() -> None:
             response = await http.post(f"{url}/v1/chat/completions", content=BODY, headers=HEADERS)
             assert response.status_code == 200, response.text
+
+        async def direct_lean() -> None:
+            response = await lean.send(url, "POST", "/v1/chat/completions", HEADERS, BODY)
+            try:
+                body = b"".join([chunk async for chunk in response.chunks()])
+            finally:
+                lean.release(response)
+            assert response.status == 200, body
 
         async def via_hop() -> None:
             async with hop.stream(
@@ -158,8 +178,9 @@ async def measure(url: str, sshd: SshdSandbox, args: argparse.Namespace) -> None
                 body = b"".join([chunk async for chunk in response.aiter_bytes()])
             assert response.status == 200, body
 
-        await sequential(direct, via_hop, args.sequential)
-        await concurrent(direct, via_hop, args.concurrent, args.requests, args.rounds)
+        calls = {"direct-httpx": direct, "direct-lean": direct_lean, "hop": via_hop}
+        await sequential(calls, args.sequential)
+        await concurrent(calls, args.concurrent, args.requests, args.rounds)
 
 
 def main() -> None:
@@ -187,8 +208,9 @@ def main() -> None:
         )
         try:
             with SshdSandbox(root / "ssh", root / "state") as sshd:
-                print(f"relay python: {sshd.python}; cores: {os.cpu_count()}")
-                asyncio.run(measure(url, sshd, args))
+                print(f"relay python: {sshd.python}; cores: {os.cpu_count()}; loop: {LOOP}")
+                with asyncio.Runner(loop_factory=new_loop) as runner:
+                    runner.run(measure(url, sshd, args))
         finally:
             stop(router)
             stop(standin)
