@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -205,3 +206,34 @@ def test_relay_starts_one_agent_for_concurrent_clients(tmp_path: Path) -> None:
             deadline = time.monotonic() + 10
             while (state / SOCKET_NAME).exists() and time.monotonic() < deadline:
                 time.sleep(0.05)
+
+
+def python38() -> str | None:
+    """A real Python 3.8 interpreter (the oldest the login nodes may have), if installed."""
+    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    candidates = [shutil.which("python3.8"), *map(str, pyenv.glob("3.8*/bin/python3.8"))]
+    for candidate in filter(None, candidates):
+        probe = [candidate, "-c", "import sys; print(sys.executable)"]
+        done = subprocess.run(probe, capture_output=True, text=True, timeout=30, check=False)
+        if done.returncode == 0 and done.stdout.strip():
+            return done.stdout.strip()
+    return None
+
+
+async def test_relay_runs_on_python_3_8(tmp_path: Path) -> None:
+    interpreter = python38()
+    if interpreter is None:
+        pytest.skip("no python3.8 on this machine")
+    from hub.ssh_client import HopClient, HopTarget
+
+    with SshdSandbox(tmp_path / "ssh", tmp_path / "state", python=interpreter) as sshd:
+        assert f"{interpreter} -I -S" in sshd.authorized_keys.read_text()
+        target = HopTarget(sshd.host, sshd.port, sshd.user, sshd.client_key, sshd.known_hosts)
+        async with router(sshd), HopClient(target) as client:
+            assert await client.services() == []
+        refused = await asyncio.create_subprocess_exec(
+            *sshd.ssh_argv("saia-relay 1; id"), stderr=asyncio.subprocess.PIPE
+        )
+        _, stderr = await asyncio.wait_for(refused.communicate(), 30)
+        assert refused.returncode == 2
+        assert stderr.decode().startswith("saia-relay: error: command refused")
