@@ -29,7 +29,7 @@ from typing import Any
 import asyncssh
 
 from cloud_interface import protocol as wire
-from hpc.mux import LOST, Channel, Lost, StreamClosed, StreamState
+from hpc.mux import Channel, Lost, StreamClosed, StreamState
 
 log = logging.getLogger(__name__)
 BACKOFF_START = 0.2
@@ -174,7 +174,7 @@ class HopClient:
             except (OSError, asyncssh.Error, wire.ProtocolError, TimeoutError, HopError) as error:
                 self._last_error = str(error) or type(error).__name__
                 failures += 1
-                delay = min(BACKOFF_MAX, BACKOFF_START * 2**failures) * random.uniform(0.5, 1.0)
+                delay = _backoff(failures)
                 log.warning(
                     "cannot reach %s:%d (%s); retrying in %.1f s",
                     self.target.host,
@@ -197,7 +197,7 @@ class HopClient:
             # A connection that dies at once counts as a failure: no reconnect storm.
             failures = 0 if time.monotonic() - started > STABLE_AFTER else failures + 1
             if failures:
-                await asyncio.sleep(min(BACKOFF_MAX, BACKOFF_START * 2**failures))
+                await asyncio.sleep(_backoff(failures))
 
     async def _connect(self) -> Link:
         target = self.target
@@ -294,7 +294,7 @@ class HopClient:
         except ValueError as error:  # head too large for a frame
             raise HopError(str(error), 400) from None
         item = await state.inbox.get()
-        if item is LOST or isinstance(item, Lost):
+        if isinstance(item, Lost):
             raise HopUnavailable("the connection to the login node was lost")
         if item.type == wire.ERROR:
             refusal = wire.parse_error(item.payload)
@@ -318,6 +318,12 @@ class HopClient:
         if not isinstance(data, list):
             raise HopError("the agent's service list is not a list")
         return data
+
+
+def _backoff(failures: int) -> float:
+    """Exponential, capped, with jitter so that many hubs do not reconnect in step."""
+    delay: float = min(BACKOFF_MAX, BACKOFF_START * 2.0**failures)
+    return delay * random.uniform(0.5, 1.0)
 
 
 async def _first_line(stream: asyncssh.SSHReader[bytes]) -> str:
