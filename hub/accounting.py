@@ -22,8 +22,9 @@ from sqlalchemy import case, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from hub.counters import CounterStore, merge_rows
 from hub.limits import TOKEN_WINDOWS, window_bounds
-from hub.storage import CounterStore, merge_rows, usage
+from hub.storage import usage
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class UsageRecorder:
             async with self._engine.begin() as connection:
                 await connection.execute(usage.insert(), [asdict(r) for r, _ in batch])
                 # Same transaction: a batch is counted exactly once, or retried whole.
-                await self._counters.bump(rows, connection)
+                await self._counters.bump_in(connection, rows)
         except (SQLAlchemyError, OSError) as error:
             log.error("writing %d usage records failed: %s", len(batch), error)
             self._pending[:0] = batch

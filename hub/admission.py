@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from hub.auth import Principal
+from hub.counters import CounterStore
 from hub.errors import ApiError
 from hub.limits import WINDOWS, Counts, Window, concurrency_allows, decide, needs_counting
 from hub.limits import window_bounds as bounds
-from hub.storage import CounterStore
 
 
 class Admission:

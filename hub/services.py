@@ -15,10 +15,11 @@ from hub.accounting import UsageRecorder
 from hub.admission import Admission
 from hub.auth import Authenticator
 from hub.config import ConfigError, HpcUpstreamConfig, HubConfig
+from hub.counters import CounterStore
 from hub.key_store import KeyCache, KeyStore
 from hub.metrics import HubMetrics
 from hub.openai_upstream import OpenAIUpstream, shared_client
-from hub.storage import CounterStore, open_engine, upgrade
+from hub.storage import open_engine, upgrade
 from hub.upstream import ModelState, Upstream
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ async def open_services(
         keys = KeyStore(engine)
         cache = KeyCache(keys, config.auth.key_cache_ttl)
         async with AsyncExitStack() as stack:
-            counters = CounterStore(config.database)
+            counters = await CounterStore.open(config.database)
             stack.push_async_callback(counters.aclose)
             client = await stack.enter_async_context(shared_client(config.max_connections))
             upstreams = await _open_upstreams(config, client, environ, stack)

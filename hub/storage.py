@@ -1,16 +1,12 @@
 """The hub's database: keys, rate-limit counters and usage, via SQLAlchemy 2 async.
 
 SQLite (aiosqlite) by default, PostgreSQL (asyncpg) by URL; the schema is created and
-upgraded by alembic (`hub/migrations`). Rate counters are fixed windows incremented with one
-`INSERT ... ON CONFLICT DO UPDATE ... RETURNING` in autocommit mode, so the hot path costs
-one round trip and several replicas on one PostgreSQL share the counts atomically.
+upgraded by alembic (`hub/migrations`). Rate counters (`hub/counters.py`) live in the same database.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +28,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from sqlalchemy.sql.elements import TextClause
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 log = logging.getLogger(__name__)
 
@@ -90,15 +85,6 @@ usage = Table(
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-@dataclass(frozen=True)
-class CounterRow:
-    subject: str
-    period: str
-    start: int
-    requests: int
-    tokens: int
-
-
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -147,77 +133,3 @@ async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
     """Bring the schema to `revision` (alembic), in one transaction."""
     async with engine.begin() as connection:
         await connection.run_sync(_upgrade, revision)
-
-
-def _bump_statement(rows: int) -> TextClause:
-    """The upsert of `rows` counter rows; plain SQL, valid on SQLite 3.35+ and PostgreSQL,
-    built once per row count so the hot path compiles nothing."""
-    values = ", ".join(f"(:s{i}, :p{i}, :t{i}, :r{i}, :k{i})" for i in range(rows))
-    return text(
-        "INSERT INTO rate_counters (subject, period, start, requests, tokens) "
-        f"VALUES {values} ON CONFLICT (subject, period, start) DO UPDATE SET "
-        "requests = rate_counters.requests + excluded.requests, "
-        "tokens = rate_counters.tokens + excluded.tokens "
-        "RETURNING subject, period, start, requests, tokens"
-    )
-
-
-class CounterStore:
-    """Atomic fixed-window counters shared by all replicas using the database.
-
-    Owns an autocommit engine of its own (`aclose()` it).
-    """
-
-    def __init__(self, url: str) -> None:
-        self._engine = open_engine(url, autocommit=True)
-        self._statements: dict[int, TextClause] = {}
-
-    async def aclose(self) -> None:
-        await self._engine.dispose()
-
-    async def bump(
-        self,
-        rows: Sequence[tuple[str, str, int, int, int]],
-        connection: AsyncConnection | None = None,
-    ) -> list[CounterRow]:
-        """Add (requests, tokens) to each (subject, period, start) row; return the new totals.
-
-        Rows must be unique per (subject, period, start): one statement cannot touch a row
-        twice on PostgreSQL. With `connection`, the statement joins the caller's transaction.
-        """
-        if not rows:
-            return []
-        statement = self._statements.get(len(rows))
-        if statement is None:
-            statement = self._statements[len(rows)] = _bump_statement(len(rows))
-        params: dict[str, Any] = {}
-        for i, (subject, period, start, requests, tokens) in enumerate(rows):
-            params.update(
-                {f"s{i}": subject, f"p{i}": period, f"t{i}": start, f"r{i}": requests,
-                 f"k{i}": tokens}
-            )  # fmt: skip
-        if connection is not None:
-            result = await connection.execute(statement, params)
-            return [CounterRow(*row) for row in result.all()]
-        async with self._engine.connect() as own:
-            result = await own.execute(statement, params)
-            return [CounterRow(*row) for row in result.all()]
-
-    async def prune(self, before: float) -> None:
-        """Drop windows that started long ago (a month window lasts at most 31 days)."""
-        async with self._engine.connect() as connection:
-            await connection.execute(
-                rate_counters.delete().where(rate_counters.c.start < int(before))
-            )
-
-
-def merge_rows(
-    rows: Iterable[tuple[str, str, int, int, int]],
-) -> list[tuple[str, str, int, int, int]]:
-    """Sum rows with the same (subject, period, start) so one statement touches each once."""
-    merged: dict[tuple[str, str, int], list[int]] = {}
-    for subject, period, start, requests, tokens in rows:
-        total = merged.setdefault((subject, period, start), [0, 0])
-        total[0] += requests
-        total[1] += tokens
-    return [(s, p, t, r, k) for (s, p, t), (r, k) in merged.items()]

@@ -14,9 +14,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from hub.accounting import UsageRecord, UsageRecorder, usage_summary
 from hub.config import LimitsConfig
+from hub.counters import CounterStore
 from hub.key_store import KeyCache, KeyStore
 from hub.limits import window_bounds
-from hub.storage import CounterStore, open_engine, rate_counters, upgrade, usage
+from hub.storage import open_engine, rate_counters, upgrade, usage
 from tests.fixtures.standin import STANDIN_MODEL
 from tests.hub.helpers import hub_config, running_hub
 
@@ -64,7 +65,7 @@ async def test_keys_round_trip_and_revocation_within_cache_ttl(engine: AsyncEngi
 
 @pytest.fixture
 async def counters(engine: AsyncEngine, database_url: str) -> AsyncIterator[CounterStore]:
-    store = CounterStore(database_url)
+    store = await CounterStore.open(database_url)
     try:
         yield store
     finally:
