@@ -24,18 +24,16 @@ from collections.abc import Callable
 import httpx
 
 from hpc.config import AgentConfig, ServiceConfig
-from hpc.health import HealthBook, HealthMonitor, ProbeTarget, read_backend_key
-from hpc.jobs import Endpoint, JobInfo, JobSystem, JobTag, Submission, read_endpoint
+from hpc.health import HealthBook, HealthMonitor, ProbeTarget
+from hpc.jobs import Endpoint, JobInfo, JobSystem, JobTag, Submission
 from hpc.leader import LOCK_FILE, LeaderLock
+from hpc.observation import observe
 from hpc.policy import (
     Backoff,
     Cancel,
     Decision,
     Drain,
-    JobView,
     LoadSample,
-    LostJob,
-    ServiceSnapshot,
     Snapshot,
     Submit,
     Warn,
@@ -170,89 +168,8 @@ class Agent:
         return acted
 
     def observe(self, infos: list[JobInfo], now: float) -> Snapshot:
-        self.infos = {info.job_id: info for info in infos}
-        lost = self._drop_lost()
-        for info in infos:
-            self._track(info, now)
-        for service in self.services.values():
-            self._sample_load(service, now)
-        snapshots = tuple(
-            ServiceSnapshot(
-                config=service,
-                jobs=tuple(self._view(i) for i in infos if i.service == name),
-                lost=tuple(lost.get(name, ())),
-                load=tuple(self.loads[name]),
-                demand_since=self.registry.demand_since(name),
-                backoff=self.state.backoff.get(name, Backoff()),
-            )
-            for name, service in self.services.items()
-        )
-        orphans = tuple(self._view(i) for i in infos if i.service not in self.services)
-        return Snapshot(
-            services=snapshots,
-            health_failures=self.config.health_failures,
-            max_total_gpus=self.config.max_total_gpus,
-            orphans=orphans,
-        )
-
-    def _drop_lost(self) -> dict[str, list[LostJob]]:
-        lost: dict[str, list[LostJob]] = {}
-        for job_id in [j for j in self.state.jobs if j not in self.infos]:
-            record = self.state.jobs.pop(job_id)
-            was_ready = record.ready_since is not None
-            lost.setdefault(record.service, []).append(
-                LostJob(job_id, was_ready=was_ready, cancelled=record.cancelled)
-            )
-            self.health.forget(job_id)
-            self.endpoints.pop(job_id, None)
-            self.keys.pop(job_id, None)
-            self._logged = {key for key in self._logged if key[1] != job_id}
-            log.info("job %s (%s) is gone from Slurm", job_id, record.service)
-        for record in self.state.jobs.values():
-            if record.replaces is not None and record.replaces not in self.state.jobs:
-                record.replaces = None
-        return lost
-
-    def _track(self, info: JobInfo, now: float) -> None:
-        record = self.state.jobs.get(info.job_id)
-        if record is None:
-            first_seen = info.submit_time or now
-            record = self.state.jobs[info.job_id] = JobRecord(info.service, first_seen)
-            log.info("adopted job %s (%s, %s)", info.job_id, info.service, info.state)
-        if info.running and record.running_since is None:
-            record.running_since = min(info.start_time or now, now)
-        if info.running and info.job_id not in self.endpoints:
-            endpoint = read_endpoint(self.config.state_dir, info.job_id)
-            if endpoint is not None:
-                self.endpoints[info.job_id] = endpoint
-                self.keys[info.job_id] = read_backend_key(self.config.state_dir, info.job_id)
-        ready_since = self.health.get(info.job_id).ready_since
-        if record.ready_since is None and ready_since is not None:
-            record.ready_since = ready_since
-
-    def _sample_load(self, service: ServiceConfig, now: float) -> None:
-        # The registry keeps the router's monotonic clock; the samples use the agent's.
-        load = self.registry.load(service.name, time.monotonic())
-        history = self.loads[service.name]
-        history.append(LoadSample(now, load.in_flight + load.queued))
-        window = service.look_back + service.scale_down_delay
-        while history and history[0].at < now - window:
-            history.popleft()
-
-    def _view(self, info: JobInfo) -> JobView:
-        record = self.state.jobs[info.job_id]
-        health = self.health.get(info.job_id)
-        return JobView(
-            info=info,
-            first_seen=record.first_seen,
-            running_since=record.running_since,
-            ready_since=record.ready_since,
-            health_failures=health.failures,
-            draining=record.draining,
-            cancelled=record.cancelled,
-            replaces=record.replaces,
-            in_flight=self.registry.in_flight_of(info.service, info.job_id),
-        )
+        """The policy's snapshot (`hpc/observation.py`); updates the agent's bookkeeping."""
+        return observe(self, infos, now)
 
     async def act(self, decision: Decision, now: float) -> bool:
         self.state.backoff.update(decision.backoff)
@@ -272,6 +189,10 @@ class Agent:
                 else:  # one failure backs off; the service's other submissions wait too
                     refused.add(action.service)
         return acted
+
+    def forget_warnings(self, job_id: str) -> None:
+        """A job is gone: a new problem of the same kind is logged again."""
+        self._logged = {key for key in self._logged if key[1] != job_id}
 
     def _warn(self, warn: Warn) -> None:
         self.warnings.setdefault(warn.service, []).append(

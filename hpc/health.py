@@ -4,6 +4,8 @@ Readiness = `GET /health` answers 200 AND `GET /v1/models` lists the service's m
 Once ready, a job gets `GET /health` only; `health_failures` failures in a row take it out
 of rotation (the policy cancels and replaces it). All probes of a round run concurrently
 on the agent's one keep-alive `httpx.AsyncClient`, each bounded by `health_timeout`.
+Each round also reads every ready job's own load figures from its `GET /metrics`
+(`hpc/backend_load.py`); a failed read leaves the figures unknown and is no health failure.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import httpx
 
+from hpc.backend_load import BackendLoad, LoadReading, read_load
 from hpc.jobs import job_dir
 
 log = logging.getLogger(__name__)
@@ -96,6 +99,8 @@ class HealthRecord:
     ready_since: float | None = None
     failures: int = 0  # consecutive failed checks since ready
     detail: str = ""
+    load: BackendLoad | None = None  # from the last /metrics read; None: unknown
+    load_problem: str = ""  # why the last /metrics read gave no figures
 
 
 class HealthBook:
@@ -138,6 +143,18 @@ class HealthBook:
         record.failures += 1
         return record.failures == self.threshold
 
+    def record_load(self, reading: LoadReading) -> str | None:
+        """Keep a job's latest load figures; returns the previous problem ("" if none).
+
+        A reading for a job forgotten meanwhile is dropped (None). Health is left alone.
+        """
+        record = self._records.get(reading.job_id)
+        if record is None:
+            return None
+        before = record.load_problem
+        record.load, record.load_problem = reading.load, reading.problem
+        return before
+
     def serving(self, job_id: str) -> bool:
         """Ready and not (yet) failing enough checks to be taken out of rotation."""
         record = self._records.get(job_id)
@@ -166,14 +183,34 @@ class HealthMonitor:
         while True:
             targets = self.targets()
             if targets:
-                results = await probe_all(client, targets, self.limit_s)
-                now, changed = self.clock(), False
-                for target, result in zip(targets, results, strict=True):
-                    changed = self.book.record(result, now) or changed
-                    self._log(target, result)
-                if changed:
-                    self.on_change()
+                await self.round(client, targets)
             await asyncio.sleep(self.interval)
+
+    async def round(self, client: httpx.AsyncClient, targets: list[ProbeTarget]) -> None:
+        """Probe all targets and read the ready ones' load, all at once; record both."""
+        async with asyncio.TaskGroup() as group:
+            probes = group.create_task(probe_all(client, targets, self.limit_s))
+            reads = [
+                group.create_task(
+                    read_load(client, t.job_id, t.url, t.model_id, t.api_key, self.limit_s)
+                )
+                for t in targets
+                if t.ready
+            ]
+        now, changed = self.clock(), False
+        for target, result in zip(targets, probes.result(), strict=True):
+            changed = self.book.record(result, now) or changed
+            self._log(target, result)
+        for read in reads:
+            self._note_load(read.result())
+        if changed:
+            self.on_change()
+
+    def _note_load(self, reading: LoadReading) -> None:
+        before = self.book.record_load(reading)
+        # Logged once per kind of problem, not once per round.
+        if before is not None and reading.problem and reading.problem != before:
+            log.info("job %s: no load figures (%s)", reading.job_id, reading.problem)
 
     def _log(self, target: ProbeTarget, result: ProbeResult) -> None:
         record = self.book.get(target.job_id) if target.job_id in self.book.known() else None

@@ -70,8 +70,18 @@ class Backoff:
 
 @dataclass(frozen=True)
 class LoadSample:
+    """A service's load at one moment, as the router and as its backends count it."""
+
     at: float
-    load: int  # in-flight plus queued requests
+    routed: int  # the router's requests in flight plus those queued for a backend
+    in_backends: int = 0  # the backends' own running plus waiting requests (vLLM /metrics)
+
+    @property
+    def load(self) -> int:
+        """The scaling signal. The larger count, not the sum: a routed request is also
+        running or waiting in a backend. The backends also see requests that came by
+        other paths and requests queued inside them."""
+        return max(self.routed, self.in_backends)
 
 
 @dataclass(frozen=True)

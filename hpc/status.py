@@ -22,6 +22,7 @@ from hpc.jobs import write_atomic
 
 if TYPE_CHECKING:
     from hpc.agent import Agent
+    from hpc.config import ServiceConfig
 
 STATUS_FILE = "status.json"
 VERSION = 1
@@ -39,6 +40,12 @@ class JobStatus:
     time_left_s: int | None
     reason: str = ""
     health: str = ""
+    # The backend's own figures from its last /metrics read; None: unknown (not ready yet,
+    # or the read failed: see metrics).
+    running: int | None = None
+    waiting: int | None = None
+    kv_cache_usage: float | None = None  # fraction 0..1
+    metrics: str = ""  # why the last /metrics read gave no figures
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,10 @@ class ServiceStatus:
     min_instances: int
     max_instances: int
     warnings: list[str] = field(default_factory=list)
+    running: int = 0  # sum over the service's jobs with figures
+    waiting: int = 0
+    kv_cache_usage: float | None = None  # mean over the jobs with figures
+    load: int = 0  # the scaling signal: max(in_flight + queued, running + waiting)
 
 
 @dataclass(frozen=True)
@@ -137,6 +148,33 @@ def _services_table(status: AgentStatus) -> Table:
     return table
 
 
+def _percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.0f}%"
+
+
+def _figure(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def _load_table(status: AgentStatus) -> Table:
+    """The backends' own figures (vLLM /metrics) per job, each service's total, and the
+    load the scaling policy uses: max(in flight + queued, running + waiting)."""
+    table = Table(title="backend load (vLLM /metrics)", title_justify="left")
+    table.add_column("service")
+    table.add_column("job")
+    for column in ("running", "waiting", "kv cache", "scaling load"):
+        table.add_column(column, justify="right")
+    for s in status.services:
+        for j in status.jobs:
+            shown = j.running is not None or ((j.ready or j.draining) and not j.cancelled)
+            if j.service == s.name and shown:
+                row = (_figure(j.running), _figure(j.waiting), _percent(j.kv_cache_usage))
+                table.add_row(s.model_id, j.job_id, *row, "")
+        total = (str(s.running), str(s.waiting), _percent(s.kv_cache_usage), str(s.load))
+        table.add_row(s.model_id, "total", *total, style="bold")
+    return table
+
+
 def _warnings(status: AgentStatus) -> list[RenderableType]:
     return [
         Text(f"warning: {s.model_id}: {message}", style="yellow")
@@ -162,7 +200,7 @@ def _jobs_table(status: AgentStatus, age: float) -> Table:
             else "starting"
         )
         left = None if j.time_left_s is None else j.time_left_s - age
-        note = j.health or j.reason
+        note = j.health or j.reason or j.metrics
         table.add_row(
             j.job_id, j.service, j.state, j.endpoint or "-", serving, _duration(left), note
         )
@@ -177,6 +215,8 @@ def render_status(status: AgentStatus, now: float | None = None) -> RenderableTy
         parts.append(Text(f"last error: {status.error}", style="red"))
     age = max(0.0, now - status.written_at)
     parts += [_services_table(status), *_warnings(status), _jobs_table(status, age)]
+    if status.services:
+        parts.append(_load_table(status))
     return Group(*parts)
 
 
@@ -192,6 +232,7 @@ def _job_status(agent: Agent, job_id: str) -> JobStatus | None:
         return None
     endpoint = agent.endpoints.get(job_id)
     health = agent.health.get(job_id)
+    load = health.load
     return JobStatus(
         job_id=job_id,
         service=record.service,
@@ -203,31 +244,41 @@ def _job_status(agent: Agent, job_id: str) -> JobStatus | None:
         time_left_s=info.time_left_s,
         reason=info.reason,
         health=health.detail,
+        running=load.running if load else None,
+        waiting=load.waiting if load else None,
+        kv_cache_usage=load.kv_cache_usage if load else None,
+        metrics=health.load_problem,
+    )
+
+
+def _service_status(agent: Agent, service: ServiceConfig, jobs: list[JobStatus]) -> ServiceStatus:
+    mine = [j for j in jobs if j.service == service.name and not j.cancelled]
+    load = agent.registry.load(service.name, time.monotonic())
+    samples = agent.loads.get(service.name)
+    kv = [j.kv_cache_usage for j in mine if j.kv_cache_usage is not None]
+    return ServiceStatus(
+        name=service.name,
+        model_id=service.model_id,
+        ready=sum(j.ready and not j.draining for j in mine),
+        starting=sum(not j.ready and not j.draining for j in mine),
+        draining=sum(j.draining for j in mine),
+        in_flight=load.in_flight,
+        queued=load.queued,
+        rate_per_s=load.rate_per_s,
+        min_instances=service.min_instances,
+        max_instances=service.max_instances,
+        warnings=list(agent.warnings.get(service.name, [])),
+        running=sum(j.running or 0 for j in mine),
+        waiting=sum(j.waiting or 0 for j in mine),
+        kv_cache_usage=sum(kv) / len(kv) if kv else None,
+        load=samples[-1].load if samples else load.in_flight + load.queued,
     )
 
 
 def build_status(agent: Agent, now: float, stopped: bool = False) -> AgentStatus:
     """What `saia hpc status` shows, taken from the agent's live view."""
     jobs = [j for j in (_job_status(agent, job_id) for job_id in agent.state.jobs) if j]
-    services = []
-    for service in agent.config.services:
-        mine = [j for j in jobs if j.service == service.name and not j.cancelled]
-        load = agent.registry.load(service.name, time.monotonic())
-        services.append(
-            ServiceStatus(
-                name=service.name,
-                model_id=service.model_id,
-                ready=sum(j.ready and not j.draining for j in mine),
-                starting=sum(not j.ready and not j.draining for j in mine),
-                draining=sum(j.draining for j in mine),
-                in_flight=load.in_flight,
-                queued=load.queued,
-                rate_per_s=load.rate_per_s,
-                min_instances=service.min_instances,
-                max_instances=service.max_instances,
-                warnings=list(agent.warnings.get(service.name, [])),
-            )
-        )
+    services = [_service_status(agent, service, jobs) for service in agent.config.services]
     return AgentStatus(
         agent_id=agent.state.agent_id,
         pid=os.getpid(),

@@ -84,7 +84,7 @@ def snap(*jobs: JobView, config: ServiceConfig | None = None, **fields: Any) -> 
 def loads(*values: int, step: float = 5.0) -> tuple[LoadSample, ...]:
     """Samples ending now, `step` seconds apart, oldest first."""
     count = len(values)
-    return tuple(LoadSample(at=NOW - (count - 1 - i) * step, load=v) for i, v in enumerate(values))
+    return tuple(LoadSample(NOW - (count - 1 - i) * step, routed=v) for i, v in enumerate(values))
 
 
 def submits(snapshot: Snapshot, now: float = NOW) -> list[Submit]:
@@ -112,6 +112,32 @@ def test_scale_up_at_once_on_load() -> None:
 def test_never_more_than_max() -> None:
     actions = submits(snap(job("1"), load=loads(100), config=service(max_instances=2)))
     assert len(actions) == 1
+
+
+def test_requests_waiting_inside_the_backends_scale_up() -> None:
+    # The router forwards 2, but vLLM holds 7 (5 came by another path or queue inside it).
+    sample = LoadSample(NOW, routed=2, in_backends=7)
+    actions = submits(snap(job("1"), load=(sample,)))  # ceil(7 / 2) = 4 instances
+    assert [a.reason for a in actions] == ["load"] * 3
+
+
+def test_routed_and_backend_counts_are_not_added() -> None:
+    # The same 4 requests seen by both: ceil(4 / 2) = 2 instances, not ceil(8 / 2) = 4.
+    both = ServiceSnapshot(config=service(), load=(LoadSample(NOW, routed=4, in_backends=4),))
+    assert desired_instances(both, NOW) == 2
+    # The router's queue counts when the backends report less (or nothing).
+    routed = ServiceSnapshot(config=service(), load=(LoadSample(NOW, routed=5, in_backends=1),))
+    assert desired_instances(routed, NOW) == 3
+
+
+def test_backend_load_holds_instances_through_the_scale_down_delay() -> None:
+    jobs = (job("1"), job("2"), job("3"))
+    # vLLM reported 6 running or waiting 100 s ago (inside look_back + delay = 150 s).
+    recent = (LoadSample(NOW - 100, 0, in_backends=6), LoadSample(NOW, 0, in_backends=0))
+    assert decide(snap(*jobs, load=recent), NOW).actions == ()
+    old = (LoadSample(NOW - 200, 0, in_backends=6), LoadSample(NOW, 0, in_backends=1))
+    drains = [a for a in decide(snap(*jobs, load=old), NOW).actions if isinstance(a, Drain)]
+    assert len(drains) == 2
 
 
 def test_scale_down_waits_for_delay() -> None:
