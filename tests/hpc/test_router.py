@@ -170,3 +170,23 @@ def test_socket_is_owner_only(tmp_path: Path) -> None:
             return stat.S_IMODE(os.stat(tmp_path / "state" / SOCKET_NAME).st_mode)
 
     assert asyncio.run(mode()) == 0o600
+
+
+async def test_router_timeouts_first_byte_and_idle(
+    tmp_path: Path, standin_factory: Callable[..., StandinProcess]
+) -> None:
+    slow = standin_factory(MODEL, token_delay=1.0)
+    settings = {"first_byte_timeout": 0.5, "idle_timeout": 0.5}
+    async with router(tmp_path, **settings) as registry, channel(tmp_path) as chan:
+        registry.publish(MODEL, [Backend(MODEL, "j", slow.url)])
+        request(chan, 1, head(), body(3))  # not streamed: nothing comes for 3 s
+        request(chan, 3, head(), body(3, stream=True))  # streamed: the head, then 1 s gaps
+        got = await frames_until_end(chan, 2)
+        assert wire.parse_response(got[1][0].payload).status == 504
+        assert got[3][0].type == wire.RESPONSE
+        events = b"".join(f.payload for f in got[3] if f.type == wire.DATA)
+        last = json.loads(events.strip().split(b"\n\n")[-1].removeprefix(b"data: "))
+        assert last["object"] == "error"
+        assert "sent nothing for" in last["error"]["message"]
+        assert got[3][-1].type == wire.END
+        assert registry.in_flight_of(MODEL, "j") == 0
