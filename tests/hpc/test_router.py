@@ -190,3 +190,30 @@ async def test_router_timeouts_first_byte_and_idle(
         assert "sent nothing for" in last["error"]["message"]
         assert got[3][-1].type == wire.END
         assert registry.in_flight_of(MODEL, "j") == 0
+
+
+async def test_cancelled_backend_exchanges_close_their_connections(
+    standin_factory: Callable[..., StandinProcess],
+) -> None:
+    server = standin_factory(MODEL, token_delay=0.05)
+    async with BackendHttp(connect_timeout=5) as http:
+
+        async def read_a_little() -> None:
+            response = await http.send(server.url, "POST", CHAT, [], body(100, stream=True))
+            try:
+                async for _chunk in response.chunks():
+                    await asyncio.sleep(10)  # cancelled here, mid-body
+            finally:
+                http.release(response)
+
+        tasks = [asyncio.create_task(read_a_little()) for _ in range(20)]
+        async with asyncio.timeout(10):
+            while http.busy_connections < 20:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert (http.busy_connections, http.idle_connections) == (0, 0)  # none half-read reused
+        response = await http.send(server.url, "GET", "/health", [], b"")
+        assert response.status == 200
+        http.release(response)
