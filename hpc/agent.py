@@ -87,15 +87,7 @@ class Agent:
             httpx.AsyncClient(limits=limits, trust_env=False) as client,
             asyncio.TaskGroup() as group,
         ):
-            monitor = HealthMonitor(
-                self.health,
-                self._probe_targets,
-                self._wake.set,
-                self.config.health_interval,
-                self.config.health_timeout,
-                self.clock,
-            )
-            group.create_task(monitor.run(client), name="health")
+            group.create_task(self.health_monitor().run(client), name="health")
             group.create_task(self._forward_wakeups(), name="wakeups")
             group.create_task(self._serve_router(), name="router")
             await self._schedule_loop()
@@ -266,7 +258,19 @@ class Agent:
             log.error("cannot write the agent state: %s", error)
 
     # -- health ---------------------------------------------------------------------
-    def _probe_targets(self) -> list[ProbeTarget]:
+    def health_monitor(self) -> HealthMonitor:
+        """Probes (and load reads) of this agent's backends, feeding its health book."""
+        return HealthMonitor(
+            self.health,
+            self.probe_targets,
+            self._wake.set,
+            self.config.health_interval,
+            self.config.health_timeout,
+            self.clock,
+        )
+
+    def probe_targets(self) -> list[ProbeTarget]:
+        """Every job with an endpoint that is not cancelled, with its key and readiness."""
         targets = []
         for job_id, endpoint in self.endpoints.items():
             record = self.state.jobs.get(job_id)

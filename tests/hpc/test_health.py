@@ -1,8 +1,11 @@
-"""Backend probes against a real HTTP server on 127.0.0.1, and the health book."""
+"""Backend probes and load reads against real HTTP servers on 127.0.0.1 (an in-process
+one the tests steer, and the stand-in model server), the health book, and the agent's
+status and scaling snapshot built from them."""
 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -13,7 +16,11 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from rich.console import Console
 
+from hpc.agent import Agent
+from hpc.backend_load import BackendLoad
+from hpc.config import AgentConfig
 from hpc.health import (
     HealthBook,
     HealthMonitor,
@@ -23,7 +30,13 @@ from hpc.health import (
     probe_all,
     read_backend_key,
 )
-from hpc.jobs import job_dir
+from hpc.job_script import render_job
+from hpc.jobs import JobInfo, JobTag, job_dir
+from hpc.local_executor import LocalJobSystem
+from hpc.registry import BackendRegistry
+from hpc.state import AgentState
+from hpc.status import build_status, read_status, render_status, status_dict, write_status
+from tests.fixtures.standin import StandinProcess
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -36,16 +49,24 @@ class Backend:
     models: list[str] = field(default_factory=lambda: ["tiny"])
     delay: float = 0.0
     key: str | None = None
+    metrics: str | None = None  # the /metrics text; None: 404
+    metrics_delay: float = 0.0
     seen_auth: list[str] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Send) -> None:
         if scope["type"] != "http":
             return
         auth = dict(scope["headers"]).get(b"authorization", b"").decode()
         self.seen_auth.append(auth)
+        self.paths.append(scope["path"])
         await asyncio.sleep(self.delay)
         if self.key and auth != f"Bearer {self.key}":
             await self._reply(send, 401, b'{"error": "unauthorized"}')
+        elif scope["path"] == "/metrics":
+            await asyncio.sleep(self.metrics_delay)
+            found = self.metrics is not None
+            await self._reply(send, 200 if found else 404, (self.metrics or "").encode())
         elif scope["path"] == "/health":
             await self._reply(send, self.health_status, b"")
         elif scope["path"] == "/v1/models":
@@ -175,3 +196,152 @@ async def test_monitor_wakes_the_scheduler_when_a_job_becomes_ready(
             await asyncio.gather(task, return_exceptions=True)
     assert book.get("1").ready_since == 7.0
     assert book.known() == {"1"}  # a result for a job nobody tracks is dropped
+
+
+VLLM_TEXT = """# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="tiny"} 1.0
+vllm:num_requests_waiting{engine="0",model_name="tiny"} 2.0
+vllm:kv_cache_usage_perc{engine="0",model_name="tiny"} 0.25
+"""
+
+
+async def test_round_reads_ready_jobs_load_and_a_failed_read_is_no_health_failure(
+    backend: tuple[Backend, str],
+) -> None:
+    app, url = backend
+    app.key = "k"
+    book = HealthBook(threshold=2)
+    book.seed("ready", 1.0)
+    book.get("starting")
+    targets = [
+        ProbeTarget("ready", url, "tiny", api_key="k", ready=True),
+        ProbeTarget("starting", url, "tiny", api_key="k"),
+    ]
+    monitor = HealthMonitor(book, lambda: targets, lambda: None, 0.05, 0.3, lambda: 9.0)
+    async with httpx.AsyncClient() as client:
+        app.metrics = VLLM_TEXT
+        await monitor.round(client, targets)
+        assert book.get("ready").load == BackendLoad(running=1, waiting=2, kv_cache_usage=0.25)
+        assert book.get("starting").load is None  # not ready: not read
+        assert app.paths.count("/metrics") == 1
+        assert all(auth == "Bearer k" for auth in app.seen_auth)
+        failures = [
+            (None, "/metrics answered 404"),
+            ("# no vllm here\nother_metric 1\n", "/metrics has no vLLM load figures"),
+        ]
+        for text, problem in failures:
+            app.metrics = text
+            for _ in range(3):  # more rounds than the failure threshold
+                await monitor.round(client, targets)
+            record = book.get("ready")
+            assert (record.load, record.load_problem) == (None, problem)
+            assert record.failures == 0 and book.serving("ready")
+        app.metrics, app.metrics_delay = VLLM_TEXT, 1.0  # /metrics hangs, /health answers
+        for _ in range(3):
+            await monitor.round(client, targets)
+        assert book.get("ready").load_problem == "/metrics: no answer within 0.3s"
+        assert book.serving("ready") and book.get("ready").failures == 0
+        app.metrics_delay = 0.0
+        await monitor.round(client, targets)
+        assert book.get("ready").load is not None and book.get("ready").load_problem == ""
+
+
+def agent_on(state_dir: Path) -> Agent:
+    config = AgentConfig.model_validate(
+        {
+            "state_dir": state_dir,
+            "executor": "local",
+            "health_timeout": 2,
+            "services": [{"name": "tiny", "model": "tiny", "template": "standin"}],
+        }
+    )
+    tag = JobTag(config.job_prefix, "test")
+    return Agent(
+        config,
+        LocalJobSystem(config, tag),  # not called: the test hands the agent its job list
+        BackendRegistry(),
+        AgentState(agent_id="test"),
+        render=lambda service: render_job(service, config, tag),
+    )
+
+
+def running_job(state_dir: Path, job_id: str, port: int, key: str | None) -> JobInfo:
+    """A job whose server listens on `port`, as a job writes it (endpoint.json, api_key)."""
+    folder = job_dir(state_dir, job_id)
+    folder.mkdir(parents=True)
+    (folder / "endpoint.json").write_text(json.dumps({"host": "127.0.0.1", "port": port}))
+    if key:
+        (folder / "api_key").write_text(key)
+    return JobInfo(job_id, "tiny", "RUNNING", 3600, 3500, 1.0, 1.0, ("n1",), "")
+
+
+async def stream_chat(client: httpx.AsyncClient, url: str, key: str) -> None:
+    """One long streamed request, read until cancelled (the stand-in then stops it)."""
+    prompt = " ".join(["word"] * 400)  # 400 tokens at 0.05 s: 20 s, far beyond the test
+    body = {"model": "tiny", "messages": [{"role": "user", "content": prompt}], "stream": True}
+    headers = {"Authorization": f"Bearer {key}"}
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers):
+        await asyncio.Event().wait()
+
+
+async def rounds_until(agent: Agent, client: httpx.AsyncClient, job_id: str, want: Any) -> None:
+    monitor = agent.health_monitor()
+    async with asyncio.timeout(10):
+        while agent.health.get(job_id).load != want:
+            await monitor.round(client, agent.probe_targets())
+            await asyncio.sleep(0.05)
+
+
+async def test_agent_status_and_snapshot_show_the_backends_own_load(
+    backend: tuple[Backend, str],
+    standin_factory: Callable[..., StandinProcess],
+    tmp_path: Path,
+) -> None:
+    """Requests sent to a stand-in past the router (1 running, 2 waiting with
+    --max-running 1) make the scaling load 3; a backend without /metrics stays ready."""
+    _app, no_metrics_url = backend  # answers /health and /v1/models, 404 on /metrics
+    busy = standin_factory("tiny", max_running=1, token_delay=0.05, api_key="k1")
+    agent = agent_on(tmp_path)
+    infos = [
+        running_job(tmp_path, "local-1", busy.port, "k1"),
+        running_job(tmp_path, "local-2", int(no_metrics_url.rsplit(":", 1)[1]), None),
+    ]
+    agent.observe(infos, 100.0)
+    async with httpx.AsyncClient(trust_env=False, timeout=30) as client:
+        await rounds_until(agent, client, "local-1", BackendLoad(0, 0, None))
+        assert agent.health.serving("local-1") and agent.health.serving("local-2")
+        requests = [asyncio.create_task(stream_chat(client, busy.url, "k1")) for _ in range(3)]
+        try:
+            await rounds_until(agent, client, "local-1", BackendLoad(1, 2, None))
+            snapshot = agent.observe(infos, 101.0)
+            status = build_status(agent, 101.0)
+        finally:
+            for request in requests:
+                request.cancel()
+            await asyncio.gather(*requests, return_exceptions=True)
+        sample = snapshot.services[0].load[-1]
+        assert (sample.routed, sample.in_backends, sample.load) == (0, 3, 3)
+        assert agent.health.serving("local-2") and agent.health.get("local-2").failures == 0
+        # the stand-in stops the cancelled streams: the figures follow
+        await rounds_until(agent, client, "local-1", BackendLoad(0, 0, None))
+    jobs = {j.job_id: j for j in status.jobs}
+    assert (jobs["local-1"].running, jobs["local-1"].waiting, jobs["local-1"].ready) == (1, 2, True)
+    assert (jobs["local-2"].running, jobs["local-2"].ready) == (None, True)
+    assert jobs["local-2"].metrics == "/metrics answered 404"
+    service = status.services[0]
+    assert (service.running, service.waiting, service.load, service.ready) == (1, 2, 3, 2)
+    # what `saia hpc status` shows, from the file the agent writes
+    write_status(tmp_path, status)
+    shown = read_status(tmp_path)
+    assert shown == status
+    console = Console(width=100, record=True, file=io.StringIO())
+    console.print(render_status(shown, now=101.0))
+    text = console.export_text()
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in text.splitlines()]
+    assert ["tiny", "local-1", "1", "2", "-", ""] in rows  # service, job, run, wait, kv, load
+    assert ["tiny", "local-2", "-", "-", "-", ""] in rows
+    assert ["tiny", "total", "1", "2", "-", "3"] in rows
+    assert "/metrics answered 404" in text  # the job's note
+    as_json = status_dict(shown, 101.0)
+    assert [(j["running"], j["waiting"]) for j in as_json["jobs"]] == [(1, 2), (None, None)]
+    assert as_json["services"][0]["load"] == 3
