@@ -235,16 +235,21 @@ class HopClient:
             raise HopUnavailable(f"the agent speaks protocol version {version}")
         return Link(connection, channel)
 
+    def _pick(self) -> Link | None:
+        live = [k for k in self._links if k is not None and not k.channel.closed]
+        return min(live, key=lambda k: len(k.channel.streams)) if live else None
+
     async def _link(self) -> Link:
         """The live connection with the fewest streams, waiting a bit for one to come up."""
+        link = self._pick()  # the usual case: no timer needed
+        if link is not None:
+            return link
         try:
             async with asyncio.timeout(self._connect_timeout):
-                while True:
-                    live = [k for k in self._links if k is not None and not k.channel.closed]
-                    if live:
-                        return min(live, key=lambda k: len(k.channel.streams))
+                while (link := self._pick()) is None:
                     self._changed.clear()
                     await self._changed.wait()
+                return link
         except TimeoutError:
             message = f"no connection to {self.target.host}: {self._last_error}"
             raise HopUnavailable(message) from None
