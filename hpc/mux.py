@@ -43,6 +43,30 @@ class Lost:
 LOST = Lost()
 
 
+class Inbox:
+    """Frames received for one stream (a lighter asyncio.Queue: one reader, no bound)."""
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: deque[wire.Frame | Lost] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: wire.Frame | Lost) -> None:
+        self._items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def get(self) -> wire.Frame | Lost:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
+
+
 class StreamState:
     """One stream's inbox and its credit in both directions."""
 
@@ -50,23 +74,26 @@ class StreamState:
 
     def __init__(self, stream_id: int) -> None:
         self.id = stream_id
-        self.inbox: asyncio.Queue[wire.Frame | Lost] = asyncio.Queue()
+        self.inbox = Inbox()
         self.credit = wire.INITIAL_WINDOW  # bytes we may still send
         self.recv_budget = wire.INITIAL_WINDOW  # bytes the peer may still send
         self.unacked = 0  # consumed bytes not yet returned as credit
         self.task: asyncio.Task[None] | None = None
-        self._credit_changed = asyncio.Event()
+        self._credit_changed: asyncio.Event | None = None  # made when a sender must wait
 
     def add_credit(self, increment: int) -> None:
         self.credit += increment
-        self._credit_changed.set()
+        self.wake()
 
     async def wait_credit(self) -> None:
+        if self._credit_changed is None:
+            self._credit_changed = asyncio.Event()
         self._credit_changed.clear()
         await self._credit_changed.wait()
 
     def wake(self) -> None:
-        self._credit_changed.set()
+        if self._credit_changed is not None:
+            self._credit_changed.set()
 
 
 class Channel:
