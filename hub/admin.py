@@ -50,7 +50,12 @@ Services = Annotated[HubServices, Depends(_services)]
 
 def admin_router() -> APIRouter:
     router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(_admin)])
+    _key_routes(router)
+    _limit_and_usage_routes(router)
+    return router
 
+
+def _key_routes(router: APIRouter) -> None:
     @router.get("/keys", summary="List API keys (never their secrets)")
     async def list_keys(services: Services) -> list[dict[str, Any]]:
         return [record.public() for record in await services.keys.list()]
@@ -85,6 +90,8 @@ def admin_router() -> APIRouter:
         services.key_cache.forget()
         return {"id": key_id, "revoked": True}
 
+
+def _limit_and_usage_routes(router: APIRouter) -> None:
     @router.put("/keys/{key_id}/limits", summary="Replace the limits of an API key")
     async def set_limits(key_id: str, limits: LimitsConfig, services: Services) -> dict[str, Any]:
         if not await services.keys.set_limits(key_id, limits):
@@ -105,5 +112,3 @@ def admin_router() -> APIRouter:
         except ValueError as error:
             raise ApiError(400, str(error), param="since") from None
         return await usage_summary(services.engine, since=start, until=end, by=by)
-
-    return router

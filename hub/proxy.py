@@ -29,7 +29,13 @@ from hub.errors import ApiError, sse_error
 from hub.hooks import apply_hooks, ask_for_usage
 from hub.services import HubServices
 from hub.sse import Usage, UsageTap, usage_from_body
-from hub.upstream import UpstreamError, UpstreamRequest, UpstreamResponse, forwardable
+from hub.upstream import (
+    Upstream,
+    UpstreamError,
+    UpstreamRequest,
+    UpstreamResponse,
+    forwardable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -288,48 +294,56 @@ async def handle(services: HubServices, request: Request, endpoint: str) -> Resp
     return await _forward(services, upstream, outcome, body, client_asked, limit_headers)
 
 
+def _hold(services: HubServices, outcome: Outcome, limit_headers: dict[str, str]) -> AsyncExitStack:
+    """The request's exit stack: outcome recorded, in-flight slot and gauge given back."""
+    try:
+        release = services.admission.acquire(outcome.principal, limit_headers)
+    except ApiError as error:  # over the concurrency cap
+        outcome.status = error.status
+        finish(services, outcome)
+        raise
+    stack = AsyncExitStack()
+    stack.callback(finish, services, outcome)
+    stack.callback(release)
+    gauge = services.metrics.in_flight.labels(outcome.model, outcome.upstream)
+    gauge.inc()
+    stack.callback(gauge.dec)
+    return stack
+
+
+def _stream_headers(response: UpstreamResponse, headers: dict[str, str]) -> dict[str, str]:
+    extra = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+    return {**dict(forwardable(response.headers)), **headers, **extra}
+
+
 async def _forward(
     services: HubServices,
-    upstream: Any,
+    upstream: Upstream,
     outcome: Outcome,
     body: bytes,
     client_asked: bool,
     limit_headers: dict[str, str],
 ) -> Response:
     headers = {**limit_headers, "x-request-id": outcome.request_id}
-    stack = AsyncExitStack()
+    stack = _hold(services, outcome, limit_headers)
     handed_over = False
     try:
-        release = services.admission.acquire(outcome.principal, limit_headers)
-        stack.callback(release)
-        stack.callback(finish, services, outcome)
-        gauge = services.metrics.in_flight.labels(outcome.model, outcome.upstream)
-        gauge.inc()
-        stack.callback(gauge.dec)
-        request = UpstreamRequest(
-            "POST", _path(outcome.endpoint), body, outcome.target, outcome.request_id
-        )
+        path = _path(outcome.endpoint)
+        request = UpstreamRequest("POST", path, body, outcome.target, outcome.request_id)
         response = await stack.enter_async_context(upstream.stream(request))
         if not outcome.stream or response.status >= 400:
             return await complete(response, outcome, headers)
         tap = UsageTap(strip_usage=not client_asked)
-        stream_headers = {
-            **dict(forwardable(response.headers)),
-            **headers,
-            "cache-control": "no-cache",
-            "x-accel-buffering": "no",
-        }
         handed_over = True
         return UpstreamStreamingResponse(
-            stack, relay(response, tap, outcome), response.status, stream_headers
+            stack,
+            relay(response, tap, outcome),
+            response.status,
+            _stream_headers(response, headers),
         )
     except UpstreamError as error:
         outcome.status = error.status
         raise ApiError(error.status, error.message, code=error.code, headers=headers) from None
-    except ApiError as error:
-        outcome.status = error.status
-        error.headers = {**headers, **error.headers}
-        raise
     finally:
         if not handed_over:
             await stack.aclose()
