@@ -29,6 +29,7 @@ import httpx
 from saia.sandbox.postgres import PostgresSandbox, free_port
 
 MODEL = "bench-model"
+STREAM_MESSAGE = {"role": "user", "content": " ".join(f"w{i}" for i in range(16))}
 BODY = {
     "model": MODEL,
     "max_tokens": 4,
@@ -81,6 +82,21 @@ async def sequential(client: httpx.AsyncClient, url: str, count: int) -> list[fl
         response = await client.post(url, json=BODY)
         response.raise_for_status()
         times.append(time.perf_counter() - start)
+    return times
+
+
+async def streamed(client: httpx.AsyncClient, url: str, count: int) -> list[tuple[float, float]]:
+    """(time to the first chunk, time to the end) of streamed chats of 16 tokens."""
+    body = {**BODY, "stream": True, "max_tokens": 16, "messages": [STREAM_MESSAGE]}
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        first = 0.0
+        async with client.stream("POST", url, json=body) as response:
+            response.raise_for_status()
+            async for _chunk in response.aiter_raw():
+                first = first or time.perf_counter() - start
+        times.append((first, time.perf_counter() - start))
     return times
 
 
@@ -141,6 +157,18 @@ async def measure(
               f"p99 {(p99(hub_times) - p99(direct_times)) * 1e3:.2f} ms")  # fmt: skip
         print(f"  CPU per request: hub process {hub_cpu / len(hub_times) * 1e3:.2f} ms, "
               f"stand-in {standin_cpu / len(direct_times) * 1e3:.2f} ms")  # fmt: skip
+        direct_streams: list[tuple[float, float]] = []
+        hub_streams: list[tuple[float, float]] = []
+        for _ in range(args.streams // 10):
+            direct_streams += await streamed(client, direct, 10)
+            hub_streams += await streamed(client, hub, 10)
+        for name, index in (("first chunk", 0), ("whole stream", 1)):
+            d = statistics.median(t[index] for t in direct_streams)
+            h = statistics.median(t[index] for t in hub_streams)
+            print(
+                f"streamed 16-token chat ({len(hub_streams)} each), {name}: direct "
+                f"{d * 1e3:.2f} ms, hub {h * 1e3:.2f} ms, added {(h - d) * 1e3:.2f} ms"
+            )
         direct_rates, hub_rates = [], []
         for _ in range(args.rounds):
             direct_rates.append(await concurrent(client, direct, args.concurrent, args.total))
@@ -155,6 +183,7 @@ async def measure(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sequential", type=int, default=400)
+    parser.add_argument("--streams", type=int, default=100)
     parser.add_argument("--concurrent", type=int, default=64)
     parser.add_argument("--total", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
