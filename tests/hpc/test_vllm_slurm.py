@@ -1,9 +1,10 @@
 """The real `vllm serve` (CPU build, tiny local model) in a real sandbox Slurm job.
 
 The agent submits the `vllm` template, judges readiness by vLLM's own /health and
-/v1/models (with the per-job backend key), and its router forwards completions; at the
-end scancel stops vLLM through the job's SIGTERM handler and no process of the job
-remains. One vLLM at a time (about 3 GB RSS); each test takes about a minute.
+/v1/models (with the per-job backend key), shows vLLM's own /metrics figures in its
+status, and its router forwards completions; at the end scancel stops vLLM through the
+job's SIGTERM handler and no process of the job remains. One vLLM at a time (about 3 GB
+RSS); each test takes about a minute.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from hpc.mux import Channel
 from hpc.registry import Backend, BackendRegistry
 from hpc.slurm_cli import SlurmJobSystem
 from hpc.state import agent_id
+from hpc.status import JobStatus, StatusError, read_status
 from hpc.vllm_metrics import parse_vllm_metrics
 from saia.sandbox.slurm import SlurmSandbox
 from saia.sandbox.vllm import VllmInstall
@@ -220,6 +222,25 @@ async def check_through_router(state_dir: Path) -> None:
         assert all(c["id"] == chunks[0]["id"] for c in chunks)
 
 
+async def check_status_shows_load(state_dir: Path, job_id: str) -> None:
+    """The agent read vLLM's own /metrics: the job's figures (the KV cache gauge is vLLM's
+    alone) and the service's totals, in the status `saia hpc status` shows."""
+
+    def figures() -> JobStatus | None:
+        with contextlib.suppress(StatusError):
+            for job in read_status(state_dir).jobs:
+                if job.job_id == job_id and job.kv_cache_usage is not None:
+                    return job
+        return None
+
+    job = await until(figures, 30, "no vLLM load figures in the agent's status")
+    assert (job.running, job.waiting, job.metrics) == (0, 0, "")
+    assert job.kv_cache_usage is not None and 0 <= job.kv_cache_usage <= 1
+    service = read_status(state_dir).services[0]
+    assert (service.running, service.waiting) == (0, 0)
+    assert service.kv_cache_usage is not None
+
+
 async def test_agent_runs_vllm_in_slurm_and_routes_to_it(
     slurm_cluster: SlurmSandbox, vllm_install: VllmInstall, prefix: str, tmp_path: Path
 ) -> None:
@@ -235,6 +256,7 @@ async def test_agent_runs_vllm_in_slurm_and_routes_to_it(
         assert not any(backend.api_key in cmd for cmd in running)
         await check_backend_directly(backend)
         await check_through_router(tmp_path)
+        await check_status_shows_load(tmp_path, backend.job_id)
         tag = JobTag(prefix, agent_id(tmp_path))
     assert slurm_cluster.run(["scancel", backend.job_id]).returncode == 0
     await gone_from_slurm(config, tag, backend.job_id)
