@@ -67,7 +67,7 @@ def model_entry(services: HubServices, model_id: str, states: dict[str, Any]) ->
         "object": "model",
         "created": model.created,
         "owned_by": model.owned_by,
-        "name": model.name or model.id,
+        "name": model.name or (state.name if state is not None else None) or model.id,
         "input": model.input,
         "output": model.output,
         "status": state.status if state is not None else default,

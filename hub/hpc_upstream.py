@@ -45,7 +45,8 @@ def merge_states(reports: list[list[dict[str, Any]]]) -> dict[str, ModelState]:
                 continue
             if not isinstance(demand, int | float):
                 demand = 0.0
-            state = ModelState(status, float(demand))
+            name = entry.get("name")
+            state = ModelState(status, float(demand), name if isinstance(name, str) else None)
             old = merged.get(service)
             if old is None or (_RANK[status], -state.demand) > (_RANK[old.status], -old.demand):
                 merged[service] = state

@@ -63,6 +63,7 @@ class UpstreamResponse:
 class ModelState:
     status: ModelStatus
     demand: float
+    name: str | None = None  # a display name the upstream reports
 
 
 class UpstreamError(Exception):

@@ -29,10 +29,10 @@ def test_merge_states_prefers_the_best_site() -> None:
     reports = [
         [{"id": "a", "status": "loading", "demand": 0.0}, {"id": "b", "status": "offline"}],
         [{"id": "a", "status": "ready", "demand": 2.5}, {"id": "a2", "status": "bogus"}],
-        [{"id": "a", "status": "ready", "demand": 0.5}],
+        [{"id": "a", "status": "ready", "demand": 0.5, "name": "A"}],
     ]
     assert merge_states(reports) == {
-        "a": ModelState("ready", 0.5),
+        "a": ModelState("ready", 0.5, "A"),
         "b": ModelState("offline", 0.0),
     }
 
@@ -70,7 +70,8 @@ def hub_config(tmp_path: Path, sshd: SshdSandbox) -> Any:
 async def test_hpc_models_chat_and_stream_with_failover(
     tmp_path: Path, sshd: SshdSandbox, standin_factory: Callable[..., StandinProcess]
 ) -> None:
-    agent = AgentConfig(state_dir=sshd.state_dir, services=[ServiceConfig(name=MODEL, model=MODEL)])
+    service = ServiceConfig(name=MODEL, model=MODEL, display_name="HPC Model")
+    agent = AgentConfig(state_dir=sshd.state_dir, services=[service])
     registry = BackendRegistry()
     async with running_router(agent, registry), running_hub(hub_config(tmp_path, sshd)) as hub:
         key = await hub.create_key(owner="dora")
@@ -81,6 +82,7 @@ async def test_hpc_models_chat_and_stream_with_failover(
             registry.publish(MODEL, [Backend(MODEL, "job-1", server.url)])
             models = (await http.get("/v1/models")).json()["data"]
             assert models[0]["status"] == "ready"
+            assert models[0]["name"] == "HPC Model"  # the agent's display name
             assert isinstance(models[0]["demand"], float)
             body = {
                 "model": "public-name", "max_tokens": 3,
