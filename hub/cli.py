@@ -81,6 +81,11 @@ def serve(config_path: Path, host: str | None, port: int | None) -> None:
         app = create_app(config)
     except ConfigError as error:
         fail(str(error))
+
+    async def nothing(_engine: Any) -> None:
+        return None
+
+    _with_engine(config, nothing)  # unreachable database: one line, not a traceback
     uvicorn.run(
         app,
         host=host or config.host,

@@ -398,3 +398,10 @@ async def test_timeouts_504_before_and_error_event_after_the_stream_started(
         assert events[-1]["error"]["type"] == "timeout_error"
         await hub.services.recorder.flush()
         assert [row["status"] for row in await usage_rows(hub)] == [504, 504]
+
+
+async def test_tokenize_passes_through(hub: RunningHub) -> None:
+    async with hub.client(await hub.create_key()) as http:
+        response = await http.post("/tokenize", json={"model": STANDIN_MODEL, "prompt": "a b c"})
+    assert response.status_code == 200, response.text
+    assert response.json()["count"] == 3

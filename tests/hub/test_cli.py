@@ -77,3 +77,16 @@ def test_db_upgrade(tmp_path: Path) -> None:
     code, out, _ = run("db", "upgrade", "-c", str(write_config(tmp_path)))
     assert code == 0 and "up to date" in out
     assert (tmp_path / "data" / "hub.db").exists()
+
+
+def test_serve_with_an_unreachable_database_is_one_line(tmp_path: Path) -> None:
+    from saia.sandbox.postgres import free_port
+
+    url = f"postgresql+asyncpg://nobody@127.0.0.1:{free_port()}/none"
+    config = write_config(
+        tmp_path,
+        f"database_url: '{url}'\nupstreams:\n  p: {{kind: openai, base_url: 'http://127.0.0.1:9'}}\n",
+    )
+    code, _, err = run("serve", "-c", str(config))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("database 127.0.0.1:") and "nobody" not in err
