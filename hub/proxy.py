@@ -181,6 +181,8 @@ async def relay(
                     outcome.first_chunk = time.perf_counter()
                 yield out
         rest = tap.flush()
+        if rest and outcome.target != outcome.model:
+            rest = rename_model(rest, outcome.target, outcome.model)
         if rest:
             yield rest
         outcome.status = response.status if tap.error is None else 502
