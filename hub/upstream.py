@@ -11,7 +11,7 @@ from typing import Literal, Protocol
 ModelStatus = Literal["ready", "loading", "offline"]
 
 # Never forwarded from an upstream: hop-by-hop headers, framing and encoding (the hub
-# re-frames the body), and headers the hub sets itself.
+# re-frames the body), and headers the hub sets itself (an upstream's Retry-After passes).
 DROPPED_RESPONSE_HEADERS = frozenset(
     {
         "connection",
@@ -28,7 +28,6 @@ DROPPED_RESPONSE_HEADERS = frozenset(
         "date",
         "server",
         "set-cookie",
-        "retry-after",
         "ratelimit-reset",
     }
 )
