@@ -57,22 +57,31 @@ Duration = Annotated[float, BeforeValidator(_duration)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Field docstrings become descriptions (the generated configuration reference).
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class SlurmResources(Strict):
     """What one job of a service asks Slurm for."""
 
     partition: str | None = None
+    """Slurm partition (--partition); None uses the cluster's default"""
     nodes: int = Field(1, ge=1, le=64)
+    """nodes per job; above 1 the vllm template runs a Ray cluster across them"""
     gpus: int = Field(1, ge=0, le=16, description="GPUs per node")
     cpus: int = Field(4, ge=1, le=1024, description="CPUs per task")
     memory: str = Field("32G", pattern=r"^[0-9]+[KMGT]?$")
+    """memory per node (--mem), e.g. 64G"""
     time_limit: str = "1:00:00"
+    """job time limit (--time): MM, H:MM:SS or D-HH:MM:SS; jobs are renewed before it"""
     account: str | None = None
+    """Slurm account to charge (--account)"""
     qos: str | None = None
+    """quality of service (--qos)"""
     constraint: str | None = None
+    """node features (--constraint), e.g. a100"""
     extra_sbatch: list[str] = Field(default_factory=list)
+    """further sbatch options, each starting with -; the agent's own are refused"""
 
     @field_validator("time_limit")
     @classmethod
@@ -103,14 +112,23 @@ class VllmOptions(Strict):
     """Options of the default `vllm` template; None leaves vLLM's own default."""
 
     max_model_len: int | None = Field(None, ge=16)
+    """--max-model-len: longest context"""
     quantization: str | None = None
+    """--quantization, e.g. awq or fp8"""
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    """--gpu-memory-utilization (0-1]"""
     dtype: str | None = None
+    """--dtype, e.g. bfloat16"""
     chat_template: str | None = None
+    """--chat-template: a file path or template text"""
     tool_call_parser: str | None = None
+    """--tool-call-parser, e.g. hermes"""
     enable_auto_tool_choice: bool = False
+    """--enable-auto-tool-choice (needs tool_call_parser)"""
     task: Literal["generate", "embed"] = "generate"
+    """generate: a chat/completion model; embed: serve /v1/embeddings (--runner pooling)"""
     enforce_eager: bool = False
+    """--enforce-eager: no CUDA graphs (faster start, slower decoding)"""
     ray_port: int | None = Field(
         None, ge=1024, le=65535, description="Ray head port (multi-node); None: a free one"
     )
@@ -129,17 +147,24 @@ class ServiceConfig(Strict):
     """One model service: the model id clients use and how its jobs are run."""
 
     name: str
+    """the model id clients use (letters, digits and . _ : / -)"""
     model: str = Field(description="model path or name given to the server")
     served_model_name: str | None = None
+    """the id the server announces, if it differs from name"""
     template: str = Field("vllm", pattern=r"^[a-z][a-z0-9_-]{0,31}$")
+    """job template in slurm/: vllm, vllm-multinode or standin"""
     resources: SlurmResources = Field(default_factory=SlurmResources)
+    """what each job asks Slurm for"""
     min_instances: int = Field(1, ge=0, le=64)
+    """jobs kept running even without load (0 allows scale to zero)"""
     max_instances: int = Field(1, ge=0, le=64)
+    """upper bound of jobs for this service"""
     target_concurrency: int = Field(8, ge=1, description="in-flight requests per instance")
     renewal_lead: Duration = Field(
         600.0, description="submit the replacement this long before the limit"
     )
     startup_timeout: Duration = Field(900.0, gt=0)
+    """a running job not ready within this is cancelled and replaced"""
     look_back: Duration = Field(
         60.0, ge=0, description="load window: the target follows the highest load seen in it"
     )
@@ -153,12 +178,15 @@ class ServiceConfig(Strict):
         900.0, ge=0, description="upper bound of the wait between failed starts"
     )
     server_args: list[str] = Field(default_factory=list)
+    """extra arguments appended to the server's command line"""
     server_command: list[str] | None = Field(
         None, description="program (argv) the template starts instead of its default server"
     )
     environment: dict[str, str] = Field(default_factory=dict)
+    """environment variables set in the job"""
     container: str | None = Field(None, description="Apptainer image; None runs on the host")
     container_binds: list[str] = Field(default_factory=list)
+    """extra Apptainer bind mounts (SRC[:DST[:OPTS]])"""
     hf_home: str | None = Field(
         None, description="HF_HOME of the job (bound into the container); offline by default"
     )
@@ -166,9 +194,13 @@ class ServiceConfig(Strict):
         True, description="protect the backend with a random per-job key (VLLM_API_KEY)"
     )
     vllm: VllmOptions = Field(default_factory=VllmOptions)
+    """options of the vllm templates"""
     display_name: str | None = None
+    """name shown to chat users in /v1/models"""
     input: list[str] = Field(default_factory=lambda: ["text"])
+    """input modalities announced in /v1/models, e.g. [text, image]"""
     output: list[str] = Field(default_factory=lambda: ["text"])
+    """output modalities announced in /v1/models, e.g. [text, thought]"""
 
     @field_validator("name")
     @classmethod
@@ -202,10 +234,13 @@ class RouterConfig(Strict):
     """How the agent's router treats requests."""
 
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    """largest request body accepted (413 beyond)"""
     queue_timeout: Duration = Field(300.0, ge=0, description="wait this long for a ready backend")
     max_queue: int = Field(256, ge=0, description="requests waiting per service")
     connect_timeout: Duration = Field(5.0, gt=0)
+    """connecting to a backend"""
     first_byte_timeout: Duration = Field(600.0, gt=0)
+    """from sending the request to the response head"""
     idle_timeout: Duration = Field(300.0, gt=0, description="longest gap between two chunks")
 
 
@@ -213,16 +248,27 @@ class AgentConfig(Strict):
     """The whole agent configuration file."""
 
     state_dir: Path
+    """the agent's files (state, job dirs and logs, agent.sock), on a file system nodes share"""
     executor: Literal["slurm", "local"] = "slurm"
+    """slurm (production) or local (job scripts as local processes, for machines without Slurm)"""
     slurm_bin_dir: Path | None = None
+    """directory of sbatch/squeue/scancel if they are not on PATH"""
     slurm_conf: Path | None = None
+    """SLURM_CONF for the Slurm commands, if not the system default"""
     job_prefix: str = Field("saia", pattern=r"^[a-z][a-z0-9-]{0,15}$")
+    """job names are <job_prefix>-<service>; with the comment tag they mark the agent's jobs"""
     poll_interval: Duration = Field(5.0, gt=0)
+    """how often the agent observes Slurm and decides"""
     health_interval: Duration = Field(5.0, gt=0)
+    """how often every backend is probed"""
     health_timeout: Duration = Field(3.0, gt=0)
+    """per probe"""
     health_failures: int = Field(3, ge=1)
+    """failed probes in a row before a backend is replaced"""
     max_total_gpus: int | None = Field(None, ge=0)
+    """cap on GPUs held by all services together"""
     slurm_timeout: Duration = Field(30.0, gt=0)
+    """per Slurm command"""
     python: str | None = Field(
         None, description="python on the compute nodes; default: the agent's"
     )
@@ -231,7 +277,9 @@ class AgentConfig(Strict):
         None, description="address the router uses to reach a job; default: the node's hostname -f"
     )
     router: RouterConfig = Field(default_factory=RouterConfig)
+    """how the router treats requests"""
     services: list[ServiceConfig] = Field(default_factory=list)
+    """the model services"""
 
     @model_validator(mode="after")
     def _unique(self) -> AgentConfig:
