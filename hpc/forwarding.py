@@ -123,7 +123,7 @@ class Forwarder:
     async def forward(
         self, sink: ResponseSink, service: ServiceConfig, head: RequestHead, body: bytes
     ) -> None:
-        headers = backend_headers(head.headers, None)  # validate before waiting
+        backend_headers(head.headers, None)  # validate before waiting for a backend
         name = service.name
         self._registry.note_arrival(name, time.monotonic())
         tried: set[str] = set()
@@ -132,8 +132,7 @@ class Forwarder:
             if backend is None:
                 break
             tried.add(backend.job_id)
-            if backend.api_key:
-                headers = backend_headers(head.headers, backend.api_key)
+            headers = backend_headers(head.headers, backend.api_key)  # each its own key
             backend.in_flight += 1
             try:
                 await self._exchange(sink, backend, head, headers, body)
