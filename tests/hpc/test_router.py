@@ -217,3 +217,23 @@ async def test_cancelled_backend_exchanges_close_their_connections(
         response = await http.send(server.url, "GET", "/health", [], b"")
         assert response.status == 200
         http.release(response)
+
+
+async def test_retry_goes_to_the_other_backend_with_its_own_key(
+    tmp_path: Path, standin_factory: Callable[..., StandinProcess]
+) -> None:
+    dead = standin_factory(MODEL, api_key="key-of-a")
+    live = standin_factory(MODEL, api_key="key-of-b")
+    dead.stop()
+    async with router(tmp_path) as registry, channel(tmp_path) as chan:
+        registry.publish(
+            MODEL,
+            [
+                Backend(MODEL, "a-dead", dead.url, api_key="key-of-a"),  # picked first
+                Backend(MODEL, "b-live", live.url, api_key="key-of-b"),
+            ],
+        )
+        request(chan, 1, head(), body(1))
+        (frames,) = (await frames_until_end(chan)).values()
+        assert wire.parse_response(frames[0].payload).status == 200
+        assert registry.ready(MODEL)[1].served == 1
