@@ -3,6 +3,7 @@ forced-command key -> relay -> the agent's router (in-process) -> stand-in serve
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -133,3 +134,34 @@ async def _usage(engine: Any) -> list[tuple[Any, ...]]:
 
 
 _ = httpx  # the hub's own client type is httpx
+
+
+@pytest.mark.ssh
+async def test_abandoned_hpc_streams_release_the_backend(
+    tmp_path: Path, sshd: SshdSandbox, standin_factory: Callable[..., StandinProcess]
+) -> None:
+    agent = AgentConfig(state_dir=sshd.state_dir, services=[ServiceConfig(name=MODEL, model=MODEL)])
+    registry = BackendRegistry()
+    server = standin_factory(MODEL, token_delay=0.05)
+    registry.publish(MODEL, [Backend(MODEL, "job-1", server.url)])
+    words = " ".join(f"w{i}" for i in range(200))
+    body = {"model": "public-name", "prompt": words, "max_tokens": 200, "stream": True}
+    async with running_router(agent, registry), running_hub(hub_config(tmp_path, sshd)) as hub:
+        async with hub.client(await hub.create_key()) as http:
+
+            async def abandon() -> None:
+                async with http.stream("POST", "/v1/completions", json=body) as response:
+                    assert response.status_code == 200
+                    async for _ in response.aiter_bytes():
+                        assert registry.in_flight_of(MODEL, "job-1") >= 1
+                        break  # one chunk, then the client goes away
+
+            await asyncio.gather(*(abandon() for _ in range(10)))
+        async with asyncio.timeout(10):
+            # Polls state owned by the router and the hub (no event to wait on), bounded.
+            while registry.in_flight_of(MODEL, "job-1"):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        assert hub.services.admission.in_flight == {}
+        await hub.services.recorder.flush()
+        statuses = [row[1] for row in await _usage(hub.services.engine)]
+        assert statuses == [499] * 10
