@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import asyncssh
 
@@ -58,9 +58,18 @@ class HopTimeout(HopError):
         super().__init__(message, 504)
 
 
+class Connection(Protocol):
+    """What a Link needs of its transport: an SSH connection or a local socket writer."""
+
+    def close(self) -> None: ...
+
+    async def wait_closed(self) -> None: ...
+
+
 @dataclass(frozen=True)
 class HopTarget:
-    """One login node."""
+    """One login node; with `socket`, the agent's socket on this machine instead (no SSH:
+    the demo's fallback where no sshd can be run)."""
 
     host: str
     port: int
@@ -68,6 +77,7 @@ class HopTarget:
     client_key: Path
     known_hosts: Path
     command: str = "saia-relay 1"
+    socket: Path | None = None
     connections: int = 1
 
 
@@ -104,7 +114,7 @@ class HopResponse:
 class Link:
     """One SSH connection and its relay channel."""
 
-    def __init__(self, connection: asyncssh.SSHClientConnection, channel: Channel) -> None:
+    def __init__(self, connection: Connection, channel: Channel) -> None:
         self.connection = connection
         self.channel = channel
         self._next_id = 0
@@ -201,6 +211,8 @@ class HopClient:
 
     async def _connect(self) -> Link:
         target = self.target
+        if target.socket is not None:
+            return await self._connect_local(target.socket)
         async with asyncio.timeout(self._connect_timeout):
             connection = await asyncssh.connect(
                 target.host,
@@ -219,6 +231,21 @@ class HopClient:
             except BaseException:
                 connection.close()
                 raise
+
+    async def _connect_local(self, path: Path) -> Link:
+        async with asyncio.timeout(self._connect_timeout):
+            reader, writer = await asyncio.open_unix_connection(str(path), limit=SSH_WINDOW)
+            try:
+                channel = Channel(reader, writer)
+                channel.send(wire.encode_hello())
+                version = await channel.read_hello()
+            except BaseException:
+                writer.close()
+                raise
+        if version != wire.VERSION:
+            writer.close()
+            raise HopUnavailable(f"the agent speaks protocol version {version}")
+        return Link(writer, channel)
 
     async def _open_channel(self, connection: asyncssh.SSHClientConnection) -> Link:
         process = await connection.create_process(
