@@ -31,6 +31,7 @@ from hub.upstream import (
 log = logging.getLogger(__name__)
 
 FAILED_SITE_COOLDOWN = 30.0
+STATE_RETRY = 5.0
 _RANK: dict[str, int] = {"ready": 2, "loading": 1, "offline": 0}
 
 
@@ -60,6 +61,12 @@ def site_order(failed_at: list[float | None], now: float, cooldown: float) -> li
     """
     recent = [i for i, t in enumerate(failed_at) if t is not None and now - t < cooldown]
     return [i for i in range(len(failed_at)) if i not in recent] + recent
+
+
+def sites_to_ask(failed_at: list[float | None], now: float, retry: float) -> list[int]:
+    """Sites to ask for their live state: a site that failed less than `retry` seconds ago
+    is skipped, so /v1/models never waits for a dead site more than once per `retry`."""
+    return [i for i, t in enumerate(failed_at) if t is None or now - t >= retry]
 
 
 def target_of(site: HpcSite) -> HopTarget:
@@ -150,16 +157,21 @@ class HpcUpstream:
         now = asyncio.get_running_loop().time()
         if self._cached is not None and self._cached[0] > now:
             return self._cached[1]
+        asked = sites_to_ask(self._failed_at, now, STATE_RETRY)
         async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(self._site_services(c)) for c in self._clients]
+            tasks = [group.create_task(self._site_services(i)) for i in asked]
         merged = merge_states([task.result() for task in tasks])
         self._cached = (now + self._config.services_ttl, merged)
         return merged
 
-    async def _site_services(self, client: HopClient) -> list[dict[str, Any]]:
+    async def _site_services(self, index: int) -> list[dict[str, Any]]:
+        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._config.timeouts.connect):
-                return await client.services()
+                services = await self._clients[index].services()
         except (HopError, TimeoutError) as error:
+            self._failed_at[index] = loop.time()
             log.warning("%s: no service state from a site: %s", self.name, error)
             return []
+        self._failed_at[index] = None
+        return services

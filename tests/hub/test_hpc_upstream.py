@@ -15,7 +15,7 @@ import pytest
 from hpc.config import AgentConfig, ServiceConfig
 from hpc.registry import Backend, BackendRegistry
 from hub.config import parse_config
-from hub.hpc_upstream import merge_states, site_order
+from hub.hpc_upstream import merge_states, site_order, sites_to_ask
 from hub.upstream import ModelState
 from saia.sandbox.postgres import free_port
 from saia.sandbox.sshd import SshdSandbox
@@ -42,6 +42,11 @@ def test_sites_that_failed_recently_go_last() -> None:
     assert site_order([None, None, None], 100.0, 30.0) == [0, 1, 2]
     assert site_order([95.0, None, 50.0], 100.0, 30.0) == [1, 2, 0]
     assert site_order([95.0, 99.0], 100.0, 30.0) == [0, 1]  # all down: still tried
+
+
+def test_sites_asked_for_state_skip_recent_failures() -> None:
+    assert sites_to_ask([None, 98.0, 90.0], 100.0, 5.0) == [0, 2]
+    assert sites_to_ask([99.0], 100.0, 5.0) == []
 
 
 def hub_config(tmp_path: Path, sshd: SshdSandbox) -> Any:
