@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 MAX_ERROR_BODY = 64 * 1024
 MAX_ANSWER_BODY = 64 * 1024 * 1024
 CLIENT_GONE = 499
+UNAVAILABLE_RETRY_AFTER = 5  # seconds, when no upstream site is reachable
 
 
 @dataclass
@@ -345,6 +346,8 @@ async def _forward(
         )
     except UpstreamError as error:
         outcome.status = error.status
+        if error.status == 503:
+            headers = {**headers, "Retry-After": str(UNAVAILABLE_RETRY_AFTER)}
         raise ApiError(error.status, error.message, code=error.code, headers=headers) from None
     finally:
         if not handed_over:

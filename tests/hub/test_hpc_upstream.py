@@ -123,7 +123,7 @@ async def test_no_site_reachable_is_503(tmp_path: Path, sshd: SshdSandbox) -> No
     async with running_hub(config) as hub, hub.client(await hub.create_key()) as http:
         body = {"model": "public-name", "prompt": "x"}
         response = await http.post("/v1/completions", json=body)
-    assert response.status_code == 503
+    assert response.status_code == 503 and response.headers["retry-after"] == "5"
     assert "reachable" in response.json()["error"]["message"]
 
 
