@@ -76,12 +76,29 @@ class OpenAIUpstreamConfig(Strict):
 class HpcSite(Strict):
     """One login node reached over SSH with the forced-command key."""
 
-    host: str
+    host: str = Field("", description="the login node's address")
     port: int = Field(22, ge=1, le=65535)
-    user: str
-    client_key: Path
-    known_hosts: Path
+    user: str = Field("", description="the functional account whose key is forced")
+    client_key: Path | None = Field(None, description="the hub's private key file")
+    known_hosts: Path | None = Field(
+        None, description="pinned host key(s) of the login node; checking is never off"
+    )
     connections: int = Field(1, ge=1, le=16)
+    socket: Path | None = Field(
+        None,
+        description="the agent's Unix socket on this same machine instead of SSH "
+        "(only for a demo without sshd)",
+    )
+
+    @model_validator(mode="after")
+    def _reachable(self) -> HpcSite:
+        if self.socket is None:
+            missing = [
+                k for k in ("host", "user", "client_key", "known_hosts") if not getattr(self, k)
+            ]
+            if missing:
+                raise ValueError(f"an SSH site needs {', '.join(missing)}")
+        return self
 
 
 class HpcUpstreamConfig(Strict):

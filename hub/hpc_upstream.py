@@ -12,6 +12,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -74,9 +75,10 @@ def target_of(site: HpcSite) -> HopTarget:
         host=site.host,
         port=site.port,
         user=site.user,
-        client_key=site.client_key,
-        known_hosts=site.known_hosts,
+        client_key=site.client_key or Path(),
+        known_hosts=site.known_hosts or Path(),
         connections=site.connections,
+        socket=site.socket,
     )
 
 

@@ -102,6 +102,8 @@ def agent_config(root: Path, *, executor: str, slurm: Any, vllm: Any) -> dict[st
     }
     if slurm is not None:
         config |= {"slurm_conf": str(slurm.slurm_conf), "slurm_bin_dir": str(slurm.bin_dir)}
+    else:  # the local executor hands out no GPUs
+        service["resources"] = service["resources"] | {"gpus": 0}
     return config
 
 
@@ -198,10 +200,11 @@ class Demo:
         }
 
     def _local_site(self, state_dir: Path) -> dict[str, Any]:
-        raise DemoError(
-            "this machine cannot run the demo's Slurm cluster and sshd: run it as root on "
-            "Debian with `python -m saia.sandbox.packages` available"
+        console.print(
+            "[yellow]local mode:[/] jobs run as local processes (no Slurm) and the hub talks "
+            "to the agent's socket directly (no SSH hop)"
         )
+        return {"socket": str(state_dir / "agent.sock")}
 
     def _create_key(self, saia: list[str], hub_path: Path) -> str:
         done = subprocess.run(
@@ -293,6 +296,7 @@ def _print_ready(port: int, key: str) -> None:
 @click.command()
 @click.option("--port", default=8000, show_default=True, help="the hub's port on 127.0.0.1")
 @click.option("--vllm", "use_vllm", is_flag=True, help="serve a tiny model with real vLLM (CPU)")
+@click.option("--local", is_flag=True, help="no Slurm and no sshd, even where they could run")
 @click.option(
     "--dir",
     "work_dir",
@@ -300,10 +304,13 @@ def _print_ready(port: int, key: str) -> None:
     default=None,
     help="keep the demo's files here (default: a temporary dir, removed at exit)",
 )
-def demo(port: int, use_vllm: bool, work_dir: Path | None) -> None:
+def demo(port: int, use_vllm: bool, local: bool, work_dir: Path | None) -> None:
     """Bring the whole system up on this machine and serve until Ctrl-C."""
-    _ensure_packages()
-    full, why = _full_mode_possible()
+    if local:
+        full, why = False, "local mode as asked (--local)"
+    else:
+        _ensure_packages()
+        full, why = _full_mode_possible()
     console.print(f"saia demo: {why}")
     stop = _install_signal_handlers()
     with _work_dir(work_dir) as root:

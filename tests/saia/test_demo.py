@@ -4,6 +4,7 @@ through the real chain (hub -> sshd -> relay -> agent -> Slurm job), then Ctrl-C
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import signal
@@ -74,10 +75,10 @@ def _processes_mentioning(text: str) -> list[str]:
     return found
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningDemo]:
-    root = tmp_path_factory.mktemp("demo")
-    argv = [sys.executable, "-m", "saia", "demo", "--port", str(_free_port()), "--dir", str(root)]
+@contextlib.contextmanager
+def running_demo(root: Path, *options: str) -> Iterator[RunningDemo]:
+    port = str(_free_port())
+    argv = [sys.executable, "-m", "saia", "demo", "--port", port, "--dir", str(root), *options]
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     lines: list[str] = []
     try:
@@ -91,6 +92,12 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningDemo]:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningDemo]:
+    with running_demo(tmp_path_factory.mktemp("demo")) as running:
+        yield running
 
 
 @pytest.fixture
@@ -168,3 +175,16 @@ def test_ctrl_c_stops_everything(demo: RunningDemo) -> None:
     leftovers = _processes_mentioning(str(demo.root))
     assert leftovers == [], leftovers
     assert os.path.isdir(demo.root)
+
+
+def test_local_mode_without_slurm_or_ssh(tmp_path: Path) -> None:
+    with running_demo(tmp_path, "--local") as local:
+        client = openai.OpenAI(base_url=local.base_url, api_key=local.key, max_retries=0)
+        reply = client.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "local hello"}]
+        )
+        assert "local hello" in (reply.choices[0].message.content or "")
+        assert not (tmp_path / "slurm").exists() and not (tmp_path / "sshd").exists()
+        local.process.send_signal(signal.SIGINT)
+        assert local.process.wait(90) == 0
+    assert _processes_mentioning(str(tmp_path)) == []
