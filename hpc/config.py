@@ -1,27 +1,38 @@
 """The agent's configuration: one YAML file, validated at start.
 
-Every validation problem becomes one line `FILE: KEY: REASON`, so an operator can fix a
-config without reading a traceback.
+Every validation problem becomes one line `FILE: KEY: REASON` (`saia/config_file.py`), so an
+operator can fix a config without reading a traceback.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-import yaml
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
+from pydantic import Field, field_validator, model_validator
+
+from hpc.slurm_time import parse_slurm_time
+from saia.config_file import (
+    NO_FILE,
+    ConfigError,
+    Duration,
+    Strict,
+    read_yaml,
+    resolve_relative,
+    validate,
 )
 
-from hpc.slurm_time import parse_duration, parse_slurm_time
+__all__ = [
+    "AgentConfig",
+    "ConfigError",
+    "RouterConfig",
+    "ServiceConfig",
+    "SlurmResources",
+    "VllmOptions",
+    "load_config",
+    "parse_config",
+]
 
 SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 # Slurm options the agent owns: an operator setting them in extra_sbatch would break
@@ -39,26 +50,6 @@ RESERVED_SBATCH = (
     "--wrap",
     "--requeue",
 )
-
-
-def _duration(value: Any) -> float:
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 30s, 10m or 1h")
-    if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
-        return float(value)
-    if isinstance(value, str):
-        return parse_duration(value)
-    raise ValueError("expected a duration such as 30s, 10m or 1h")
-
-
-Duration = Annotated[float, BeforeValidator(_duration)]
-
-
-class Strict(BaseModel):
-    # Field docstrings become descriptions (the generated configuration reference).
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class SlurmResources(Strict):
@@ -298,49 +289,13 @@ class AgentConfig(Strict):
         return None
 
 
-class ConfigError(Exception):
-    """A config that cannot be used; str() is one line per problem."""
-
-
-def _location(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(top level)"
-
-
-def format_validation_error(path: Path | str, error: ValidationError) -> str:
-    lines = []
-    for item in error.errors():
-        message = item["msg"].removeprefix("Value error, ")
-        lines.append(f"{path}: {_location(item['loc'])}: {message}")
-    return "\n".join(lines)
-
-
-def parse_config(data: Any, source: Path | str = "<config>") -> AgentConfig:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: (top level): expected a mapping of settings")
-    try:
-        config = AgentConfig.model_validate(data)
-    except ValidationError as error:
-        raise ConfigError(format_validation_error(source, error)) from None
-    if not config.state_dir.is_absolute():
-        base = Path(source).parent if source != "<config>" else Path.cwd()
-        config = config.model_copy(update={"state_dir": (base / config.state_dir).resolve()})
+def parse_config(data: Any, source: Path | str = NO_FILE) -> AgentConfig:
+    config = validate(AgentConfig, data, source)
+    state_dir = resolve_relative(config.state_dir, source)
+    if state_dir != config.state_dir:
+        config = config.model_copy(update={"state_dir": state_dir})
     return config
 
 
 def load_config(path: Path | str) -> AgentConfig:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read: {error.strerror or error}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark is not None else "(yaml)"
-        problem = getattr(error, "problem", None) or error
-        raise ConfigError(f"{path}: {where}: not valid YAML: {problem}") from None
-    return parse_config(data, path)
+    return parse_config(read_yaml(Path(path)), Path(path))

@@ -13,10 +13,17 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from hpc.config import ConfigError, Duration, Strict, format_validation_error
+from saia.config_file import (
+    NO_FILE,
+    ConfigError,
+    Duration,
+    Strict,
+    read_yaml,
+    resolve_relative,
+    validate,
+)
 
 __all__ = [
     "AuthConfig",
@@ -222,31 +229,14 @@ class HubConfig(Strict):
         return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'hub.db'}"
 
 
-def parse_config(data: Any, source: Path | str = "<config>") -> HubConfig:
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: (top level): expected a mapping of settings")
-    try:
-        config = HubConfig.model_validate(data)
-    except ValidationError as error:
-        raise ConfigError(format_validation_error(source, error)) from None
-    if not config.data_dir.is_absolute():
-        base = Path(source).parent if source != "<config>" else Path.cwd()
-        config = config.model_copy(update={"data_dir": (base / config.data_dir).resolve()})
+def parse_config(data: Any, source: Path | str = NO_FILE) -> HubConfig:
+    # Every hub setting has a default: an empty file is a valid config.
+    config = validate(HubConfig, {} if data is None else data, source)
+    data_dir = resolve_relative(config.data_dir, source)
+    if data_dir != config.data_dir:
+        config = config.model_copy(update={"data_dir": data_dir})
     return config
 
 
 def load_config(path: Path | str) -> HubConfig:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read: {error.strerror or error}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark is not None else "(yaml)"
-        raise ConfigError(f"{path}: {where}: not valid YAML") from None
-    return parse_config(data, path)
+    return parse_config(read_yaml(Path(path)), Path(path))
