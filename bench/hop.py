@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -33,7 +32,8 @@ from hpc.config import AgentConfig, RouterConfig, ServiceConfig
 from hpc.registry import Backend, BackendRegistry
 from hpc.router import SOCKET_NAME, serve_requests
 from hub.ssh_client import HopClient, HopTarget
-from saia.sandbox.sshd import SshdSandbox, free_port
+from saia.sandbox.process import free_port, stop_process
+from saia.sandbox.sshd import SshdSandbox
 
 MODEL = "bench-model"
 BODY = json.dumps(
@@ -55,16 +55,6 @@ def start_process(argv: list[str], ready: Callable[[], bool]) -> subprocess.Pope
         time.sleep(0.05)
     process.kill()
     raise SystemExit(f"{argv[:3]} did not start")
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        os.kill(process.pid, signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait(10)
 
 
 def healthy(url: str) -> bool:
@@ -212,8 +202,8 @@ def main() -> None:
                 with asyncio.Runner(loop_factory=new_loop) as runner:
                     runner.run(measure(url, sshd, args))
         finally:
-            stop(router)
-            stop(standin)
+            stop_process(router, 10)
+            stop_process(standin, 10)
 
 
 if __name__ == "__main__":

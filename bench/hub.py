@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -26,7 +25,8 @@ from pathlib import Path
 
 import httpx
 
-from saia.sandbox.postgres import PostgresSandbox, free_port
+from saia.sandbox.postgres import PostgresSandbox
+from saia.sandbox.process import free_port, stop_process
 
 MODEL = "bench-model"
 STREAM_MESSAGE = {"role": "user", "content": " ".join(f"w{i}" for i in range(16))}
@@ -58,12 +58,7 @@ def process(
                 raise SystemExit(f"{health} did not answer in 30 s")
             yield proc
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+            stop_process(proc, 10)
 
 
 def hub_key(config: Path, limited: bool) -> str:

@@ -26,9 +26,12 @@ import httpx
 import yaml
 from rich.console import Console
 
+from saia.sandbox.process import stop_process
+
 MODEL_ID = "demo"
 READY_TIMEOUT = 120.0
 VLLM_READY_TIMEOUT = 900.0
+STOP_GRACE = 15.0  # per process, then SIGKILL
 console = Console(stderr=True, highlight=False)
 
 
@@ -124,11 +127,11 @@ class Demo:
 
     def __init__(self, root: Path, port: int, use_vllm: bool, full: bool) -> None:
         self.root, self.port, self.use_vllm, self.full = root, port, use_vllm, full
-        self._stops: list[tuple[str, Callable[[], None]]] = []
+        self._stops: list[tuple[str, Callable[[], object]]] = []
         self._processes: dict[str, subprocess.Popen[bytes]] = {}
         self.key = ""
 
-    def _owned(self, name: str, stop: Callable[[], None]) -> None:
+    def _owned(self, name: str, stop: Callable[[], object]) -> None:
         self._stops.append((name, stop))
 
     def close(self) -> None:
@@ -147,7 +150,7 @@ class Demo:
         )
         log.close()
         self._processes[name] = process
-        self._owned(name, lambda: _terminate(process))
+        self._owned(name, lambda: stop_process(process, STOP_GRACE, kill_wait=5))
         return process
 
     def start(self) -> None:
@@ -253,17 +256,6 @@ def _model_status(url: str, headers: dict[str, str]) -> str | None:
         if model.get("id") == MODEL_ID:
             return str(model.get("status", "unknown"))
     return "not listed"
-
-
-def _terminate(process: subprocess.Popen[bytes], grace: float = 15.0) -> None:
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(grace)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(5)
 
 
 @contextlib.contextmanager

@@ -9,27 +9,24 @@ Stopped by pid (fast shutdown, then SIGKILL), directory removed.
 
 from __future__ import annotations
 
-import logging
 import os
 import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
 
-log = logging.getLogger(__name__)
+from saia.sandbox.process import Sandbox, SandboxError, free_port, stop_process
 
 SUPERUSER = "saia"
 _DATABASE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
-class PostgresError(RuntimeError):
-    pass
+class PostgresError(SandboxError):
+    """The sandbox PostgreSQL cannot be started or used."""
 
 
 def find_bin_dir() -> Path | None:
@@ -50,14 +47,7 @@ def find_bin_dir() -> Path | None:
     return None
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-class PostgresSandbox:
+class PostgresSandbox(Sandbox):
     """`with PostgresSandbox() as pg: pg.url()` -> a running server, gone afterwards."""
 
     def __init__(self, *, bin_dir: Path | None = None, run_as: str = "postgres") -> None:
@@ -131,26 +121,9 @@ class PostgresSandbox:
 
     def stop(self, timeout: float = 15.0) -> None:
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGINT)  # fast shutdown: disconnects clients
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("postgres %d did not stop in %g s: killing it", process.pid, timeout)
-                process.kill()
-                process.wait(timeout)
+        if process is not None:
+            # SIGINT is postgres's fast shutdown: it disconnects clients.
+            stop_process(process, timeout, stop_signal=signal.SIGINT)
         if self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
             self.root = None
-
-    def __enter__(self) -> PostgresSandbox:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -21,7 +21,10 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
+
+from saia.sandbox.process import Sandbox, SandboxError, free_port, stop_process
+
+__all__ = ["SandboxError", "SlurmSandbox", "render_gres_conf", "render_slurm_conf"]
 
 log = logging.getLogger(__name__)
 
@@ -32,17 +35,6 @@ COMMAND_TIMEOUT = 15.0
 START_TIMEOUT = 60.0
 STOP_GRACE = 10.0
 INSTALL_HINT = "install them with `python -m saia.sandbox.packages` (as root)"
-
-
-class SandboxError(RuntimeError):
-    """The sandbox cluster cannot be started; the message says why."""
-
-
-def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _find(name: str) -> Path:
@@ -136,7 +128,7 @@ def render_gres_conf(host: str, device_dir: Path) -> str:
     return f"AutoDetect=off\nNodeName={host} Name=gpu File={device_dir}/fakegpu[0-{GPUS - 1}]\n"
 
 
-class SlurmSandbox:
+class SlurmSandbox(Sandbox):
     """A private one-node Slurm cluster (munged + slurmctld + slurmd), started by `start()`."""
 
     def __init__(self, root: Path | str | None = None, *, cpus: int | None = None) -> None:
@@ -211,24 +203,13 @@ class SlurmSandbox:
         if self._procs and self._procs[-1].poll() is None:
             self._cancel_jobs()
         for proc in reversed(self._procs):
-            _terminate(proc)
+            stop_process(proc, STOP_GRACE)
         self._procs.clear()
         if self._socket_dir is not None:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
             self._socket_dir = None
         if self._given_root is None:
             shutil.rmtree(self.root, ignore_errors=True)
-
-    def __enter__(self) -> SlurmSandbox:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # -- steps of start() ------------------------------------------------------------
     def _make_root(self) -> None:
@@ -400,15 +381,3 @@ def _field(line: str, key: str) -> str:
         if word.startswith(f"{key}="):
             return word.split("=", 1)[1]
     return ""
-
-
-def _terminate(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL after a grace: only this process, by its pid."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=STOP_GRACE)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=STOP_GRACE)

@@ -10,31 +10,21 @@ from __future__ import annotations
 
 import contextlib
 import getpass
-import os
-import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
-from types import TracebackType
 
 from hpc.authorized_keys import authorized_keys_line, default_python, read_public_key, relay_argv
+from saia.sandbox.process import LOOPBACK, Sandbox, SandboxError, free_port, stop_process
+
+__all__ = ["SandboxError", "SshdSandbox"]
 
 SSHD = Path("/usr/sbin/sshd")
-HOST = "127.0.0.1"
+HOST = LOOPBACK
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 COMMAND_TIMEOUT = 30.0
-
-
-class SandboxError(RuntimeError):
-    """The sandbox sshd could not be set up; str() says what to fix."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def _run(argv: list[str]) -> None:
@@ -45,7 +35,7 @@ def _run(argv: list[str]) -> None:
         raise SandboxError(f"{argv[0]} failed ({done.returncode}): {done.stderr.strip()[:500]}")
 
 
-class SshdSandbox:
+class SshdSandbox(Sandbox):
     """sshd for one test or demo run; `with SshdSandbox(root, state_dir) as sshd: ...`."""
 
     def __init__(
@@ -140,25 +130,8 @@ class SshdSandbox:
 
     def stop(self) -> None:
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        os.kill(process.pid, signal.SIGTERM)
-        try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait(STOP_TIMEOUT)
-
-    def __enter__(self) -> SshdSandbox:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+        if process is not None:
+            stop_process(process, STOP_TIMEOUT)
 
     def ssh_argv(self, command: str) -> list[str]:
         """An OpenSSH client command line as the hub's key (for hostile-input tests)."""

@@ -15,7 +15,7 @@ import uvicorn
 from hub.app import create_app
 from hub.config import HubConfig, parse_config
 from hub.services import HubServices
-from saia.sandbox.postgres import free_port
+from saia.sandbox.process import free_port
 
 ADMIN_TOKEN = "admin-token-for-tests-0123456789"
 

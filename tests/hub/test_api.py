@@ -249,7 +249,7 @@ async def test_streams_cancelled_by_clients_release_everything(
 
 
 async def test_upstream_down_is_502(tmp_path: Path) -> None:
-    from saia.sandbox.postgres import free_port
+    from saia.sandbox.process import free_port
 
     config = hub_config(tmp_path, f"http://127.0.0.1:{free_port()}", "gone")
     async with running_hub(config) as hub, hub.client(await hub.create_key()) as http:

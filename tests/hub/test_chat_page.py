@@ -16,7 +16,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ import httpx
 import pytest
 from playwright.async_api import Browser, Page, async_playwright
 
-from saia.sandbox.slurm import free_port
+from saia.sandbox.process import free_port, stop_process
 from tests.fixtures.standin import StandinProcess, start_standin
 
 pytestmark = pytest.mark.e2e
@@ -67,13 +66,7 @@ class HubProcess:
     limited_key: str  # two requests per day (a minute window could roll over mid-test)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=STOP_TIMEOUT)
+        stop_process(self.proc, STOP_TIMEOUT)
 
 
 def saia(*args: str, cwd: Path) -> str:

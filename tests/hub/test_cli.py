@@ -80,7 +80,7 @@ def test_db_upgrade(tmp_path: Path) -> None:
 
 
 def test_serve_with_an_unreachable_database_is_one_line(tmp_path: Path) -> None:
-    from saia.sandbox.postgres import free_port
+    from saia.sandbox.process import free_port
 
     url = f"postgresql+asyncpg://nobody@127.0.0.1:{free_port()}/none"
     config = write_config(

@@ -17,7 +17,7 @@ from hpc.registry import Backend, BackendRegistry
 from hub.config import parse_config
 from hub.hpc_upstream import merge_states, site_order, sites_to_ask
 from hub.upstream import ModelState
-from saia.sandbox.postgres import free_port
+from saia.sandbox.process import free_port
 from saia.sandbox.sshd import SshdSandbox
 from tests.fixtures.standin import StandinProcess
 from tests.hpc.test_router_ssh import running_router

@@ -8,7 +8,6 @@ import contextlib
 import os
 import selectors
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+
+from saia.sandbox.process import free_port, stop_process
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slurm, pytest.mark.ssh]
 START_TIMEOUT = 240.0
@@ -31,12 +32,6 @@ class RunningDemo:
     key: str
     root: Path
     output: list[str]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _read_until_key(process: subprocess.Popen[bytes], lines: list[str]) -> dict[str, str]:
@@ -77,7 +72,7 @@ def _processes_mentioning(text: str) -> list[str]:
 
 @contextlib.contextmanager
 def running_demo(root: Path, *options: str) -> Iterator[RunningDemo]:
-    port = str(_free_port())
+    port = str(free_port())
     argv = [sys.executable, "-m", "saia", "demo", "--port", port, "--dir", str(root), *options]
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     lines: list[str] = []
@@ -85,13 +80,7 @@ def running_demo(root: Path, *options: str) -> Iterator[RunningDemo]:
         found = _read_until_key(process, lines)
         yield RunningDemo(process, found["SAIA_BASE_URL"], found["SAIA_API_KEY"], root, lines)
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(90)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(process, 90, stop_signal=signal.SIGINT)  # Ctrl-C: the demo cleans up
 
 
 @pytest.fixture(scope="module")
