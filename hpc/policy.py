@@ -8,6 +8,10 @@ Vocabulary: an *instance* is one serving slot of a service. A renewal pair (an o
 and the replacement submitted before the old one's time limit) is one instance, so the
 replacement never counts as scaling up. A *draining* job takes no new requests and is
 cancelled once its in-flight count reaches zero.
+
+An operator can ask for a job to be drained (`saia hpc drain`): with `replace`, it is
+handed over like a renewal (replacement first, one such hand-over per service at a time,
+oldest job first); with `now`, it drains at once and the scaling rules replace it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from hpc.jobs import JobInfo
 # A draining job this close to its limit is cancelled even with requests in flight:
 # Slurm is about to kill it anyway, and a clean SIGTERM lets the server finish cleanly.
 DRAIN_DEADLINE_S = 5
+OPERATOR_REPLACE = "replace"  # JobView.operator_drain: hand over to a replacement first
+OPERATOR_NOW = "now"  # drain at once
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,7 @@ class JobView:
     cancelled: bool = False
     replaces: str | None = None
     in_flight: int = 0
+    operator_drain: str = ""  # "", OPERATOR_REPLACE or OPERATOR_NOW
 
     @property
     def job_id(self) -> str:
@@ -213,7 +220,9 @@ def _triage(plan: _Plan, threshold: int) -> list[JobView]:
             if job.in_flight == 0 or (left is not None and left <= DRAIN_DEADLINE_S):
                 plan.cancel(job, "drained")
             continue
-        if job.ready and job.health_failures >= threshold:
+        if job.operator_drain == OPERATOR_NOW or (job.operator_drain and not job.ready):
+            _drain_now(plan, job)
+        elif job.ready and job.health_failures >= threshold:
             plan.cancel(job, f"unhealthy: {job.health_failures} failed health checks in a row")
         elif not job.ready and job.running_since is not None:
             if now - job.running_since > config.startup_timeout:
@@ -230,6 +239,29 @@ def _triage(plan: _Plan, threshold: int) -> list[JobView]:
     return keep
 
 
+def _drain_now(plan: _Plan, job: JobView) -> None:
+    """An operator drain that waits for no replacement (a job not serving yet has nothing
+    to hand over): the scaling rules replace the instance."""
+    if job.ready:
+        plan.actions.append(Drain(plan.name, job.job_id, "operator: now"))
+    else:
+        plan.cancel(job, "operator: drained before it served")
+
+
+def operator_turn(jobs: Sequence[JobView]) -> str | None:
+    """The job whose operator hand-over runs now: one per service at a time, oldest first.
+
+    While an operator-drained job is still draining (or stopping), the next one waits.
+    """
+    marked = sorted(
+        (job for job in jobs if job.operator_drain == OPERATOR_REPLACE),
+        key=lambda job: (job.first_seen, job.job_id),
+    )
+    if any(job.draining or job.cancelled for job in marked):
+        return None
+    return next((job.job_id for job in marked if job.ready), None)
+
+
 def _renew(plan: _Plan, live: list[JobView]) -> tuple[list[JobView], set[str]]:
     """Drain old jobs whose replacement is ready and submit replacements that are due.
 
@@ -237,20 +269,24 @@ def _renew(plan: _Plan, live: list[JobView]) -> tuple[list[JobView], set[str]]:
     """
     by_id = {job.job_id: job for job in live}
     renewing = {job.replaces: job for job in live if job.replaces in by_id}
+    turn = operator_turn(plan.service.jobs)
     instances: list[JobView] = []
     for job in live:
         if job.replaces in by_id:
             continue  # counted with the job it replaces
         successor = renewing.get(job.job_id)
         if successor is not None and successor.ready:
-            plan.actions.append(Drain(plan.name, job.job_id, f"replaced by {successor.job_id}"))
+            reason = f"replaced by {successor.job_id}"
+            reason = f"operator: {reason}" if job.operator_drain else reason
+            plan.actions.append(Drain(plan.name, job.job_id, reason))
             instances.append(successor)
             continue
         instances.append(job)
         left = job.info.time_left_s
         due = left is not None and left <= plan.service.config.renewal_lead
-        if job.ready and successor is None and due:
-            plan.submits.append((0, Submit(plan.name, "renewal", replaces=job.job_id)))
+        if job.ready and successor is None and (due or job.job_id == turn):
+            why = "renewal" if due else "operator drain"
+            plan.submits.append((0, Submit(plan.name, why, replaces=job.job_id)))
     renewal = set(renewing) | {job.job_id for job in renewing.values()}
     return instances, {job_id for job_id in renewal if job_id is not None}
 
@@ -321,14 +357,26 @@ def _admit(snapshot: Snapshot, plans: Sequence[_Plan]) -> list[Action]:
     return admitted
 
 
+def _retire_orphans(orphans: Sequence[JobView]) -> list[Action]:
+    """Jobs of services no longer configured (a reload removed them): the router sends
+    them nothing new; they are drained, then cancelled once idle (or out of time)."""
+    actions: list[Action] = []
+    for job in orphans:
+        left = job.info.time_left_s
+        busy = job.in_flight > 0 and (left is None or left > DRAIN_DEADLINE_S)
+        if job.cancelled:
+            continue
+        if not busy:
+            actions.append(Cancel(job.info.service, job.job_id, "service no longer configured"))
+        elif not job.draining:
+            actions.append(Drain(job.info.service, job.job_id, "service no longer configured"))
+    return actions
+
+
 def decide(snapshot: Snapshot, now: float) -> Decision:
     """What to do now; actions come in the order the agent should carry them out."""
     plans = [_plan_service(s, now, snapshot.health_failures) for s in snapshot.services]
-    actions: list[Action] = [
-        Cancel(job.info.service, job.job_id, "service no longer configured")
-        for job in snapshot.orphans
-        if not job.cancelled
-    ]
+    actions = _retire_orphans(snapshot.orphans)
     for plan in plans:
         actions.extend(plan.actions)
     actions.extend(_admit(snapshot, plans))

@@ -315,3 +315,58 @@ def test_desired_instances_stays_within_bounds() -> None:
     # samples older than look_back + scale_down_delay are ignored
     stale = ServiceSnapshot(config=service(), load=(LoadSample(NOW - 151, 50),))
     assert desired_instances(stale, NOW) == 1
+
+
+def test_operator_drain_submits_a_replacement_then_drains() -> None:
+    old = job("1", operator_drain="replace")
+    assert submits(snap(old)) == [Submit("llm", "operator drain", replaces="1")]
+    starting = job("2", ready=False, first_seen=NOW - 5, replaces="1")
+    assert decide(snap(old, starting, config=service(max_instances=1)), NOW).actions == ()
+    new = job("2", replaces="1", ready_since=NOW - 1)
+    actions = decide(snap(old, new), NOW).actions
+    assert actions == (Drain("llm", "1", "operator: replaced by 2"),)
+
+
+def test_operator_drains_of_a_service_go_one_at_a_time_oldest_first() -> None:
+    older = job("1", operator_drain="replace", first_seen=NOW - 900)
+    newer = job("2", operator_drain="replace", first_seen=NOW - 600)
+    config = service(min_instances=2)
+    assert submits(snap(older, newer, config=config)) == [
+        Submit("llm", "operator drain", replaces="1")
+    ]
+    # while the first is draining (or still stopping), the second waits
+    draining = replace(older, draining=True, in_flight=1)
+    successor = job("3", ready_since=NOW - 1)
+    assert submits(snap(draining, newer, successor, config=config)) == []
+    stopping = replace(older, cancelled=True)
+    assert submits(snap(stopping, newer, successor, config=config)) == []
+    # once it is gone, the next one's hand-over starts
+    assert submits(snap(newer, successor, config=config)) == [
+        Submit("llm", "operator drain", replaces="2")
+    ]
+
+
+def test_operator_drain_now_drains_at_once_and_scaling_replaces_it() -> None:
+    actions = decide(snap(job("1", operator_drain="now", in_flight=2)), NOW).actions
+    assert actions == (Drain("llm", "1", "operator: now"), Submit("llm", "min_instances"))
+
+
+def test_operator_drain_of_a_job_not_serving_yet_cancels_it() -> None:
+    pending = job("1", state="PENDING", ready=False, first_seen=NOW - 5, operator_drain="replace")
+    actions = decide(snap(pending), NOW).actions
+    assert actions == (
+        Cancel("llm", "1", "operator: drained before it served"),
+        Submit("llm", "min_instances"),
+    )
+
+
+def test_orphans_with_requests_in_flight_drain_before_they_are_cancelled() -> None:
+    busy = job("9", in_flight=2)
+    assert decide(Snapshot(services=(), orphans=(busy,)), NOW).actions == (
+        Drain("llm", "9", "service no longer configured"),
+    )
+    assert decide(Snapshot(services=(), orphans=(replace(busy, draining=True),)), NOW).actions == ()
+    late = replace(busy, draining=True, info=replace(busy.info, time_left_s=3))
+    assert decide(Snapshot(services=(), orphans=(late,)), NOW).actions == (
+        Cancel("llm", "9", "service no longer configured"),
+    )
