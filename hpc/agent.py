@@ -4,6 +4,10 @@
 state, then runs in one TaskGroup: the scheduler loop (`Agent.step`), the health prober,
 a forwarder of the router's scale-from-zero wake-ups, and the router itself.
 
+Operators talk to the leader through request files (`hpc/operator_requests.py`, applied
+by `hpc/operations.py`): `saia hpc drain` and `saia hpc reload`; SIGHUP also reloads the
+config file, SIGUSR1 only makes it look at the requests at once.
+
 On SIGTERM/SIGINT the agent stops acting, writes its state and releases the lock, but
 leaves its jobs running: a restarted (or standby) agent adopts them by their tag, so an
 agent restart never interrupts serving. `drain_on_exit=True` cancels them instead.
@@ -19,7 +23,8 @@ import re
 import signal
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 
@@ -28,6 +33,8 @@ from hpc.health import HealthBook, HealthMonitor, ProbeTarget
 from hpc.jobs import Endpoint, JobInfo, JobSystem, JobTag, Submission
 from hpc.leader import LOCK_FILE, LeaderLock
 from hpc.observation import observe
+from hpc.operations import handle_requests
+from hpc.operator_requests import RELOAD_SIGNAL, WAKE_SIGNAL, remove_pid, write_pid
 from hpc.policy import (
     Backoff,
     Cancel,
@@ -63,9 +70,13 @@ class Agent:
         state: AgentState,
         render: Render,
         clock: Callable[[], float] = time.time,
+        config_path: Path | None = None,
     ) -> None:
         self.config, self.jobs, self.registry, self.state = config, jobs, registry, state
         self.render, self.clock = render, clock
+        self.config_path = config_path  # re-read on reload
+        self.reload_wanted = False
+        self.reload_error = ""
         self.services = {service.name: service for service in config.services}
         self.health = HealthBook(config.health_failures)
         self.endpoints: dict[str, Endpoint] = {}
@@ -75,6 +86,7 @@ class Agent:
         self.warnings: dict[str, list[str]] = {}
         self.last_error = ""
         self._logged: set[tuple[str, str | None, str]] = set()
+        self._published: set[str] = set()
         self._wake = asyncio.Event()
         for job_id, record in state.jobs.items():
             self.health.seed(job_id, record.ready_since)
@@ -117,7 +129,12 @@ class Agent:
             # The router is built separately; scheduling must work without it.
             log.warning("no request router (%s): not listening for requests", error)
             return
-        await serve_requests(self.config, self.registry)
+        await serve_requests(lambda: self.config, self.registry)  # sees reloads
+
+    def wake(self, reload: bool = False) -> None:
+        """Decide at once (a signal); with `reload`, re-read the config file first."""
+        self.reload_wanted = self.reload_wanted or reload
+        self._wake.set()
 
     async def shutdown(self, drain: bool) -> None:
         """Leave jobs to the next agent (or cancel them when asked), save everything."""
@@ -153,6 +170,7 @@ class Agent:
             self._save(now)
             return False
         self.last_error = ""
+        handle_requests(self)
         decision = decide(self.observe(infos, now), now)
         acted = await self.act(decision, now)
         self.publish()
@@ -171,7 +189,8 @@ class Agent:
             if isinstance(action, Warn):
                 self._warn(action)
             elif isinstance(action, Drain):
-                self.state.jobs[action.job_id].draining = True
+                record = self.state.jobs[action.job_id]
+                record.draining, record.drain_reason = True, action.reason
                 log.info("draining job %s (%s): %s", action.job_id, action.service, action.reason)
             elif isinstance(action, Cancel):
                 acted = await self._cancel(action) or acted
@@ -229,26 +248,33 @@ class Agent:
         return True
 
     def publish(self) -> None:
-        """Tell the router which backends serve (ready or draining) per service."""
-        per_service: dict[str, list[Backend]] = {name: [] for name in self.services}
-        starting = dict.fromkeys(self.services, 0)
+        """Tell the router which backends serve (ready or draining) per service.
+
+        Jobs of a service a reload removed stay published as draining until they end, so
+        the router keeps counting the requests still in flight on them.
+        """
+        names = set(self.services) | {r.service for r in self.state.jobs.values()}
+        per_service: dict[str, list[Backend]] = {name: [] for name in names | self._published}
+        starting = dict.fromkeys(per_service, 0)
         for job_id, record in self.state.jobs.items():
-            if record.cancelled or record.service not in per_service:
+            if record.cancelled:
                 continue
+            configured = record.service in self.services
             endpoint = self.endpoints.get(job_id)
-            if endpoint is None or not self.health.serving(job_id):
-                starting[record.service] += record.ready_since is None
+            if endpoint is None or (configured and not self.health.serving(job_id)):
+                starting[record.service] += configured and record.ready_since is None
                 continue
             backend = Backend(
                 service=record.service,
                 job_id=job_id,
                 url=endpoint.url,
                 api_key=self.keys.get(job_id),
-                draining=record.draining,
+                draining=record.draining or not configured,
             )
             per_service[record.service].append(backend)
         for name, backends in per_service.items():
             self.registry.publish(name, backends, starting=starting[name])
+        self._published = names
 
     def _save(self, now: float, stopped: bool = False) -> None:
         try:
@@ -321,8 +347,12 @@ async def run_agent(
     job_system: JobSystemFactory = make_job_system,
     render: Callable[[ServiceConfig, AgentConfig, JobTag], Submission] | None = None,
     standby_poll: float = 1.0,
+    config_path: Path | None = None,
 ) -> None:
-    """Lead (after standing by, if another agent leads) until cancelled."""
+    """Lead (after standing by, if another agent leads) until cancelled.
+
+    `config_path` is the file a reload (SIGHUP, `saia hpc reload`) re-reads.
+    """
     config.state_dir.mkdir(parents=True, exist_ok=True)
     async with LeaderLock(config.state_dir / LOCK_FILE, standby_poll):
         ident = agent_id(config.state_dir)
@@ -334,18 +364,38 @@ async def run_agent(
             jobs,
             registry or BackendRegistry(),
             restore_state(config, ident),
-            render=lambda service: render_with(service, config, tag),
+            render=lambda service: render_with(service, agent.config, tag),
+            config_path=config_path,
         )
         log.info("agent %s leads in %s (pid %d)", ident, config.state_dir, os.getpid())
         try:
-            await agent.run()
+            with operator_signals(agent):
+                await agent.run()
         finally:
             await agent.shutdown(drain_on_exit)
             await jobs.aclose()
             log.info("agent %s stopped; jobs left running: %s", ident, not drain_on_exit)
 
 
-async def run_until_signal(config: AgentConfig, *, drain_on_exit: bool = False) -> None:
+@contextlib.contextmanager
+def operator_signals(agent: Agent) -> Iterator[None]:
+    """While leading: SIGHUP reloads the config, SIGUSR1 looks at the requests at once; the
+    pid file tells `saia hpc reload|drain` whom to signal."""
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(RELOAD_SIGNAL, agent.wake, True)
+    loop.add_signal_handler(WAKE_SIGNAL, agent.wake)
+    try:
+        write_pid(agent.config.state_dir)
+        yield
+    finally:
+        remove_pid(agent.config.state_dir)
+        for signum in (RELOAD_SIGNAL, WAKE_SIGNAL):
+            loop.remove_signal_handler(signum)
+
+
+async def run_until_signal(
+    config: AgentConfig, *, drain_on_exit: bool = False, config_path: Path | None = None
+) -> None:
     """`saia hpc agent`: run until SIGTERM or SIGINT, then stop cleanly."""
     task = asyncio.current_task()
     assert task is not None
@@ -353,7 +403,7 @@ async def run_until_signal(config: AgentConfig, *, drain_on_exit: bool = False) 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, task.cancel)
     try:
-        await run_agent(config, drain_on_exit=drain_on_exit)
+        await run_agent(config, drain_on_exit=drain_on_exit, config_path=config_path)
     except asyncio.CancelledError:
         log.info("stopped by signal")
     finally:

@@ -9,10 +9,14 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from hpc.config import AgentConfig, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from hpc.status import AgentStatus
 
 DEFAULT_CONFIG = "saia-agent.yaml"
 config_option = click.option(
@@ -110,7 +114,9 @@ def agent(config_path: Path, drain_on_exit: bool, log_level: str) -> None:
     from hpc.agent import run_until_signal
 
     try:
-        asyncio.run(run_until_signal(config, drain_on_exit=drain_on_exit))
+        asyncio.run(
+            run_until_signal(config, drain_on_exit=drain_on_exit, config_path=config_path.resolve())
+        )
     except OSError as error:  # e.g. a state dir it cannot create or write
         click.echo(f"error: {error.filename or config.state_dir}: {error.strerror}", err=True)
         sys.exit(1)
@@ -217,3 +223,109 @@ def authorized_keys(
     except KeyLineError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(2)
+
+
+def _agent_pid_or_exit(state_dir: Path) -> int:
+    from hpc.operator_requests import RequestError, leader_pid
+
+    try:
+        return leader_pid(state_dir)
+    except RequestError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(1)
+
+
+def _wait_taken(path: Path, config: AgentConfig) -> float | None:
+    """Nudge the agent and wait (bounded) until it took the request file; when it did."""
+    from hpc.operator_requests import WAKE_SIGNAL, RequestError, nudge
+
+    with contextlib.suppress(RequestError):  # the file stays: the next loop takes it
+        nudge(config.state_dir, WAKE_SIGNAL)
+    deadline = time.monotonic() + 2 * config.poll_interval + 5
+    while path.exists():
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)
+    return time.time()
+
+
+def _status_after(config: AgentConfig, taken: float) -> AgentStatus | None:
+    """The first status snapshot the agent wrote after taking a request (bounded wait)."""
+    from hpc.status import StatusError, read_status
+
+    deadline = time.monotonic() + 2 * config.poll_interval + 5
+    while time.monotonic() < deadline:
+        with contextlib.suppress(StatusError):
+            snapshot = read_status(config.state_dir)
+            if snapshot.written_at >= taken - 0.5:
+                return snapshot
+        time.sleep(0.05)
+    return None
+
+
+@hpc.command("drain")
+@config_option
+@click.argument("job", required=False)
+@click.option("--service", "service_name", help="drain every job of SERVICE, one at a time")
+@click.option("--now", is_flag=True, help="drain at once, without waiting for a replacement")
+def drain(config_path: Path, job: str | None, service_name: str | None, now: bool) -> None:
+    """Ask the running agent to replace JOB gracefully (or every job of --service).
+
+    The agent submits a replacement; once it is ready the old job takes no new requests,
+    finishes those in flight and is cancelled. --now drains without waiting.
+    """
+    from hpc.operator_requests import DrainRequest, RequestError, check_job_id, write_drain
+    from hpc.status import StatusError, read_status
+
+    config = load_or_exit(config_path)
+    if (job is None) == (service_name is None):
+        click.echo("error: give a JOB or --service NAME (not both)", err=True)
+        sys.exit(2)
+    try:
+        if job is not None:
+            check_job_id(job)
+        snapshot = read_status(config.state_dir)
+    except (RequestError, StatusError) as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(1)
+    if job is not None and job not in {j.job_id for j in snapshot.jobs if not j.cancelled}:
+        click.echo(
+            f"error: job {job} is not one of the agent's jobs (see saia hpc status)", err=True
+        )
+        sys.exit(1)
+    service = config.service(service_name) if service_name else None
+    if service_name and service is None:
+        click.echo(f"error: no service {service_name!r} in {config_path}", err=True)
+        sys.exit(1)
+    _agent_pid_or_exit(config.state_dir)
+    request = DrainRequest(job_id=job, service=service.name if service else None, now=now)
+    what = f"job {job}" if job else f"service {service_name}"
+    if _wait_taken(write_drain(config.state_dir, request), config) is None:
+        click.echo(f"{what}: drain requested; the agent has not taken the request yet")
+        return
+    how = "at once" if now else "after its replacement is ready"
+    click.echo(f"{what}: draining {how} (follow with saia hpc status)")
+
+
+@hpc.command("reload")
+@config_option
+def reload(config_path: Path) -> None:
+    """Make the running agent re-read its config file (like SIGHUP), without downtime.
+
+    Services added start, services removed are drained and cancelled, new min/max apply
+    at once and new job settings to the next job submitted (roll with drain --service).
+    """
+    from hpc.operator_requests import write_reload
+
+    config = load_or_exit(config_path)  # say what is wrong before the agent does
+    _agent_pid_or_exit(config.state_dir)
+    taken = _wait_taken(write_reload(config.state_dir), config)
+    if taken is None:
+        click.echo("reload requested; the agent has not taken the request yet")
+        return
+    snapshot = _status_after(config, taken)
+    if snapshot is not None and snapshot.error.startswith("config reload"):
+        click.echo(f"error: {snapshot.error}", err=True)
+        sys.exit(1)
+    names = ", ".join(s.name for s in snapshot.services) if snapshot else "?"
+    click.echo(f"config reloaded: services {names}")

@@ -124,4 +124,5 @@ def _view(agent: Agent, info: JobInfo) -> JobView:
         cancelled=record.cancelled,
         replaces=record.replaces,
         in_flight=agent.registry.in_flight_of(info.service, info.job_id),
+        operator_drain=record.operator_drain,
     )

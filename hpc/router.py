@@ -17,6 +17,7 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,13 +80,19 @@ class StreamSink:
 class Router:
     """Owns the listening socket's connections; one per relay."""
 
-    def __init__(self, config: AgentConfig, registry: BackendRegistry, forwarder: Forwarder):
-        self.config = config
+    def __init__(
+        self, config: Callable[[], AgentConfig], registry: BackendRegistry, forwarder: Forwarder
+    ):
+        self._config = config  # the agent's current config: a reload changes the services
         self.registry = registry
         self.forwarder = forwarder
         self.created = int(time.time())
         self._connections: set[asyncio.Task[Any]] = set()
         self._closing = False
+
+    @property
+    def config(self) -> AgentConfig:
+        return self._config()
 
     async def handle_connection(self, reader: asyncio.StreamReader, writer: Any) -> None:
         task = asyncio.current_task()
@@ -333,11 +340,19 @@ async def _listen(router: Router, path: Path) -> asyncio.AbstractServer:
     return server
 
 
-async def serve_requests(config: AgentConfig, registry: BackendRegistry) -> None:
-    """Serve hop channels on `<state_dir>/agent.sock` until cancelled."""
-    path = config.state_dir / SOCKET_NAME
-    async with BackendHttp(config.router.connect_timeout) as http:
-        router = Router(config, registry, Forwarder(http, registry, config.router))
+async def serve_requests(
+    config: AgentConfig | Callable[[], AgentConfig], registry: BackendRegistry
+) -> None:
+    """Serve hop channels on `<state_dir>/agent.sock` until cancelled.
+
+    `config` may be a function returning the current config (the agent's, which a reload
+    replaces); the socket path and `router` settings are read once, at start.
+    """
+    current = config if callable(config) else lambda: config
+    start = current()
+    path = start.state_dir / SOCKET_NAME
+    async with BackendHttp(start.router.connect_timeout) as http:
+        router = Router(current, registry, Forwarder(http, registry, start.router))
         server = await _listen(router, path)
         log.info("router listening on %s", path)
         try:

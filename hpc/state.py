@@ -37,6 +37,8 @@ class JobRecord:
     draining: bool = False
     cancelled: bool = False
     replaces: str | None = None
+    operator_drain: str = ""  # an operator asked to drain it: "", "replace" or "now"
+    drain_reason: str = ""  # why it is draining (the policy's Drain reason)
 
 
 @dataclass

@@ -46,6 +46,8 @@ class JobStatus:
     waiting: int | None = None
     kv_cache_usage: float | None = None  # fraction 0..1
     metrics: str = ""  # why the last /metrics read gave no figures
+    operator_drain: str = ""  # an operator asked to drain it: "replace" or "now"
+    drain_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -188,23 +190,25 @@ def _jobs_table(status: AgentStatus, age: float) -> Table:
     for column in ("job", "service", "state", "endpoint", "serving", "time left", "note"):
         table.add_column(column)
     for j in status.jobs:
-        serving = (
-            "cancelled"
-            if j.cancelled
-            else "draining"
-            if j.draining
-            else "ready"
-            if j.ready
-            else "pending"
-            if j.state == "PENDING"
-            else "starting"
-        )
         left = None if j.time_left_s is None else j.time_left_s - age
-        note = j.health or j.reason or j.metrics
+        note = j.drain_reason if j.draining else j.health or j.reason or j.metrics
         table.add_row(
-            j.job_id, j.service, j.state, j.endpoint or "-", serving, _duration(left), note
+            j.job_id, j.service, j.state, j.endpoint or "-", serving(j), _duration(left), note
         )
     return table
+
+
+def serving(job: JobStatus) -> str:
+    """The job's part in serving, as `status` shows it."""
+    if job.cancelled:
+        return "cancelled"
+    if job.draining:
+        return "draining (operator)" if job.operator_drain else "draining"
+    if job.operator_drain:
+        return "ready, drain requested" if job.ready else "drain requested"
+    if job.ready:
+        return "ready"
+    return "pending" if job.state == "PENDING" else "starting"
 
 
 def render_status(status: AgentStatus, now: float | None = None) -> RenderableType:
@@ -248,6 +252,8 @@ def _job_status(agent: Agent, job_id: str) -> JobStatus | None:
         waiting=load.waiting if load else None,
         kv_cache_usage=load.kv_cache_usage if load else None,
         metrics=health.load_problem,
+        operator_drain=record.operator_drain,
+        drain_reason=record.drain_reason,
     )
 
 
@@ -287,7 +293,7 @@ def build_status(agent: Agent, now: float, stopped: bool = False) -> AgentStatus
         stopped=stopped,
         services=services,
         jobs=jobs,
-        error=agent.last_error,
+        error=agent.last_error or agent.reload_error,
     )
 
 
