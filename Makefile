@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint venv system-packages
+.PHONY: demo test lint venv system-packages-demo system-packages-test
 
 $(BIN)/saia: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,11 +13,15 @@ $(BIN)/saia: pyproject.toml
 
 venv: $(BIN)/saia
 
-# Debian packages for the throw-away cluster, sshd and PostgreSQL (root only; skipped otherwise).
-system-packages: venv
-	$(BIN)/python -m saia.sandbox.packages
+# Debian packages (root only; otherwise it says what is missing): the demo's throw-away
+# cluster and sshd; the tests add PostgreSQL and chromium.
+system-packages-demo: venv
+	$(BIN)/python -m saia.sandbox.packages --for demo
 
-demo: venv system-packages
+system-packages-test: venv
+	$(BIN)/python -m saia.sandbox.packages --for test
+
+demo: venv system-packages-demo
 	$(BIN)/saia demo $(ARGS)
 
 lint: venv
@@ -25,5 +29,5 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: venv system-packages lint
+test: venv system-packages-test lint
 	$(BIN)/pytest

@@ -44,7 +44,7 @@ def _full_mode_possible() -> tuple[bool, str]:
         return False, "not root: the throw-away Slurm cluster and sshd need root"
     missing = [b for b in ("slurmctld", "slurmd", "munged") if not _which_sbin(b)]
     if missing or not Path("/usr/sbin/sshd").exists():
-        return False, "Slurm/munge/sshd are not installed (python -m saia.sandbox.packages)"
+        return False, "Slurm/munge/sshd are missing (python -m saia.sandbox.packages --for demo)"
     return True, "Slurm cluster + sshd"
 
 
@@ -57,7 +57,7 @@ def _ensure_packages() -> None:
         return
     with console.status("checking Debian packages (Slurm, munge, sshd)..."):
         done = subprocess.run(
-            [sys.executable, "-m", "saia.sandbox.packages"],
+            [sys.executable, "-m", "saia.sandbox.packages", "--for", "demo"],
             capture_output=True,
             text=True,
             timeout=1800,

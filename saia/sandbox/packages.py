@@ -1,19 +1,24 @@
 """Ensure the Debian packages the project's real components need (Slurm, munge, sshd, ...).
 
-`python -m saia.sandbox.packages` is instant when everything is installed: it asks dpkg
-first and only runs apt-get (as root) for what is missing. Without root it says what to
-install and exits 1 if something is missing.
+`python -m saia.sandbox.packages [--for demo|test]` is instant when everything is installed:
+it asks dpkg first and only runs apt-get (as root) for what is missing. Without root it says
+what to install and exits 1 if something is missing. `demo` is what `saia demo` needs; `test`
+(the default) adds what only the tests use.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
 import sys
 
-# Other parts of the project may extend this list (e.g. a browser for the UI tests).
-PACKAGES: list[str] = ["slurm-wlm", "munge", "openssh-server", "postgresql", "chromium"]
+# The demo's throw-away Slurm cluster and sshd.
+DEMO_PACKAGES: list[str] = ["slurm-wlm", "munge", "openssh-server"]
+# The tests add a PostgreSQL server (hub storage) and a browser (chat page).
+TEST_PACKAGES: list[str] = [*DEMO_PACKAGES, "postgresql", "chromium"]
+PACKAGE_SETS: dict[str, list[str]] = {"demo": DEMO_PACKAGES, "test": TEST_PACKAGES}
 
 DPKG_TIMEOUT = 60.0
 APT_UPDATE_TIMEOUT = 600.0
@@ -74,8 +79,19 @@ def ensure(packages: list[str]) -> int:
     return 0
 
 
-def main() -> None:
-    sys.exit(ensure(PACKAGES))
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m saia.sandbox.packages",
+        description="Install the Debian packages the demo or the tests need (root only).",
+    )
+    parser.add_argument(
+        "--for",
+        dest="purpose",
+        choices=sorted(PACKAGE_SETS),
+        default="test",
+        help="demo: Slurm, munge, sshd; test (default): also PostgreSQL and chromium",
+    )
+    sys.exit(ensure(PACKAGE_SETS[parser.parse_args(argv).purpose]))
 
 
 if __name__ == "__main__":
