@@ -48,13 +48,20 @@ class TimeoutsConfig(Strict):
     """Per-phase timeouts of one upstream; there is deliberately no total stream timeout."""
 
     connect: Duration = Field(10.0, gt=0)
-    first_byte: Duration = Field(300.0, gt=0, description="until the response head arrives")
+    """connecting (TCP/TLS, or SSH to an HPC site); also bounds asking a site for its state"""
+    first_byte: Duration = Field(
+        300.0, gt=0, description="from sending the request until the response head arrives"
+    )
     idle: Duration = Field(120.0, gt=0, description="longest gap between two chunks")
 
 
 class AzureOptions(Strict):
+    """An Azure OpenAI deployment: URLs become base_url/openai/deployments/DEPLOYMENT/..."""
+
     deployment: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    """the deployment name (a path segment of every request URL)"""
     api_version: str = Field(pattern=r"^[A-Za-z0-9._-]{1,32}$")
+    """the api-version query parameter, e.g. 2024-06-01"""
 
     @field_validator("api_version", mode="before")
     @classmethod
@@ -67,10 +74,14 @@ class OpenAIUpstreamConfig(Strict):
     """Any OpenAI-compatible provider (or an Azure OpenAI deployment)."""
 
     kind: Literal["openai"]
+    """selects this upstream type"""
     base_url: str = Field(description="e.g. https://api.openai.com/v1 (paths are appended)")
     api_key_env: str | None = Field(None, pattern=ENV_NAME)
+    """environment variable holding the provider's key (Bearer; api-key for Azure)"""
     azure: AzureOptions | None = None
+    """set for an Azure OpenAI deployment"""
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
+    """per-phase timeouts of requests to this provider"""
 
     @field_validator("base_url")
     @classmethod
@@ -84,13 +95,14 @@ class HpcSite(Strict):
     """One login node reached over SSH with the forced-command key."""
 
     host: str = Field("", description="the login node's address")
-    port: int = Field(22, ge=1, le=65535)
+    port: int = Field(22, ge=1, le=65535, description="the login node's SSH port")
     user: str = Field("", description="the functional account whose key is forced")
     client_key: Path | None = Field(None, description="the hub's private key file")
     known_hosts: Path | None = Field(
         None, description="pinned host key(s) of the login node; checking is never off"
     )
     connections: int = Field(1, ge=1, le=16)
+    """SSH connections kept open to this site; requests are multiplexed over them"""
     socket: Path | None = Field(
         None,
         description="the agent's Unix socket on this same machine instead of SSH "
@@ -112,9 +124,13 @@ class HpcUpstreamConfig(Strict):
     """Models served by saia agents on one or more HPC sites (failover in order)."""
 
     kind: Literal["hpc"]
+    """selects this upstream type"""
     sites: list[HpcSite] = Field(min_length=1)
+    """login nodes in order of preference: a request goes to the first reachable one"""
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
-    services_ttl: Duration = Field(2.0, ge=0, description="cache of the agents' live state")
+    """per-phase timeouts of requests through the SSH hop"""
+    services_ttl: Duration = Field(2.0, ge=0)
+    """how long the agents' live model state (status, demand in /v1/models) is cached"""
 
 
 UpstreamConfig = Annotated[OpenAIUpstreamConfig | HpcUpstreamConfig, Field(discriminator="kind")]
@@ -123,23 +139,33 @@ UpstreamConfig = Annotated[OpenAIUpstreamConfig | HpcUpstreamConfig, Field(discr
 class HooksConfig(Strict):
     """Request rewriting configured per model: no site-specific code."""
 
-    system_prompt: str | None = Field(None, description="prepended as a system message")
+    system_prompt: str | None = None
+    """prepended to chat requests as a system message"""
     max_tokens_cap: int | None = Field(None, ge=1)
-    defaults: dict[str, Any] = Field(default_factory=dict, description="set when absent")
+    """cap on max_tokens / max_completion_tokens of completions; the default if none given"""
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    """request fields set when the client leaves them out, e.g. {temperature: 0.7}"""
 
 
 class ModelConfig(Strict):
     """One public model id and where it is served."""
 
     id: str
+    """the public model id clients send (letters, digits and . _ : / @ + -)"""
     upstream: str
-    upstream_model: str | None = Field(None, description="the upstream's name (aliasing)")
+    """the key of an entry in upstreams that serves it"""
+    upstream_model: str | None = None
+    """the model name sent to the upstream (responses are renamed back to id); None: id"""
     name: str | None = None
-    owned_by: str = "saia"
-    created: int = Field(0, ge=0)
+    """display name in /v1/models; None: the agent's display name, else id"""
+    owned_by: str = Field("saia", description="owned_by in /v1/models")
+    created: int = Field(0, ge=0, description="created in /v1/models (Unix time)")
     input: list[str] = Field(default_factory=lambda: ["text"])
+    """input modalities announced in /v1/models, e.g. [text, image]"""
     output: list[str] = Field(default_factory=lambda: ["text"])
+    """output modalities announced in /v1/models, e.g. [text, thought]"""
     hooks: HooksConfig = Field(default_factory=HooksConfig)
+    """request rewriting for this model"""
 
     @field_validator("id")
     @classmethod
@@ -157,24 +183,37 @@ class LimitsConfig(Strict):
     """Limits of one key or user; None means unlimited."""
 
     requests_per_minute: int | None = Field(None, ge=0)
+    """requests per UTC minute (fixed window, shared by all hub replicas)"""
     requests_per_hour: int | None = Field(None, ge=0)
+    """requests per UTC hour"""
     requests_per_day: int | None = Field(None, ge=0)
+    """requests per UTC day"""
     requests_per_month: int | None = Field(None, ge=0)
+    """requests per calendar month (UTC)"""
     tokens_per_day: int | None = Field(None, ge=0)
+    """prompt + completion tokens per UTC day; a request is refused once it is used up"""
     tokens_per_month: int | None = Field(None, ge=0)
+    """prompt + completion tokens per calendar month (UTC)"""
     concurrent: int | None = Field(None, ge=1, description="in-flight requests (per replica)")
 
 
 class AuthConfig(Strict):
     """API keys, and optionally identity from a trusted reverse proxy (the web front end)."""
 
-    key_cache_ttl: Duration = Field(5.0, ge=0, description="revocation takes effect within it")
+    key_cache_ttl: Duration = Field(5.0, ge=0)
+    """how long a looked-up key is cached: revocation takes effect within it"""
     proxy_user_header: str | None = Field(None, pattern=r"^[A-Za-z0-9-]{1,64}$")
+    """header naming the user, believed only from trusted_proxies (requests without a key)"""
     proxy_group_header: str | None = Field(None, pattern=r"^[A-Za-z0-9-]{1,64}$")
-    trusted_proxies: list[str] = Field(default_factory=list, description="CIDRs")
+    """header naming that user's group (from the same trusted proxies)"""
+    trusted_proxies: list[str] = Field(default_factory=list)
+    """networks (CIDRs) of the reverse proxies whose user headers are believed"""
     default_key_limits: LimitsConfig = Field(default_factory=LimitsConfig)
-    user_limits: LimitsConfig = Field(default_factory=LimitsConfig, description="per user")
+    """a key's limits where the key itself sets none"""
+    user_limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    """limits per user: all of a user's keys and proxy logins together"""
     admin_token_env: str | None = Field("SAIA_HUB_ADMIN_TOKEN", pattern=ENV_NAME)
+    """environment variable holding the admin API token (16+ chars); unset: admin keys only"""
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -196,16 +235,23 @@ class AuthConfig(Strict):
 class HubConfig(Strict):
     """The whole hub configuration file."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="address `saia hub serve` listens on")
+    port: int = Field(8000, ge=0, le=65535, description="port `saia hub serve` listens on")
     data_dir: Path = Path("hub-data")
-    database_url: str | None = Field(None, description="default: SQLite in data_dir")
+    """the hub's files (the default SQLite database); relative to this config file"""
+    database_url: str | None = None
+    """SQLAlchemy async URL, e.g. postgresql+asyncpg://...; default: SQLite in data_dir"""
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    """largest request body accepted (413 beyond)"""
     usage_flush_interval: Duration = Field(1.0, gt=0, le=60)
+    """usage records are written to the database at least this often"""
     max_connections: int = Field(512, ge=1, description="pooled upstream HTTP connections")
     upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict)
+    """where models are served, by a name models refer to"""
     models: list[ModelConfig] = Field(default_factory=list)
+    """the public models"""
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    """API keys, proxy identity and limits"""
 
     @model_validator(mode="after")
     def _references(self) -> HubConfig:
