@@ -77,6 +77,7 @@ class Agent:
         self.config_path = config_path  # re-read on reload
         self.reload_wanted = False
         self.reload_error = ""
+        self.reloaded_at: float | None = None
         self.services = {service.name: service for service in config.services}
         self.health = HealthBook(config.health_failures)
         self.endpoints: dict[str, Endpoint] = {}

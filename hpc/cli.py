@@ -249,15 +249,15 @@ def _wait_taken(path: Path, config: AgentConfig) -> float | None:
     return time.time()
 
 
-def _status_after(config: AgentConfig, taken: float) -> AgentStatus | None:
-    """The first status snapshot the agent wrote after taking a request (bounded wait)."""
+def _reload_outcome(config: AgentConfig, asked: float) -> AgentStatus | None:
+    """The first status snapshot showing a reload handled after `asked` (bounded wait)."""
     from hpc.status import StatusError, read_status
 
     deadline = time.monotonic() + 2 * config.poll_interval + 5
     while time.monotonic() < deadline:
         with contextlib.suppress(StatusError):
             snapshot = read_status(config.state_dir)
-            if snapshot.written_at >= taken - 0.5:
+            if snapshot.reloaded_at is not None and snapshot.reloaded_at >= asked:
                 return snapshot
         time.sleep(0.05)
     return None
@@ -319,13 +319,13 @@ def reload(config_path: Path) -> None:
 
     config = load_or_exit(config_path)  # say what is wrong before the agent does
     _agent_pid_or_exit(config.state_dir)
-    taken = _wait_taken(write_reload(config.state_dir), config)
-    if taken is None:
-        click.echo("reload requested; the agent has not taken the request yet")
-        return
-    snapshot = _status_after(config, taken)
-    if snapshot is not None and snapshot.error.startswith("config reload"):
-        click.echo(f"error: {snapshot.error}", err=True)
+    asked = time.time()
+    _wait_taken(write_reload(config.state_dir), config)
+    snapshot = _reload_outcome(config, asked)
+    if snapshot is None:
+        click.echo("reload requested; the agent has not handled it yet (see saia hpc status)")
+    elif snapshot.reload_error:
+        click.echo(f"error: {snapshot.reload_error}", err=True)
         sys.exit(1)
-    names = ", ".join(s.name for s in snapshot.services) if snapshot else "?"
-    click.echo(f"config reloaded: services {names}")
+    else:
+        click.echo(f"config reloaded: services {', '.join(s.name for s in snapshot.services)}")

@@ -63,6 +63,7 @@ def mark_drain(agent: Agent, request: DrainRequest) -> None:
 
 
 def reload_config(agent: Agent) -> None:
+    agent.reloaded_at = agent.clock()
     path = agent.config_path
     if path is None:
         agent.reload_error = "config reload asked for, but the agent has no config file"

@@ -79,6 +79,8 @@ class AgentStatus:
     services: list[ServiceStatus] = field(default_factory=list)
     jobs: list[JobStatus] = field(default_factory=list)
     error: str = ""
+    reloaded_at: float | None = None  # when the agent last handled a config reload
+    reload_error: str = ""  # why that reload failed ("" when it succeeded)
 
     def to_json(self) -> str:
         return json.dumps({"version": VERSION, **asdict(self)}, indent=1) + "\n"
@@ -294,6 +296,8 @@ def build_status(agent: Agent, now: float, stopped: bool = False) -> AgentStatus
         services=services,
         jobs=jobs,
         error=agent.last_error or agent.reload_error,
+        reloaded_at=agent.reloaded_at,
+        reload_error=agent.reload_error,
     )
 
 

@@ -79,12 +79,14 @@ def prefix(slurm_cluster: SlurmSandbox) -> Any:
 
 @contextlib.asynccontextmanager
 async def running_agent(
-    config: AgentConfig, registry: BackendRegistry | None = None
+    config: AgentConfig, registry: BackendRegistry | None = None, config_path: Path | None = None
 ) -> AsyncIterator[BackendRegistry]:
     """Run the agent as a task; on exit cancel it and check it left no task behind."""
     registry = registry or BackendRegistry()
     before = asyncio.all_tasks()
-    task = asyncio.create_task(run_agent(config, registry=registry, standby_poll=0.2))
+    task = asyncio.create_task(
+        run_agent(config, registry=registry, standby_poll=0.2, config_path=config_path)
+    )
     try:
         yield registry
     finally:
