@@ -12,7 +12,7 @@ import pytest
 
 from hpc.config import AgentConfig
 from hpc.job_script import render_job
-from hpc.jobs import Endpoint, JobTag, Submission, job_dir, read_endpoint
+from hpc.jobs import JobTag, Submission, job_dir
 from hpc.local_executor import (
     DEFAULT_LIMIT_S,
     LocalJobError,
@@ -20,6 +20,7 @@ from hpc.local_executor import (
     parse_sbatch_options,
     read_record,
 )
+from tests.hpc.helpers import wait_endpoint, wait_healthy
 
 TAG = JobTag(prefix="saia", agent_id="local-test")
 
@@ -74,27 +75,6 @@ def process_environ(pid: int) -> list[bytes]:
     return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
 
 
-async def wait_endpoint(state_dir: Path, job_id: str) -> Endpoint:
-    async with asyncio.timeout(30):
-        while True:
-            endpoint = read_endpoint(state_dir, job_id)
-            if endpoint is not None:
-                return endpoint
-            await asyncio.sleep(0.1)
-
-
-async def wait_healthy(url: str) -> None:
-    async with httpx.AsyncClient(base_url=url, timeout=2) as client:
-        async with asyncio.timeout(30):
-            while True:
-                try:
-                    if (await client.get("/health")).status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.1)
-
-
 async def wait_no_jobs(jobs: LocalJobSystem, limit_s: float = 30) -> None:
     async with asyncio.timeout(limit_s):
         while True:
@@ -123,9 +103,9 @@ async def test_standin_job_serves_and_cancel_leaves_nothing(tmp_path: Path) -> N
     jobs = LocalJobSystem(config, TAG, gpu_count=4, kill_grace=10)
     try:
         job_id = await jobs.submit(render_job(config.services[0], config, TAG))
-        endpoint = await wait_endpoint(tmp_path, job_id)
-        await wait_healthy(endpoint.url)
-        async with httpx.AsyncClient(base_url=endpoint.url) as client:
+        endpoint = await wait_endpoint(tmp_path, job_id, limit_s=30)
+        async with httpx.AsyncClient(base_url=endpoint.url, timeout=5) as client:
+            await wait_healthy(client)
             models = (await client.get("/v1/models")).json()
         assert [model["id"] for model in models["data"]] == ["tiny"]
         [info] = await jobs.list_jobs()

@@ -12,9 +12,10 @@ import pytest
 
 from hpc.config import AgentConfig
 from hpc.job_script import render_job
-from hpc.jobs import Endpoint, JobTag, Submission, job_dir, read_endpoint
+from hpc.jobs import JobTag, Submission, job_dir
 from hpc.slurm_cli import SlurmError, SlurmJobSystem
 from saia.sandbox.slurm import SlurmSandbox
+from tests.hpc.helpers import wait_endpoint, wait_healthy
 
 pytestmark = pytest.mark.slurm
 
@@ -222,23 +223,3 @@ async def test_standin_job_serves_and_stops(slurm_cluster: SlurmSandbox, tmp_pat
     log = (job_dir(config.state_dir, job_id) / "job.log").read_text()
     assert f"saia: job {job_id} serves tiny on 127.0.0.1:{endpoint.port}" in log
     assert "saia: server exited with status 0" in log
-
-
-async def wait_endpoint(state_dir: Path, job_id: str, limit_s: float = 60.0) -> Endpoint:
-    async with asyncio.timeout(limit_s):
-        while True:
-            endpoint = read_endpoint(state_dir, job_id)
-            if endpoint is not None:
-                return endpoint
-            await asyncio.sleep(0.2)
-
-
-async def wait_healthy(client: httpx.AsyncClient, limit_s: float = 30.0) -> None:
-    async with asyncio.timeout(limit_s):
-        while True:
-            try:
-                if (await client.get("/health")).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.1)

@@ -15,7 +15,7 @@ import json
 import stat
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from cloud_interface import protocol as wire
 from hpc.agent import run_agent
 from hpc.config import AgentConfig, parse_config
 from hpc.job_script import render_job
-from hpc.jobs import JobTag, job_dir, read_endpoint
+from hpc.jobs import JobTag, job_dir
 from hpc.mux import Channel
 from hpc.registry import Backend, BackendRegistry
 from hpc.slurm_cli import SlurmJobSystem
@@ -35,6 +35,7 @@ from hpc.status import JobStatus, StatusError, read_status
 from hpc.vllm_metrics import parse_vllm_metrics
 from saia.sandbox.slurm import SlurmSandbox
 from saia.sandbox.vllm import VllmInstall
+from tests.hpc.helpers import until, wait_endpoint, wait_healthy
 
 pytestmark = pytest.mark.vllm
 SERVICE = "tiny"
@@ -81,17 +82,6 @@ def prefix(slurm_cluster: SlurmSandbox) -> Any:
     name = "v" + uuid.uuid4().hex[:8]
     yield name
     slurm_cluster.run(["scancel", f"--name={name}-{SERVICE}"])
-
-
-async def until(check: Callable[[], Any], limit_s: float, what: str) -> Any:
-    """Poll `check` (bounded) until it returns something truthy."""
-    try:
-        async with asyncio.timeout(limit_s):
-            while not (value := check()):  # noqa: ASYNC110 (polls state nothing signals)
-                await asyncio.sleep(0.2)
-    except TimeoutError:
-        pytest.fail(f"{what} within {limit_s:.0f} s")
-    return value
 
 
 def job_processes(state_dir: Path, job_id: str) -> list[str]:
@@ -282,10 +272,10 @@ async def test_embeddings_job_without_backend_key(
     jobs = SlurmJobSystem(config, tag)
     job_id = await jobs.submit(render_job(config.services[0], config, tag))
     try:
-        endpoint = await until(lambda: read_endpoint(tmp_path, job_id), 60, "no endpoint.json")
+        endpoint = await wait_endpoint(tmp_path, job_id)
         assert not (job_dir(tmp_path, job_id) / "api_key").exists()
         async with httpx.AsyncClient(base_url=endpoint.url, trust_env=False, timeout=30) as client:
-            await wait_healthy(client)
+            await wait_healthy(client, START_LIMIT, poll_s=1)
             answer = await client.post(
                 "/v1/embeddings", json={"model": SERVICE, "input": ["hello world", "slurm"]}
             )
@@ -297,12 +287,3 @@ async def test_embeddings_job_without_backend_key(
         await jobs.aclose()
     await gone_from_slurm(config, tag, job_id)
     await until(lambda: not job_processes(tmp_path, job_id), 15, "the job left processes")
-
-
-async def wait_healthy(client: httpx.AsyncClient) -> None:
-    async with asyncio.timeout(START_LIMIT):
-        while True:
-            with contextlib.suppress(httpx.TransportError):
-                if (await client.get("/health")).status_code == 200:
-                    return
-            await asyncio.sleep(1)
