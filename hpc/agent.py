@@ -23,7 +23,7 @@ import re
 import signal
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -33,8 +33,7 @@ from hpc.health import HealthBook, HealthMonitor, ProbeTarget
 from hpc.jobs import Endpoint, JobInfo, JobSystem, JobTag, Submission
 from hpc.leader import LOCK_FILE, LeaderLock
 from hpc.observation import observe
-from hpc.operations import handle_requests
-from hpc.operator_requests import RELOAD_SIGNAL, WAKE_SIGNAL, remove_pid, write_pid
+from hpc.operations import handle_requests, operator_signals
 from hpc.policy import (
     Backoff,
     Cancel,
@@ -376,22 +375,6 @@ async def run_agent(
             await agent.shutdown(drain_on_exit)
             await jobs.aclose()
             log.info("agent %s stopped; jobs left running: %s", ident, not drain_on_exit)
-
-
-@contextlib.contextmanager
-def operator_signals(agent: Agent) -> Iterator[None]:
-    """While leading: SIGHUP reloads the config, SIGUSR1 looks at the requests at once; the
-    pid file tells `saia hpc reload|drain` whom to signal."""
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(RELOAD_SIGNAL, agent.wake, True)
-    loop.add_signal_handler(WAKE_SIGNAL, agent.wake)
-    try:
-        write_pid(agent.config.state_dir)
-        yield
-    finally:
-        remove_pid(agent.config.state_dir)
-        for signum in (RELOAD_SIGNAL, WAKE_SIGNAL):
-            loop.remove_signal_handler(signum)
 
 
 async def run_until_signal(

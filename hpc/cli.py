@@ -16,6 +16,7 @@ import click
 from hpc.config import AgentConfig, ConfigError, load_config
 
 if TYPE_CHECKING:
+    from hpc.operator_requests import DrainRequest
     from hpc.status import AgentStatus
 
 DEFAULT_CONFIG = "saia-agent.yaml"
@@ -263,6 +264,41 @@ def _reload_outcome(config: AgentConfig, asked: float) -> AgentStatus | None:
     return None
 
 
+def _checked_drain(
+    config: AgentConfig, config_path: Path, job: str | None, service_name: str | None, now: bool
+) -> DrainRequest:
+    """The drain request, or one error line and exit: a job the agent lists, or a service
+    of the config."""
+    from hpc.operator_requests import DrainRequest, RequestError, check_job_id
+    from hpc.status import StatusError, read_status
+
+    if (job is None) == (service_name is None):
+        click.echo("error: give a JOB or --service NAME (not both)", err=True)
+        sys.exit(2)
+    if service_name is not None and now:
+        click.echo("error: --now drains one JOB (a service is drained job by job)", err=True)
+        sys.exit(2)
+    if service_name is not None:
+        service = config.service(service_name)
+        if service is None:
+            click.echo(f"error: no service {service_name!r} in {config_path}", err=True)
+            sys.exit(1)
+        return DrainRequest(service=service.name, now=now)
+    assert job is not None
+    try:
+        snapshot = read_status(config.state_dir)
+        check_job_id(job)
+    except (RequestError, StatusError) as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(1)
+    if job not in {j.job_id for j in snapshot.jobs if not j.cancelled}:
+        click.echo(
+            f"error: job {job} is not one of the agent's jobs (see saia hpc status)", err=True
+        )
+        sys.exit(1)
+    return DrainRequest(job_id=job, now=now)
+
+
 @hpc.command("drain")
 @config_option
 @click.argument("job", required=False)
@@ -272,38 +308,21 @@ def drain(config_path: Path, job: str | None, service_name: str | None, now: boo
     """Ask the running agent to replace JOB gracefully (or every job of --service).
 
     The agent submits a replacement; once it is ready the old job takes no new requests,
-    finishes those in flight and is cancelled. --now drains without waiting.
+    finishes those in flight and is cancelled. --service does this job by job; --now
+    drains JOB without waiting for a replacement.
     """
-    from hpc.operator_requests import DrainRequest, RequestError, check_job_id, write_drain
-    from hpc.status import StatusError, read_status
+    from hpc.operator_requests import write_drain
 
     config = load_or_exit(config_path)
-    if (job is None) == (service_name is None):
-        click.echo("error: give a JOB or --service NAME (not both)", err=True)
-        sys.exit(2)
-    try:
-        if job is not None:
-            check_job_id(job)
-        snapshot = read_status(config.state_dir)
-    except (RequestError, StatusError) as error:
-        click.echo(f"error: {error}", err=True)
-        sys.exit(1)
-    if job is not None and job not in {j.job_id for j in snapshot.jobs if not j.cancelled}:
-        click.echo(
-            f"error: job {job} is not one of the agent's jobs (see saia hpc status)", err=True
-        )
-        sys.exit(1)
-    service = config.service(service_name) if service_name else None
-    if service_name and service is None:
-        click.echo(f"error: no service {service_name!r} in {config_path}", err=True)
-        sys.exit(1)
+    request = _checked_drain(config, config_path, job, service_name, now)
     _agent_pid_or_exit(config.state_dir)
-    request = DrainRequest(job_id=job, service=service.name if service else None, now=now)
-    what = f"job {job}" if job else f"service {service_name}"
+    what = f"job {job}" if job else f"service {request.service}"
     if _wait_taken(write_drain(config.state_dir, request), config) is None:
         click.echo(f"{what}: drain requested; the agent has not taken the request yet")
         return
     how = "at once" if now else "after its replacement is ready"
+    if service_name:
+        how = "job by job, each after its replacement is ready"
     click.echo(f"{what}: draining {how} (follow with saia hpc status)")
 
 

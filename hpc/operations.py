@@ -9,12 +9,23 @@ running config stays.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections import deque
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from hpc.config import AgentConfig, ConfigError, load_config
-from hpc.operator_requests import DrainRequest, ReloadRequest, take_requests
+from hpc.operator_requests import (
+    RELOAD_SIGNAL,
+    WAKE_SIGNAL,
+    DrainRequest,
+    ReloadRequest,
+    remove_pid,
+    take_requests,
+    write_pid,
+)
 from hpc.policy import OPERATOR_NOW, OPERATOR_REPLACE
 
 if TYPE_CHECKING:
@@ -105,3 +116,19 @@ def apply_config(agent: Agent, config: AgentConfig) -> None:
     agent.services = {service.name: service for service in config.services}
     agent.loads = {name: agent.loads.get(name, deque()) for name in agent.services}
     agent.reload_error = ""
+
+
+@contextlib.contextmanager
+def operator_signals(agent: Agent) -> Iterator[None]:
+    """While leading: SIGHUP reloads the config, SIGUSR1 looks at the requests at once; the
+    pid file tells `saia hpc reload|drain` whom to signal."""
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(RELOAD_SIGNAL, agent.wake, True)
+    loop.add_signal_handler(WAKE_SIGNAL, agent.wake)
+    try:
+        write_pid(agent.config.state_dir)
+        yield
+    finally:
+        remove_pid(agent.config.state_dir)
+        for signum in (RELOAD_SIGNAL, WAKE_SIGNAL):
+            loop.remove_signal_handler(signum)

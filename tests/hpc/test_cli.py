@@ -21,6 +21,7 @@ from hpc.status import (
     ServiceStatus,
     StatusError,
     read_status,
+    serving,
     write_status,
 )
 
@@ -248,3 +249,65 @@ async def test_local_agent_end_to_end_with_restart_and_drain(tmp_path: Path) -> 
             await agent.wait()
         if job_pid and alive(job_pid):
             os.killpg(job_pid, signal.SIGKILL)
+
+
+def test_drain_needs_one_job_or_one_service(tmp_path: Path) -> None:
+    path = str(config_file(tmp_path))
+    for args in ([], ["7", "--service", "llm"]):
+        result = CliRunner().invoke(hpc, ["drain", "-c", path, *args])
+        assert result.exit_code == 2
+        assert result.output.strip() == "error: give a JOB or --service NAME (not both)"
+    result = CliRunner().invoke(hpc, ["drain", "-c", path, "--service", "llm", "--now"])
+    assert result.exit_code == 2 and "--now drains one JOB" in result.output
+
+
+def test_drain_refuses_unknown_jobs_and_a_stopped_agent(tmp_path: Path) -> None:
+    path = str(config_file(tmp_path, "services:\n  - {name: llm, model: tiny}\n"))
+    result = CliRunner().invoke(hpc, ["drain", "-c", path, "7"])
+    assert result.exit_code == 1 and "no status yet" in result.output
+    write_status(tmp_path / "state", sample_status(time.time()))
+    unknown = CliRunner().invoke(hpc, ["drain", "-c", path, "99"])
+    assert unknown.exit_code == 1
+    assert unknown.output == "error: job 99 is not one of the agent's jobs (see saia hpc status)\n"
+    # a known job, but no agent holds the lock: nothing is written
+    result = CliRunner().invoke(hpc, ["drain", "-c", path, "7"])
+    assert result.exit_code == 1
+    assert result.output.strip() == f"error: no agent is running on {tmp_path / 'state'}"
+    assert not (tmp_path / "state" / "requests").exists()
+    result = CliRunner().invoke(hpc, ["drain", "-c", path, "--service", "other"])
+    assert result.exit_code == 1 and "no service 'other'" in result.output
+
+
+def test_reload_checks_the_config_and_the_agent(tmp_path: Path) -> None:
+    broken = config_file(tmp_path, "services:\n  - {name: llm, model: tiny, min_instances: -1}\n")
+    result = CliRunner().invoke(hpc, ["reload", "-c", str(broken)])
+    assert result.exit_code == 2 and "min_instances" in result.output
+    result = CliRunner().invoke(hpc, ["reload", "-c", str(config_file(tmp_path))])
+    assert result.exit_code == 1 and "no agent is running" in result.output
+
+
+def test_status_shows_operator_drains(tmp_path: Path) -> None:
+    def job(draining: bool, operator: str = "", reason: str = "", ready: bool = True) -> JobStatus:
+        return JobStatus(
+            "7",
+            "llm",
+            "RUNNING",
+            "h:1",
+            ready,
+            draining,
+            False,
+            60,
+            operator_drain=operator,
+            drain_reason=reason,
+        )
+
+    assert serving(job(True, "replace", "operator: replaced by 8")) == "draining (operator)"
+    assert serving(job(False, "replace")) == "ready, drain requested"
+    assert serving(job(False, "now", ready=False)) == "drain requested"
+    assert serving(job(True, reason="scale down")) == "draining"
+    status = sample_status(time.time())
+    status.jobs[:] = [job(True, "now", "operator: now")]
+    write_status(tmp_path / "state", status)
+    result = CliRunner().invoke(hpc, ["status", "-c", str(config_file(tmp_path)), "--json"])
+    (shown,) = json.loads(result.output)["jobs"]
+    assert (shown["operator_drain"], shown["drain_reason"]) == ("now", "operator: now")
