@@ -102,3 +102,28 @@ saia_serve() {
     echo "saia: server exited with status $status" >&2
     exit "$status"
 }
+
+# Both vLLM templates: models come from disk or HF_HOME (compute nodes usually have no
+# internet, so the hub is offline unless the service's environment says HF_HUB_OFFLINE=0),
+# vLLM's compile cache is per job unless the operator shares one (VLLM_CACHE_ROOT), and
+# SAIA_VLLM is the server command: `vllm serve` or the service's server_command.
+saia_vllm_environment() {
+    export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
+    if [[ -n "$SAIA_HF_HOME" ]]; then
+        export HF_HOME="$SAIA_HF_HOME"
+    fi
+    export VLLM_CACHE_ROOT="${VLLM_CACHE_ROOT:-$SAIA_JOB_DIR/vllm-cache}"
+    if ((${#SAIA_SERVER_COMMAND[@]})); then
+        SAIA_VLLM=("${SAIA_SERVER_COMMAND[@]}")
+    else
+        SAIA_VLLM=(vllm serve)
+    fi
+}
+
+# The vLLM server of the job on this node (after saia_vllm_environment).
+saia_serve_vllm() {
+    saia_serve "${SAIA_VLLM[@]}" "$SAIA_MODEL" \
+        --host "$SAIA_BIND_HOST" \
+        --port "$SAIA_PORT" \
+        "${SAIA_SERVER_ARGS[@]}"
+}

@@ -3,16 +3,7 @@
 # the nodes and tensor parallel over each node's GPUs (options from hpc.vllm_args).
 # `ray` and `python3` are taken from PATH (or the container), like `vllm`; the service's
 # environment can set SAIA_RAY, SAIA_RAY_PYTHON and SAIA_RAY_HEAD_IP.
-export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
-if [[ -n "$SAIA_HF_HOME" ]]; then
-    export HF_HOME="$SAIA_HF_HOME"
-fi
-export VLLM_CACHE_ROOT="${VLLM_CACHE_ROOT:-$SAIA_JOB_DIR/vllm-cache}"
-if ((${#SAIA_SERVER_COMMAND[@]})); then
-    SAIA_VLLM=("${SAIA_SERVER_COMMAND[@]}")
-else
-    SAIA_VLLM=(vllm serve)
-fi
+saia_vllm_environment
 SAIA_RAY="${SAIA_RAY:-ray}"
 SAIA_RAY_PYTHON="${SAIA_RAY_PYTHON:-python3}"
 
@@ -91,7 +82,4 @@ while :; do
 done
 echo "saia: Ray cluster of $joined nodes; head $SAIA_HEAD_NODE ($RAY_ADDRESS)" >&2
 
-saia_serve "${SAIA_VLLM[@]}" "$SAIA_MODEL" \
-    --host "$SAIA_BIND_HOST" \
-    --port "$SAIA_PORT" \
-    "${SAIA_SERVER_ARGS[@]}"
+saia_serve_vllm

@@ -137,22 +137,38 @@ saia_serve() {
     echo "saia: server exited with status $status" >&2
     exit "$status"
 }
+
+# Both vLLM templates: models come from disk or HF_HOME (compute nodes usually have no
+# internet, so the hub is offline unless the service's environment says HF_HUB_OFFLINE=0),
+# vLLM's compile cache is per job unless the operator shares one (VLLM_CACHE_ROOT), and
+# SAIA_VLLM is the server command: `vllm serve` or the service's server_command.
+saia_vllm_environment() {
+    export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
+    if [[ -n "$SAIA_HF_HOME" ]]; then
+        export HF_HOME="$SAIA_HF_HOME"
+    fi
+    export VLLM_CACHE_ROOT="${VLLM_CACHE_ROOT:-$SAIA_JOB_DIR/vllm-cache}"
+    if ((${#SAIA_SERVER_COMMAND[@]})); then
+        SAIA_VLLM=("${SAIA_SERVER_COMMAND[@]}")
+    else
+        SAIA_VLLM=(vllm serve)
+    fi
+}
+
+# The vLLM server of the job on this node (after saia_vllm_environment).
+saia_serve_vllm() {
+    saia_serve "${SAIA_VLLM[@]}" "$SAIA_MODEL" \
+        --host "$SAIA_BIND_HOST" \
+        --port "$SAIA_PORT" \
+        "${SAIA_SERVER_ARGS[@]}"
+}
 # ---- slurm/vllm-multinode.sh
 # vLLM across the job's nodes: a Ray cluster (the head on this batch node, one worker per
 # other node, each started with srun) and `vllm serve` on the head, pipeline parallel over
 # the nodes and tensor parallel over each node's GPUs (options from hpc.vllm_args).
 # `ray` and `python3` are taken from PATH (or the container), like `vllm`; the service's
 # environment can set SAIA_RAY, SAIA_RAY_PYTHON and SAIA_RAY_HEAD_IP.
-export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
-if [[ -n "$SAIA_HF_HOME" ]]; then
-    export HF_HOME="$SAIA_HF_HOME"
-fi
-export VLLM_CACHE_ROOT="${VLLM_CACHE_ROOT:-$SAIA_JOB_DIR/vllm-cache}"
-if ((${#SAIA_SERVER_COMMAND[@]})); then
-    SAIA_VLLM=("${SAIA_SERVER_COMMAND[@]}")
-else
-    SAIA_VLLM=(vllm serve)
-fi
+saia_vllm_environment
 SAIA_RAY="${SAIA_RAY:-ray}"
 SAIA_RAY_PYTHON="${SAIA_RAY_PYTHON:-python3}"
 
@@ -231,7 +247,4 @@ while :; do
 done
 echo "saia: Ray cluster of $joined nodes; head $SAIA_HEAD_NODE ($RAY_ADDRESS)" >&2
 
-saia_serve "${SAIA_VLLM[@]}" "$SAIA_MODEL" \
-    --host "$SAIA_BIND_HOST" \
-    --port "$SAIA_PORT" \
-    "${SAIA_SERVER_ARGS[@]}"
+saia_serve_vllm
