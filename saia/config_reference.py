@@ -9,6 +9,7 @@ import importlib
 import sys
 import types
 import typing
+from pathlib import PurePath
 from typing import Any
 
 from pydantic import BaseModel
@@ -56,6 +57,8 @@ def _default(field: FieldInfo) -> str:
         return f"`{value!r}`"
     if field.default is PydanticUndefined:
         return "**required**"
+    if isinstance(field.default, PurePath):  # as written in the file, not PosixPath('...')
+        return f"`{str(field.default)!r}`"
     return f"`{field.default!r}`"
 
 
@@ -79,8 +82,9 @@ def _describe(model: type[BaseModel], path: str, out: list[str], seen: set[str])
         meaning = (field.description or "").replace("|", "\\|")
         type_name = _field_type(field).replace("|", "\\|")
         out.append(f"| `{name}` | {type_name} | {_default(field)} | {meaning} |")
+        origin = typing.get_origin(field.annotation)
         for child in _nested_models(field.annotation):
-            suffix = "[]" if typing.get_origin(field.annotation) is list else ""
+            suffix = "[]" if origin is list else ".<name>" if origin is dict else ""
             children.append((f"{path}.{name}{suffix}" if path else name + suffix, child))
     out.append("")
     for child_path, child in children:
