@@ -242,3 +242,37 @@ async def test_broken_reload_keeps_the_running_config(
         await asyncio.sleep(1.0)  # a few loops on the old config: nothing changes
         assert [b.job_id for b in registry.ready(SERVICE)] == [first.job_id]
         assert [j.job_id for j in await our_jobs(config)] == [first.job_id]
+
+
+async def test_drain_service_replaces_its_jobs_one_at_a_time(
+    slurm_cluster: SlurmSandbox, prefix: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "agent.yaml"
+    two = {**service_data(SERVICE), "min_instances": 2, "max_instances": 2}
+    config = write_config(path, slurm_cluster, prefix, [two])
+    async with running_agent(config, config_path=path) as registry:
+        old = await until(
+            lambda: len(registry.ready(SERVICE)) == 2 and registry.ready(SERVICE), 60, "not 2 ready"
+        )
+        old_ids = {b.job_id for b in old}
+        draining_at_once: list[int] = []
+        ready_at_once: list[int] = []
+
+        async def sample() -> None:
+            while True:  # until cancelled; one sample every 20 ms
+                draining_at_once.append(sum(published(registry).values()))
+                ready_at_once.append(len(registry.ready(SERVICE)))
+                await asyncio.sleep(0.02)
+
+        sampler = asyncio.create_task(sample())
+        try:
+            code, out = await saia("hpc", "drain", "-c", str(path), "--service", SERVICE)
+            assert code == 0 and "job by job" in out, out
+            ids = await until_async_jobs(config, lambda ids: not old_ids & set(ids), 90)
+            assert len(ids) == 2
+            await until(lambda: len(registry.ready(SERVICE)) == 2, 30, "not back to 2")
+        finally:
+            sampler.cancel()
+            await asyncio.gather(sampler, return_exceptions=True)
+        assert max(draining_at_once) == 1  # each old job drained, never both at once
+        assert min(ready_at_once) >= 1, "a moment without a ready backend"
