@@ -34,14 +34,15 @@ class RunningDemo:
     output: list[str]
 
 
-def _read_until_key(process: subprocess.Popen[bytes], lines: list[str]) -> dict[str, str]:
+def _read_until_ready(process: subprocess.Popen[bytes], lines: list[str]) -> dict[str, str]:
+    """The SAIA_* lines, once the whole ready block (up to the chat page line) is printed."""
     # Raw reads on the pipe: a buffered readline would hide lines from the selector.
     assert process.stdout is not None
     fd, pending, found = process.stdout.fileno(), b"", {}
     deadline = time.monotonic() + START_TIMEOUT
     with selectors.DefaultSelector() as selector:
         selector.register(fd, selectors.EVENT_READ)
-        while "SAIA_API_KEY" not in found:
+        while not any(line.startswith("chat page:") for line in lines):
             remaining = deadline - time.monotonic()
             if remaining <= 0 or process.poll() is not None:
                 pytest.fail(f"demo did not come up (exit {process.poll()}): {lines}")
@@ -77,7 +78,7 @@ def running_demo(root: Path, *options: str) -> Iterator[RunningDemo]:
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     lines: list[str] = []
     try:
-        found = _read_until_key(process, lines)
+        found = _read_until_ready(process, lines)
         yield RunningDemo(process, found["SAIA_BASE_URL"], found["SAIA_API_KEY"], root, lines)
     finally:
         stop_process(process, 90, stop_signal=signal.SIGINT)  # Ctrl-C: the demo cleans up
