@@ -19,7 +19,6 @@ from saia.config_file import (
     Duration,
     Strict,
     read_yaml,
-    resolve_relative,
     validate,
 )
 
@@ -290,11 +289,7 @@ class AgentConfig(Strict):
 
 
 def parse_config(data: Any, source: Path | str = NO_FILE) -> AgentConfig:
-    config = validate(AgentConfig, data, source)
-    state_dir = resolve_relative(config.state_dir, source)
-    if state_dir != config.state_dir:
-        config = config.model_copy(update={"state_dir": state_dir})
-    return config
+    return validate(AgentConfig, data, source, relative_paths=("state_dir",))
 
 
 def load_config(path: Path | str) -> AgentConfig:

@@ -21,7 +21,6 @@ from saia.config_file import (
     Duration,
     Strict,
     read_yaml,
-    resolve_relative,
     validate,
 )
 
@@ -277,11 +276,7 @@ class HubConfig(Strict):
 
 def parse_config(data: Any, source: Path | str = NO_FILE) -> HubConfig:
     # Every hub setting has a default: an empty file is a valid config.
-    config = validate(HubConfig, {} if data is None else data, source)
-    data_dir = resolve_relative(config.data_dir, source)
-    if data_dir != config.data_dir:
-        config = config.model_copy(update={"data_dir": data_dir})
-    return config
+    return validate(HubConfig, {} if data is None else data, source, relative_paths=("data_dir",))
 
 
 def load_config(path: Path | str) -> HubConfig:

@@ -61,14 +61,26 @@ def format_validation_error(path: Path | str, error: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def validate(model: type[Model], data: Any, source: Path | str = NO_FILE) -> Model:
-    """`data` (parsed YAML) as `model`, or ConfigError with one line per problem."""
+def validate(
+    model: type[Model],
+    data: Any,
+    source: Path | str = NO_FILE,
+    *,
+    relative_paths: tuple[str, ...] = (),
+) -> Model:
+    """`data` (parsed YAML) as `model`, or ConfigError with one line per problem.
+
+    The top-level Path fields named in `relative_paths` are resolved against the file.
+    """
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: (top level): expected a mapping of settings")
     try:
-        return model.model_validate(data)
+        config = model.model_validate(data)
     except ValidationError as error:
         raise ConfigError(format_validation_error(source, error)) from None
+    resolved = {name: resolve_relative(getattr(config, name), source) for name in relative_paths}
+    changed = {name: path for name, path in resolved.items() if path != getattr(config, name)}
+    return config.model_copy(update=changed) if changed else config
 
 
 def resolve_relative(path: Path, source: Path | str = NO_FILE) -> Path:
