@@ -34,6 +34,7 @@ from hpc.jobs import Endpoint, JobInfo, JobSystem, JobTag, Submission
 from hpc.leader import LOCK_FILE, LeaderLock
 from hpc.observation import observe
 from hpc.operations import handle_requests, operator_signals
+from hpc.operator_requests import RELOAD_SIGNAL, WAKE_SIGNAL
 from hpc.policy import (
     Backoff,
     Cancel,
@@ -161,6 +162,7 @@ class Agent:
     async def step(self) -> bool:
         """One observation, decision and act; True when it submitted or cancelled."""
         now = self.clock()
+        handle_requests(self)  # also while Slurm is down
         try:
             async with asyncio.timeout(self.config.slurm_timeout + 5):
                 infos = await self.jobs.list_jobs()
@@ -170,7 +172,6 @@ class Agent:
             self._save(now)
             return False
         self.last_error = ""
-        handle_requests(self)
         decision = decide(self.observe(infos, now), now)
         acted = await self.act(decision, now)
         self.publish()
@@ -386,10 +387,12 @@ async def run_until_signal(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, task.cancel)
+    for signum in (RELOAD_SIGNAL, WAKE_SIGNAL):  # a standby ignores them; the leader handles
+        loop.add_signal_handler(signum, log.info, "standby: %s ignored", signum.name)
     try:
         await run_agent(config, drain_on_exit=drain_on_exit, config_path=config_path)
     except asyncio.CancelledError:
         log.info("stopped by signal")
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, RELOAD_SIGNAL, WAKE_SIGNAL):
             loop.remove_signal_handler(signum)

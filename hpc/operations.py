@@ -58,6 +58,9 @@ def mark_drain(agent: Agent, request: DrainRequest) -> None:
         if record is None or record.cancelled:
             log.error("drain request: job %s is not one of the agent's jobs", request.job_id)
             return
+        if record.draining:
+            log.info("drain request: job %s is draining already", request.job_id)
+            return
         record.operator_drain = how if record.operator_drain != OPERATOR_NOW else OPERATOR_NOW
         log.info("operator drain of job %s (%s, %s)", request.job_id, record.service, how)
         return
@@ -130,5 +133,5 @@ def operator_signals(agent: Agent) -> Iterator[None]:
         yield
     finally:
         remove_pid(agent.config.state_dir)
-        for signum in (RELOAD_SIGNAL, WAKE_SIGNAL):
-            loop.remove_signal_handler(signum)
+        for signum in (RELOAD_SIGNAL, WAKE_SIGNAL):  # not the default action: that kills
+            loop.add_signal_handler(signum, log.info, "stopping: %s ignored", signum.name)

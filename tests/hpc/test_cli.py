@@ -311,3 +311,48 @@ def test_status_shows_operator_drains(tmp_path: Path) -> None:
     result = CliRunner().invoke(hpc, ["status", "-c", str(config_file(tmp_path)), "--json"])
     (shown,) = json.loads(result.output)["jobs"]
     assert (shown["operator_drain"], shown["drain_reason"]) == ("now", "operator: now")
+
+
+async def test_reload_of_a_real_agent_process(tmp_path: Path) -> None:
+    """`saia hpc reload` and SIGHUP against `saia hpc agent` (Slurm unreachable here)."""
+    path = config_file(tmp_path)
+    saia_bin = str(Path(sys.executable).with_name("saia"))
+    proc = await asyncio.create_subprocess_exec(
+        saia_bin, "hpc", "agent", "-c", str(path), stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        async with asyncio.timeout(20):
+            while not (tmp_path / "state" / "agent.pid").exists():  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        good = path.read_text()
+        path.write_text(good + "services:\n  - {name: llm, model: tiny, min_instances: 0}\n")
+        code, out = await saia("hpc", "reload", "-c", str(path))
+        assert (code, out) == (0, "config reloaded: services llm\n")
+        path.write_text(good + "job_prefix: other\n")  # valid, but needs a restart
+        code, out = await saia("hpc", "reload", "-c", str(path))
+        assert code == 1
+        assert out == (
+            "error: config reload failed, the running config stays: "
+            "job_prefix: cannot change while the agent runs (restart it)\n"
+        )
+        path.write_text("services: [")  # broken; SIGHUP as a service manager sends it
+        asked = time.time()
+        proc.send_signal(signal.SIGHUP)
+        async with asyncio.timeout(20):
+            while (read_status(tmp_path / "state").reloaded_at or 0) < asked:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        snapshot = read_status(tmp_path / "state")
+        assert snapshot.reload_error.startswith("config reload failed, the running config stays")
+        assert [s.name for s in snapshot.services] == ["llm"]  # the last good config
+        assert proc.returncode is None
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert not (tmp_path / "state" / "agent.pid").exists()
+    assert proc.stderr is not None
+    stderr = await proc.stderr.read()
+    assert b"Traceback" not in stderr
+    assert len([line for line in stderr.splitlines() if b"ERROR" in line]) == 2  # 2 refusals
