@@ -42,6 +42,56 @@ BODY = json.dumps(
 HEADERS = [("content-type", "application/json")]
 
 Call = Callable[[], Awaitable[None]]
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (0 if it is gone), from /proc/<pid>/stat."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command name) of every descendant of `pid`."""
+    parents: dict[int, list[tuple[int, str]]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            name = stat[stat.index("(") + 1 : stat.rindex(")")]
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            parents.setdefault(ppid, []).append((int(entry.name), name))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child[0])
+    return found
+
+
+class CpuMeter:
+    """CPU seconds of each process of the hop, grouped (the sshd tree split by name)."""
+
+    def __init__(self, router: int, standin: int, sshd: int) -> None:
+        self.router, self.standin, self.sshd = router, standin, sshd
+
+    def sample(self) -> dict[str, float]:
+        sample = {
+            "client": cpu_seconds(os.getpid()),
+            "sshd": 0.0,
+            "relay": 0.0,
+            "router": cpu_seconds(self.router),
+            "stand-in": cpu_seconds(self.standin),
+        }
+        for pid, name in children(self.sshd):
+            sample["sshd" if name.startswith("sshd") else "relay"] += cpu_seconds(pid)
+        return sample
 
 
 def start_process(argv: list[str], ready: Callable[[], bool]) -> subprocess.Popen[bytes]:
@@ -130,20 +180,31 @@ async def throughput(call: Call, workers: int, total: int) -> float:
     return total / (time.perf_counter() - start)
 
 
-async def concurrent(calls: Mapping[str, Call], workers: int, total: int, rounds: int) -> None:
+async def concurrent(
+    calls: Mapping[str, Call], workers: int, total: int, rounds: int, meter: CpuMeter
+) -> None:
     rates: dict[str, list[float]] = {name: [] for name in calls}
+    cpu: dict[str, dict[str, float]] = {name: {} for name in calls}
     for _ in range(rounds):
         for name, call in calls.items():
+            before = meter.sample()
             rates[name].append(await throughput(call, workers, total))
+            for group, seconds in meter.sample().items():
+                used = cpu[name].get(group, 0.0) + seconds - before[group]
+                cpu[name][group] = used
     print(f"{workers} concurrent, {rounds} alternating rounds of {total} requests (req/s):")
     for name, values in rates.items():
         print(f"  {name:12s} " + "  ".join(f"{v:7.0f}" for v in values))
     for name in (n for n in calls if n != "hop"):
         ratio = statistics.median(rates["hop"]) / statistics.median(rates[name])
         print(f"  hop / {name:12s} (medians): {ratio:.2f}")
+    print("CPU ms per request in those rounds (client = this process):")
+    for name, groups in cpu.items():
+        shares = "  ".join(f"{g} {1000 * s / (rounds * total):5.3f}" for g, s in groups.items())
+        print(f"  {name:12s} {shares}  total {1000 * sum(groups.values()) / (rounds * total):5.3f}")
 
 
-async def measure(url: str, sshd: SshdSandbox, args: argparse.Namespace) -> None:
+async def measure(url: str, sshd: SshdSandbox, meter: CpuMeter, args: argparse.Namespace) -> None:
     target = HopTarget(sshd.host, sshd.port, sshd.user, sshd.client_key, sshd.known_hosts)
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
     http = httpx.AsyncClient(limits=limits, trust_env=False)
@@ -170,7 +231,7 @@ async def measure(url: str, sshd: SshdSandbox, args: argparse.Namespace) -> None
 
         calls = {"direct-httpx": direct, "direct-lean": direct_lean, "hop": via_hop}
         await sequential(calls, args.sequential)
-        await concurrent(calls, args.concurrent, args.requests, args.rounds)
+        await concurrent(calls, args.concurrent, args.requests, args.rounds, meter)
 
 
 def main() -> None:
@@ -199,8 +260,10 @@ def main() -> None:
         try:
             with SshdSandbox(root / "ssh", root / "state") as sshd:
                 print(f"relay python: {sshd.python}; cores: {os.cpu_count()}; loop: {LOOP}")
+                assert sshd.process is not None
+                meter = CpuMeter(router.pid, standin.pid, sshd.process.pid)
                 with asyncio.Runner(loop_factory=new_loop) as runner:
-                    runner.run(measure(url, sshd, args))
+                    runner.run(measure(url, sshd, meter, args))
         finally:
             stop_process(router, 10)
             stop_process(standin, 10)
