@@ -112,8 +112,22 @@ def encode_frame(kind: int, stream: int, payload: bytes = b"", flags: int = 0) -
     return HEADER.pack(kind, flags, stream, len(payload)) + payload
 
 
+def encode_data(stream: int, payload: bytes) -> bytes:
+    """A DATA frame (the hot path: no table look-ups)."""
+    if len(payload) > MAX_DATA:
+        raise ValueError("DATA payload of %d bytes not allowed" % len(payload))
+    return HEADER.pack(DATA, 0, stream, len(payload)) + payload
+
+
+def encode_end(stream: int) -> bytes:
+    return HEADER.pack(END, 0, stream, 0)
+
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # one, not per call
+
+
 def _json(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _ENCODER.encode(value).encode("utf-8")
 
 
 def encode_hello() -> bytes:
@@ -157,20 +171,31 @@ class FrameDecoder:
 
     def feed(self, data: bytes) -> List[Frame]:
         buffer = self._buffer
-        buffer += data
+        if buffer:  # a frame was cut off: continue it (otherwise parse `data` in place)
+            buffer += data
+            if len(buffer) >= HEADER.size:
+                kind, flags, stream, length = HEADER.unpack_from(buffer)
+                _check_header(kind, flags, stream, length)
+                if len(buffer) < HEADER.size + length:
+                    return []  # still incomplete: no copy
+            data = bytes(buffer)
+            buffer.clear()
         frames = []
         offset = 0
-        size = len(buffer)
-        while size - offset >= HEADER.size:
-            kind, flags, stream, length = HEADER.unpack_from(buffer, offset)
-            _check_header(kind, flags, stream, length)
-            end = offset + HEADER.size + length
+        size = len(data)
+        unpack, header_size = HEADER.unpack_from, HEADER.size
+        while size - offset >= header_size:
+            kind, flags, stream, length = unpack(data, offset)
+            if kind != DATA or flags or length > MAX_DATA or not stream:
+                _check_header(kind, flags, stream, length)
+            start = offset + header_size
+            end = start + length
             if end > size:
                 break
-            frames.append(Frame(kind, stream, bytes(buffer[offset + HEADER.size : end]), flags))
+            frames.append(Frame(kind, stream, data[start:end], flags))
             offset = end
-        if offset:
-            del buffer[:offset]
+        if offset < size:
+            buffer += data[offset:]
         return frames
 
     def finish(self) -> None:
@@ -206,7 +231,7 @@ def _load_object(payload: bytes, what: str) -> Dict[str, Any]:
 def _text(value: Any, what: str, limit: int) -> str:
     if not isinstance(value, str) or len(value) > limit:
         raise ProtocolError("%s must be a string of at most %d characters" % (what, limit))
-    if any(ch in value for ch in "\r\n\x00"):
+    if "\r" in value or "\n" in value or "\x00" in value:
         raise ProtocolError("%s contains a control character" % what)
     return value
 

@@ -95,6 +95,23 @@ class BackendResponse:
         self.headers = headers
         self.connection = connection
 
+    @property
+    def complete(self) -> bool:
+        return self.connection.complete
+
+    def received(self) -> list[bytes]:
+        """The body pieces that have arrived and were not taken yet."""
+        body = self.connection.body
+        if not body:
+            return []
+        pieces = list(body)
+        body.clear()
+        return pieces
+
+    async def receive(self) -> None:
+        """Wait for more of the body; raises BackendBroken if it breaks off."""
+        await self.connection.receive(BackendBroken)
+
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives (de-chunked); raises BackendBroken if it breaks off."""
         connection = self.connection
@@ -122,6 +139,7 @@ class BackendHttp:
         self._max_idle = max_idle_per_backend
         self._idle: dict[tuple[str, int], deque[_Connection]] = {}
         self._busy: set[_Connection] = set()
+        self._addresses: dict[str, tuple[str, int]] = {}  # parsed base URLs
 
     async def __aenter__(self) -> BackendHttp:
         return self
@@ -139,7 +157,11 @@ class BackendHttp:
         self, base_url: str, method: str, path: str, headers: list[tuple[str, str]], body: bytes
     ) -> BackendResponse:
         """Send the request and return the response head; the caller must `release()` it."""
-        address = _address(base_url)
+        address = self._addresses.get(base_url)
+        if address is None:
+            if len(self._addresses) > 1024:  # backends come and go: keep it bounded
+                self._addresses.clear()
+            address = self._addresses[base_url] = _address(base_url)
         data = encode_request(method, path, f"{address[0]}:{address[1]}", headers, body)
         while True:  # a pooled connection may have been closed by the backend meanwhile
             connection = await self._acquire(address)

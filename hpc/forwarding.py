@@ -9,6 +9,7 @@ silently: a break after the response started ends with an OpenAI-style error eve
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -89,16 +90,26 @@ def backend_headers(headers: list[tuple[str, str]], api_key: str | None) -> list
     }
     out = []
     for name, value in headers:
-        lower = name.lower()
-        if not lower or not set(lower) <= TOKEN_CHARS:
+        lower = _forwardable(name)
+        if lower is None:
             raise Rejection(400, "invalid_header", "a request header name is not valid")
-        if lower in HOP_HEADERS or lower in CLIENT_ONLY or lower in named_by_connection:
-            continue
-        out.append((name, value))
+        if lower and lower not in named_by_connection:
+            out.append((name, value))
     out.append(("accept-encoding", "identity"))
-    if api_key:
-        out.append(("authorization", f"Bearer {api_key}"))
-    return out
+    return with_key(out, api_key)
+
+
+def with_key(headers: list[tuple[str, str]], api_key: str | None) -> list[tuple[str, str]]:
+    return [*headers, ("authorization", f"Bearer {api_key}")] if api_key else headers
+
+
+@functools.lru_cache(maxsize=1024)
+def _forwardable(name: str) -> str | None:
+    """A header name in lower case; "" if it is never forwarded, None if it is not a token."""
+    lower = name.lower()
+    if not lower or not set(lower) <= TOKEN_CHARS:
+        return None
+    return "" if lower in HOP_HEADERS or lower in CLIENT_ONLY else lower
 
 
 def response_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -123,7 +134,7 @@ class Forwarder:
     async def forward(
         self, sink: ResponseSink, service: ServiceConfig, head: RequestHead, body: bytes
     ) -> None:
-        backend_headers(head.headers, None)  # validate before waiting for a backend
+        common = backend_headers(head.headers, None)  # validated before waiting for a backend
         name = service.name
         self._registry.note_arrival(name, time.monotonic())
         tried: set[str] = set()
@@ -132,7 +143,7 @@ class Forwarder:
             if backend is None:
                 break
             tried.add(backend.job_id)
-            headers = backend_headers(head.headers, backend.api_key)  # each its own key
+            headers = with_key(common, backend.api_key)  # each its own key
             backend.in_flight += 1
             try:
                 await self._exchange(sink, backend, head, headers, body)
@@ -198,12 +209,18 @@ class Forwarder:
         idle = self._config.idle_timeout
         loop = asyncio.get_running_loop()
         event_stream = is_event_stream(response.headers)
+        deadline = loop.time() + idle
         try:
-            async with asyncio.timeout(idle) as timer:
-                async for chunk in response.chunks():
-                    timer.reschedule(None)  # a slow client is back-pressure, not idleness
-                    await sink.send(chunk)
-                    timer.reschedule(loop.time() + idle)
+            while True:
+                chunks = response.received()
+                if chunks:
+                    for chunk in chunks:  # a slow client is back-pressure, not idleness
+                        await sink.send(chunk)
+                    deadline = loop.time() + idle
+                if response.complete:
+                    break
+                async with asyncio.timeout_at(deadline):  # only while the backend is awaited
+                    await response.receive()
         except TimeoutError:
             await self._break(sink, event_stream, f"the model sent nothing for {idle:.0f} s")
             return

@@ -106,6 +106,7 @@ class Channel:
         self._pending: deque[wire.Frame] = deque()
         self._outgoing: list[bytes] = []
         self._flush_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.streams: dict[int, StreamState] = {}
         self.closed = False
 
@@ -122,7 +123,9 @@ class Channel:
         self._outgoing.append(frame)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -133,6 +136,15 @@ class Channel:
 
     async def send_data(self, state: StreamState, data: bytes) -> None:
         """Send `data` on the stream within its credit; raise StreamClosed if it ended."""
+        size = len(data)
+        if 0 < size <= state.credit and size < wire.MAX_DATA and len(self._outgoing) < 64:
+            # The usual case (one small chunk within credit): one frame, no slicing.
+            if self.closed or self.streams.get(state.id) is not state:
+                raise StreamClosed
+            state.credit -= size
+            self.send(wire.encode_data(state.id, data))
+            await self.drain()
+            return
         view = memoryview(data)
         while view:
             while state.credit <= 0:
@@ -143,7 +155,7 @@ class Channel:
                 raise StreamClosed
             size = min(len(view), state.credit, wire.MAX_DATA)
             state.credit -= size
-            self.send(wire.encode_frame(wire.DATA, state.id, bytes(view[:size])))
+            self.send(wire.encode_data(state.id, bytes(view[:size])))
             view = view[size:]
             if len(self._outgoing) > 64 or size == wire.MAX_DATA:
                 self._flush()  # large transfers: hand over now so drain() sees them

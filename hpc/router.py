@@ -66,7 +66,7 @@ class StreamSink:
         await self._channel.send_data(self._state, data)
 
     def finish(self) -> None:
-        self._channel.send(wire.encode_frame(wire.END, self._state.id))
+        self._channel.send(wire.encode_end(self._state.id))
 
     def fail(self, status: int, code: str, message: str) -> None:
         self._channel.send(wire.encode_error(self._state.id, status, code, message))
@@ -193,7 +193,7 @@ class Incoming:
 
     def __init__(self, state: StreamState, head: wire.RequestHead | None) -> None:
         self.state, self.head = state, head
-        self.body = bytearray()
+        self.body: bytes | bytearray = b""  # a one-frame body is kept as is (no copies)
         self.too_large = False
 
 
@@ -270,11 +270,16 @@ class Session:
         if len(incoming.body) + len(data) > self.router.config.router.max_body_bytes:
             incoming.too_large = True
             self.release(len(incoming.body))
-            incoming.body.clear()
+            incoming.body = b""
         if incoming.too_large:
             self.channel.consumed(state, len(data))  # discarded at once
             return
-        incoming.body += data
+        if not incoming.body:
+            incoming.body = data
+        elif isinstance(incoming.body, bytes):
+            incoming.body = bytearray(incoming.body) + data
+        else:
+            incoming.body += data
         self.buffered += len(data)
         if self.buffered <= self.budget:
             self.channel.consumed(state, len(data))
@@ -323,7 +328,8 @@ class Session:
             raise Rejection(413, "request_too_large", f"the body exceeds {limit} bytes")
         if len(self.channel.streams) > MAX_STREAMS:
             raise Rejection(503, "too_many_streams", "too many concurrent requests", "1")
-        await self.router.answer(sink, incoming.head, bytes(incoming.body))
+        body = incoming.body
+        await self.router.answer(sink, incoming.head, body if type(body) is bytes else bytes(body))
 
 
 async def _listen(router: Router, path: Path) -> asyncio.AbstractServer:

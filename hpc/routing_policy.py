@@ -27,12 +27,19 @@ def pick_backend(
 
     Returns the chosen job id, or None when every candidate is excluded (already tried).
     """
-    usable = [c for c in candidates if c.job_id not in exclude]
-    if not usable:
-        return None
-    least = min(c.in_flight for c in usable)
-    tied = sorted(c.job_id for c in usable if c.in_flight == least)
-    return tied[turn % len(tied)]
+    least = 0
+    tied: list[str] = []
+    for candidate in candidates:  # one pass: this runs for every request
+        if candidate.job_id in exclude:
+            continue
+        load = candidate.in_flight
+        if not tied or load < least:
+            least, tied = load, [candidate.job_id]
+        elif load == least:
+            tied.append(candidate.job_id)
+    if len(tied) > 1:
+        tied.sort()
+    return tied[turn % len(tied)] if tied else None
 
 
 @dataclass(frozen=True)
