@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import Any, Dict, List, NamedTuple, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Tuple
+
+if TYPE_CHECKING:  # typing.TypeGuard is Python 3.10+: annotations only
+    from typing import TypeGuard
 
 PROTOCOL = "saia-relay"
 VERSION = 1
@@ -139,13 +142,13 @@ def encode_request(stream: int, head: RequestHead) -> bytes:
         "service": head.service,
         "method": head.method,
         "path": head.path,
-        "headers": [list(pair) for pair in head.headers],
+        "headers": head.headers,  # pairs (tuples) encode as JSON arrays
     }
     return encode_frame(REQUEST, stream, _json(body))
 
 
 def encode_response(stream: int, head: ResponseHead) -> bytes:
-    body = {"status": head.status, "headers": [list(pair) for pair in head.headers]}
+    body = {"status": head.status, "headers": head.headers}
     return encode_frame(RESPONSE, stream, _json(body))
 
 
@@ -186,7 +189,10 @@ class FrameDecoder:
         unpack, header_size = HEADER.unpack_from, HEADER.size
         while size - offset >= header_size:
             kind, flags, stream, length = unpack(data, offset)
-            if kind != DATA or flags or length > MAX_DATA or not stream:
+            if (kind == DATA and length <= MAX_DATA) or (kind == END and not length):
+                if flags or not stream:  # the common frames, checked without look-ups
+                    _check_header(kind, flags, stream, length)
+            else:
                 _check_header(kind, flags, stream, length)
             start = offset + header_size
             end = start + length
@@ -243,8 +249,23 @@ def _headers(value: Any) -> List[Tuple[str, str]]:
     for item in value:
         if not isinstance(item, list) or len(item) != 2:
             raise ProtocolError("each header must be a [name, value] pair")
-        pairs.append((_text(item[0], "header name", 256), _text(item[1], "header value", 16384)))
+        name, text = item
+        if _plain(name, 256) and _plain(text, 16384):
+            pairs.append((name, text))
+        else:  # the slow path names the problem
+            pairs.append((_text(name, "header name", 256), _text(text, "header value", 16384)))
     return pairs
+
+
+def _plain(value: Any, limit: int) -> TypeGuard[str]:
+    """`_text` without the error message: True if `value` passes it."""
+    return (
+        isinstance(value, str)
+        and len(value) <= limit
+        and "\n" not in value
+        and "\r" not in value
+        and "\x00" not in value
+    )
 
 
 def parse_hello(payload: bytes) -> int:
@@ -258,15 +279,14 @@ def parse_hello(payload: bytes) -> int:
 
 def parse_request(payload: bytes) -> RequestHead:
     body = _load_object(payload, "REQUEST")
-    method = _text(body.get("method"), "method", 16)
+    method, service, path = body.get("method"), body.get("service"), body.get("path")
+    if not (_plain(method, 16) and _plain(service, 256) and _plain(path, 8192)):
+        method = _text(method, "method", 16)  # the slow path names the problem
+        service = _text(service, "service", 256)
+        path = _text(path, "path", 8192)
     if not method.isalpha() or not method.isupper():
         raise ProtocolError("method must be upper-case letters")
-    return RequestHead(
-        service=_text(body.get("service"), "service", 256),
-        method=method,
-        path=_text(body.get("path"), "path", 8192),
-        headers=_headers(body.get("headers", [])),
-    )
+    return RequestHead(service, method, path, _headers(body.get("headers", [])))
 
 
 def parse_response(payload: bytes) -> ResponseHead:

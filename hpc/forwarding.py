@@ -112,14 +112,17 @@ def _forwardable(name: str) -> str | None:
     return "" if lower in HOP_HEADERS or lower in CLIENT_ONLY else lower
 
 
-def response_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    return [(k, v) for k, v in headers if k.lower() not in HOP_HEADERS]
-
-
-def is_event_stream(headers: list[tuple[str, str]]) -> bool:
-    return any(
-        k.lower() == "content-type" and v.startswith("text/event-stream") for k, v in headers
-    )
+def response_headers(headers: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], bool]:
+    """The backend's headers to pass on, and whether the body is an event stream."""
+    out = []
+    event_stream = False
+    for name, value in headers:  # one pass: this runs for every response
+        lower = name.lower()
+        if lower == "content-type" and value.startswith("text/event-stream"):
+            event_stream = True
+        if lower not in HOP_HEADERS:
+            out.append((name, value))
+    return out, event_stream
 
 
 class Forwarder:
@@ -200,15 +203,17 @@ class Forwarder:
         except TimeoutError:
             raise Rejection(504, "backend_timeout", "the model did not answer in time") from None
         try:
-            sink.start(response.status, response_headers(response.headers))
-            await self._pass_body(sink, response)
+            headers, event_stream = response_headers(response.headers)
+            sink.start(response.status, headers)
+            await self._pass_body(sink, response, event_stream)
         finally:
             self._http.release(response)
 
-    async def _pass_body(self, sink: ResponseSink, response: BackendResponse) -> None:
+    async def _pass_body(
+        self, sink: ResponseSink, response: BackendResponse, event_stream: bool
+    ) -> None:
         idle = self._config.idle_timeout
         loop = asyncio.get_running_loop()
-        event_stream = is_event_stream(response.headers)
         deadline = loop.time() + idle
         try:
             while True:
