@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
-
-import httpx
+from contextlib import AsyncExitStack, asynccontextmanager
 
 from hub.config import ConfigError, OpenAIUpstreamConfig
+from hub.http_client import ConnectFailed, HttpClient, HttpResponse, ResponseBroken, parse_url
 from hub.upstream import (
     ModelState,
     ModelStatus,
@@ -21,19 +20,16 @@ from hub.upstream import (
 )
 
 
-def shared_client(max_connections: int) -> httpx.AsyncClient:
-    """The one HTTP client of all openai upstreams (pooled keep-alive connections)."""
-    return httpx.AsyncClient(
-        limits=httpx.Limits(
-            max_connections=max_connections,
-            max_keepalive_connections=max_connections,
-            # Below the usual 5 s server-side keep-alive (uvicorn, vLLM): a connection is
-            # never reused just as the server closes it.
-            keepalive_expiry=2.0,
-        ),
-        trust_env=False,  # never route upstream traffic through a proxy from the environment
-        follow_redirects=False,
-    )
+def shared_client(max_connections: int) -> HttpClient:
+    """The one HTTP client of all openai upstreams (pooled keep-alive connections; never
+    through a proxy from the environment, never following redirects)."""
+    # Below the usual 5 s server-side keep-alive (uvicorn, vLLM): a connection is rarely
+    # reused just as the server closes it (and then replaced once, before anything is sent).
+    return HttpClient(max_connections, keepalive_expiry=2.0)
+
+
+def _header_safe(value: str) -> bool:
+    return not any(c in value for c in "\r\n\0")
 
 
 class OpenAIUpstream:
@@ -43,19 +39,12 @@ class OpenAIUpstream:
         self,
         name: str,
         config: OpenAIUpstreamConfig,
-        client: httpx.AsyncClient,
+        client: HttpClient,
         environ: Mapping[str, str],
     ) -> None:
         self.name = name
         self._config = config
         self._client = client
-        timeouts = config.timeouts
-        self._timeout = httpx.Timeout(
-            connect=timeouts.connect,
-            read=max(timeouts.first_byte, timeouts.idle),
-            write=timeouts.idle,
-            pool=timeouts.connect,
-        )
         self._headers = {"accept-encoding": "identity", "content-type": "application/json"}
         if config.api_key_env:
             key = environ.get(config.api_key_env)
@@ -63,12 +52,31 @@ class OpenAIUpstream:
                 raise ConfigError(
                     f"upstream {name}: environment variable {config.api_key_env} is not set"
                 )
+            if not _header_safe(key):
+                raise ConfigError(
+                    f"upstream {name}: environment variable {config.api_key_env} holds a "
+                    "line break or NUL"
+                )
             if config.azure:
                 self._headers["api-key"] = key
             else:
                 self._headers["authorization"] = f"Bearer {key}"
+        self._header_list = list(self._headers.items())
+        self._urls: dict[str, str] = {}
+        try:
+            target = parse_url(self._url("/v1/models"))
+        except ValueError as error:
+            raise ConfigError(f"upstream {name}: base_url: {error}") from None
+        if "@" in target.host_header or "@" in config.base_url.split("/", 3)[2]:
+            raise ConfigError(f"upstream {name}: base_url: no credentials in the URL")
 
     def _url(self, path: str) -> str:
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = self._build_url(path)
+        return url
+
+    def _build_url(self, path: str) -> str:
         base = self._config.base_url
         azure = self._config.azure
         if azure is not None:
@@ -83,39 +91,30 @@ class OpenAIUpstream:
 
     @asynccontextmanager
     async def stream(self, request: UpstreamRequest) -> AsyncIterator[UpstreamResponse]:
-        headers = {**self._headers, "x-request-id": request.request_id}
-        http_request = self._client.build_request(
-            request.method,
-            self._url(request.path),
-            headers=headers,
-            content=request.body,
-            timeout=self._timeout,
+        headers = [*self._header_list, ("x-request-id", request.request_id)]
+        timeouts = self._config.timeouts
+        opened = self._client.stream(
+            request.method, self._url(request.path), headers, request.body, timeouts.connect
         )
-        try:
-            async with asyncio.timeout(self._config.timeouts.first_byte):
-                response = await self._client.send(http_request, stream=True)
-        except (TimeoutError, httpx.TimeoutException):
-            raise UpstreamTimeout(f"upstream {self.name} did not answer in time") from None
-        except httpx.TransportError as error:
-            raise UpstreamUnavailable(
-                502, f"cannot reach upstream {self.name}: {type(error).__name__}"
-            ) from None
-        try:
-            chunks = idle_limited(self._raw(response), self._config.timeouts.idle, self.name)
-            yield UpstreamResponse(response.status_code, response.headers.multi_items(), chunks)
-        finally:
-            await response.aclose()
+        async with AsyncExitStack() as stack:
+            try:
+                async with asyncio.timeout(timeouts.first_byte):
+                    response = await stack.enter_async_context(opened)
+            except TimeoutError:
+                raise UpstreamTimeout(f"upstream {self.name} did not answer in time") from None
+            except (ConnectFailed, ResponseBroken) as error:
+                raise UpstreamUnavailable(
+                    502, f"cannot reach upstream {self.name}: {type(error).__name__}"
+                ) from None
+            chunks = idle_limited(self._raw(response), timeouts.idle, self.name)
+            yield UpstreamResponse(response.status, response.headers, chunks)
 
-    async def _raw(self, response: httpx.Response) -> AsyncIterator[bytes]:
+    async def _raw(self, response: HttpResponse) -> AsyncIterator[bytes]:
         try:
-            async for chunk in response.aiter_raw():
+            async for chunk in response.chunks():
                 yield chunk
-        except httpx.TimeoutException:
-            raise UpstreamTimeout(f"upstream {self.name} stopped sending") from None
-        except httpx.TransportError as error:
-            raise UpstreamError(
-                502, f"upstream {self.name} broke off: {type(error).__name__}"
-            ) from None
+        except ResponseBroken:
+            raise UpstreamError(502, f"upstream {self.name} broke off") from None
 
     async def states(self) -> dict[str, ModelState]:
         return {}

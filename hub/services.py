@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
-import httpx
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from hub.accounting import UsageRecorder
@@ -16,6 +15,7 @@ from hub.admission import Admission
 from hub.auth import Authenticator
 from hub.config import ConfigError, HpcUpstreamConfig, HubConfig
 from hub.counters import CounterStore
+from hub.http_client import HttpClient
 from hub.key_store import KeyCache, KeyStore
 from hub.metrics import HubMetrics
 from hub.openai_upstream import OpenAIUpstream, shared_client
@@ -57,7 +57,7 @@ class HubServices:
 
 async def _open_upstreams(
     config: HubConfig,
-    client: httpx.AsyncClient,
+    client: HttpClient,
     environ: Mapping[str, str],
     stack: AsyncExitStack,
 ) -> dict[str, Upstream]:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import httpx
 import pytest
 
 from hub.config import ConfigError, OpenAIUpstreamConfig
-from hub.openai_upstream import OpenAIUpstream
+from hub.openai_upstream import OpenAIUpstream, shared_client
 
 
 async def test_plain_and_azure_urls_and_key_headers() -> None:
-    async with httpx.AsyncClient() as client:
+    async with shared_client(4) as client:
         plain = OpenAIUpstream(
             "p",
             OpenAIUpstreamConfig(kind="openai", base_url="https://x.org/v1", api_key_env="K"),
