@@ -18,14 +18,14 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
-from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from hub.accounting import UsageRecord
 from hub.auth import Principal
 from hub.config import ModelConfig
-from hub.errors import ApiError, sse_error
+from hub.errors import ApiError, error_body, sse_error
 from hub.hooks import apply_hooks, ask_for_usage
 from hub.services import HubServices
 from hub.sse import Usage, UsageTap, usage_from_body
@@ -265,6 +265,22 @@ def _rewrite(
     if stream:
         rewritten, client_asked = ask_for_usage(rewritten)
     return json.dumps(rewritten, separators=(",", ":")).encode(), stream, client_asked
+
+
+async def serve_proxied(
+    services: HubServices, endpoint: str, scope: Scope, receive: Receive, send: Send
+) -> None:
+    """The ASGI answer to POST /v1/<endpoint>: what the app's error handlers would send."""
+    try:
+        response = await handle(services, Request(scope, receive), endpoint)
+    except ApiError as error:
+        response = error.response()
+    except ClientDisconnect:
+        return  # gone while sending the body: nobody to answer
+    except Exception as error:
+        log.error("unexpected error", exc_info=error)
+        response = JSONResponse(error_body(500, "internal error in the hub"), status_code=500)
+    await response(scope, receive, send)
 
 
 async def handle(services: HubServices, request: Request, endpoint: str) -> Response:

@@ -172,10 +172,14 @@ async def test_bad_requests_get_openai_errors(hub: RunningHub) -> None:
             "/v1/chat/completions", content=b"x" * (hub.services.config.max_body_bytes + 1)
         )
         nowhere = await http.get("/v1/nothing")
+        wrong_method = await http.get("/v1/chat/completions")
+        documented = (await http.get("/openapi.json")).json()["paths"]
     for response, status in ((not_json, 400), (no_model, 400), (array, 400), (huge, 413)):
         assert response.status_code == status
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
     assert nowhere.status_code == 404 and "error" in nowhere.json()
+    assert wrong_method.status_code == 405 and "error" in wrong_method.json()
+    assert "post" in documented["/v1/chat/completions"]  # answered outside FastAPI's routing
 
 
 async def test_rate_limit_429_with_headers(hub: RunningHub) -> None:
