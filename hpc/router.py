@@ -216,8 +216,9 @@ class Session:
         async with asyncio.TaskGroup() as tasks:
             self.tasks = tasks
             try:
-                while (frame := await self.channel.next_frame()) is not None:
-                    self.dispatch(frame)
+                while (frames := await self.channel.next_frames()) is not None:
+                    for frame in frames:
+                        self.dispatch(frame)
             except wire.ProtocolError as error:  # raised after the group, not wrapped by it
                 violation = error
             finally:  # the client is gone (or broke the protocol): drop its streams

@@ -130,8 +130,9 @@ class Link:
     async def run(self) -> None:
         """Deliver frames to their streams until the channel ends."""
         try:
-            while (frame := await self.channel.next_frame()) is not None:
-                self._deliver(frame)
+            while (frames := await self.channel.next_frames()) is not None:
+                for frame in frames:
+                    self._deliver(frame)
         except wire.ProtocolError as error:
             log.warning("hop channel to the login node broke: %s", error)
         finally:
