@@ -7,8 +7,15 @@ from collections.abc import Callable
 from hub.auth import Principal
 from hub.counters import CounterStore
 from hub.errors import ApiError
-from hub.limits import WINDOWS, Counts, Window, concurrency_allows, decide, needs_counting
-from hub.limits import window_bounds as bounds
+from hub.limits import (
+    WINDOWS,
+    Counts,
+    Window,
+    concurrency_allows,
+    decide,
+    needs_counting,
+    window_starts,
+)
 
 
 class Admission:
@@ -18,11 +25,11 @@ class Admission:
 
     async def admit(self, principal: Principal, now: float) -> dict[str, str]:
         """Count the request in every window (one statement); 429 if over a limit."""
-        subjects = [(s, limits) for s, limits in principal.limited_subjects()]
-        counted = [(s, limits) for s, limits in subjects if needs_counting(limits)]
+        counted = [(s, limits) for s, limits in principal.subjects if needs_counting(limits)]
         if not counted:
             return {}
-        rows = [(s, w, bounds(w, now)[0], 1, 0) for s, _ in counted for w in WINDOWS]
+        starts = window_starts(now)
+        rows = [(s, w, starts[w], 1, 0) for s, _ in counted for w in WINDOWS]
         totals = await self._counters.bump(rows)
         counts: dict[str, Counts] = {s: Counts() for s, _ in counted}
         for row in totals:
@@ -43,7 +50,7 @@ class Admission:
 
     def acquire(self, principal: Principal, headers: dict[str, str]) -> Callable[[], None]:
         """Take an in-flight slot of each capped subject; the result gives them back."""
-        capped = [(s, lim) for s, lim in principal.limited_subjects() if lim.concurrent is not None]
+        capped = [(s, lim) for s, lim in principal.subjects if lim.concurrent is not None]
         for subject, limits in capped:
             if not concurrency_allows(self._in_flight.get(subject, 0), limits):
                 raise ApiError(

@@ -7,10 +7,11 @@ import hmac
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 from hub.config import AuthConfig, LimitsConfig
 from hub.errors import ApiError
-from hub.key_store import KeyCache
+from hub.key_store import KeyCache, KeyRecord
 
 
 @dataclass(frozen=True)
@@ -26,14 +27,18 @@ class Principal:
     def allows(self, model: str) -> bool:
         return self.allowed_models is None or model in self.allowed_models
 
-    def limited_subjects(self) -> list[tuple[str, LimitsConfig]]:
+    @cached_property
+    def subjects(self) -> tuple[tuple[str, LimitsConfig], ...]:
         """Rate-limit subjects: the key with its limits, and the user with the user limits."""
         subjects: list[tuple[str, LimitsConfig]] = []
         if self.key_id is not None and self.key_limits is not None:
             subjects.append((f"key:{self.key_id}", self.key_limits))
         if self.user is not None:
             subjects.append((f"user:{self.user}", self.user_limits))
-        return subjects
+        return tuple(subjects)
+
+    def limited_subjects(self) -> list[tuple[str, LimitsConfig]]:
+        return list(self.subjects)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -61,6 +66,8 @@ class Authenticator:
         self._cache = cache
         self._admin_token = admin_token
         self._proxies = [ipaddress.ip_network(c, strict=False) for c in config.trusted_proxies]
+        # The principal of each cached key record, reused while the cache returns that record.
+        self._principals: dict[str, tuple[KeyRecord, Principal]] = {}
 
     def _trusted(self, client_host: str | None) -> bool:
         if client_host is None:
@@ -113,6 +120,16 @@ class Authenticator:
         problem = record.problem(now)
         if problem is not None:
             raise ApiError(401, problem, code="invalid_api_key")
+        known = self._principals.get(record.id)
+        if known is not None and known[0] is record:
+            return known[1]
+        if len(self._principals) >= 10_000:
+            self._principals.clear()
+        principal = self._principal(record)
+        self._principals[record.id] = (record, principal)
+        return principal
+
+    def _principal(self, record: KeyRecord) -> Principal:
         return Principal(
             key_id=record.id,
             user=record.owner,

@@ -147,22 +147,24 @@ class _Connection:
 
 
 class HttpResponse:
-    """The response head; `chunks()` streams the (de-chunked) body as it arrives."""
+    """The response head; `chunks(idle)` streams the (de-chunked) body as it arrives."""
 
     def __init__(self, connection: _Connection) -> None:
         self.status = connection.parser.get_status_code()
         self.headers = connection.headers
         self._connection = connection
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """Raises ResponseBroken if the body breaks off."""
+    async def chunks(self, idle: float) -> AsyncIterator[bytes]:
+        """Raises ResponseBroken if the body breaks off, TimeoutError if nothing arrives for
+        `idle` seconds (timed only while waiting: most small answers are complete at once)."""
         connection = self._connection
         while True:
             while connection.body:
                 yield connection.body.popleft()
             if connection.complete:
                 return
-            await connection.receive()
+            async with asyncio.timeout(idle):
+                await connection.receive()
 
 
 class HttpClient:

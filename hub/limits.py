@@ -8,6 +8,7 @@ nothing in this module awaits, reads a clock or touches storage.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ Window = Literal["minute", "hour", "day", "month"]
 WINDOWS: tuple[Window, ...] = ("minute", "hour", "day", "month")
 TOKEN_WINDOWS: tuple[Window, ...] = ("day", "month")
 _SECONDS = {"minute": 60, "hour": 3600, "day": 86400}
+_REQUEST_FIELDS = {window: f"requests_per_{window}" for window in WINDOWS}
+_TOKEN_FIELDS = {window: f"tokens_per_{window}" for window in TOKEN_WINDOWS}
 
 
 def window_bounds(window: Window, now: float) -> tuple[int, int]:
@@ -28,21 +31,33 @@ def window_bounds(window: Window, now: float) -> tuple[int, int]:
         size = _SECONDS[window]
         start = int(now // size) * size
         return start, start + size
-    moment = datetime.fromtimestamp(now, UTC)
+    return _month_of_day(int(now // 86400))
+
+
+@functools.lru_cache(maxsize=8)
+def _month_of_day(day: int) -> tuple[int, int]:
+    """Start and end of the calendar month (UTC) containing day number `day` since 1970."""
+    moment = datetime.fromtimestamp(day * 86400, UTC)
     first = datetime(moment.year, moment.month, 1, tzinfo=UTC)
     year, month = (moment.year + 1, 1) if moment.month == 12 else (moment.year, moment.month + 1)
     return int(first.timestamp()), int(datetime(year, month, 1, tzinfo=UTC).timestamp())
 
 
+def window_starts(now: float) -> dict[Window, int]:
+    """The start of every window containing `now`."""
+    return {window: window_bounds(window, now)[0] for window in WINDOWS}
+
+
 def request_limit(limits: LimitsConfig, window: Window) -> int | None:
-    value: int | None = getattr(limits, f"requests_per_{window}")
+    value: int | None = getattr(limits, _REQUEST_FIELDS[window])
     return value
 
 
 def token_limit(limits: LimitsConfig, window: Window) -> int | None:
-    if window not in TOKEN_WINDOWS:
+    field_name = _TOKEN_FIELDS.get(window)
+    if field_name is None:
         return None
-    value: int | None = getattr(limits, f"tokens_per_{window}")
+    value: int | None = getattr(limits, field_name)
     return value
 
 

@@ -1,12 +1,17 @@
 """Prometheus metrics of the hub, in its own registry.
 
 Labels are model, upstream, endpoint and status class only: never a key, user or group,
-which would leak identities and explode the series count.
+which would leak identities and explode the series count. Each labelled child is looked up
+once and kept (`labels()` validates and locks on every call); the label values come from
+the configuration, so the cache stays small.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -54,6 +59,19 @@ class HubMetrics:
             ("reason",),
             registry=self.registry,
         )
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def _child(self, metric: MetricWrapperBase, *labels: str) -> Any:
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def in_flight_of(self, model: str, upstream: str) -> Gauge:
+        """The in-flight gauge of a model at an upstream."""
+        gauge: Gauge = self._child(self.in_flight, model, upstream)
+        return gauge
 
     def observe(
         self,
@@ -68,14 +86,14 @@ class HubMetrics:
         completion_tokens: int,
     ) -> None:
         labels = (model, upstream, endpoint, status_class(status))
-        self.requests.labels(*labels).inc()
-        self.latency.labels(*labels).observe(seconds)
+        self._child(self.requests, *labels).inc()
+        self._child(self.latency, *labels).observe(seconds)
         if ttft is not None:
-            self.ttft.labels(model, upstream).observe(ttft)
+            self._child(self.ttft, model, upstream).observe(ttft)
         if prompt_tokens:
-            self.tokens.labels(model, upstream, "prompt").inc(prompt_tokens)
+            self._child(self.tokens, model, upstream, "prompt").inc(prompt_tokens)
         if completion_tokens:
-            self.tokens.labels(model, upstream, "completion").inc(completion_tokens)
+            self._child(self.tokens, model, upstream, "completion").inc(completion_tokens)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

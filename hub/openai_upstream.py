@@ -16,7 +16,6 @@ from hub.upstream import (
     UpstreamResponse,
     UpstreamTimeout,
     UpstreamUnavailable,
-    idle_limited,
 )
 
 
@@ -106,13 +105,15 @@ class OpenAIUpstream:
                 raise UpstreamUnavailable(
                     502, f"cannot reach upstream {self.name}: {type(error).__name__}"
                 ) from None
-            chunks = idle_limited(self._raw(response), timeouts.idle, self.name)
-            yield UpstreamResponse(response.status, response.headers, chunks)
+            yield UpstreamResponse(response.status, response.headers, self._raw(response))
 
     async def _raw(self, response: HttpResponse) -> AsyncIterator[bytes]:
+        idle = self._config.timeouts.idle
         try:
-            async for chunk in response.chunks():
+            async for chunk in response.chunks(idle):
                 yield chunk
+        except TimeoutError:
+            raise UpstreamTimeout(f"upstream {self.name} sent nothing for {idle:g} s") from None
         except ResponseBroken:
             raise UpstreamError(502, f"upstream {self.name} broke off") from None
 

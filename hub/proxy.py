@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -140,7 +140,7 @@ def finish(services: HubServices, outcome: Outcome) -> None:
         started_at=outcome.started_at,
         finished_at=outcome.started_at + (now - outcome.started),
     )
-    subjects = tuple(subject for subject, _ in principal.limited_subjects())
+    subjects = tuple(subject for subject, _ in principal.subjects)
     services.recorder.record(record, subjects)
 
 
@@ -251,7 +251,7 @@ def rename_model(data: bytes, target: str, public: str) -> bytes:
 
 
 def new_request_id() -> str:
-    return f"req-{uuid.uuid4().hex}"
+    return f"req-{secrets.token_hex(16)}"
 
 
 def _rewrite(
@@ -324,7 +324,7 @@ def _hold(services: HubServices, outcome: Outcome, limit_headers: dict[str, str]
     stack = AsyncExitStack()
     stack.callback(finish, services, outcome)
     stack.callback(release)
-    gauge = services.metrics.in_flight.labels(outcome.model, outcome.upstream)
+    gauge = services.metrics.in_flight_of(outcome.model, outcome.upstream)
     gauge.inc()
     stack.callback(gauge.dec)
     return stack

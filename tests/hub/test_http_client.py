@@ -77,7 +77,7 @@ def answer(body: bytes, extra: str = "") -> bytes:
 
 async def get(client: HttpClient, url: str, body: bytes = b"{}") -> tuple[int, bytes]:
     async with client.stream("POST", url, [("content-type", "application/json")], body, 5) as r:
-        return r.status, b"".join([chunk async for chunk in r.chunks()])
+        return r.status, b"".join([chunk async for chunk in r.chunks(5)])
 
 
 async def test_stand_in_answers_streamed_and_not_over_one_reused_connection(
@@ -90,7 +90,7 @@ async def test_stand_in_answers_streamed_and_not_over_one_reused_connection(
         stream = json.dumps({**CHAT, "stream": True}).encode()
         async with client.stream("POST", url, [], stream, 5) as response:
             assert ("content-type", "text/event-stream; charset=utf-8") in response.headers
-            events = b"".join([chunk async for chunk in response.chunks()])
+            events = b"".join([chunk async for chunk in response.chunks(5)])
         assert events.rstrip().endswith(b"data: [DONE]")
         assert client._idle_count == 1 and not client._busy  # one connection, pooled
 
@@ -161,7 +161,7 @@ async def test_cancelled_and_abandoned_exchanges_close_their_connections() -> No
 
         async def abandon() -> None:  # the first chunk, then away
             async with client.stream("POST", url, [], b"{}", 5) as response:
-                async for chunk in response.chunks():
+                async for chunk in response.chunks(5):
                     assert chunk == b"abc"
                     break
 
