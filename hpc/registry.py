@@ -48,7 +48,11 @@ class BackendRegistry:
         self.wakeup = asyncio.Event()
 
     def _state(self, service: str) -> _ServiceState:
-        return self._services.setdefault(service, _ServiceState())
+        # Not setdefault: that would build (and drop) a state with an Event per request.
+        state = self._services.get(service)
+        if state is None:
+            state = self._services[service] = _ServiceState()
+        return state
 
     # -- scheduler side -------------------------------------------------------------
     def publish(self, service: str, backends: list[Backend], starting: int = 0) -> None:
