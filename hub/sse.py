@@ -4,7 +4,8 @@ The hub asks every streaming backend for usage (`stream_options.include_usage`) 
 account tokens; a client that did not ask must not see the extra chunk. Complete events are
 passed on at once; only an incomplete trailing event waits for its end. Events are parsed as
 JSON only when they may carry usage or an error (a cheap byte search decides), so ordinary
-token chunks are forwarded without decoding or re-encoding.
+token chunks are forwarded without decoding or re-encoding. With include_usage every chunk
+carries `"usage":null` (OpenAI and vLLM alike): that is no usage, and no reason to parse.
 """
 
 from __future__ import annotations
@@ -49,6 +50,18 @@ def usage_from_body(body: bytes) -> Usage | None:
         return None
 
 
+def may_matter(data: bytes) -> bool:
+    """Whether events may carry a usage object or an error (else they pass as they are).
+
+    A `"usage"` or `"error"` token outside a JSON string is always a key or a value (quotes
+    inside strings are escaped), so a byte search cannot miss one.
+    """
+    usages = data.count(b'"usage"')
+    if usages:
+        usages -= data.count(b'"usage":null') + data.count(b'"usage": null')
+    return usages > 0 or b'"error"' in data
+
+
 def _last_boundary(buffer: bytes) -> int:
     """Index just after the last complete event in buffer, or -1."""
     lf = buffer.rfind(b"\n\n")
@@ -82,7 +95,7 @@ class UsageTap:
             self._pending = buffer
             return b""
         complete, self._pending = buffer[:end], buffer[end:]
-        if b'"usage"' not in complete and b'"error"' not in complete:
+        if not may_matter(complete):
             return complete
         return self._scan(complete)
 
@@ -101,7 +114,7 @@ class UsageTap:
         return b"".join(out)
 
     def _keep(self, event: bytes) -> bool:
-        if b'"usage"' not in event and b'"error"' not in event:
+        if not may_matter(event):
             return True
         payload = _event_json(event)
         if not isinstance(payload, dict):

@@ -8,7 +8,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hub.sse import Usage, UsageTap, usage_from_body
+from hub.sse import Usage, UsageTap, may_matter, usage_from_body
 
 
 def event(payload: object) -> bytes:
@@ -77,6 +77,14 @@ def test_any_split_gives_the_same_output(cuts: list[int], strip: bool) -> None:
     pieces = UsageTap(strip_usage=strip)
     assert run(pieces, split(STREAM, cuts)) == expected
     assert pieces.usage == whole.usage == Usage(7, 4)
+
+
+def test_only_events_with_a_usage_object_or_an_error_are_parsed() -> None:
+    assert not any(may_matter(token) for token in TOKENS)  # "usage": null, "usage" in text
+    assert not may_matter(b'data: {"choices":[],"usage":null}\n\n')
+    assert may_matter(USAGE)
+    assert may_matter(b'data: {"usage":null,"x":{"usage":{"prompt_tokens":1}}}\n\n')
+    assert may_matter(b'data: {"error":{"message":"m"}}\n\n')
 
 
 def test_usage_of_complete_bodies() -> None:
