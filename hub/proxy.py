@@ -270,7 +270,7 @@ def new_request_id() -> str:
 
 
 def _rewrite(
-    payload: dict[str, Any], model: ModelConfig, endpoint: str
+    payload: dict[str, Any], body: bytes, model: ModelConfig, endpoint: str
 ) -> tuple[bytes, bool, bool]:
     """Upstream body, whether it streams, whether the client asked for the usage chunk."""
     rewritten = apply_hooks(payload, model.hooks, endpoint)
@@ -279,7 +279,17 @@ def _rewrite(
     client_asked = False
     if stream:
         rewritten, client_asked = ask_for_usage(rewritten)
+    elif rewritten == payload and _one_model_key(body):
+        return body, stream, client_asked  # nothing changed: the client's bytes as they are
     return json.dumps(rewritten, separators=(",", ":")).encode(), stream, client_asked
+
+
+def _one_model_key(body: bytes) -> bool:
+    """Whether `model` is spelled once and plainly, so that the upstream cannot read another
+    model than the hub checked (JSON parsers differ on duplicate keys). A quote inside a
+    string is escaped, so `"model"` in the bytes is a key or a value; only a \\u escape
+    could spell it otherwise."""
+    return body.count(b'"model"') == 1 and b"\\u" not in body
 
 
 async def serve_proxied(
@@ -303,10 +313,11 @@ async def handle(services: HubServices, request: Request, endpoint: str) -> Resp
     started_at, started = time.time(), time.perf_counter()
     client = request.client.host if request.client else None
     principal = await services.auth.authenticate(request.headers, client, started_at)
-    payload = parse_request(await read_body(request, services.config.max_body_bytes))
+    raw = await read_body(request, services.config.max_body_bytes)
+    payload = parse_request(raw)
     model = resolve_model(services, principal, payload["model"])
     upstream = services.upstreams[model.upstream]
-    body, stream, client_asked = _rewrite(payload, model, endpoint)
+    body, stream, client_asked = _rewrite(payload, raw, model, endpoint)
     outcome = Outcome(
         endpoint,
         model.id,
