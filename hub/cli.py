@@ -75,6 +75,7 @@ def serve(config_path: Path, host: str | None, port: int | None) -> None:
     import uvicorn
 
     from hub.app import create_app
+    from hub.server import uvicorn_config
 
     config = _load(config_path)
     try:
@@ -86,14 +87,8 @@ def serve(config_path: Path, host: str | None, port: int | None) -> None:
         return None
 
     _with_engine(config, nothing)  # unreachable database: one line, not a traceback
-    uvicorn.run(
-        app,
-        host=host or config.host,
-        port=port if port is not None else config.port,
-        log_level="info",
-        access_log=False,
-        server_header=False,
-    )
+    port = port if port is not None else config.port
+    uvicorn.Server(uvicorn_config(app, host or config.host, port)).run()
 
 
 @hub.group()

@@ -14,6 +14,7 @@ import uvicorn
 
 from hub.app import create_app
 from hub.config import HubConfig, parse_config
+from hub.server import uvicorn_config
 from hub.services import HubServices
 from saia.sandbox.process import free_port
 
@@ -69,9 +70,7 @@ async def running_hub(
     when other components start tasks in the same loop meanwhile)."""
     app = create_app(config, {"SAIA_HUB_ADMIN_TOKEN": ADMIN_TOKEN, **(environ or {})})
     port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
-    )
+    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, log_level="warning"))
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
     before = asyncio.all_tasks()
     task = asyncio.create_task(server.serve())

@@ -347,6 +347,26 @@ async def test_proxy_header_from_an_untrusted_address_is_ignored(
     assert response.status_code == 401
 
 
+async def test_forwarded_for_neither_spoofs_nor_hides_the_proxy(
+    tmp_path: Path, standin_server: str
+) -> None:
+    """The hub judges the direct peer: X-Forwarded-For (which a reverse proxy appends and a
+    client can forge) must not replace it, or a forged address would pass trusted_proxies and
+    a real local proxy would not."""
+    forged = {"x-forwarded-user": "mallory", "x-forwarded-for": "10.9.9.7"}
+    auth = {"proxy_user_header": "X-Forwarded-User", "trusted_proxies": ["10.9.9.0/24"]}
+    config = hub_config(tmp_path / "a", standin_server, STANDIN_MODEL, auth=auth)
+    async with running_hub(config) as hub, hub.client() as http:
+        spoofed = await http.get("/v1/models", headers=forged)
+    assert spoofed.status_code == 401
+    auth = {"proxy_user_header": "X-Forwarded-User", "trusted_proxies": ["127.0.0.1/32"]}
+    config = hub_config(tmp_path / "b", standin_server, STANDIN_MODEL, auth=auth)
+    behind_proxy = {"x-forwarded-user": "eve", "x-forwarded-for": "198.51.100.4"}
+    async with running_hub(config) as hub, hub.client() as http:
+        proxied = await http.get("/v1/models", headers=behind_proxy)
+    assert proxied.status_code == 200
+
+
 async def test_alias_and_hooks(tmp_path: Path, standin_server: str) -> None:
     alias = {
         "id": "friendly",
