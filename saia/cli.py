@@ -14,23 +14,13 @@ def cli() -> None:
 
 
 def _register() -> None:
-    # Imported here so that `saia --version` stays fast and one broken
-    # component cannot hide the others' commands.
+    # Imported here so that `saia --version` stays fast.
     from hpc.cli import hpc
+    from hub.cli import hub
+    from saia.demo import demo
 
-    cli.add_command(hpc)
-    try:
-        from hub.cli import hub
-    except ImportError:  # pragma: no cover - hub not built yet
-        pass
-    else:
-        cli.add_command(hub)
-    try:
-        from saia.demo import demo
-    except ImportError:  # pragma: no cover - demo not built yet
-        pass
-    else:
-        cli.add_command(demo)
+    for command in (hpc, hub, demo):
+        cli.add_command(command)
 
 
 def main() -> None:
