@@ -27,11 +27,11 @@ import httpx
 # bench/hub.py would shadow the `hub` package when this runs as a script: repo root first.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hpc.backend_http import BackendHttp
 from hpc.config import AgentConfig, RouterConfig, ServiceConfig
 from hpc.registry import Backend, BackendRegistry
 from hpc.router import SOCKET_NAME, serve_requests
 from hub.ssh_client import HopClient, HopTarget
+from saia.http11 import HttpClient
 from saia.sandbox.process import free_port, stop_process
 from saia.sandbox.sshd import SshdSandbox
 
@@ -208,7 +208,11 @@ async def measure(url: str, sshd: SshdSandbox, meter: CpuMeter, args: argparse.N
     target = HopTarget(sshd.host, sshd.port, sshd.user, sshd.client_key, sshd.known_hosts)
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
     http = httpx.AsyncClient(limits=limits, trust_env=False)
-    async with http, BackendHttp(connect_timeout=10) as lean, HopClient(target) as hop:
+    async with (
+        http,
+        HttpClient(connect_timeout=10, header_encoding="utf-8") as lean,
+        HopClient(target) as hop,
+    ):
 
         async def direct() -> None:
             response = await http.post(f"{url}/v1/chat/completions", content=BODY, headers=HEADERS)

@@ -17,10 +17,10 @@ from collections import defaultdict
 from typing import Protocol
 
 from cloud_interface.protocol import RequestHead
-from hpc.backend_http import BackendBroken, BackendHttp, BackendResponse, BackendUnreachable
 from hpc.config import RouterConfig, ServiceConfig
 from hpc.registry import Backend, BackendRegistry
 from hpc.routing_policy import pick_backend, queue_is_full
+from saia.http11 import ConnectFailed, HttpClient, HttpResponse, NoResponse, ResponseBroken
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def response_headers(headers: list[tuple[str, str]]) -> tuple[list[tuple[str, st
 class Forwarder:
     """Sends requests to the registry's backends over the router's keep-alive client."""
 
-    def __init__(self, http: BackendHttp, registry: BackendRegistry, config: RouterConfig):
+    def __init__(self, http: HttpClient, registry: BackendRegistry, config: RouterConfig):
         self._http = http
         self._registry = registry
         self._config = config
@@ -198,7 +198,7 @@ class Forwarder:
         try:
             async with asyncio.timeout(self._config.first_byte_timeout):
                 response = await self._http.send(backend.url, head.method, head.path, headers, body)
-        except BackendUnreachable as error:
+        except (ConnectFailed, NoResponse) as error:
             raise Unreachable(str(error)) from error
         except TimeoutError:
             raise Rejection(504, "backend_timeout", "the model did not answer in time") from None
@@ -210,7 +210,7 @@ class Forwarder:
             self._http.release(response)
 
     async def _pass_body(
-        self, sink: ResponseSink, response: BackendResponse, event_stream: bool
+        self, sink: ResponseSink, response: HttpResponse, event_stream: bool
     ) -> None:
         idle = self._config.idle_timeout
         loop = asyncio.get_running_loop()
@@ -229,7 +229,7 @@ class Forwarder:
         except TimeoutError:
             await self._break(sink, event_stream, f"the model sent nothing for {idle:.0f} s")
             return
-        except BackendBroken as error:
+        except ResponseBroken as error:
             await self._break(sink, event_stream, f"the model's stream broke: {error}")
             return
         sink.finish()

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from cloud_interface import protocol as wire
-from hpc.backend_http import BackendHttp
 from hpc.config import AgentConfig
 from hpc.forwarding import Forwarder, Rejection, error_body
 from hpc.mux import Channel, StreamClosed, StreamState
 from hpc.registry import BackendRegistry
 from hpc.routing_policy import ServiceSnapshot, service_demand, service_status
+from saia.http11 import HttpClient
 
 log = logging.getLogger(__name__)
 
@@ -358,7 +358,9 @@ async def serve_requests(
     current = config if callable(config) else lambda: config
     start = current()
     path = start.state_dir / SOCKET_NAME
-    async with BackendHttp(start.router.connect_timeout) as http:
+    async with HttpClient(
+        connect_timeout=start.router.connect_timeout, header_encoding="utf-8"
+    ) as http:
         router = Router(current, registry, Forwarder(http, registry, start.router))
         server = await _listen(router, path)
         log.info("router listening on %s", path)

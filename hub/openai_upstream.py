@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from hub.config import ConfigError, OpenAIUpstreamConfig
-from hub.http_client import ConnectFailed, HttpClient, HttpResponse, ResponseBroken, parse_url
 from hub.upstream import (
     ModelState,
     ModelStatus,
@@ -17,6 +16,7 @@ from hub.upstream import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from saia.http11 import ConnectFailed, HttpClient, HttpResponse, ResponseBroken, parse_url
 
 
 def shared_client(max_connections: int) -> HttpClient:

@@ -15,12 +15,12 @@ from hub.admission import Admission
 from hub.auth import Authenticator
 from hub.config import ConfigError, HpcUpstreamConfig, HubConfig
 from hub.counters import CounterStore
-from hub.http_client import HttpClient
 from hub.key_store import KeyCache, KeyStore
 from hub.metrics import HubMetrics
 from hub.openai_upstream import OpenAIUpstream, shared_client
 from hub.storage import open_engine, upgrade
 from hub.upstream import ModelState, Upstream
+from saia.http11 import HttpClient
 
 log = logging.getLogger(__name__)
 

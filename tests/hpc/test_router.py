@@ -11,10 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import pytest
-
 from cloud_interface import protocol as wire
-from hpc.backend_http import BackendHttp, BackendUnreachable
 from hpc.config import AgentConfig, RouterConfig, ServiceConfig
 from hpc.mux import Channel
 from hpc.registry import Backend, BackendRegistry
@@ -148,22 +145,6 @@ async def test_slow_reader_stalls_only_its_own_stream(
         chan.send(wire.encode_frame(wire.CANCEL, 1))
 
 
-async def test_pooled_connections_are_reused_and_a_dead_backend_is_unreachable(
-    standin_factory: Callable[..., StandinProcess],
-) -> None:
-    server = standin_factory(MODEL)
-    async with BackendHttp(connect_timeout=5) as http:
-        for _ in range(3):
-            response = await http.send(server.url, "GET", "/health", [], b"")
-            assert response.status == 200
-            assert b"".join([chunk async for chunk in response.chunks()]) == b""
-            http.release(response)
-        assert (http.idle_connections, http.busy_connections) == (1, 0)  # one served all three
-        server.stop()
-        with pytest.raises(BackendUnreachable):  # the stale one fails, a new one is refused
-            await http.send(server.url, "GET", "/health", [], b"")
-
-
 def test_socket_is_owner_only(tmp_path: Path) -> None:
     async def mode() -> int:
         async with router(tmp_path):
@@ -190,33 +171,6 @@ async def test_router_timeouts_first_byte_and_idle(
         assert "sent nothing for" in last["error"]["message"]
         assert got[3][-1].type == wire.END
         assert registry.in_flight_of(MODEL, "j") == 0
-
-
-async def test_cancelled_backend_exchanges_close_their_connections(
-    standin_factory: Callable[..., StandinProcess],
-) -> None:
-    server = standin_factory(MODEL, token_delay=0.05)
-    async with BackendHttp(connect_timeout=5) as http:
-
-        async def read_a_little() -> None:
-            response = await http.send(server.url, "POST", CHAT, [], body(100, stream=True))
-            try:
-                async for _chunk in response.chunks():
-                    await asyncio.sleep(10)  # cancelled here, mid-body
-            finally:
-                http.release(response)
-
-        tasks = [asyncio.create_task(read_a_little()) for _ in range(20)]
-        async with asyncio.timeout(10):
-            while http.busy_connections < 20:  # noqa: ASYNC110
-                await asyncio.sleep(0.02)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        assert (http.busy_connections, http.idle_connections) == (0, 0)  # none half-read reused
-        response = await http.send(server.url, "GET", "/health", [], b"")
-        assert response.status == 200
-        http.release(response)
 
 
 async def test_retry_goes_to_the_other_backend_with_its_own_key(

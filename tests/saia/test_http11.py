@@ -1,4 +1,4 @@
-"""The hub's lean HTTP/1.1 client against real servers on 127.0.0.1: the stand-in model
+"""The lean HTTP/1.1 client (router and hub) against real servers on 127.0.0.1: the stand-in model
 server, and small asyncio servers that misbehave in the ways real servers do (closing idle
 keep-alive connections, close-delimited bodies, stalling, TLS)."""
 
@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from hub.http_client import ConnectFailed, HttpClient, ResponseBroken, parse_url
+from saia.http11 import ConnectFailed, HttpClient, NoResponse, ResponseBroken, parse_url
 from saia.sandbox.process import free_port
-from tests.fixtures.standin import STANDIN_MODEL
+from tests.fixtures.standin import STANDIN_MODEL, StandinProcess
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 CHAT = {"model": STANDIN_MODEL, "messages": [{"role": "user", "content": "a b c"}]}
@@ -116,7 +116,7 @@ async def test_a_fresh_connection_that_breaks_is_an_error_not_a_retry() -> None:
         await read_request(reader)
 
     async with serving(close_at_once) as server, HttpClient(4, 30.0) as client:
-        with pytest.raises(ResponseBroken):
+        with pytest.raises(NoResponse):  # a ResponseBroken before any answer came back
             await get(client, f"{server.url}/x")
         assert server.accepted == 1 and client._idle_count == 0
 
@@ -131,6 +131,19 @@ async def test_body_delimited_by_the_close_of_the_connection() -> None:
 
     async with serving(until_close) as server, HttpClient(4, 30.0) as client:
         assert await get(client, f"{server.url}/x") == (200, b"part one, part two")
+        assert client._idle_count == 0 and not client._busy
+
+
+async def test_a_body_cut_short_is_broken_after_the_head() -> None:
+    async def cut_short(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc")
+        await writer.drain()
+
+    async with serving(cut_short) as server, HttpClient(4, 30.0) as client:
+        with pytest.raises(ResponseBroken) as raised:
+            await get(client, f"{server.url}/x")
+        assert not isinstance(raised.value, NoResponse)  # the head had come: not a retry case
         assert client._idle_count == 0 and not client._busy
 
 
@@ -260,3 +273,52 @@ async def test_tls_verified_against_the_trusted_certificates(tmp_path: Path) -> 
         async with HttpClient(2, 30.0) as client:  # the public CAs do not know it
             with pytest.raises(ConnectFailed, match="SSL"):
                 await get(client, url)
+
+
+async def test_pooled_connections_are_reused_and_a_dead_backend_is_unreachable(
+    standin_factory: Callable[..., StandinProcess],
+) -> None:
+    server = standin_factory(STANDIN_MODEL)
+    async with HttpClient(connect_timeout=5) as http:
+        for _ in range(3):
+            response = await http.send(server.url, "GET", "/health", [], b"")
+            assert response.status == 200
+            assert b"".join([chunk async for chunk in response.chunks()]) == b""
+            http.release(response)
+        assert (http.idle_connections, http.busy_connections) == (1, 0)  # one served all three
+        server.stop()
+        with pytest.raises(ConnectFailed):  # the stale one fails, a new one is refused
+            await http.send(server.url, "GET", "/health", [], b"")
+
+
+async def test_cancelled_backend_exchanges_close_their_connections(
+    standin_factory: Callable[..., StandinProcess],
+) -> None:
+    server = standin_factory(STANDIN_MODEL, token_delay=0.05)
+    async with HttpClient(connect_timeout=5) as http:
+
+        async def read_a_little() -> None:
+            response = await http.send(
+                server.url,
+                "POST",
+                "/v1/chat/completions",
+                [],
+                json.dumps({**CHAT, "max_tokens": 100, "stream": True}).encode(),
+            )
+            try:
+                async for _chunk in response.chunks():
+                    await asyncio.sleep(10)  # cancelled here, mid-body
+            finally:
+                http.release(response)
+
+        tasks = [asyncio.create_task(read_a_little()) for _ in range(20)]
+        async with asyncio.timeout(10):
+            while http.busy_connections < 20:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert (http.busy_connections, http.idle_connections) == (0, 0)  # none half-read reused
+        response = await http.send(server.url, "GET", "/health", [], b"")
+        assert response.status == 200
+        http.release(response)
