@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from urllib.parse import urlsplit
 
 import certifi
@@ -57,11 +58,11 @@ class Target:
     port: int
     path: str  # path and query, e.g. /v1/chat/completions?x=1
 
-    @property
+    @cached_property  # both read per request: computed once per (cached) Target
     def origin(self) -> tuple[str, str, int]:
         return (self.scheme, self.host, self.port)
 
-    @property
+    @cached_property
     def host_header(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return host if self.port == _DEFAULT_PORTS[self.scheme] else f"{host}:{self.port}"
