@@ -25,6 +25,7 @@ from hpc.mux import Channel
 from hpc.router import SOCKET_NAME
 from saia.sandbox.slurm import SlurmSandbox
 from tests.hpc.test_agent_slurm import (
+    cluster_settings,
     our_jobs,
     published,
     running_agent,
@@ -57,22 +58,8 @@ def write_config(
     path: Path, cluster: SlurmSandbox, prefix: str, services: list[Any], **top: Any
 ) -> AgentConfig:
     """The agent config as a file (a reload re-reads it); JSON is YAML."""
-    data = {
-        "state_dir": str(path.parent / "state"),
-        "slurm_conf": str(cluster.slurm_conf),
-        "slurm_bin_dir": str(cluster.bin_dir),
-        "slurm_timeout": 20,
-        "job_prefix": prefix,
-        "poll_interval": 0.5,
-        "health_interval": 0.25,
-        "health_timeout": 2,
-        "health_failures": 2,
-        "backend_bind_host": "127.0.0.1",
-        "backend_advertise_host": "127.0.0.1",
-        "python": sys.executable,
-        "services": services,
-        **top,
-    }
+    settings = cluster_settings(cluster, path.parent / "state", prefix)
+    data = settings | {"services": services, **top}
     path.write_text(json.dumps(data, indent=1))
     return load_config(path)
 

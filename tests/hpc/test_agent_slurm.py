@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -28,45 +28,47 @@ from hpc.registry import Backend, BackendRegistry
 from hpc.slurm_cli import SlurmJobSystem
 from hpc.state import agent_id
 from saia.sandbox.slurm import SlurmSandbox
+from tests.hpc.helpers import until as poll_until
 
 pytestmark = pytest.mark.slurm
 SERVICE = "tiny"
 
 
+def cluster_settings(cluster: SlurmSandbox, state_dir: Path, prefix: str) -> dict[str, Any]:
+    """Top-level agent settings for the sandbox cluster: fast polling, loopback only."""
+    return {
+        "state_dir": str(state_dir),
+        "slurm_conf": str(cluster.slurm_conf),
+        "slurm_bin_dir": str(cluster.bin_dir),
+        "slurm_timeout": 20,
+        "job_prefix": prefix,
+        "poll_interval": 0.5,
+        "health_interval": 0.25,
+        "health_timeout": 2,
+        "health_failures": 2,
+        "backend_bind_host": "127.0.0.1",
+        "backend_advertise_host": "127.0.0.1",
+        "python": sys.executable,
+    }
+
+
 def agent_config(
     cluster: SlurmSandbox, state_dir: Path, prefix: str, **service: Any
 ) -> AgentConfig:
-    return parse_config(
-        {
-            "state_dir": str(state_dir),
-            "slurm_conf": str(cluster.slurm_conf),
-            "slurm_bin_dir": str(cluster.bin_dir),
-            "slurm_timeout": 20,
-            "job_prefix": prefix,
-            "poll_interval": 0.5,
-            "health_interval": 0.25,
-            "health_timeout": 2,
-            "health_failures": 2,
-            "backend_bind_host": "127.0.0.1",
-            "backend_advertise_host": "127.0.0.1",
-            "python": sys.executable,
-            "services": [
-                {
-                    "name": SERVICE,
-                    "model": "tiny",
-                    "template": "standin",
-                    "min_instances": 1,
-                    "max_instances": 1,
-                    "startup_timeout": "60s",
-                    "renewal_lead": "60s",
-                    "scale_down_delay": 0,
-                    "startup_backoff": 1,
-                    "resources": {"gpus": 1, "cpus": 1, "memory": "256M", "time_limit": "10:00"},
-                    **service,
-                }
-            ],
-        }
-    )
+    standin = {
+        "name": SERVICE,
+        "model": "tiny",
+        "template": "standin",
+        "min_instances": 1,
+        "max_instances": 1,
+        "startup_timeout": "60s",
+        "renewal_lead": "60s",
+        "scale_down_delay": 0,
+        "startup_backoff": 1,
+        "resources": {"gpus": 1, "cpus": 1, "memory": "256M", "time_limit": "10:00"},
+    }
+    settings = cluster_settings(cluster, state_dir, prefix)
+    return parse_config(settings | {"services": [standin | service]})
 
 
 @pytest.fixture
@@ -97,13 +99,11 @@ async def running_agent(
         assert not (config.state_dir / "agent.sock").exists()
 
 
-async def until(check: Callable[[], Any], limit_s: float, what: str) -> Any:
-    """Poll `check` (bounded) until it returns something truthy."""
-    async with asyncio.timeout(limit_s):
-        while not (value := check()):  # noqa: ASYNC110 (polls state nothing signals)
-            await asyncio.sleep(0.05)
-    assert value, what
-    return value
+T = TypeVar("T")
+
+
+async def until(check: Callable[[], T], limit_s: float, what: str) -> T:
+    return await poll_until(check, limit_s, what, poll_s=0.05)
 
 
 def ready(registry: BackendRegistry) -> list[Backend]:
