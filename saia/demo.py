@@ -19,12 +19,16 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import httpx
 import yaml
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from saia.sandbox.slurm import SlurmSandbox
+    from saia.sandbox.vllm import VllmInstall
 
 from saia.sandbox.process import stop_process
 
@@ -67,7 +71,9 @@ def _ensure_packages() -> None:
         console.print(f"[yellow]packages: {done.stdout.strip()} {done.stderr.strip()}")
 
 
-def agent_config(root: Path, *, executor: str, slurm: Any, vllm: Any) -> dict[str, Any]:
+def agent_config(
+    root: Path, *, executor: str, slurm: SlurmSandbox | None, vllm: VllmInstall | None
+) -> dict[str, Any]:
     """The agent's YAML for the demo: one service, fast polling, loopback only."""
     service: dict[str, Any] = {
         "name": MODEL_ID,
@@ -85,10 +91,10 @@ def agent_config(root: Path, *, executor: str, slurm: Any, vllm: Any) -> dict[st
         service |= {
             "model": str(vllm.model_dir),
             "template": "vllm",
-            "server_command": [str(vllm.python), "-m", "vllm.entrypoints.openai.api_server"],
-            "resources": {"gpus": 1, "cpus": 2, "memory": "8G", "time_limit": "4:00:00"},
+            "server_command": [str(vllm.vllm), "serve"],
+            "resources": {"gpus": 1, "cpus": 2, "memory": "4G", "time_limit": "4:00:00"},
             "startup_timeout": "15m",
-            "environment": dict(vllm.environment),
+            "environment": {"VLLM_CPU_KVCACHE_SPACE": "1"},
             "vllm": {"max_model_len": 256, "dtype": "float32", "enforce_eager": True},
             "display_name": "Tiny Llama (real vLLM on the CPU)",
         }
@@ -171,7 +177,7 @@ class Demo:
         self._spawn("hub", [*saia, "hub", "serve", "-c", str(hub_path)])
         self._wait_ready(VLLM_READY_TIMEOUT if vllm else READY_TIMEOUT)
 
-    def _start_slurm(self) -> Any:
+    def _start_slurm(self) -> SlurmSandbox:
         from saia.sandbox.slurm import SlurmSandbox
 
         with console.status("starting a throw-away Slurm cluster (munge, slurmctld, slurmd)..."):
@@ -180,7 +186,7 @@ class Demo:
         console.print(f"[green]Slurm[/] cluster up (SLURM_CONF={cluster.slurm_conf})")
         return cluster
 
-    def _prepare_vllm(self) -> Any:
+    def _prepare_vllm(self) -> VllmInstall:
         from saia.sandbox.vllm import ensure
 
         with console.status("installing vLLM for the CPU and building a tiny model (minutes)..."):
