@@ -34,12 +34,14 @@ class RunningDemo:
     output: list[str]
 
 
-def _read_until_ready(process: subprocess.Popen[bytes], lines: list[str]) -> dict[str, str]:
+def _read_until_ready(
+    process: subprocess.Popen[bytes], lines: list[str], limit_s: float
+) -> dict[str, str]:
     """The SAIA_* lines, once the whole ready block (up to the chat page line) is printed."""
     # Raw reads on the pipe: a buffered readline would hide lines from the selector.
     assert process.stdout is not None
     fd, pending, found = process.stdout.fileno(), b"", {}
-    deadline = time.monotonic() + START_TIMEOUT
+    deadline = time.monotonic() + limit_s
     with selectors.DefaultSelector() as selector:
         selector.register(fd, selectors.EVENT_READ)
         while not any(line.startswith("chat page:") for line in lines):
@@ -72,13 +74,15 @@ def _processes_mentioning(text: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def running_demo(root: Path, *options: str) -> Iterator[RunningDemo]:
+def running_demo(
+    root: Path, *options: str, limit_s: float = START_TIMEOUT
+) -> Iterator[RunningDemo]:
     port = str(free_port())
     argv = [sys.executable, "-m", "saia", "demo", "--port", port, "--dir", str(root), *options]
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     lines: list[str] = []
     try:
-        found = _read_until_ready(process, lines)
+        found = _read_until_ready(process, lines, limit_s)
         yield RunningDemo(process, found["SAIA_BASE_URL"], found["SAIA_API_KEY"], root, lines)
     finally:
         stop_process(process, 90, stop_signal=signal.SIGINT)  # Ctrl-C: the demo cleans up
@@ -177,4 +181,19 @@ def test_local_mode_without_slurm_or_ssh(tmp_path: Path) -> None:
         assert not (tmp_path / "slurm").exists() and not (tmp_path / "sshd").exists()
         local.process.send_signal(signal.SIGINT)
         assert local.process.wait(90) == 0
+    assert _processes_mentioning(str(tmp_path)) == []
+
+
+@pytest.mark.vllm
+def test_vllm_mode_serves_real_vllm(tmp_path: Path, vllm_install: object) -> None:
+    """`saia demo --vllm`: the tiny model in a real vllm serve job, through the same chain."""
+    with running_demo(tmp_path, "--vllm", limit_s=900) as demo:
+        client = openai.OpenAI(base_url=demo.base_url, api_key=demo.key, max_retries=0)
+        reply = client.chat.completions.create(
+            model="demo", max_tokens=8, messages=[{"role": "user", "content": "hello"}]
+        )
+        assert (reply.system_fingerprint or "").startswith("vllm-")
+        assert reply.usage is not None and reply.usage.completion_tokens == 8
+        demo.process.send_signal(signal.SIGINT)
+        assert demo.process.wait(120) == 0
     assert _processes_mentioning(str(tmp_path)) == []
