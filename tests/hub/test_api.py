@@ -51,8 +51,7 @@ async def test_chat_completion_and_usage_row(hub: RunningHub) -> None:
     )
     assert answer.choices[0].message.content
     assert answer.usage is not None
-    await hub.services.recorder.flush()
-    rows = await usage_rows(hub)
+    rows = await recorded_rows(hub, 1)
     assert len(rows) == 1
     assert rows[0]["prompt_tokens"] == answer.usage.prompt_tokens
     assert rows[0]["completion_tokens"] == answer.usage.completion_tokens
@@ -81,8 +80,7 @@ async def test_streaming_chat_is_incremental_and_usage_stripped(
         assert arrivals[-1] - arrivals[1] >= 0.5
         assert all(chunk.usage is None for chunk in chunks), "unasked usage chunk leaked"
         assert all(chunk.choices for chunk in chunks)
-        await hub.services.recorder.flush()
-        rows = await usage_rows(hub)
+        rows = await recorded_rows(hub, 1)
         assert rows[0]["completion_tokens"] == 5 and rows[0]["stream"]
         assert rows[0]["ttft_ms"] is not None and rows[0]["ttft_ms"] < rows[0]["latency_ms"]
 
@@ -98,8 +96,7 @@ async def test_streaming_with_usage_requested_keeps_the_chunk(hub: RunningHub) -
     )
     chunks = [chunk async for chunk in stream]
     assert chunks[-1].usage is not None and not chunks[-1].choices
-    await hub.services.recorder.flush()
-    rows = await usage_rows(hub)
+    rows = await recorded_rows(hub, 1)
     assert rows[0]["prompt_tokens"] == chunks[-1].usage.prompt_tokens
 
 
@@ -109,8 +106,7 @@ async def test_completion_and_embeddings(hub: RunningHub) -> None:
     assert text.choices[0].text
     embedding = await api.embeddings.create(model=STANDIN_MODEL, input=["a", "b"])
     assert len(embedding.data) == 2 and len(embedding.data[0].embedding) > 0
-    await hub.services.recorder.flush()
-    endpoints = sorted(row["endpoint"] for row in await usage_rows(hub))
+    endpoints = sorted(row["endpoint"] for row in await recorded_rows(hub, 2))
     assert endpoints == ["completions", "embeddings"]
 
 
@@ -247,8 +243,7 @@ async def test_streams_cancelled_by_clients_release_everything(
             await asyncio.sleep(0.05)
         assert hub.services.admission.in_flight == {}
         assert hub.services.metrics.in_flight.labels("slow", "local")._value.get() == 0
-        await hub.services.recorder.flush()
-        rows = await usage_rows(hub)
+        rows = await recorded_rows(hub, 20)
         assert [row["status"] for row in rows] == [499] * 20
 
 
@@ -305,6 +300,18 @@ def _limits(**values: int) -> object:
     return LimitsConfig(**values)
 
 
+async def recorded_rows(hub: RunningHub, count: int) -> list[dict[str, object]]:
+    """The usage rows once `count` are written. A stream's row is queued when the hub's
+    response ends, which can be just after the client has read `[DONE]`: poll (bounded)."""
+    async with asyncio.timeout(10):
+        while True:
+            await hub.services.recorder.flush()
+            rows = await usage_rows(hub)
+            if len(rows) >= count:
+                return rows
+            await asyncio.sleep(0.05)
+
+
 async def usage_rows(hub: RunningHub) -> list[dict[str, object]]:
     from sqlalchemy import select
 
@@ -328,8 +335,7 @@ async def test_identity_from_a_trusted_proxy_header(tmp_path: Path, standin_serv
         again = await http.post("/v1/completions", json=body, headers={"x-forwarded-user": "eve"})
         other = await http.post("/v1/completions", json=body, headers={"x-forwarded-user": "fay"})
         anonymous = await http.post("/v1/completions", json=body)
-        await hub.services.recorder.flush()
-        users = [row["user_name"] for row in await usage_rows(hub)]
+        users = [row["user_name"] for row in await recorded_rows(hub, 3)]
     assert first.status_code == 200 and first.headers["x-ratelimit-limit-day"] == "1"
     assert again.status_code == 429  # the user's own daily limit
     assert other.status_code == 200
@@ -420,8 +426,7 @@ async def test_timeouts_504_before_and_error_event_after_the_stream_started(
                     events.append(json.loads(line[6:]))
         assert events[-1]["object"] == "error"
         assert events[-1]["error"]["type"] == "timeout_error"
-        await hub.services.recorder.flush()
-        assert [row["status"] for row in await usage_rows(hub)] == [504, 504]
+        assert [row["status"] for row in await recorded_rows(hub, 2)] == [504, 504]
 
 
 async def test_tokenize_passes_through(hub: RunningHub) -> None:

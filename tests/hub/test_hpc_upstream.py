@@ -106,8 +106,7 @@ async def test_hpc_models_chat_and_stream_with_failover(
                     if line.startswith("data: {"):
                         chunks.append(json.loads(line[6:]))
         assert all(chunk["choices"] for chunk in chunks)  # usage chunk stripped
-        await hub.services.recorder.flush()
-        summary = await _usage(hub.services.engine)
+        summary = await _recorded(hub, 2)
         assert summary == [
             ("dora", 200, usage["prompt_tokens"], usage["completion_tokens"], False),
             ("dora", 200, usage["prompt_tokens"], usage["completion_tokens"], True),
@@ -125,6 +124,20 @@ async def test_no_site_reachable_is_503(tmp_path: Path, sshd: SshdSandbox) -> No
         response = await http.post("/v1/completions", json=body)
     assert response.status_code == 503 and response.headers["retry-after"] == "5"
     assert "reachable" in response.json()["error"]["message"]
+
+
+async def _recorded(hub: Any, count: int) -> list[tuple[Any, ...]]:
+    """Usage once `count` rows are written: a stream's row is queued as the hub's response
+    ends, possibly just after the client read its last line (bounded poll)."""
+    async with asyncio.timeout(10):
+        while len(summary := await _flushed_usage(hub)) < count:  # noqa: ASYNC110 (the database signals nothing)
+            await asyncio.sleep(0.05)
+    return summary
+
+
+async def _flushed_usage(hub: Any) -> list[tuple[Any, ...]]:
+    await hub.services.recorder.flush()
+    return await _usage(hub.services.engine)
 
 
 async def _usage(engine: Any) -> list[tuple[Any, ...]]:
