@@ -44,16 +44,15 @@ class DemoError(RuntimeError):
 
 
 def _full_mode_possible() -> tuple[bool, str]:
-    if os.geteuid() != 0:
-        return False, "not root: the throw-away Slurm cluster and sshd need root"
-    missing = [b for b in ("slurmctld", "slurmd", "munged") if not _which_sbin(b)]
-    if missing or not Path("/usr/sbin/sshd").exists():
-        return False, "Slurm/munge/sshd are missing (python -m saia.sandbox.packages --for demo)"
+    from saia.sandbox.slurm import unavailable
+    from saia.sandbox.sshd import SSHD
+
+    reason = unavailable()
+    if reason is None and not SSHD.exists():
+        reason = f"{SSHD} is missing (python -m saia.sandbox.packages --for demo)"
+    if reason is not None:
+        return False, f"local mode: {reason}"
     return True, "Slurm cluster + sshd"
-
-
-def _which_sbin(name: str) -> str | None:
-    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
 
 
 def _ensure_packages() -> None:

@@ -49,6 +49,18 @@ def _find(name: str) -> Path:
     return Path(found)
 
 
+def unavailable() -> str | None:
+    """Why this machine cannot run the sandbox cluster (missing binaries, not root), or None."""
+    try:
+        for name in ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "scancel"):
+            _find(name)
+    except SandboxError as error:
+        return str(error)
+    if os.geteuid() != 0:
+        return "the sandbox Slurm cluster runs its daemons as root; run as root"
+    return None
+
+
 def _available_memory_mb() -> int:
     with open("/proc/meminfo", encoding="ascii") as meminfo:
         for line in meminfo:
@@ -179,10 +191,9 @@ class SlurmSandbox(Sandbox):
     def start(self) -> SlurmSandbox:
         if self._started:
             return self
-        for name in ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "scancel"):
-            _find(name)
-        if os.geteuid() != 0:
-            raise SandboxError("the sandbox Slurm cluster runs its daemons as root; run as root")
+        reason = unavailable()
+        if reason is not None:
+            raise SandboxError(reason)
         self._make_root()
         self._started = True
         try:
