@@ -61,6 +61,15 @@ def _with_engine(config: HubConfig, work: Callable[[Any], Awaitable[T]]) -> T:
         fail(f"database {config.database.split('@')[-1]}: {type(error).__name__}: {error}")
 
 
+def _migrate(config: HubConfig) -> None:
+    """Bring the schema up to date (a migrated database is all `_with_engine` leaves)."""
+
+    async def nothing(_engine: Any) -> None:
+        return None
+
+    _with_engine(config, nothing)
+
+
 @click.group()
 def hub() -> None:
     """The OpenAI-compatible gateway: keys, limits, accounting and upstreams."""
@@ -83,10 +92,7 @@ def serve(config_path: Path, host: str | None, port: int | None) -> None:
     except ConfigError as error:
         fail(str(error))
 
-    async def nothing(_engine: Any) -> None:
-        return None
-
-    _with_engine(config, nothing)  # unreachable database: one line, not a traceback
+    _migrate(config)  # unreachable database: one line, not a traceback
     port = port if port is not None else config.port
     uvicorn.Server(uvicorn_config(app, host or config.host, port)).run()
 
@@ -102,10 +108,7 @@ def db_upgrade(config_path: Path) -> None:
     """Create or migrate the schema to the newest version (also done at start)."""
     config = _load(config_path)
 
-    async def nothing(_engine: Any) -> None:
-        return None
-
-    _with_engine(config, nothing)
+    _migrate(config)
     click.echo(f"database is up to date: {config.database.split('@')[-1]}")
 
 
