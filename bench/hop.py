@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hpc.config import AgentConfig, RouterConfig, ServiceConfig
 from hpc.registry import Backend, BackendRegistry
-from hpc.router import SOCKET_NAME, serve_requests
+from hpc.router.server import SOCKET_NAME, serve_requests
 from hub.ssh_client import HopClient, HopTarget
-from saia.http11 import HttpClient
+from saia.base.http11 import HttpClient
 from saia.sandbox.process import free_port, stop_process
 from saia.sandbox.sshd import SshdSandbox
 

@@ -1,1 +1,1 @@
-"""The forced command on the login node (stdlib only, Python 3.8+) and the wire protocol."""
+"""The forced command on the login node (stdlib only, Python 3.8+)."""

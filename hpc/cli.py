@@ -16,8 +16,8 @@ import click
 from hpc.config import AgentConfig, ConfigError, load_config
 
 if TYPE_CHECKING:
-    from hpc.operator_requests import DrainRequest
-    from hpc.status import AgentStatus
+    from hpc.scheduler.operator_requests import DrainRequest
+    from hpc.scheduler.status import AgentStatus
 
 DEFAULT_CONFIG = "saia-agent.yaml"
 config_option = click.option(
@@ -66,9 +66,9 @@ def check_config(config_path: Path) -> None:
 @click.argument("service_name", metavar="SERVICE")
 def job_script(config_path: Path, service_name: str) -> None:
     """Print the batch script the agent would submit for SERVICE (nothing is submitted)."""
-    from hpc.job_script import JobScriptError, render_job
-    from hpc.jobs import JobTag
-    from hpc.state import AGENT_ID_FILE
+    from hpc.jobs.script import JobScriptError, render_job
+    from hpc.jobs.system import JobTag
+    from hpc.scheduler.state import AGENT_ID_FILE
 
     config = load_or_exit(config_path)
     service = config.service(service_name)
@@ -112,7 +112,7 @@ def agent(config_path: Path, drain_on_exit: bool, log_level: str) -> None:
     )
     for noisy in ("httpx", "httpcore"):  # one line per health probe otherwise
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
-    from hpc.agent import run_until_signal
+    from hpc.scheduler.agent import run_until_signal
 
     try:
         asyncio.run(
@@ -122,7 +122,7 @@ def agent(config_path: Path, drain_on_exit: bool, log_level: str) -> None:
         click.echo(f"error: {error.filename or config.state_dir}: {error.strerror}", err=True)
         sys.exit(1)
     except Exception as error:  # a bug: the details go to the log, one line to the operator
-        logging.getLogger("hpc.agent").exception("the agent failed")
+        logging.getLogger("hpc.scheduler.agent").exception("the agent failed")
         click.echo(f"error: the agent failed: {error}", err=True)
         sys.exit(1)
 
@@ -134,7 +134,7 @@ def status(config_path: Path, as_json: bool) -> None:
     """Show services and jobs from the agent's last status snapshot (and its age)."""
     from rich.console import Console
 
-    from hpc.status import StatusError, read_status, render_status, status_dict
+    from hpc.scheduler.status import StatusError, read_status, render_status, status_dict
 
     config = load_or_exit(config_path)
     try:
@@ -155,7 +155,7 @@ def status(config_path: Path, as_json: bool) -> None:
 @click.option("-f", "--follow", is_flag=True, help="keep printing what the job writes")
 def logs(config_path: Path, job: str, lines: int, follow: bool) -> None:
     """Print the end of a job's log (JOB: a Slurm job id or local-N of this state dir)."""
-    from hpc.status import job_log, tail
+    from hpc.scheduler.status import job_log, tail
 
     config = load_or_exit(config_path)
     try:
@@ -227,7 +227,7 @@ def authorized_keys(
 
 
 def _agent_pid_or_exit(state_dir: Path) -> int:
-    from hpc.operator_requests import RequestError, leader_pid
+    from hpc.scheduler.operator_requests import RequestError, leader_pid
 
     try:
         return leader_pid(state_dir)
@@ -238,7 +238,7 @@ def _agent_pid_or_exit(state_dir: Path) -> int:
 
 def _wait_taken(path: Path, config: AgentConfig) -> float | None:
     """Nudge the agent and wait (bounded) until it took the request file; when it did."""
-    from hpc.operator_requests import WAKE_SIGNAL, RequestError, nudge
+    from hpc.scheduler.operator_requests import WAKE_SIGNAL, RequestError, nudge
 
     with contextlib.suppress(RequestError):  # the file stays: the next loop takes it
         nudge(config.state_dir, WAKE_SIGNAL)
@@ -252,7 +252,7 @@ def _wait_taken(path: Path, config: AgentConfig) -> float | None:
 
 def _reload_outcome(config: AgentConfig, asked: float) -> AgentStatus | None:
     """The first status snapshot showing a reload handled after `asked` (bounded wait)."""
-    from hpc.status import StatusError, read_status
+    from hpc.scheduler.status import StatusError, read_status
 
     deadline = time.monotonic() + 2 * config.poll_interval + 5
     while time.monotonic() < deadline:
@@ -269,8 +269,8 @@ def _checked_drain(
 ) -> DrainRequest:
     """The drain request, or one error line and exit: a job the agent lists, or a service
     of the config."""
-    from hpc.operator_requests import DrainRequest, RequestError, check_job_id
-    from hpc.status import StatusError, read_status
+    from hpc.scheduler.operator_requests import DrainRequest, RequestError, check_job_id
+    from hpc.scheduler.status import StatusError, read_status
 
     if (job is None) == (service_name is None):
         click.echo("error: give a JOB or --service NAME (not both)", err=True)
@@ -311,7 +311,7 @@ def drain(config_path: Path, job: str | None, service_name: str | None, now: boo
     finishes those in flight and is cancelled. --service does this job by job; --now
     drains JOB without waiting for a replacement.
     """
-    from hpc.operator_requests import write_drain
+    from hpc.scheduler.operator_requests import write_drain
 
     config = load_or_exit(config_path)
     request = _checked_drain(config, config_path, job, service_name, now)
@@ -334,7 +334,7 @@ def reload(config_path: Path) -> None:
     Services added start, services removed are drained and cancelled, new min/max apply
     at once and new job settings to the next job submitted (roll with drain --service).
     """
-    from hpc.operator_requests import write_reload
+    from hpc.scheduler.operator_requests import write_reload
 
     config = load_or_exit(config_path)  # say what is wrong before the agent does
     _agent_pid_or_exit(config.state_dir)

@@ -1,6 +1,6 @@
 """The agent's configuration: one YAML file, validated at start.
 
-Every validation problem becomes one line `FILE: KEY: REASON` (`saia/config_file.py`), so an
+Every validation problem becomes one line `FILE: KEY: REASON` (`saia/base/config_file.py`), so an
 operator can fix a config without reading a traceback.
 """
 
@@ -12,8 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from hpc.slurm_time import parse_slurm_time
-from saia.config_file import (
+from saia.base.config_file import (
     NO_FILE,
     ConfigError,
     Duration,
@@ -21,6 +20,7 @@ from saia.config_file import (
     read_yaml,
     validate,
 )
+from saia.base.durations import parse_slurm_time
 
 __all__ = [
     "AgentConfig",

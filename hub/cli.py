@@ -157,8 +157,8 @@ def keys_create(
     **limits: int | None,
 ) -> None:
     """Create a key and print its secret (once)."""
-    from hpc.slurm_time import parse_duration
     from hub.key_store import KeyStore
+    from saia.base.durations import parse_duration
 
     config = _load(config_path)
     try:

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from saia.config_file import (
+from saia.base.config_file import (
     NO_FILE,
     ConfigError,
     Duration,

@@ -16,7 +16,7 @@ from hub.upstream import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from saia.http11 import ConnectFailed, HttpClient, HttpResponse, ResponseBroken, parse_url
+from saia.base.http11 import ConnectFailed, HttpClient, HttpResponse, ResponseBroken, parse_url
 
 
 def shared_client(max_connections: int) -> HttpClient:

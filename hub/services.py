@@ -20,7 +20,7 @@ from hub.metrics import HubMetrics
 from hub.openai_upstream import OpenAIUpstream, shared_client
 from hub.storage import open_engine, upgrade
 from hub.upstream import ModelState, Upstream
-from saia.http11 import HttpClient
+from saia.base.http11 import HttpClient
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 `HopClient` keeps `target.connections` SSH connections to the login node, each with one
 long-lived exec channel running the forced command (the relay), which speaks
-`cloud_interface.protocol` with the agent's router. Every request is one stream on such a
+`saia.base.protocol` with the agent's router. Every request is one stream on such a
 channel, so hundreds run concurrently over one connection (OpenSSH's MaxSessions does not
 apply). The host key is checked against the pinned known_hosts file. Lost connections are
 re-established with exponential back-off and jitter.
@@ -28,8 +28,8 @@ from typing import Any, Protocol
 
 import asyncssh
 
-from cloud_interface import protocol as wire
-from hpc.mux import Channel, Lost, StreamClosed, StreamState
+from saia.base import protocol as wire
+from saia.base.mux import Channel, Lost, StreamClosed, StreamState
 
 log = logging.getLogger(__name__)
 BACKOFF_START = 0.2

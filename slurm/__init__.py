@@ -1,1 +1,1 @@
-"""Job script templates rendered by hpc.job_script; shipped as package data."""
+"""Job script templates rendered by hpc.jobs.script; shipped as package data."""

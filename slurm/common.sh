@@ -1,5 +1,5 @@
 # Prologue shared by every saia job template (sourced text, not run on its own).
-# Expects the variables hpc.job_script writes above it: SAIA_STATE_DIR, SAIA_SERVICE,
+# Expects the variables hpc.jobs.script writes above it: SAIA_STATE_DIR, SAIA_SERVICE,
 # SAIA_BIND_HOST, SAIA_ADVERTISE_HOST, SAIA_PYTHON, SAIA_CONTAINER, SAIA_STOP_TIMEOUT and
 # the arrays SAIA_SERVER_ARGS, SAIA_SERVER_COMMAND, SAIA_CONTAINER_BINDS.
 

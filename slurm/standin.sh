@@ -1,4 +1,4 @@
-# The stand-in model server (hpc.standin): OpenAI-compatible, no GPU, for tests and the demo.
+# The stand-in model server (hpc.standin.server): OpenAI-compatible, no GPU, for tests and the demo.
 if ((${#SAIA_SERVER_COMMAND[@]})); then
     SAIA_STANDIN=("${SAIA_SERVER_COMMAND[@]}")
 else

@@ -1,6 +1,6 @@
 # vLLM across the job's nodes: a Ray cluster (the head on this batch node, one worker per
 # other node, each started with srun) and `vllm serve` on the head, pipeline parallel over
-# the nodes and tensor parallel over each node's GPUs (options from hpc.vllm_args).
+# the nodes and tensor parallel over each node's GPUs (options from hpc.jobs.vllm_args).
 # `ray` and `python3` are taken from PATH (or the container), like `vllm`; the service's
 # environment can set SAIA_RAY, SAIA_RAY_PYTHON and SAIA_RAY_HEAD_IP.
 saia_vllm_environment

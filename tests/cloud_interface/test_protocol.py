@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cloud_interface import protocol as p
+from saia.base import protocol as p
 
 payload_types = st.sampled_from([p.DATA, p.REQUEST, p.RESPONSE, p.ERROR, p.HELLO])
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from cloud_interface import protocol as wire
 from hpc.config import AgentConfig
 from hpc.registry import BackendRegistry
-from hpc.router import SOCKET_NAME, serve_requests
+from hpc.router.server import SOCKET_NAME, serve_requests
+from saia.base import protocol as wire
 from saia.sandbox.sshd import SshdSandbox
 
 pytestmark = pytest.mark.ssh
@@ -174,7 +174,7 @@ AGENT = textwrap.dedent(
     from pathlib import Path
     from hpc.config import AgentConfig
     from hpc.registry import BackendRegistry
-    from hpc.router import serve_requests
+    from hpc.router.server import serve_requests
     state = Path(sys.argv[1])
     with open(state / "agents.txt", "a") as out:
         out.write(f"{os.getpid()}\\n")

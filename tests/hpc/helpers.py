@@ -10,7 +10,7 @@ from typing import TypeVar
 import httpx
 import pytest
 
-from hpc.jobs import Endpoint, read_endpoint
+from hpc.jobs.system import Endpoint, read_endpoint
 
 T = TypeVar("T")
 

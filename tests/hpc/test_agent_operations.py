@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
-from cloud_interface import protocol as wire
 from hpc.config import AgentConfig, load_config
-from hpc.mux import Channel
-from hpc.router import SOCKET_NAME
+from hpc.router.server import SOCKET_NAME
+from saia.base import protocol as wire
+from saia.base.mux import Channel
 from saia.sandbox.slurm import SlurmSandbox
 from tests.hpc.test_agent_slurm import (
     cluster_settings,
@@ -216,7 +216,7 @@ async def test_broken_reload_keeps_the_running_config(
         assert json.loads(path.read_text())["services"][0] == broken
         code, out = await saia("hpc", "reload", "-c", str(path))  # refused before signalling
         assert code == 2 and "min_instances" in out, out
-        with caplog.at_level(logging.ERROR, logger="hpc.operations"):
+        with caplog.at_level(logging.ERROR, logger="hpc.scheduler.operations"):
             os.kill(os.getpid(), signal.SIGHUP)
             await until(lambda: caplog.records, 10, "no error logged")
         (line,) = [r.getMessage() for r in caplog.records]

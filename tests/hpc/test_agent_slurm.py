@@ -21,12 +21,12 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
-from hpc.agent import run_agent
 from hpc.config import AgentConfig, parse_config
-from hpc.jobs import JobInfo, JobTag
+from hpc.jobs.slurm import SlurmJobSystem
+from hpc.jobs.system import JobInfo, JobTag
 from hpc.registry import Backend, BackendRegistry
-from hpc.slurm_cli import SlurmJobSystem
-from hpc.state import agent_id
+from hpc.scheduler.agent import run_agent
+from hpc.scheduler.state import agent_id
 from saia.sandbox.slurm import SlurmSandbox
 from tests.hpc.helpers import until as poll_until
 

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from hpc.cli import hpc
-from hpc.status import (
+from hpc.scheduler.status import (
     AgentStatus,
     JobStatus,
     ServiceStatus,

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from hpc.config import ConfigError, load_config, parse_config
-from hpc.slurm_time import format_slurm_time, parse_duration, parse_slurm_time
+from saia.base.durations import format_slurm_time, parse_duration, parse_slurm_time
 
 
 def test_minimal_config_gets_defaults(tmp_path: Path) -> None:

@@ -18,10 +18,14 @@ import pytest
 import uvicorn
 from rich.console import Console
 
-from hpc.agent import Agent
-from hpc.backend_load import BackendLoad
 from hpc.config import AgentConfig
-from hpc.health import (
+from hpc.jobs.local import LocalJobSystem
+from hpc.jobs.script import render_job
+from hpc.jobs.system import JobInfo, JobTag, job_dir
+from hpc.registry import BackendRegistry
+from hpc.scheduler.agent import Agent
+from hpc.scheduler.backend_load import BackendLoad
+from hpc.scheduler.health import (
     HealthBook,
     HealthMonitor,
     ProbeResult,
@@ -30,12 +34,8 @@ from hpc.health import (
     probe_all,
     read_backend_key,
 )
-from hpc.job_script import render_job
-from hpc.jobs import JobInfo, JobTag, job_dir
-from hpc.local_executor import LocalJobSystem
-from hpc.registry import BackendRegistry
-from hpc.state import AgentState
-from hpc.status import build_status, read_status, render_status, status_dict, write_status
+from hpc.scheduler.state import AgentState
+from hpc.scheduler.status import build_status, read_status, render_status, status_dict, write_status
 from tests.fixtures.standin import StandinProcess
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]

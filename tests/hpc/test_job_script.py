@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from hpc.config import AgentConfig, ServiceConfig
-from hpc.job_script import (
+from hpc.jobs.script import (
     ARG_BUILDERS,
     JobScriptError,
     job_variables,
@@ -17,7 +17,7 @@ from hpc.job_script import (
     sbatch_lines,
     stop_warning,
 )
-from hpc.jobs import JobTag
+from hpc.jobs.system import JobTag
 
 TAG = JobTag(prefix="saia", agent_id="login1")
 HOSTILE = 'it\'s a "test" $(touch /tmp/saia-pwned) `id`; rm -rf / \n next'

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hpc.leader import LeaderLock
+from hpc.scheduler.leader import LeaderLock
 
 HOLDER = """
 import sys, time
@@ -38,7 +38,7 @@ async def test_second_lock_waits_as_standby_until_release(tmp_path: Path) -> Non
 async def test_standby_is_cancellable_and_logs_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="hpc.leader")
+    caplog.set_level(logging.INFO, logger="hpc.scheduler.leader")
     path = tmp_path / "agent.lock"
     async with LeaderLock(path):
         standby = asyncio.create_task(LeaderLock(path, poll_interval=0.02).acquire())

@@ -11,15 +11,15 @@ import httpx
 import pytest
 
 from hpc.config import AgentConfig
-from hpc.job_script import render_job
-from hpc.jobs import JobTag, Submission, job_dir
-from hpc.local_executor import (
+from hpc.jobs.local import (
     DEFAULT_LIMIT_S,
     LocalJobError,
     LocalJobSystem,
     parse_sbatch_options,
     read_record,
 )
+from hpc.jobs.script import render_job
+from hpc.jobs.system import JobTag, Submission, job_dir
 from tests.hpc.helpers import wait_endpoint, wait_healthy
 
 TAG = JobTag(prefix="saia", agent_id="local-test")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from hpc.leader import LOCK_FILE, LeaderLock
-from hpc.operator_requests import (
+from hpc.scheduler.leader import LOCK_FILE, LeaderLock
+from hpc.scheduler.operator_requests import (
     PID_FILE,
     DrainRequest,
     ReloadRequest,
@@ -55,7 +55,7 @@ def test_bad_request_files_are_logged_and_removed(
     (folder / "escape.json").write_text('{"job": "../../etc/passwd"}')
     (folder / "both.json").write_text('{"job": "1", "service": "a"}')
     (folder / ".drain-1.json.99.tmp").write_text("{}")  # a writer's temporary file
-    with caplog.at_level(logging.ERROR, logger="hpc.operator_requests"):
+    with caplog.at_level(logging.ERROR, logger="hpc.scheduler.operator_requests"):
         assert take_requests(tmp_path) == []
     assert len(caplog.records) == 3
     assert [p.name for p in folder.iterdir()] == [".drain-1.json.99.tmp"]

@@ -6,8 +6,8 @@ from dataclasses import replace
 from typing import Any
 
 from hpc.config import ServiceConfig
-from hpc.jobs import JobInfo
-from hpc.policy import (
+from hpc.jobs.system import JobInfo
+from hpc.scheduler.policy import (
     Backoff,
     Cancel,
     Drain,

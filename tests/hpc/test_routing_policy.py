@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from hpc.routing_policy import (
+from hpc.router.policy import (
     ServiceSnapshot,
     pick_backend,
     queue_is_full,

@@ -11,9 +11,9 @@ import httpx
 import pytest
 
 from hpc.config import AgentConfig
-from hpc.job_script import render_job
-from hpc.jobs import JobTag, Submission, job_dir
-from hpc.slurm_cli import SlurmError, SlurmJobSystem
+from hpc.jobs.script import render_job
+from hpc.jobs.slurm import SlurmError, SlurmJobSystem
+from hpc.jobs.system import JobTag, Submission, job_dir
 from saia.sandbox.slurm import SlurmSandbox
 from tests.hpc.helpers import wait_endpoint, wait_healthy
 

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hpc.jobs import JobTag
-from hpc.squeue import (
+from hpc.jobs.squeue import (
     ParseError,
     expand_hostlist,
     first_error_line,
@@ -17,6 +16,7 @@ from hpc.squeue import (
     parse_timestamp,
     tagged_jobs,
 )
+from hpc.jobs.system import JobTag
 
 DATA = Path(__file__).parent / "data"
 TAG = JobTag(prefix="saia", agent_id="a1")

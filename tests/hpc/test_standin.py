@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from hpc.standin_model import EMBEDDING_DIM, embedding, reply_tokens
+from hpc.standin.model import EMBEDDING_DIM, embedding, reply_tokens
 from tests.fixtures.standin import STANDIN_MODEL, StandinProcess
 
 Factory = Callable[..., StandinProcess]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from hpc.policy import Backoff
-from hpc.state import (
+from hpc.scheduler.policy import Backoff
+from hpc.scheduler.state import (
     AGENT_ID_FILE,
     STATE_FILE,
     AgentState,

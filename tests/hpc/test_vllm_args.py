@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from hpc.config import AgentConfig, ConfigError, ServiceConfig, parse_config
-from hpc.vllm_args import build_vllm_args
+from hpc.jobs.vllm_args import build_vllm_args
 
 
 def configured(service: dict[str, Any]) -> tuple[ServiceConfig, AgentConfig]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hpc.vllm_metrics import parse_sample, parse_vllm_metrics
+from hpc.scheduler.vllm_metrics import parse_sample, parse_vllm_metrics
 
 RECORDED = Path(__file__).parent / "data" / "vllm-0.32-metrics.txt"
 

@@ -22,17 +22,17 @@ from typing import Any
 import httpx
 import pytest
 
-from cloud_interface import protocol as wire
-from hpc.agent import run_agent
 from hpc.config import AgentConfig, parse_config
-from hpc.job_script import render_job
-from hpc.jobs import JobTag, job_dir
-from hpc.mux import Channel
+from hpc.jobs.script import render_job
+from hpc.jobs.slurm import SlurmJobSystem
+from hpc.jobs.system import JobTag, job_dir
 from hpc.registry import Backend, BackendRegistry
-from hpc.slurm_cli import SlurmJobSystem
-from hpc.state import agent_id
-from hpc.status import JobStatus, StatusError, read_status
-from hpc.vllm_metrics import parse_vllm_metrics
+from hpc.scheduler.agent import run_agent
+from hpc.scheduler.state import agent_id
+from hpc.scheduler.status import JobStatus, StatusError, read_status
+from hpc.scheduler.vllm_metrics import parse_vllm_metrics
+from saia.base import protocol as wire
+from saia.base.mux import Channel
 from saia.sandbox.slurm import SlurmSandbox
 from saia.sandbox.vllm import VllmInstall
 from tests.hpc.helpers import until, wait_endpoint, wait_healthy

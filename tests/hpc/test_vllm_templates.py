@@ -28,8 +28,8 @@ from click.testing import CliRunner
 
 from hpc.cli import hpc
 from hpc.config import AgentConfig, load_config, parse_config
-from hpc.job_script import render_job, template_file
-from hpc.jobs import JobTag
+from hpc.jobs.script import render_job, template_file
+from hpc.jobs.system import JobTag
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples"
 EXAMPLE_TAG = JobTag(prefix="saia", agent_id="login1")

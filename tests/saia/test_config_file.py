@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from saia.config_file import ConfigError, Duration, Strict, read_yaml, validate
+from saia.base.config_file import ConfigError, Duration, Strict, read_yaml, validate
 
 
 class Example(Strict):

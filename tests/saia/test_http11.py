@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from saia.http11 import ConnectFailed, HttpClient, NoResponse, ResponseBroken, parse_url
+from saia.base.http11 import ConnectFailed, HttpClient, NoResponse, ResponseBroken, parse_url
 from saia.sandbox.process import free_port
 from tests.fixtures.standin import STANDIN_MODEL, StandinProcess
 

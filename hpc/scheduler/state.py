@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hpc.jobs import write_atomic
-from hpc.policy import Backoff
+from hpc.jobs.system import write_atomic
+from hpc.scheduler.policy import Backoff
 
 STATE_FILE = "agent-state.json"
 AGENT_ID_FILE = "agent-id"

@@ -16,11 +16,11 @@ import time
 from collections import defaultdict
 from typing import Protocol
 
-from cloud_interface.protocol import RequestHead
 from hpc.config import RouterConfig, ServiceConfig
 from hpc.registry import Backend, BackendRegistry
-from hpc.routing_policy import pick_backend, queue_is_full
-from saia.http11 import ConnectFailed, HttpClient, HttpResponse, NoResponse, ResponseBroken
+from hpc.router.policy import pick_backend, queue_is_full
+from saia.base.http11 import ConnectFailed, HttpClient, HttpResponse, NoResponse, ResponseBroken
+from saia.base.protocol import RequestHead
 
 log = logging.getLogger(__name__)
 

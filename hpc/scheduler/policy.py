@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from hpc.config import ServiceConfig
-from hpc.jobs import JobInfo
+from hpc.jobs.system import JobInfo
 
 # A draining job this close to its limit is cancelled even with requests in flight:
 # Slurm is about to kill it anyway, and a clean SIGTERM lets the server finish cleanly.

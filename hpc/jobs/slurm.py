@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hpc.config import AgentConfig
-from hpc.jobs import JobInfo, JobTag, Submission
-from hpc.squeue import (
+from hpc.jobs.squeue import (
     SQUEUE_FORMAT,
     ParseError,
     first_error_line,
@@ -25,6 +24,7 @@ from hpc.squeue import (
     service_of,
     tagged_jobs,
 )
+from hpc.jobs.system import JobInfo, JobTag, Submission
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class CommandResult:
 
 
 class SlurmJobSystem:
-    """`hpc.jobs.JobSystem` on a real Slurm cluster, for one agent tag."""
+    """`hpc.jobs.system.JobSystem` on a real Slurm cluster, for one agent tag."""
 
     def __init__(self, config: AgentConfig, tag: JobTag) -> None:
         self._config = config

@@ -4,8 +4,8 @@
 state, then runs in one TaskGroup: the scheduler loop (`Agent.step`), the health prober,
 a forwarder of the router's scale-from-zero wake-ups, and the router itself.
 
-Operators talk to the leader through request files (`hpc/operator_requests.py`, applied
-by `hpc/operations.py`): `saia hpc drain` and `saia hpc reload`; SIGHUP also reloads the
+Operators talk to the leader through request files (`hpc/scheduler/operator_requests.py`, applied
+by `hpc/scheduler/operations.py`): `saia hpc drain` and `saia hpc reload`; SIGHUP also reloads the
 config file, SIGUSR1 only makes it look at the requests at once.
 
 On SIGTERM/SIGINT the agent stops acting, writes its state and releases the lock, but
@@ -29,13 +29,14 @@ from pathlib import Path
 import httpx
 
 from hpc.config import AgentConfig, ServiceConfig
-from hpc.health import HealthBook, HealthMonitor, ProbeTarget
-from hpc.jobs import Endpoint, JobInfo, JobSystem, JobTag, Submission
-from hpc.leader import LOCK_FILE, LeaderLock
-from hpc.observation import observe
-from hpc.operations import handle_requests, operator_signals
-from hpc.operator_requests import RELOAD_SIGNAL, WAKE_SIGNAL
-from hpc.policy import (
+from hpc.jobs.system import Endpoint, JobInfo, JobSystem, JobTag, Submission
+from hpc.registry import Backend, BackendRegistry
+from hpc.scheduler.health import HealthBook, HealthMonitor, ProbeTarget
+from hpc.scheduler.leader import LOCK_FILE, LeaderLock
+from hpc.scheduler.observation import observe
+from hpc.scheduler.operations import handle_requests, operator_signals
+from hpc.scheduler.operator_requests import RELOAD_SIGNAL, WAKE_SIGNAL
+from hpc.scheduler.policy import (
     Backoff,
     Cancel,
     Decision,
@@ -47,9 +48,8 @@ from hpc.policy import (
     after_failure,
     decide,
 )
-from hpc.registry import Backend, BackendRegistry
-from hpc.state import AgentState, JobRecord, StateError, agent_id, load_state, save_state
-from hpc.status import build_status, write_status
+from hpc.scheduler.state import AgentState, JobRecord, StateError, agent_id, load_state, save_state
+from hpc.scheduler.status import build_status, write_status
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class Agent:
 
     async def _serve_router(self) -> None:
         try:
-            from hpc.router import serve_requests
+            from hpc.router.server import serve_requests
         except ImportError as error:
             # The router is built separately; scheduling must work without it.
             log.warning("no request router (%s): not listening for requests", error)
@@ -179,7 +179,7 @@ class Agent:
         return acted
 
     def observe(self, infos: list[JobInfo], now: float) -> Snapshot:
-        """The policy's snapshot (`hpc/observation.py`); updates the agent's bookkeeping."""
+        """The policy's snapshot (hpc/scheduler/observation.py); updates the bookkeeping."""
         return observe(self, infos, now)
 
     async def act(self, decision: Decision, now: float) -> bool:
@@ -317,16 +317,16 @@ class Agent:
 
 def make_job_system(config: AgentConfig, tag: JobTag) -> JobSystem:
     if config.executor == "local":
-        from hpc.local_executor import LocalJobSystem
+        from hpc.jobs.local import LocalJobSystem
 
         return LocalJobSystem(config, tag)
-    from hpc.slurm_cli import SlurmJobSystem
+    from hpc.jobs.slurm import SlurmJobSystem
 
     return SlurmJobSystem(config, tag)
 
 
 def default_render(service: ServiceConfig, config: AgentConfig, tag: JobTag) -> Submission:
-    from hpc.job_script import render_job
+    from hpc.jobs.script import render_job
 
     return render_job(service, config, tag)
 

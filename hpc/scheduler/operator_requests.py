@@ -22,9 +22,9 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from hpc.jobs import write_atomic
-from hpc.leader import LOCK_FILE
-from hpc.status import JOB_ID
+from hpc.jobs.system import write_atomic
+from hpc.scheduler.leader import LOCK_FILE
+from hpc.scheduler.status import JOB_ID
 
 log = logging.getLogger(__name__)
 

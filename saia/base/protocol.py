@@ -1,6 +1,6 @@
 """The saia hop wire protocol: many concurrent request streams over one byte channel.
 
-Stdlib only and Python 3.8 compatible: the hub and the agent import it; the relay on the
+Stdlib only: the hub and the agent import it (with saia.base.mux on top); the relay on the
 login node does not (it copies bytes and never parses frames).
 
 A frame is a fixed 10-byte header followed by its payload:
@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Tuple
-
-if TYPE_CHECKING:  # typing.TypeGuard is Python 3.10+: annotations only
-    from typing import TypeGuard
+from typing import Any, NamedTuple, TypeGuard
 
 PROTOCOL = "saia-relay"
 VERSION = 1
@@ -92,12 +89,12 @@ class RequestHead(NamedTuple):
     service: str
     method: str
     path: str
-    headers: List[Tuple[str, str]]
+    headers: list[tuple[str, str]]
 
 
 class ResponseHead(NamedTuple):
     status: int
-    headers: List[Tuple[str, str]]
+    headers: list[tuple[str, str]]
 
 
 class ErrorBody(NamedTuple):
@@ -109,16 +106,16 @@ class ErrorBody(NamedTuple):
 def encode_frame(kind: int, stream: int, payload: bytes = b"", flags: int = 0) -> bytes:
     limit = _LIMITS.get(kind)
     if limit is None:
-        raise ValueError("unknown frame type %r" % (kind,))
+        raise ValueError(f"unknown frame type {kind!r}")
     if len(payload) > limit or _EXACT.get(kind, len(payload)) != len(payload):
-        raise ValueError("%s payload of %d bytes not allowed" % (TYPE_NAMES[kind], len(payload)))
+        raise ValueError(f"{TYPE_NAMES[kind]} payload of {len(payload)} bytes not allowed")
     return HEADER.pack(kind, flags, stream, len(payload)) + payload
 
 
 def encode_data(stream: int, payload: bytes) -> bytes:
     """A DATA frame (the hot path: no table look-ups)."""
     if len(payload) > MAX_DATA:
-        raise ValueError("DATA payload of %d bytes not allowed" % len(payload))
+        raise ValueError(f"DATA payload of {len(payload)} bytes not allowed")
     return HEADER.pack(DATA, 0, stream, len(payload)) + payload
 
 
@@ -172,7 +169,7 @@ class FrameDecoder:
         """Bytes of an incomplete frame held back (non-zero at EOF means truncation)."""
         return len(self._buffer)
 
-    def feed(self, data: bytes) -> List[Frame]:
+    def feed(self, data: bytes) -> list[Frame]:
         buffer = self._buffer
         if buffer:  # a frame was cut off: continue it (otherwise parse `data` in place)
             buffer += data
@@ -207,44 +204,44 @@ class FrameDecoder:
     def finish(self) -> None:
         """The channel ended: complain if a frame was cut off."""
         if self._buffer:
-            raise ProtocolError("channel closed inside a frame (%d bytes left)" % len(self._buffer))
+            raise ProtocolError(f"channel closed inside a frame ({len(self._buffer)} bytes left)")
 
 
 def _check_header(kind: int, flags: int, stream: int, length: int) -> None:
     limit = _LIMITS.get(kind)
     if limit is None:
-        raise ProtocolError("unknown frame type %d" % kind)
+        raise ProtocolError(f"unknown frame type {kind}")
     if flags:
-        raise ProtocolError("%s frame with unknown flags %d" % (TYPE_NAMES[kind], flags))
+        raise ProtocolError(f"{TYPE_NAMES[kind]} frame with unknown flags {flags}")
     if length > limit:
-        raise ProtocolError("%s frame of %d bytes exceeds %d" % (TYPE_NAMES[kind], length, limit))
+        raise ProtocolError(f"{TYPE_NAMES[kind]} frame of {length} bytes exceeds {limit}")
     if _EXACT.get(kind, length) != length:
-        raise ProtocolError("%s frame must carry %d bytes" % (TYPE_NAMES[kind], _EXACT[kind]))
+        raise ProtocolError(f"{TYPE_NAMES[kind]} frame must carry {_EXACT[kind]} bytes")
     if kind != ERROR and (kind in _CONTROL) != (stream == 0):  # ERROR may be channel-wide
-        raise ProtocolError("%s frame on stream %d" % (TYPE_NAMES[kind], stream))
+        raise ProtocolError(f"{TYPE_NAMES[kind]} frame on stream {stream}")
 
 
-def _load_object(payload: bytes, what: str) -> Dict[str, Any]:
+def _load_object(payload: bytes, what: str) -> dict[str, Any]:
     try:
         value = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
-        raise ProtocolError("%s head is not valid UTF-8 JSON" % what) from None
+        raise ProtocolError(f"{what} head is not valid UTF-8 JSON") from None
     if not isinstance(value, dict):
-        raise ProtocolError("%s head is not a JSON object" % what)
+        raise ProtocolError(f"{what} head is not a JSON object")
     return value
 
 
 def _text(value: Any, what: str, limit: int) -> str:
     if not isinstance(value, str) or len(value) > limit:
-        raise ProtocolError("%s must be a string of at most %d characters" % (what, limit))
+        raise ProtocolError(f"{what} must be a string of at most {limit} characters")
     if "\r" in value or "\n" in value or "\x00" in value:
-        raise ProtocolError("%s contains a control character" % what)
+        raise ProtocolError(f"{what} contains a control character")
     return value
 
 
-def _headers(value: Any) -> List[Tuple[str, str]]:
+def _headers(value: Any) -> list[tuple[str, str]]:
     if not isinstance(value, list) or len(value) > MAX_HEADERS:
-        raise ProtocolError("headers must be a list of at most %d pairs" % MAX_HEADERS)
+        raise ProtocolError(f"headers must be a list of at most {MAX_HEADERS} pairs")
     pairs = []
     for item in value:
         if not isinstance(item, list) or len(item) != 2:
@@ -273,7 +270,7 @@ def parse_hello(payload: bytes) -> int:
     body = _load_object(payload, "HELLO")
     version = body.get("version")
     if body.get("protocol") != PROTOCOL or not isinstance(version, int):
-        raise ProtocolError("HELLO does not announce the %s protocol" % PROTOCOL)
+        raise ProtocolError(f"HELLO does not announce the {PROTOCOL} protocol")
     return version
 
 
@@ -312,14 +309,10 @@ def parse_error(payload: bytes) -> ErrorBody:
 def parse_window(payload: bytes) -> int:
     (increment,) = WINDOW_BODY.unpack(payload)
     if increment == 0 or increment > MAX_WINDOW:
-        raise ProtocolError("WINDOW increment %d out of range" % increment)
+        raise ProtocolError(f"WINDOW increment {increment} out of range")
     return int(increment)
 
 
 def describe(frame: Frame) -> str:
     """A short, log-safe description (never the payload: it may hold user data)."""
-    return "%s stream=%d len=%d" % (
-        TYPE_NAMES.get(frame.type, "?"),
-        frame.stream,
-        len(frame.payload),
-    )
+    return f"{TYPE_NAMES.get(frame.type, '?')} stream={frame.stream} len={len(frame.payload)}"

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from hpc.config import AgentConfig
-from hpc.jobs import JobInfo, JobTag, Submission, job_dir, write_atomic
-from hpc.slurm_time import parse_slurm_time
+from hpc.jobs.system import JobInfo, JobTag, Submission, job_dir, write_atomic
+from saia.base.durations import parse_slurm_time
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ class LocalJob:
 
 
 class LocalJobSystem:
-    """`hpc.jobs.JobSystem` for a machine without Slurm; jobs outlive the agent."""
+    """`hpc.jobs.system.JobSystem` for a machine without Slurm; jobs outlive the agent."""
 
     def __init__(
         self, config: AgentConfig, tag: JobTag, *, gpu_count: int = 0, kill_grace: float = 30.0

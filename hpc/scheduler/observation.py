@@ -1,7 +1,7 @@
 """The agent's observe step: Slurm's job list, the health book, the backends' own load
 figures and the router's counts, turned into the `Snapshot` the pure policy decides on.
 
-Functions of the `Agent` (like `hpc/status.py`): they update its bookkeeping (adopted and
+Functions of the `Agent` (like `hpc/scheduler/status.py`): they update its bookkeeping (adopted and
 lost jobs, endpoints, keys, load history) and read nothing but files the jobs write.
 """
 
@@ -12,13 +12,13 @@ import time
 from typing import TYPE_CHECKING
 
 from hpc.config import ServiceConfig
-from hpc.health import read_backend_key
-from hpc.jobs import JobInfo, read_endpoint
-from hpc.policy import Backoff, JobView, LoadSample, LostJob, ServiceSnapshot, Snapshot
-from hpc.state import JobRecord
+from hpc.jobs.system import JobInfo, read_endpoint
+from hpc.scheduler.health import read_backend_key
+from hpc.scheduler.policy import Backoff, JobView, LoadSample, LostJob, ServiceSnapshot, Snapshot
+from hpc.scheduler.state import JobRecord
 
 if TYPE_CHECKING:
-    from hpc.agent import Agent
+    from hpc.scheduler.agent import Agent
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """One framed channel carrying many request streams (both ends: hub client and agent router).
 
 The channel owns the byte pipe (an SSH exec channel on the hub, the relay's Unix socket
-connection in the agent) and the per-stream flow-control state of `cloud_interface.protocol`.
+connection in the agent) and the per-stream flow-control state of `saia.base.protocol`.
 Frames are written with one synchronous write each (atomic on one event loop); DATA waits
 for the stream's credit and for the pipe to drain, so a slow reader stalls only its stream.
 """
@@ -13,7 +13,7 @@ import logging
 from collections import deque
 from typing import Protocol
 
-from cloud_interface import protocol as wire
+from saia.base import protocol as wire
 
 log = logging.getLogger(__name__)
 READ_SIZE = 256 * 1024

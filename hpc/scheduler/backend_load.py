@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from hpc.vllm_metrics import VllmLoad, parse_vllm_metrics
+from hpc.scheduler.vllm_metrics import VllmLoad, parse_vllm_metrics
 
 
 @dataclass(frozen=True)

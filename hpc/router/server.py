@@ -3,7 +3,7 @@
 `serve_requests()` listens on `<state_dir>/agent.sock` (mode 0600). Each connection is one
 relay, i.e. one SSH channel from the hub, carrying many concurrent streams. A request is
 checked against an allow-list of methods and paths and a known service, then forwarded by
-`hpc.forwarding.Forwarder`; model listings and the live service state are answered here.
+`hpc.router.forwarding.Forwarder`; model listings and the live service state are answered here.
 A CANCEL frame or a lost connection cancels the stream's task, which closes its backend
 request.
 """
@@ -21,13 +21,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cloud_interface import protocol as wire
 from hpc.config import AgentConfig
-from hpc.forwarding import Forwarder, Rejection, error_body
-from hpc.mux import Channel, StreamClosed, StreamState
 from hpc.registry import BackendRegistry
-from hpc.routing_policy import ServiceSnapshot, service_demand, service_status
-from saia.http11 import HttpClient
+from hpc.router.forwarding import Forwarder, Rejection, error_body
+from hpc.router.policy import ServiceSnapshot, service_demand, service_status
+from saia.base import protocol as wire
+from saia.base.http11 import HttpClient
+from saia.base.mux import Channel, StreamClosed, StreamState
 
 log = logging.getLogger(__name__)
 

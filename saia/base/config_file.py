@@ -12,7 +12,7 @@ from typing import Annotated, Any, TypeVar
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
-from hpc.slurm_time import parse_duration
+from saia.base.durations import parse_duration
 
 # The name a config is validated under when it did not come from a file.
 NO_FILE = "<config>"

@@ -18,11 +18,11 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from hpc.jobs import write_atomic
+from hpc.jobs.system import write_atomic
 
 if TYPE_CHECKING:
-    from hpc.agent import Agent
     from hpc.config import ServiceConfig
+    from hpc.scheduler.agent import Agent
 
 STATUS_FILE = "status.json"
 VERSION = 1

@@ -1,6 +1,6 @@
 """What the running agent does with operator requests: drains and config reloads.
 
-Functions of the `Agent` (like `hpc/observation.py`), called at the start of its observe
+Functions of the `Agent` (like `hpc/scheduler/observation.py`), called at the start of its observe
 step. A drain request only marks jobs in the agent's state (`JobRecord.operator_drain`);
 the pure policy decides the hand-over from there. A reload swaps in a new config when it
 is valid and changes nothing that needs a restart; otherwise one log line says why and the
@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from hpc.config import AgentConfig, ConfigError, load_config
-from hpc.operator_requests import (
+from hpc.scheduler.operator_requests import (
     RELOAD_SIGNAL,
     WAKE_SIGNAL,
     DrainRequest,
@@ -26,10 +26,10 @@ from hpc.operator_requests import (
     take_requests,
     write_pid,
 )
-from hpc.policy import OPERATOR_NOW, OPERATOR_REPLACE
+from hpc.scheduler.policy import OPERATOR_NOW, OPERATOR_REPLACE
 
 if TYPE_CHECKING:
-    from hpc.agent import Agent
+    from hpc.scheduler.agent import Agent
 
 log = logging.getLogger(__name__)
 

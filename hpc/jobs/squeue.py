@@ -12,8 +12,8 @@ import re
 import time
 from dataclasses import dataclass
 
-from hpc.jobs import JobInfo, JobTag
-from hpc.slurm_time import parse_slurm_time
+from hpc.jobs.system import JobInfo, JobTag
+from saia.base.durations import parse_slurm_time
 
 SEPARATOR = "|"
 # job id, name, state, time limit, time left, start, submit, node list, reason, comment

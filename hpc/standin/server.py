@@ -33,7 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from hpc.standin_model import (
+from hpc.standin.model import (
     EMBEDDING_DIM,
     MAX_MODEL_LEN,
     ApiError,

@@ -5,7 +5,8 @@ Once ready, a job gets `GET /health` only; `health_failures` failures in a row t
 of rotation (the policy cancels and replaces it). All probes of a round run concurrently
 on the agent's one keep-alive `httpx.AsyncClient`, each bounded by `health_timeout`.
 Each round also reads every ready job's own load figures from its `GET /metrics`
-(`hpc/backend_load.py`); a failed read leaves the figures unknown and is no health failure.
+(`hpc/scheduler/backend_load.py`); a failed read leaves the figures unknown and is no
+health failure.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from pathlib import Path
 
 import httpx
 
-from hpc.backend_load import BackendLoad, LoadReading, read_load
-from hpc.jobs import job_dir
+from hpc.jobs.system import job_dir
+from hpc.scheduler.backend_load import BackendLoad, LoadReading, read_load
 
 log = logging.getLogger(__name__)
 API_KEY_FILE = "api_key"
