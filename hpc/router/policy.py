@@ -43,7 +43,9 @@ def pick_backend(
 
 
 @dataclass(frozen=True)
-class ServiceSnapshot:
+class ServiceCounts:
+    """The router's counts of one service (not the scheduler's `policy.ServiceSnapshot`)."""
+
     ready: int  # backends taking new requests
     starting: int  # jobs pending or starting
     in_flight: int
@@ -52,18 +54,18 @@ class ServiceSnapshot:
     target_concurrency: int
 
 
-def service_status(snapshot: ServiceSnapshot) -> Status:
-    if snapshot.ready > 0:
+def service_status(counts: ServiceCounts) -> Status:
+    if counts.ready > 0:
         return "ready"
-    if snapshot.starting > 0 or snapshot.queued > 0 or snapshot.demand_waiting:
+    if counts.starting > 0 or counts.queued > 0 or counts.demand_waiting:
         return "loading"
     return "offline"
 
 
-def service_demand(snapshot: ServiceSnapshot) -> float:
+def service_demand(counts: ServiceCounts) -> float:
     """Load level: outstanding requests per unit of ready capacity (>1: more than it takes)."""
-    capacity = max(snapshot.ready, 1) * snapshot.target_concurrency
-    return round((snapshot.in_flight + snapshot.queued) / capacity, 3)
+    capacity = max(counts.ready, 1) * counts.target_concurrency
+    return round((counts.in_flight + counts.queued) / capacity, 3)
 
 
 def queue_is_full(queued: int, max_queue: int) -> bool:

@@ -24,7 +24,7 @@ from typing import Any
 from hpc.config import AgentConfig
 from hpc.registry import BackendRegistry
 from hpc.router.forwarding import Forwarder, Rejection, error_body
-from hpc.router.policy import ServiceSnapshot, service_demand, service_status
+from hpc.router.policy import ServiceCounts, service_demand, service_status
 from saia.base import protocol as wire
 from saia.base.http11 import HttpClient
 from saia.base.mux import Channel, StreamClosed, StreamState
@@ -165,7 +165,7 @@ class Router:
 
     def describe(self, service: Any) -> dict[str, Any]:
         registry, name = self.registry, service.name
-        snapshot = ServiceSnapshot(
+        counts = ServiceCounts(
             ready=len(registry.ready(name)),
             starting=registry.starting(name),
             in_flight=registry.load(name, time.monotonic()).in_flight,
@@ -179,8 +179,8 @@ class Router:
             "created": self.created,
             "owned_by": "saia",
             "name": service.display_name or service.model_id,
-            "status": service_status(snapshot),
-            "demand": service_demand(snapshot),
+            "status": service_status(counts),
+            "demand": service_demand(counts),
             "input": list(service.input),
             "output": list(service.output),
         }

@@ -6,7 +6,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from hpc.router.policy import (
-    ServiceSnapshot,
+    ServiceCounts,
     pick_backend,
     queue_is_full,
     service_demand,
@@ -36,12 +36,12 @@ def test_tried_backends_are_excluded() -> None:
     assert pick_backend([], (), 3) is None
 
 
-def snap(**kw: int | bool) -> ServiceSnapshot:
+def snap(**kw: int | bool) -> ServiceCounts:
     base: dict[str, int | bool] = dict(
         ready=0, starting=0, in_flight=0, queued=0, demand_waiting=False, target_concurrency=8
     )
     base.update(kw)
-    return ServiceSnapshot(**base)  # type: ignore[arg-type]
+    return ServiceCounts(**base)  # type: ignore[arg-type]
 
 
 def test_status() -> None:
