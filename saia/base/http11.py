@@ -10,8 +10,9 @@ connections per origin, TLS for https (certifi's CA bundle, as httpx), the reque
 body in one write, the response parsed by httptools (llhttp, C; installed with
 uvicorn[standard]) and handed on chunk by chunk as it arrives. Optionally at most
 `max_connections` connections are open (a request waits for one). A pooled connection that
-the server closed meanwhile is replaced once before anything came back. No total timeout:
-the caller times the first byte and each gap between chunks.
+the server closed meanwhile (nothing came back on it) is dropped and the request tries the
+next pooled one, then a new one, which is never retried. No total timeout: the caller
+times the first byte and each gap between chunks.
 
 Requests are built from values the caller has validated: method, path (from an allow-list
 or configuration), header names (HTTP tokens) and values (no CR/LF/NUL).
@@ -22,11 +23,12 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import cached_property
+from itertools import chain
 from urllib.parse import urlsplit
 
 import certifi
@@ -221,7 +223,7 @@ class HttpClient:
         self._connect_timeout = connect_timeout
         self._max_idle_per_origin = max_idle_per_origin
         self._encoding = header_encoding
-        self._idle: dict[tuple[str, str, int], deque[_Connection]] = {}
+        self._idle: defaultdict[tuple[str, str, int], deque[_Connection]] = defaultdict(deque)
         self._idle_count = 0
         self._busy: set[_Connection] = set()
         self._targets: dict[str, Target] = {}
@@ -231,13 +233,10 @@ class HttpClient:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        for pool in self._idle.values():
-            for connection in pool:
-                connection.close()
+        for connection in [*chain.from_iterable(self._idle.values()), *self._busy]:
+            connection.close()
         self._idle.clear()
         self._idle_count = 0
-        for connection in self._busy:
-            connection.close()
         self._busy.clear()
 
     @property
@@ -345,9 +344,7 @@ class HttpClient:
 
     def _pool(self, connection: _Connection, reuse: bool) -> None:
         self._busy.discard(connection)
-        pool = self._idle.get(connection.origin)
-        if pool is None:
-            pool = self._idle[connection.origin] = deque()
+        pool = self._idle[connection.origin]
         if (
             not reuse
             or not connection.reusable()
@@ -377,8 +374,7 @@ class HttpClient:
         return await self._connect(target, connect_timeout)
 
     def _close_oldest_idle(self) -> None:
-        pools = [pool for pool in self._idle.values() if pool]
-        oldest = min(pools, key=lambda pool: pool[0].idle_since)
+        oldest = min((p for p in self._idle.values() if p), key=lambda p: p[0].idle_since)
         oldest.popleft().close()
         self._idle_count -= 1
 
