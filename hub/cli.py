@@ -94,7 +94,8 @@ def serve(config_path: Path, host: str | None, port: int | None) -> None:
 
     _migrate(config)  # unreachable database: one line, not a traceback
     port = port if port is not None else config.port
-    uvicorn.Server(uvicorn_config(app, host or config.host, port)).run()
+    served = uvicorn_config(app, host or config.host, port, client_timeouts=config.client_timeouts)
+    uvicorn.Server(served).run()
 
 
 @hub.group()

@@ -26,6 +26,7 @@ from saia.base.config_file import (
 
 __all__ = [
     "AuthConfig",
+    "ClientTimeoutsConfig",
     "ConfigError",
     "HooksConfig",
     "HpcSite",
@@ -40,6 +41,7 @@ __all__ = [
 ]
 
 ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+ORIGIN = re.compile(r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?$")
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
 
 
@@ -81,6 +83,12 @@ class OpenAIUpstreamConfig(Strict):
     """set for an Azure OpenAI deployment"""
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
     """per-phase timeouts of requests to this provider"""
+    usage_per_chunk: bool = Field(
+        False,
+        description="the provider is vLLM: ask for usage on every streamed chunk "
+        "(continuous_usage_stats), so a client that leaves mid-stream pays for what was "
+        "generated, prompt included",
+    )
 
     @field_validator("base_url")
     @classmethod
@@ -213,6 +221,25 @@ class AuthConfig(Strict):
     """limits per user: all of a user's keys and proxy logins together"""
     admin_token_env: str | None = Field("SAIA_HUB_ADMIN_TOKEN", pattern=ENV_NAME)
     """environment variable holding the admin API token (16+ chars); unset: admin keys only"""
+    metrics_token_env: str | None = Field(
+        None,
+        pattern=ENV_NAME,
+        description="environment variable holding a token (16+ chars) that may read /metrics "
+        "and nothing else; unset: /metrics needs the admin token or an admin key",
+    )
+    allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="web origins (https://host[:port]) besides the hub's own (its Host "
+        "header) whose browser requests may act for a proxy-identified user (CSRF guard)",
+    )
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if not ORIGIN.match(origin):
+                raise ValueError(f"{origin!r} is not an origin such as https://chat.example.org")
+        return [origin.lower() for origin in value]
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -228,7 +255,27 @@ class AuthConfig(Strict):
     def _proxy(self) -> AuthConfig:
         if self.proxy_user_header and not self.trusted_proxies:
             raise ValueError("proxy_user_header needs trusted_proxies (the proxies' addresses)")
+        if self.proxy_group_header and not self.proxy_user_header:
+            # A group is believed only together with a user named by a trusted proxy.
+            raise ValueError("proxy_group_header needs proxy_user_header")
         return self
+
+
+class ClientTimeoutsConfig(Strict):
+    """How long a client may take to send its request; the answer has no total bound.
+
+    Slow senders must not hold connections (and the tasks waiting for their bodies)."""
+
+    head: Duration = Field(
+        10.0,
+        gt=0,
+        description="from a connection's opening, or a request's first byte, until the "
+        "request line and headers are complete; the connection is closed after it",
+    )
+    body_idle: Duration = Field(10.0, gt=0)
+    """longest gap between two pieces of a request body (408 after it)"""
+    body: Duration = Field(60.0, gt=0)
+    """longest time to receive a whole request body (408 after it)"""
 
 
 class HubConfig(Strict):
@@ -251,6 +298,10 @@ class HubConfig(Strict):
     """the public models"""
     auth: AuthConfig = Field(default_factory=AuthConfig)
     """API keys, proxy identity and limits"""
+    client_timeouts: ClientTimeoutsConfig = Field(default_factory=ClientTimeoutsConfig)
+    """bounds on how slowly clients may send their requests"""
+    api_docs: bool = False
+    """serve the interactive API docs (/docs, /redoc, /openapi.json) to anyone; off: 404"""
 
     @model_validator(mode="after")
     def _references(self) -> HubConfig:
@@ -268,6 +319,15 @@ class HubConfig(Strict):
             if model.id == model_id:
                 return model
         return None
+
+    def docs_urls(self) -> dict[str, str | None]:
+        """FastAPI's docs settings: the URLs when api_docs is on, None (not served) when off."""
+        on = self.api_docs
+        return {
+            "docs_url": "/docs" if on else None,
+            "redoc_url": "/redoc" if on else None,
+            "openapi_url": "/openapi.json" if on else None,
+        }
 
     @property
     def database(self) -> str:

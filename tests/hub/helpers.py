@@ -70,7 +70,10 @@ async def running_hub(
     when other components start tasks in the same loop meanwhile)."""
     app = create_app(config, {"SAIA_HUB_ADMIN_TOKEN": ADMIN_TOKEN, **(environ or {})})
     port = free_port()
-    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, log_level="warning"))
+    served = uvicorn_config(
+        app, "127.0.0.1", port, log_level="warning", client_timeouts=config.client_timeouts
+    )
+    server = uvicorn.Server(served)
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
     before = asyncio.all_tasks()
     task = asyncio.create_task(server.serve())
