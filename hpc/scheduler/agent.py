@@ -19,20 +19,20 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import signal
 import time
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 
 from hpc.config import AgentConfig, ServiceConfig
-from hpc.jobs.system import Endpoint, JobInfo, JobSystem, JobTag, Submission
+from hpc.jobs.system import JobInfo, JobSystem, JobTag, Submission
 from hpc.registry import Backend, BackendRegistry
-from hpc.scheduler.health import HealthBook, HealthMonitor, ProbeTarget
+from hpc.router.server import serve_requests
+from hpc.scheduler.health import HealthMonitor, ProbeTarget
 from hpc.scheduler.leader import LOCK_FILE, LeaderLock
+from hpc.scheduler.live import LiveState
 from hpc.scheduler.observation import observe
 from hpc.scheduler.operations import handle_requests, operator_signals
 from hpc.scheduler.operator_requests import RELOAD_SIGNAL, WAKE_SIGNAL
@@ -41,15 +41,14 @@ from hpc.scheduler.policy import (
     Cancel,
     Decision,
     Drain,
-    LoadSample,
     Snapshot,
     Submit,
     Warn,
     after_failure,
     decide,
 )
-from hpc.scheduler.state import AgentState, JobRecord, StateError, agent_id, load_state, save_state
-from hpc.scheduler.status import build_status, write_status
+from hpc.scheduler.state import AgentState, JobRecord, StateError, agent_id, load_state
+from hpc.scheduler.status import AgentStatus, build_status, write_status
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +59,11 @@ EXIT_DRAIN_WAIT = 60.0  # --drain-on-exit: how long to wait for cancelled jobs t
 
 
 class Agent:
-    """The leader's scheduler; one instance owns the state, health book and registry view."""
+    """The leader's scheduler: owns its `LiveState` (`live`), the job system and the wake-up.
+
+    Only the agent's own loop changes `live` (through its methods); the prober writes the
+    health book; the router reads the registry the agent publishes to.
+    """
 
     def __init__(
         self,
@@ -72,25 +75,17 @@ class Agent:
         clock: Callable[[], float] = time.time,
         config_path: Path | None = None,
     ) -> None:
-        self.config, self.jobs, self.registry, self.state = config, jobs, registry, state
-        self.render, self.clock = render, clock
+        self.jobs, self.registry, self.render, self.clock = jobs, registry, render, clock
+        self.live = LiveState(config, state)
         self.config_path = config_path  # re-read on reload
-        self.reload_wanted = False
-        self.reload_error = ""
-        self.reloaded_at: float | None = None
-        self.services = {service.name: service for service in config.services}
-        self.health = HealthBook(config.health_failures)
-        self.endpoints: dict[str, Endpoint] = {}
-        self.keys: dict[str, str | None] = {}
-        self.infos: dict[str, JobInfo] = {}
-        self.loads: dict[str, deque[LoadSample]] = {name: deque() for name in self.services}
-        self.warnings: dict[str, list[str]] = {}
-        self.last_error = ""
-        self._logged: set[tuple[str, str | None, str]] = set()
+        self._reload_wanted = False
         self._published: set[str] = set()
         self._wake = asyncio.Event()
-        for job_id, record in state.jobs.items():
-            self.health.seed(job_id, record.ready_since)
+
+    @property
+    def config(self) -> AgentConfig:
+        """The running config (a reload replaces it)."""
+        return self.live.config
 
     # -- lifetime -------------------------------------------------------------------
     async def run(self) -> None:
@@ -102,7 +97,7 @@ class Agent:
         ):
             group.create_task(self.health_monitor().run(client), name="health")
             group.create_task(self._forward_wakeups(), name="wakeups")
-            group.create_task(self._serve_router(), name="router")
+            group.create_task(serve_requests(lambda: self.config, self.registry), name="router")
             await self._schedule_loop()
 
     async def _schedule_loop(self) -> None:
@@ -123,24 +118,15 @@ class Agent:
             self.registry.wakeup.clear()
             self._wake.set()
 
-    async def _serve_router(self) -> None:
-        try:
-            from hpc.router.server import serve_requests
-        except ImportError as error:
-            # The router is built separately; scheduling must work without it.
-            log.warning("no request router (%s): not listening for requests", error)
-            return
-        await serve_requests(lambda: self.config, self.registry)  # sees reloads
-
     def wake(self, reload: bool = False) -> None:
         """Decide at once (a signal); with `reload`, re-read the config file first."""
-        self.reload_wanted = self.reload_wanted or reload
+        self._reload_wanted = self._reload_wanted or reload
         self._wake.set()
 
     async def shutdown(self, drain: bool) -> None:
         """Leave jobs to the next agent (or cancel them when asked), save everything."""
         if drain:
-            for job_id, record in self.state.jobs.items():
+            for job_id, record in list(self.live.jobs.items()):
                 if not record.cancelled:
                     await self._cancel(Cancel(record.service, job_id, "agent exit with drain"))
             await self._wait_gone(EXIT_DRAIN_WAIT)
@@ -162,16 +148,16 @@ class Agent:
     async def step(self) -> bool:
         """One observation, decision and act; True when it submitted or cancelled."""
         now = self.clock()
-        handle_requests(self)  # also while Slurm is down
+        reload, self._reload_wanted = self._reload_wanted, False
+        handle_requests(self.live, reload, self.config_path, now)  # also while Slurm is down
         try:
             async with asyncio.timeout(self.config.slurm_timeout + 5):
                 infos = await self.jobs.list_jobs()
         except Exception as error:  # Slurm down or slow: keep serving, retry next loop
-            self.last_error = f"cannot list jobs: {error}"
-            log.warning("%s", self.last_error)
+            self.live.slurm_failed(f"cannot list jobs: {error}")
+            log.warning("%s", self.live.error)
             self._save(now)
             return False
-        self.last_error = ""
         decision = decide(self.observe(infos, now), now)
         acted = await self.act(decision, now)
         self.publish()
@@ -179,19 +165,17 @@ class Agent:
         return acted
 
     def observe(self, infos: list[JobInfo], now: float) -> Snapshot:
-        """The policy's snapshot (hpc/scheduler/observation.py); updates the bookkeeping."""
-        return observe(self, infos, now)
+        """The policy's snapshot (hpc/scheduler/observation.py); updates the live state."""
+        return observe(self.live, self.registry, infos, now)
 
     async def act(self, decision: Decision, now: float) -> bool:
-        self.state.backoff.update(decision.backoff)
-        self.warnings = {}
+        self.live.start_decision(decision.backoff)
         acted, refused = False, set()
         for action in decision.actions:
             if isinstance(action, Warn):
-                self._warn(action)
+                self.live.warn(action)
             elif isinstance(action, Drain):
-                record = self.state.jobs[action.job_id]
-                record.draining, record.drain_reason = True, action.reason
+                self.live.start_draining(action.job_id, action.reason)
                 log.info("draining job %s (%s): %s", action.job_id, action.service, action.reason)
             elif isinstance(action, Cancel):
                 acted = await self._cancel(action) or acted
@@ -202,49 +186,32 @@ class Agent:
                     refused.add(action.service)
         return acted
 
-    def forget_warnings(self, job_id: str) -> None:
-        """A job is gone: a new problem of the same kind is logged again."""
-        self._logged = {key for key in self._logged if key[1] != job_id}
-
-    def _warn(self, warn: Warn) -> None:
-        self.warnings.setdefault(warn.service, []).append(
-            f"job {warn.job_id}: {warn.message}" if warn.job_id else warn.message
-        )
-        key = (warn.service, warn.job_id, re.sub(r"[0-9]+", "N", warn.message))
-        if key not in self._logged:  # once per kind of problem, not once per loop
-            self._logged.add(key)
-            log.warning("%s: %s", warn.service, self.warnings[warn.service][-1])
-
     async def _cancel(self, cancel: Cancel) -> bool:
-        record = self.state.jobs.get(cancel.job_id)
-        if record is not None:
-            record.cancelled = True
-            self.publish()  # out of rotation before Slurm signals it
+        self.live.set_cancelled(cancel.job_id, True)
+        self.publish()  # out of rotation before Slurm signals it
         log.info("cancelling job %s (%s): %s", cancel.job_id, cancel.service, cancel.reason)
         try:
             async with asyncio.timeout(self.config.slurm_timeout + 5):
                 await self.jobs.cancel(cancel.job_id)
         except Exception as error:  # retried next loop
             log.error("cannot cancel job %s: %s", cancel.job_id, error)
-            if record is not None:
-                record.cancelled = False
+            self.live.set_cancelled(cancel.job_id, False)
             return False
         return True
 
     async def _submit(self, submit: Submit, now: float) -> bool:
-        service = self.services[submit.service]
+        service = self.live.services[submit.service]
         try:
             submission = self.render(service)
             async with asyncio.timeout(self.config.slurm_timeout + 5):
                 job_id = await self.jobs.submit(submission)
         except Exception as error:  # a failed submission backs off like a failed start
-            backoff = self.state.backoff.get(service.name, Backoff())
-            self.state.backoff[service.name] = after_failure(backoff, now, service)
+            backoff = after_failure(self.live.backoff.get(service.name, Backoff()), now, service)
             message = f"submission failed: {error}"
-            self.warnings.setdefault(service.name, []).append(message)
+            self.live.submission_failed(service.name, message, backoff)
             log.error("%s: %s", service.name, message)
             return False
-        self.state.jobs[job_id] = JobRecord(service.name, now, replaces=submit.replaces)
+        self.live.submitted(job_id, JobRecord(service.name, now, replaces=submit.replaces))
         log.info("submitted job %s (%s): %s", job_id, service.name, submit.reason)
         return True
 
@@ -254,22 +221,23 @@ class Agent:
         Jobs of a service a reload removed stay published as draining until they end, so
         the router keeps counting the requests still in flight on them.
         """
-        names = set(self.services) | {r.service for r in self.state.jobs.values()}
+        live = self.live
+        names = set(live.services) | {r.service for r in live.jobs.values()}
         per_service: dict[str, list[Backend]] = {name: [] for name in names | self._published}
         starting = dict.fromkeys(per_service, 0)
-        for job_id, record in self.state.jobs.items():
+        for job_id, record in live.jobs.items():
             if record.cancelled:
                 continue
-            configured = record.service in self.services
-            endpoint = self.endpoints.get(job_id)
-            if endpoint is None or (configured and not self.health.serving(job_id)):
+            configured = record.service in live.services
+            endpoint = live.endpoints.get(job_id)
+            if endpoint is None or (configured and not live.health.serving(job_id)):
                 starting[record.service] += configured and record.ready_since is None
                 continue
             backend = Backend(
                 service=record.service,
                 job_id=job_id,
                 url=endpoint.url,
-                api_key=self.keys.get(job_id),
+                api_key=live.key(job_id),
                 draining=record.draining or not configured,
             )
             per_service[record.service].append(backend)
@@ -277,10 +245,14 @@ class Agent:
             self.registry.publish(name, backends, starting=starting[name])
         self._published = names
 
+    def status(self, now: float, stopped: bool = False) -> AgentStatus:
+        """What `saia hpc status` shows (`hpc/scheduler/status.py`)."""
+        return build_status(self.live, self.registry, now, stopped)
+
     def _save(self, now: float, stopped: bool = False) -> None:
         try:
-            save_state(self.config.state_dir, self.state)
-            write_status(self.config.state_dir, build_status(self, now, stopped))
+            self.live.save()
+            write_status(self.config.state_dir, self.status(now, stopped))
         except OSError as error:
             log.error("cannot write the agent state: %s", error)
 
@@ -288,7 +260,7 @@ class Agent:
     def health_monitor(self) -> HealthMonitor:
         """Probes (and load reads) of this agent's backends, feeding its health book."""
         return HealthMonitor(
-            self.health,
+            self.live.health,
             self.probe_targets,
             self._wake.set,
             self.config.health_interval,
@@ -298,18 +270,18 @@ class Agent:
 
     def probe_targets(self) -> list[ProbeTarget]:
         """Every job with an endpoint that is not cancelled, with its key and readiness."""
-        targets = []
-        for job_id, endpoint in self.endpoints.items():
-            record = self.state.jobs.get(job_id)
-            if record is None or record.cancelled or record.service not in self.services:
+        live, targets = self.live, []
+        for job_id, endpoint in live.endpoints.items():
+            record = live.jobs.get(job_id)
+            if record is None or record.cancelled or record.service not in live.services:
                 continue
             targets.append(
                 ProbeTarget(
                     job_id=job_id,
                     url=endpoint.url,
-                    model_id=self.services[record.service].model_id,
-                    api_key=self.keys.get(job_id),
-                    ready=self.health.get(job_id).ready_since is not None,
+                    model_id=live.services[record.service].model_id,
+                    api_key=live.key(job_id),
+                    ready=live.health.get(job_id).ready_since is not None,
                 )
             )
         return targets
@@ -370,7 +342,7 @@ async def run_agent(
         )
         log.info("agent %s leads in %s (pid %d)", ident, config.state_dir, os.getpid())
         try:
-            with operator_signals(agent):
+            with operator_signals(config.state_dir, agent.wake):
                 await agent.run()
         finally:
             await agent.shutdown(drain_on_exit)

@@ -145,9 +145,6 @@ class Decision:
     actions: tuple[Action, ...]
     backoff: dict[str, Backoff]
 
-    def of(self, kind: type[Action]) -> list[Action]:
-        return [action for action in self.actions if isinstance(action, kind)]
-
 
 def gpus_per_job(config: ServiceConfig) -> int:
     return config.resources.gpus * config.resources.nodes

@@ -28,7 +28,7 @@ class StateError(Exception):
     """The state file exists but cannot be used; str() says why in one line."""
 
 
-@dataclass
+@dataclass(frozen=True)  # changed only by replacing it (hpc/scheduler/live.py)
 class JobRecord:
     service: str
     first_seen: float

@@ -22,7 +22,8 @@ from hpc.jobs.system import write_atomic
 
 if TYPE_CHECKING:
     from hpc.config import ServiceConfig
-    from hpc.scheduler.agent import Agent
+    from hpc.registry import BackendRegistry
+    from hpc.scheduler.live import LiveState
 
 STATUS_FILE = "status.json"
 VERSION = 1
@@ -232,19 +233,19 @@ def status_dict(status: AgentStatus, now: float) -> dict[str, Any]:
     return {**asdict(status), "age_s": round(now - status.written_at, 3), "stale": stale}
 
 
-def _job_status(agent: Agent, job_id: str) -> JobStatus | None:
-    info, record = agent.infos.get(job_id), agent.state.jobs.get(job_id)
+def _job_status(live: LiveState, job_id: str) -> JobStatus | None:
+    info, record = live.info(job_id), live.jobs.get(job_id)
     if info is None or record is None:
         return None
-    endpoint = agent.endpoints.get(job_id)
-    health = agent.health.get(job_id)
+    endpoint = live.endpoints.get(job_id)
+    health = live.health.get(job_id)
     load = health.load
     return JobStatus(
         job_id=job_id,
         service=record.service,
         state=info.state,
         endpoint=f"{endpoint.host}:{endpoint.port}" if endpoint else None,
-        ready=agent.health.serving(job_id),
+        ready=live.health.serving(job_id),
         draining=record.draining,
         cancelled=record.cancelled,
         time_left_s=info.time_left_s,
@@ -259,10 +260,12 @@ def _job_status(agent: Agent, job_id: str) -> JobStatus | None:
     )
 
 
-def _service_status(agent: Agent, service: ServiceConfig, jobs: list[JobStatus]) -> ServiceStatus:
+def _service_status(
+    live: LiveState, registry: BackendRegistry, service: ServiceConfig, jobs: list[JobStatus]
+) -> ServiceStatus:
     mine = [j for j in jobs if j.service == service.name and not j.cancelled]
-    load = agent.registry.load(service.name, time.monotonic())
-    samples = agent.loads.get(service.name)
+    load = registry.load(service.name, time.monotonic())
+    samples = live.loads(service.name)
     kv = [j.kv_cache_usage for j in mine if j.kv_cache_usage is not None]
     return ServiceStatus(
         name=service.name,
@@ -275,7 +278,7 @@ def _service_status(agent: Agent, service: ServiceConfig, jobs: list[JobStatus])
         rate_per_s=load.rate_per_s,
         min_instances=service.min_instances,
         max_instances=service.max_instances,
-        warnings=list(agent.warnings.get(service.name, [])),
+        warnings=list(live.warnings(service.name)),
         running=sum(j.running or 0 for j in mine),
         waiting=sum(j.waiting or 0 for j in mine),
         kv_cache_usage=sum(kv) / len(kv) if kv else None,
@@ -283,21 +286,24 @@ def _service_status(agent: Agent, service: ServiceConfig, jobs: list[JobStatus])
     )
 
 
-def build_status(agent: Agent, now: float, stopped: bool = False) -> AgentStatus:
-    """What `saia hpc status` shows, taken from the agent's live view."""
-    jobs = [j for j in (_job_status(agent, job_id) for job_id in agent.state.jobs) if j]
-    services = [_service_status(agent, service, jobs) for service in agent.config.services]
+def build_status(
+    live: LiveState, registry: BackendRegistry, now: float, stopped: bool = False
+) -> AgentStatus:
+    """What `saia hpc status` shows, read from the agent's live state and the router's
+    counts (nothing here changes either)."""
+    jobs = [j for j in (_job_status(live, job_id) for job_id in live.jobs) if j]
+    services = [_service_status(live, registry, s, jobs) for s in live.config.services]
     return AgentStatus(
-        agent_id=agent.state.agent_id,
+        agent_id=live.agent_id,
         pid=os.getpid(),
         written_at=now,
-        poll_interval=agent.config.poll_interval,
+        poll_interval=live.config.poll_interval,
         stopped=stopped,
         services=services,
         jobs=jobs,
-        error=agent.last_error or agent.reload_error,
-        reloaded_at=agent.reloaded_at,
-        reload_error=agent.reload_error,
+        error=live.error,
+        reloaded_at=live.reloaded_at,
+        reload_error=live.reload_error,
     )
 
 

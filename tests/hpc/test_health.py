@@ -35,7 +35,7 @@ from hpc.scheduler.health import (
     read_backend_key,
 )
 from hpc.scheduler.state import AgentState
-from hpc.scheduler.status import build_status, read_status, render_status, status_dict, write_status
+from hpc.scheduler.status import read_status, render_status, status_dict, write_status
 from tests.fixtures.standin import StandinProcess
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -287,7 +287,7 @@ async def stream_chat(client: httpx.AsyncClient, url: str, key: str) -> None:
 async def rounds_until(agent: Agent, client: httpx.AsyncClient, job_id: str, want: Any) -> None:
     monitor = agent.health_monitor()
     async with asyncio.timeout(10):
-        while agent.health.get(job_id).load != want:
+        while agent.live.health.get(job_id).load != want:
             await monitor.round(client, agent.probe_targets())
             await asyncio.sleep(0.05)
 
@@ -309,19 +309,21 @@ async def test_agent_status_and_snapshot_show_the_backends_own_load(
     agent.observe(infos, 100.0)
     async with httpx.AsyncClient(trust_env=False, timeout=30) as client:
         await rounds_until(agent, client, "local-1", BackendLoad(0, 0, None))
-        assert agent.health.serving("local-1") and agent.health.serving("local-2")
+        assert agent.live.health.serving("local-1") and agent.live.health.serving("local-2")
         requests = [asyncio.create_task(stream_chat(client, busy.url, "k1")) for _ in range(3)]
         try:
             await rounds_until(agent, client, "local-1", BackendLoad(1, 2, None))
             snapshot = agent.observe(infos, 101.0)
-            status = build_status(agent, 101.0)
+            status = agent.status(101.0)
         finally:
             for request in requests:
                 request.cancel()
             await asyncio.gather(*requests, return_exceptions=True)
         sample = snapshot.services[0].load[-1]
         assert (sample.routed, sample.in_backends, sample.load) == (0, 3, 3)
-        assert agent.health.serving("local-2") and agent.health.get("local-2").failures == 0
+        assert (
+            agent.live.health.serving("local-2") and agent.live.health.get("local-2").failures == 0
+        )
         # the stand-in stops the cancelled streams: the figures follow
         await rounds_until(agent, client, "local-1", BackendLoad(0, 0, None))
     jobs = {j.job_id: j for j in status.jobs}

@@ -229,7 +229,7 @@ def test_job_lost_before_ready_is_a_failure_but_cancelled_or_served_ones_are_not
     fine = (LostJob("8", was_ready=True, cancelled=False), LostJob("9", False, cancelled=True))
     decision = decide(snap(lost=fine), NOW)
     assert decision.backoff["llm"] == Backoff()
-    assert [a.reason for a in decision.of(Submit)] == ["min_instances"]  # type: ignore[union-attr]
+    assert [a.reason for a in decision.actions if isinstance(a, Submit)] == ["min_instances"]
 
 
 def test_backoff_resets_when_a_start_succeeds() -> None:
