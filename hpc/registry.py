@@ -22,7 +22,9 @@ class Backend:
     api_key: str | None = None
     draining: bool = False
     in_flight: int = 0
-    served: int = 0
+    served: int = 0  # answers it completed (failed attempts and broken streams not counted)
+    failures: int = 0  # attempts in a row that failed before any response byte
+    retry_at: float = 0.0  # after a failure: monotonic time before which it takes no request
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,8 @@ class ServiceLoad:
 @dataclass
 class _ServiceState:
     backends: dict[str, Backend] = field(default_factory=dict)
-    ready_event: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set (and replaced) whenever the routable backends change: waiting requests look again.
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
     queued: int = 0
     arrivals: deque[float] = field(default_factory=deque)
     demand_since: float | None = None
@@ -63,6 +66,7 @@ class BackendRegistry:
         """
         state = self._state(service)
         state.starting = starting
+        before = _routable(state.backends)
         fresh: dict[str, Backend] = {}
         for backend in backends:
             old = state.backends.get(backend.job_id)
@@ -73,10 +77,9 @@ class BackendRegistry:
                 fresh[backend.job_id] = backend
         state.backends = fresh
         if any(not b.draining for b in fresh.values()):
-            state.ready_event.set()
             state.demand_since = None
-        else:
-            state.ready_event.clear()
+        if _routable(fresh) != before:
+            _notify(state)
 
     def in_flight_of(self, service: str, job_id: str) -> int:
         backend = self._state(service).backends.get(job_id)
@@ -110,12 +113,31 @@ class BackendRegistry:
             state.demand_since = now
         self.wakeup.set()
 
-    async def wait_ready(self, service: str) -> None:
-        """Return once the service has a ready backend; the caller applies the timeout."""
+    def note_failure(self, backend: Backend, retry_at: float) -> None:
+        """An attempt failed before any response byte: no request until `retry_at`.
+
+        The first failure in a row also wakes the scheduler to look at the job now.
+        """
+        backend.failures += 1
+        backend.retry_at = retry_at
+        if backend.failures == 1:
+            self.wakeup.set()
+        _notify(self._state(backend.service))
+
+    def note_answered(self, backend: Backend) -> None:
+        """The backend sent a response head: it takes requests again."""
+        if backend.failures:
+            backend.failures, backend.retry_at = 0, 0.0
+            _notify(self._state(backend.service))
+
+    async def wait_change(self, service: str) -> None:
+        """Return once the service's backends change (published, failed or answering again);
+        the caller counts as queued meanwhile and applies the timeout."""
         state = self._state(service)
+        changed = state.changed
         state.queued += 1
         try:
-            await state.ready_event.wait()
+            await changed.wait()
         finally:
             state.queued -= 1
 
@@ -125,3 +147,13 @@ class BackendRegistry:
     def starting(self, service: str) -> int:
         """Jobs of the service pending or starting, as last published."""
         return self._state(service).starting
+
+
+def _routable(backends: dict[str, Backend]) -> list[tuple[str, str]]:
+    return [(b.job_id, b.url) for b in backends.values() if not b.draining]
+
+
+def _notify(state: _ServiceState) -> None:
+    """Wake every request waiting on the service; later waiters get a fresh event."""
+    state.changed.set()
+    state.changed = asyncio.Event()

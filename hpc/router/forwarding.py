@@ -1,14 +1,17 @@
 """Forwarding one routed request to a backend model server, streaming the answer back.
 
 The router hands over a validated request and a `ResponseSink`; this module picks a backend
-(waiting for one when none is ready), keeps the registry's load counters, retries once on
-another backend when the first fails before answering, and never truncates a stream
-silently: a break after the response started ends with an OpenAI-style error event.
+(waiting for one when none is ready), keeps the registry's load counters, and never loses a
+request to a backend that dies before answering: the request waits (bounded by
+`queue_timeout`) for a ready backend, e.g. the dead one's replacement, and is sent there.
+A break after the response started ends with an OpenAI-style error event, never a silent
+truncation.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -18,7 +21,7 @@ from typing import Protocol
 
 from hpc.config import RouterConfig, ServiceConfig
 from hpc.registry import Backend, BackendRegistry
-from hpc.router.policy import pick_backend, queue_is_full
+from hpc.router.policy import next_trial, pick_backend, queue_is_full, retry_delay
 from saia.base.http11 import ConnectFailed, HttpClient, HttpResponse, NoResponse, ResponseBroken
 from saia.base.protocol import RequestHead
 
@@ -137,55 +140,73 @@ class Forwarder:
     async def forward(
         self, sink: ResponseSink, service: ServiceConfig, head: RequestHead, body: bytes
     ) -> None:
+        """Forward to a ready backend; until one answers, wait (up to `queue_timeout` from
+        arrival) for one to become ready or for a failed one's next trial, and try again.
+
+        Only a response that has started can fail: then it ends with an explicit error.
+        """
         common = backend_headers(head.headers, None)  # validated before waiting for a backend
         name = service.name
-        self._registry.note_arrival(name, time.monotonic())
-        tried: set[str] = set()
-        for _attempt in range(2):
-            backend = await self._acquire(name, tried)
-            if backend is None:
-                break
-            tried.add(backend.job_id)
+        arrival = time.monotonic()
+        self._registry.note_arrival(name, arrival)
+        deadline = arrival + self._config.queue_timeout
+        failed = False
+        while True:
+            backend = await self._acquire(name, deadline, failed)
             headers = with_key(common, backend.api_key)  # each its own key
             backend.in_flight += 1
             try:
-                await self._exchange(sink, backend, head, headers, body)
-                return
+                complete = await self._exchange(sink, backend, head, headers, body)
             except Unreachable as error:
                 log.warning(
-                    "backend %s of %s failed before answering: %s", backend.job_id, name, error
+                    "backend %s of %s failed before answering (retrying): %s",
+                    backend.job_id,
+                    name,
+                    error,
                 )
+                retry_at = time.monotonic() + retry_delay(backend.failures + 1)
+                self._registry.note_failure(backend, retry_at)
+                failed = True
+                continue
             finally:
                 backend.in_flight -= 1
-                backend.served += 1
-        raise Rejection(502, "backend_unavailable", f"no backend of {service.model_id} answered")
+            backend.served += complete
+            return
 
-    async def _acquire(self, name: str, tried: set[str]) -> Backend | None:
-        ready = self._registry.ready(name)
-        if not ready and not tried:
-            ready = await self._wait_ready(name)
-        job_id = pick_backend(ready, tried, self._turns[name])
-        self._turns[name] += 1
-        return next((b for b in ready if b.job_id == job_id), None)
-
-    async def _wait_ready(self, name: str) -> list[Backend]:
+    async def _acquire(self, name: str, deadline: float, failed: bool) -> Backend:
+        """A backend that may take the request now, waiting (bounded) until there is one."""
         registry = self._registry
-        if queue_is_full(registry.queued(name), self._config.max_queue):
-            raise Rejection(
-                503, "queue_full", f"too many requests wait for {name}", RETRY_AFTER_QUEUE_FULL
-            )
-        registry.note_demand(name, time.monotonic())
-        try:
-            async with asyncio.timeout(self._config.queue_timeout):
-                while not (ready := registry.ready(name)):
-                    await registry.wait_ready(name)
-        except TimeoutError:
-            message = (
-                f"{name} is starting: no instance became ready within "
-                f"{self._config.queue_timeout:.0f} s, retry later"
-            )
-            raise Rejection(503, "model_loading", message, RETRY_AFTER_NOT_READY) from None
-        return ready
+        waited = False
+        while True:
+            now = time.monotonic()
+            ready = registry.ready(name)
+            job_id = pick_backend(ready, self._turns[name], now)
+            if job_id is not None:
+                self._turns[name] += 1
+                backend = next(b for b in ready if b.job_id == job_id)
+                if backend.failures:  # a trial: others skip it until it answers or fails
+                    backend.retry_at = now + retry_delay(backend.failures)
+                return backend
+            if not waited and queue_is_full(registry.queued(name), self._config.max_queue):
+                raise Rejection(
+                    503, "queue_full", f"too many requests wait for {name}", RETRY_AFTER_QUEUE_FULL
+                )
+            if now >= deadline:
+                raise self._gave_up(name, failed)
+            registry.note_demand(name, now)
+            waited = True
+            wake = min(deadline, next_trial(ready, now) or deadline)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wake - now):
+                    await registry.wait_change(name)
+
+    def _gave_up(self, name: str, failed: bool) -> Rejection:
+        waited = f"{self._config.queue_timeout:.0f} s"
+        if failed:
+            message = f"no instance of {name} answered within {waited}, retry later"
+            return Rejection(503, "backend_unavailable", message, RETRY_AFTER_NOT_READY)
+        message = f"{name} is starting: no instance became ready within {waited}, retry later"
+        return Rejection(503, "model_loading", message, RETRY_AFTER_NOT_READY)
 
     async def _exchange(
         self,
@@ -194,7 +215,8 @@ class Forwarder:
         head: RequestHead,
         headers: list[tuple[str, str]],
         body: bytes,
-    ) -> None:
+    ) -> bool:
+        """Pass the backend's answer on; True if it arrived whole."""
         try:
             async with asyncio.timeout(self._config.first_byte_timeout):
                 response = await self._http.send(backend.url, head.method, head.path, headers, body)
@@ -202,16 +224,17 @@ class Forwarder:
             raise Unreachable(str(error)) from error
         except TimeoutError:
             raise Rejection(504, "backend_timeout", "the model did not answer in time") from None
+        self._registry.note_answered(backend)
         try:
             headers, event_stream = response_headers(response.headers)
             sink.start(response.status, headers)
-            await self._pass_body(sink, response, event_stream)
+            return await self._pass_body(sink, response, event_stream)
         finally:
             self._http.release(response)
 
     async def _pass_body(
         self, sink: ResponseSink, response: HttpResponse, event_stream: bool
-    ) -> None:
+    ) -> bool:
         idle = self._config.idle_timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + idle
@@ -228,11 +251,12 @@ class Forwarder:
                     await response.receive()
         except TimeoutError:
             await self._break(sink, event_stream, f"the model sent nothing for {idle:.0f} s")
-            return
+            return False
         except ResponseBroken as error:
             await self._break(sink, event_stream, f"the model's stream broke: {error}")
-            return
+            return False
         sink.finish()
+        return True
 
     async def _break(self, sink: ResponseSink, event_stream: bool, message: str) -> None:
         """End a started response with an explicit error, never a silent truncation."""

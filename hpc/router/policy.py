@@ -5,11 +5,15 @@ No awaits, clocks or I/O: the router passes a snapshot in and acts on the answer
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 Status = Literal["ready", "loading", "offline"]
+
+
+RETRY_BASE = 0.25  # back-off after a backend's first failure, doubled per failure in a row
+RETRY_MAX = 4.0
 
 
 class Candidate(Protocol):
@@ -19,18 +23,24 @@ class Candidate(Protocol):
     @property
     def in_flight(self) -> int: ...
 
+    @property
+    def failures(self) -> int: ...
 
-def pick_backend(
-    candidates: Sequence[Candidate], exclude: Collection[str], turn: int
-) -> str | None:
+    @property
+    def retry_at(self) -> float: ...
+
+
+def pick_backend(candidates: Sequence[Candidate], turn: int, now: float) -> str | None:
     """Least outstanding requests; ties go round-robin by `turn` (the router's counter).
 
-    Returns the chosen job id, or None when every candidate is excluded (already tried).
+    A backend that failed before answering is skipped until its `retry_at`; the router
+    moves `retry_at` on when it sends one a request, so it gets one trial at a time.
+    Returns the chosen job id, or None when no candidate can take a request now.
     """
     least = 0
     tied: list[str] = []
     for candidate in candidates:  # one pass: this runs for every request
-        if candidate.job_id in exclude:
+        if candidate.failures and candidate.retry_at > now:
             continue
         load = candidate.in_flight
         if not tied or load < least:
@@ -40,6 +50,17 @@ def pick_backend(
     if len(tied) > 1:
         tied.sort()
     return tied[turn % len(tied)] if tied else None
+
+
+def retry_delay(failures: int) -> float:
+    """How long a backend with `failures` failed attempts in a row takes no request."""
+    return min(RETRY_BASE * (1 << min(max(failures - 1, 0), 16)), RETRY_MAX)
+
+
+def next_trial(candidates: Sequence[Candidate], now: float) -> float | None:
+    """When the earliest backend now skipped may be tried again (None: none is skipped)."""
+    times = [c.retry_at for c in candidates if c.failures and c.retry_at > now]
+    return min(times, default=None)
 
 
 @dataclass(frozen=True)
