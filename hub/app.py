@@ -12,13 +12,14 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
-from hub.errors import ApiError, error_body
-from hub.proxy import handle, serve_proxied
+from hub.errors import ApiError, error_body, error_response, failure_answer
+from hub.openapi import add_proxied_paths
+from hub.proxy import serve_proxied
 from hub.services import HubServices, check_environment, open_services
 
 log = logging.getLogger(__name__)
@@ -28,19 +29,34 @@ PROXIED = ("chat/completions", "completions", "embeddings")
 
 
 class HubApp(FastAPI):
-    """FastAPI, but the proxied POST routes skip its middleware, routing and dependency
-    machinery (~0.1 ms per request): they are answered by `serve_proxied` directly. Their
-    FastAPI routes stay, for the OpenAPI docs and for paths under a root_path."""
+    """FastAPI, but the proxied routes are not FastAPI's: `serve_proxied` answers them before
+    its middleware, routing and dependency machinery (~0.1 ms per request), the one way into
+    the proxy. They are described in the OpenAPI document all the same."""
 
     proxied_paths: dict[str, str] = {}  # path -> endpoint, set by create_app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            endpoint = self.proxied_paths.get(scope["path"])
+        if scope["type"] == "http":
+            path, root = scope["path"], scope.get("root_path", "")
+            if root and path.startswith(root):  # mounted under a prefix (a --root-path)
+                path = path[len(root) :]
+            endpoint = self.proxied_paths.get(path)
             if endpoint is not None:
-                await serve_proxied(self.state.services, endpoint, scope, receive, send)
+                if scope["method"] == "POST":
+                    await serve_proxied(self.state.services, endpoint, scope, receive, send)
+                else:
+                    await _NOT_ALLOWED(scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            schema = super().openapi()
+            add_proxied_paths(schema, proxied_paths())
+        return self.openapi_schema or {}
+
+
+_NOT_ALLOWED = error_response(405, error_body(405, "method not allowed"), {"allow": "POST"})
 
 
 def services_of(request: Request) -> HubServices:
@@ -49,8 +65,7 @@ def services_of(request: Request) -> HubServices:
 
 
 async def _api_error(_request: Request, error: Exception) -> Response:
-    assert isinstance(error, ApiError)
-    return error.response()
+    return failure_answer(error)
 
 
 async def _http_error(_request: Request, error: Exception) -> Response:
@@ -58,7 +73,7 @@ async def _http_error(_request: Request, error: Exception) -> Response:
     message = {404: "no such endpoint", 405: "method not allowed"}.get(
         error.status_code, str(error.detail)
     )
-    return JSONResponse(error_body(error.status_code, message), status_code=error.status_code)
+    return error_response(error.status_code, error_body(error.status_code, message))
 
 
 async def _validation_error(_request: Request, error: Exception) -> Response:
@@ -66,12 +81,11 @@ async def _validation_error(_request: Request, error: Exception) -> Response:
     first = error.errors()[0] if error.errors() else {}
     where = ".".join(str(part) for part in first.get("loc", ()))
     message = f"{where}: {first.get('msg', 'invalid request')}"
-    return JSONResponse(error_body(400, message, code="invalid_request"), status_code=400)
+    return error_response(400, error_body(400, message, code="invalid_request"))
 
 
 async def _unexpected(_request: Request, error: Exception) -> Response:
-    log.error("unexpected error", exc_info=error)
-    return JSONResponse(error_body(500, "internal error in the hub"), status_code=500)
+    return failure_answer(error)
 
 
 def model_entry(services: HubServices, model_id: str, states: dict[str, Any]) -> dict[str, Any]:
@@ -111,8 +125,6 @@ def _add_openai_routes(app: FastAPI) -> None:
 
     app.add_api_route("/v1/models", list_models, methods=["GET"], tags=["openai"])
     app.add_api_route("/v1/models/{model_id:path}", get_model, methods=["GET"], tags=["openai"])
-    for endpoint, path in proxied_paths().items():
-        app.add_api_route(path, _proxy_route(endpoint), methods=["POST"], tags=["openai"])
 
 
 def proxied_paths() -> dict[str, str]:
@@ -121,14 +133,6 @@ def proxied_paths() -> dict[str, str]:
         endpoint: f"/v1/{endpoint}" if endpoint in PROXIED else f"/{endpoint}"
         for endpoint in (*PROXIED, "tokenize", "detokenize")
     }
-
-
-def _proxy_route(endpoint: str) -> Any:
-    async def route(request: Request) -> Response:
-        return await handle(services_of(request), request, endpoint)
-
-    route.__name__ = endpoint.replace("/", "_")
-    return route
 
 
 def _add_operations_routes(app: FastAPI) -> None:

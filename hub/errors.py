@@ -1,17 +1,25 @@
-"""Errors in OpenAI's JSON shape, as HTTP responses and as in-stream SSE events."""
+"""Errors in OpenAI's JSON shape, as HTTP responses and as in-stream SSE events.
+
+`error_body` is the hub's one error-shaping function: every error a client sees, from the
+hub itself or rewritten from an upstream, goes through it.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 
 from starlette.responses import Response
+
+log = logging.getLogger(__name__)
 
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
+    405: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
@@ -19,6 +27,9 @@ _TYPES = {
     503: "service_unavailable",
     504: "timeout_error",
 }
+# On every answer the hub makes or passes on: a browser must never guess another type
+# (an upstream's HTML reflected in an error would otherwise run as a page).
+NOSNIFF = {"x-content-type-options": "nosniff"}
 
 
 class ApiError(Exception):
@@ -45,12 +56,7 @@ class ApiError(Exception):
 
     def response(self, extra_headers: Mapping[str, str] | None = None) -> Response:
         headers = {**self.headers, **(extra_headers or {})}
-        return Response(
-            json.dumps(self.body()),
-            status_code=self.status,
-            headers=headers,
-            media_type="application/json",
-        )
+        return error_response(self.status, self.body(), headers)
 
 
 def error_body(
@@ -60,7 +66,26 @@ def error_body(
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+def error_response(
+    status: int, body: dict[str, object], headers: Mapping[str, str] | None = None
+) -> Response:
+    """An error body (from `error_body`) as the HTTP answer: JSON, never sniffed."""
+    merged = {**headers, **NOSNIFF} if headers else NOSNIFF
+    return Response(
+        json.dumps(body), status_code=status, headers=merged, media_type="application/json"
+    )
+
+
 def sse_error(status: int, message: str, *, code: str | None = None) -> bytes:
     """The event that ends a stream which broke after it had started."""
     event = {"object": "error", **error_body(status, message, code=code)}
     return b"data: " + json.dumps(event).encode() + b"\n\n"
+
+
+def failure_answer(error: Exception) -> Response:
+    """The answer to a request that failed before its answer started (the hub's one mapping
+    of exceptions to answers, for the proxy and the FastAPI routes alike)."""
+    if isinstance(error, ApiError):
+        return error.response()
+    log.error("unexpected error", exc_info=error)
+    return error_response(500, error_body(500, "internal error in the hub"))

@@ -27,12 +27,3 @@ def apply_hooks(payload: dict[str, Any], hooks: HooksConfig, endpoint: str) -> d
     if hooks.system_prompt and endpoint == "chat/completions" and isinstance(messages, list):
         out["messages"] = [{"role": "system", "content": hooks.system_prompt}, *messages]
     return out
-
-
-def ask_for_usage(payload: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-    """The body asking a streaming backend for usage, and whether the client asked itself."""
-    options = payload.get("stream_options")
-    client_asked = isinstance(options, dict) and options.get("include_usage") is True
-    merged = dict(options) if isinstance(options, dict) else {}
-    merged["include_usage"] = True
-    return {**payload, "stream_options": merged}, client_asked

@@ -84,6 +84,7 @@ def target_of(site: HpcSite) -> HopTarget:
 
 class HpcUpstream:
     default_status: ModelStatus = "offline"
+    usage_per_chunk = True  # the agents serve vLLM (or the stand-in, which answers alike)
 
     def __init__(self, name: str, config: HpcUpstreamConfig) -> None:
         self.name = name

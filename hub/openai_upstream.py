@@ -42,6 +42,7 @@ class OpenAIUpstream:
         environ: Mapping[str, str],
     ) -> None:
         self.name = name
+        self.usage_per_chunk = config.usage_per_chunk
         self._config = config
         self._client = client
         self._headers = {"accept-encoding": "identity", "content-type": "application/json"}

@@ -1,11 +1,15 @@
-"""Incremental reading of an upstream's SSE stream: find the usage chunk, strip it if asked.
+"""Incremental reading of an upstream's SSE stream: find usage, strip what was not asked.
 
-The hub asks every streaming backend for usage (`stream_options.include_usage`) so it can
-account tokens; a client that did not ask must not see the extra chunk. Complete events are
-passed on at once; only an incomplete trailing event waits for its end. Events are parsed as
-JSON only when they may carry usage or an error (a cheap byte search decides), so ordinary
-token chunks are forwarded without decoding or re-encoding. With include_usage every chunk
-carries `"usage":null` (OpenAI and vLLM alike): that is no usage, and no reason to parse.
+The hub asks every streaming upstream for usage (`stream_options.include_usage`), and an
+upstream that can (vLLM's `continuous_usage_stats`) for usage on every chunk, so that a
+client that leaves mid-stream is charged what was generated up to then. A client sees only
+the usage it asked for. Complete events are passed on at once; only an incomplete trailing
+event waits for its end. Events are parsed as JSON only when they may carry usage or an
+error (a cheap byte search decides), so ordinary token chunks are forwarded without decoding
+or re-encoding. `"usage":null` (OpenAI's chunks with include_usage) is no usage.
+
+An upstream that never reports usage still costs: every content event counts one
+completion token (`UsageTap.estimate`).
 """
 
 from __future__ import annotations
@@ -13,8 +17,11 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
+# What usage a client asked to see in a stream: none, the final usage chunk, or also usage
+# on every chunk (vLLM's continuous_usage_stats).
+UsageWish = Literal["none", "final", "all"]
 _BOUNDARY = re.compile(rb"\r?\n\r?\n")
 
 
@@ -46,7 +53,7 @@ def usage_from_body(body: bytes) -> Usage | None:
     """The usage of a complete (non-streamed) JSON answer."""
     try:
         return usage_of(json.loads(body))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
 
 
@@ -75,18 +82,31 @@ def _event_json(event: bytes) -> Any:
         return None
     try:
         return json.loads(b"\n".join(data))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
+
+
+def _count_events(complete: bytes) -> int:
+    """Data events in complete events, [DONE] aside (a newline inside JSON is escaped, so a
+    line that starts with `data:` is always an event's)."""
+    events = complete.count(b"\ndata:") + complete.startswith(b"data:")
+    return events - complete.count(b"data: [DONE]") - complete.count(b"data:[DONE]")
 
 
 class UsageTap:
     """Watches one SSE stream; `feed` returns the bytes to forward to the client."""
 
-    def __init__(self, *, strip_usage: bool) -> None:
-        self._strip = strip_usage
+    def __init__(self, show: UsageWish) -> None:
+        self._show = show
         self._pending = b""
         self.usage: Usage | None = None
         self.error: str | None = None
+        self.events = 0
+
+    @property
+    def estimate(self) -> Usage:
+        """The usage reported last, else one completion token per event seen."""
+        return self.usage or Usage(0, self.events)
 
     def feed(self, data: bytes) -> bytes:
         buffer = self._pending + data if self._pending else data
@@ -95,6 +115,8 @@ class UsageTap:
             self._pending = buffer
             return b""
         complete, self._pending = buffer[:end], buffer[end:]
+        if self.usage is None:
+            self.events += _count_events(complete)
         if not may_matter(complete):
             return complete
         return self._scan(complete)
@@ -109,24 +131,30 @@ class UsageTap:
         pieces = _BOUNDARY.split(complete)
         separators = _BOUNDARY.findall(complete)
         for event, separator in zip(pieces, separators, strict=False):
-            if self._keep(event):
-                out.append(event + separator)
+            kept = self._pass(event)
+            if kept is not None:
+                out.append(kept + separator)
         return b"".join(out)
 
-    def _keep(self, event: bytes) -> bool:
+    def _pass(self, event: bytes) -> bytes | None:
+        """The event as the client gets it (None: not at all)."""
         if not may_matter(event):
-            return True
+            return event
         payload = _event_json(event)
         if not isinstance(payload, dict):
-            return True
+            return event
         if payload.get("object") == "error" or "error" in payload:
             error = payload.get("error")
             message = error.get("message") if isinstance(error, dict) else None
             self.error = str(message or "upstream error")
-            return True
+            return event
         usage = usage_of(payload)
         if usage is None:
-            return True
+            return event
         self.usage = usage
-        only_usage = not payload.get("choices") and not payload.get("data")
-        return not (self._strip and only_usage)
+        if self._show == "all":
+            return event
+        if not payload.get("choices") and not payload.get("data"):
+            return event if self._show == "final" else None  # the final usage chunk
+        del payload["usage"]  # usage on a token chunk, which only "all" shows
+        return b"data: " + json.dumps(payload, separators=(",", ":")).encode()

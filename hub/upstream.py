@@ -10,37 +10,6 @@ from typing import Literal, Protocol
 
 ModelStatus = Literal["ready", "loading", "offline"]
 
-# Never forwarded from an upstream: hop-by-hop headers, framing and encoding (the hub
-# re-frames the body), and headers the hub sets itself (an upstream's Retry-After passes).
-DROPPED_RESPONSE_HEADERS = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-        "content-encoding",
-        "content-length",
-        "date",
-        "server",
-        "set-cookie",
-        "ratelimit-reset",
-    }
-)
-
-
-def forwardable(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    return [
-        (name, value)
-        for name, value in headers
-        if (lower := name.lower()) not in DROPPED_RESPONSE_HEADERS
-        and not lower.startswith("x-ratelimit-")
-    ]
-
 
 @dataclass(frozen=True)
 class UpstreamRequest:
@@ -87,6 +56,9 @@ class UpstreamTimeout(UpstreamError):
 class Upstream(Protocol):
     name: str
     default_status: ModelStatus  # of a model the live state does not mention
+    # Reports usage on every streamed chunk when asked (vLLM's continuous_usage_stats), so
+    # a client that leaves mid-stream is charged exactly what was generated.
+    usage_per_chunk: bool
 
     def stream(self, request: UpstreamRequest) -> AbstractAsyncContextManager[UpstreamResponse]:
         """Send the request; the response head is available on enter, the body streams."""

@@ -34,6 +34,7 @@ class Message(_Loose):
 
 class StreamOptions(_Loose):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM: usage on every chunk (with include_usage)
 
 
 class GenerationRequest(_Loose):
@@ -123,6 +124,13 @@ class StreamShape:
     chat: bool
     include_usage: bool
     created: int
+    continuous_usage: bool = False
+
+    def progress(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+        """The usage so far, which vLLM puts on every chunk with continuous_usage_stats."""
+        if not self.continuous_usage:
+            return {}
+        return {"usage": usage(prompt_tokens, completion_tokens)}
 
     def chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
         data: dict[str, Any] = {
@@ -132,9 +140,7 @@ class StreamShape:
             "model": self.model,
             "choices": choices,
         }
-        if self.include_usage:
-            data["usage"] = None  # OpenAI: null on every chunk but the usage chunk
-        return sse({**data, **extra})
+        return sse({**data, **extra})  # no "usage" key unless given (vLLM: exclude_unset)
 
     def piece(self, text: str | None, reason: str | None) -> dict[str, Any]:
         """One choice: new text (None: nothing, as in the closing chunk) and a finish reason."""

@@ -190,8 +190,11 @@ class Standin:
         prompt_tokens = len(words_of(prompt))
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            shape = StreamShape(ident, self.model_name, chat, include_usage, int(time.time()))
+            options = body.stream_options
+            include_usage = bool(options and options.include_usage)
+            continuous = bool(include_usage and options and options.continuous_usage_stats)
+            created = int(time.time())
+            shape = StreamShape(ident, self.model_name, chat, include_usage, created, continuous)
             chunks = self.stream(shape, tokens, finish, prompt_tokens)
             return StreamingResponse(chunks, media_type="text/event-stream")
         async with self.slot():
@@ -223,13 +226,15 @@ class Standin:
         async with self.slot():
             self.prompt_tokens_total += prompt_tokens
             if shape.chat:
-                yield shape.chunk([shape.role()])
+                yield shape.chunk([shape.role()], **shape.progress(prompt_tokens, 0))
             for index, word in enumerate(tokens):
                 if self.token_delay:
                     await asyncio.sleep(self.token_delay)
                 self.generation_tokens_total += 1
-                yield shape.chunk([shape.piece(word if index == 0 else f" {word}", None)])
-            yield shape.chunk([shape.piece(None, finish)])
+                piece = shape.piece(word if index == 0 else f" {word}", None)
+                yield shape.chunk([piece], **shape.progress(prompt_tokens, index + 1))
+            done = shape.progress(prompt_tokens, len(tokens))
+            yield shape.chunk([shape.piece(None, finish)], **done)
         if shape.include_usage:
             yield shape.chunk([], usage=usage(prompt_tokens, len(tokens)))
         yield sse("[DONE]")

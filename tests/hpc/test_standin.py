@@ -81,7 +81,18 @@ async def test_stream_with_usage_ends_like_vllm(standin_server: str) -> None:
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
     assert chunks[-1]["choices"] == []
     assert chunks[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
-    assert all(c["usage"] is None for c in chunks[:-1])
+    assert all("usage" not in c for c in chunks[:-1])  # vLLM leaves it out (exclude_unset)
+
+
+async def test_stream_with_continuous_usage_like_vllm(standin_server: str) -> None:
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    request = chat_body("a b c", stream=True, stream_options=options)
+    async with httpx.AsyncClient(base_url=standin_server) as client:
+        response = await client.post("/v1/chat/completions", json=request)
+    chunks = [json.loads(event) for event in sse_events(response.text)[:-1]]
+    completions = [c["usage"]["completion_tokens"] for c in chunks]
+    assert completions == [0, 1, 2, 3, 4, 4, 4]  # role, 4 tokens, finish, the final usage
+    assert all(c["usage"]["prompt_tokens"] == 3 for c in chunks)
 
 
 async def test_stream_without_usage_has_no_usage_chunk(standin_server: str) -> None:

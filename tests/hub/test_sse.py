@@ -38,19 +38,19 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
 
 
 def test_strips_the_unasked_usage_chunk_and_keeps_the_rest_byte_for_byte() -> None:
-    tap = UsageTap(strip_usage=True)
+    tap = UsageTap("none")
     assert run(tap, [STREAM]) == b"".join(TOKENS) + b"data: [DONE]\n\n"
     assert tap.usage == Usage(7, 4)
 
 
 def test_keeps_the_usage_chunk_when_the_client_asked() -> None:
-    tap = UsageTap(strip_usage=False)
+    tap = UsageTap("final")
     assert run(tap, [STREAM]) == STREAM
     assert tap.usage == Usage(7, 4)
 
 
 def test_complete_events_are_forwarded_at_once() -> None:
-    tap = UsageTap(strip_usage=True)
+    tap = UsageTap("none")
     assert tap.feed(TOKENS[0]) == TOKENS[0]
     assert tap.feed(TOKENS[1][:5]) == b""  # an incomplete event waits for its end
     assert tap.feed(TOKENS[1][5:]) == TOKENS[1]
@@ -58,23 +58,23 @@ def test_complete_events_are_forwarded_at_once() -> None:
 
 def test_crlf_separators() -> None:
     data = STREAM.replace(b"\n\n", b"\r\n\r\n")
-    tap = UsageTap(strip_usage=True)
+    tap = UsageTap("none")
     out = run(tap, [data[:50], data[50:]])
     assert tap.usage == Usage(7, 4) and b'"usage": {' not in out and out.endswith(b"[DONE]\r\n\r\n")
 
 
 def test_error_events_are_noticed_and_forwarded() -> None:
     error = event({"object": "error", "error": {"message": "backend died", "code": 502}})
-    tap = UsageTap(strip_usage=True)
+    tap = UsageTap("none")
     assert run(tap, [TOKENS[0] + error]) == TOKENS[0] + error
     assert tap.error == "backend died"
 
 
 @given(st.lists(st.integers(min_value=0), max_size=12), st.booleans())
 def test_any_split_gives_the_same_output(cuts: list[int], strip: bool) -> None:
-    whole = UsageTap(strip_usage=strip)
+    whole = UsageTap("none" if strip else "final")
     expected = run(whole, [STREAM])
-    pieces = UsageTap(strip_usage=strip)
+    pieces = UsageTap("none" if strip else "final")
     assert run(pieces, split(STREAM, cuts)) == expected
     assert pieces.usage == whole.usage == Usage(7, 4)
 
