@@ -2,7 +2,9 @@
 
 One HopClient per site, all owned by this upstream's lifetime (`async with`). A request goes
 to the first site that takes it: a site that is unavailable before the response started
-(HopUnavailable) is skipped and the next one tried. The agents' live service state
+(HopUnavailable) is skipped and the next one tried; one whose connection broke after the
+request went out but before the answer started (HopLost) is tried once more on its new
+connection, after the others. The agents' live service state
 (`HopClient.services()`) is cached for `services_ttl` seconds and merged over sites.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -17,7 +20,15 @@ from types import TracebackType
 from typing import Any
 
 from hub.config import HpcSite, HpcUpstreamConfig
-from hub.ssh_client import HopClient, HopError, HopResponse, HopTarget, HopTimeout, HopUnavailable
+from hub.ssh_client import (
+    HopClient,
+    HopError,
+    HopLost,
+    HopResponse,
+    HopTarget,
+    HopTimeout,
+    HopUnavailable,
+)
 from hub.upstream import (
     ModelState,
     ModelStatus,
@@ -120,34 +131,53 @@ class HpcUpstream:
             yield UpstreamResponse(response.status, response.headers, chunks)
 
     async def _open(self, request: UpstreamRequest, stack: AsyncExitStack) -> HopResponse:
-        """The first site's response; unavailable sites (nothing sent yet) are skipped."""
-        headers = [("content-type", "application/json"), ("x-request-id", request.request_id)]
+        """The first site's response; unavailable sites (nothing sent yet) are skipped.
+
+        A site whose connection broke after the request went out but before any of the
+        answer came back (HopLost) is tried once more, after the other sites: its client
+        reconnects at once, and the client saw nothing of the answer, so it loses nothing.
+        """
         failures: list[str] = []
         now = asyncio.get_running_loop().time()
-        for index in site_order(self._failed_at, now, FAILED_SITE_COOLDOWN):
-            site, client = self._config.sites[index], self._clients[index]
-            opened = client.stream(
-                request.model,
-                request.method,
-                request.path,
-                headers,
-                request.body,
-                first_byte_timeout=self._config.timeouts.first_byte,
-            )
+        queue = deque(site_order(self._failed_at, now, FAILED_SITE_COOLDOWN))
+        retried: set[int] = set()
+        while queue:
+            index = queue.popleft()
             try:
-                response = await stack.enter_async_context(opened)
+                return await self._open_at(index, request, stack)
             except HopUnavailable as error:
                 self._failed_at[index] = asyncio.get_running_loop().time()
-                failures.append(f"{site.host}: {error}")
-                continue
-            except HopTimeout:
-                raise UpstreamTimeout(f"{site.host} did not answer in time") from None
-            except HopError as error:
-                raise UpstreamError(error.status, str(error)) from None
-            self._failed_at[index] = None
-            return response
+                failures.append(f"{self._config.sites[index].host}: {error}")
+                if isinstance(error, HopLost) and index not in retried:
+                    retried.add(index)
+                    queue.append(index)
         log.warning("no site of %s took the request: %s", self.name, "; ".join(failures))
         raise UpstreamUnavailable(503, f"no HPC site of {self.name} is reachable now")
+
+    async def _open_at(
+        self, index: int, request: UpstreamRequest, stack: AsyncExitStack
+    ) -> HopResponse:
+        """The response of one site; HopUnavailable when it cannot take the request."""
+        headers = [("content-type", "application/json"), ("x-request-id", request.request_id)]
+        site, client = self._config.sites[index], self._clients[index]
+        opened = client.stream(
+            request.model,
+            request.method,
+            request.path,
+            headers,
+            request.body,
+            first_byte_timeout=self._config.timeouts.first_byte,
+        )
+        try:
+            response = await stack.enter_async_context(opened)
+        except HopUnavailable:
+            raise
+        except HopTimeout:
+            raise UpstreamTimeout(f"{site.host} did not answer in time") from None
+        except HopError as error:
+            raise UpstreamError(error.status, str(error)) from None
+        self._failed_at[index] = None
+        return response
 
     async def _body(self, response: HopResponse) -> AsyncIterator[bytes]:
         try:

@@ -2,87 +2,56 @@
 
 `HopClient` keeps `target.connections` SSH connections to the login node, each with one
 long-lived exec channel running the forced command (the relay), which speaks
-`saia.base.protocol` with the agent's router. Every request is one stream on such a
-channel, so hundreds run concurrently over one connection (OpenSSH's MaxSessions does not
-apply). The host key is checked against the pinned known_hosts file. Lost connections are
-re-established with exponential back-off and jitter.
+`saia.base.protocol` with the agent's router (one connection: `hub/hop_link.py`). Every
+request is one stream on such a channel, so hundreds run concurrently over one connection
+(OpenSSH's MaxSessions does not apply). The host key is checked against the pinned
+known_hosts file. A lost connection is re-established at once, then with exponential
+back-off and jitter while connecting fails; requests wait (bounded) for it.
 
 Errors: HopUnavailable (no connection, or it was lost before the response started: the
-caller may retry elsewhere), HopTimeout (no response in time), HopError (anything else,
-including a break after the response started).
+caller may retry elsewhere), HopLost (a HopUnavailable after the request was sent: it may
+be sent again on the new connection), HopTimeout (no response in time), HopError (anything
+else, including a break after the response started).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import random
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any
 
-import asyncssh
-
+from hub.hop_link import (
+    HopError,
+    HopLost,
+    HopTarget,
+    HopTimeout,
+    HopUnavailable,
+    Link,
+    connect,
+)
 from saia.base import protocol as wire
-from saia.base.mux import Channel, Lost, StreamClosed, StreamState
+from saia.base.mux import Lost, StreamClosed, StreamState
+
+__all__ = [
+    "HopClient",
+    "HopError",
+    "HopLost",
+    "HopResponse",
+    "HopStream",
+    "HopTarget",
+    "HopTimeout",
+    "HopUnavailable",
+]
 
 log = logging.getLogger(__name__)
 BACKOFF_START = 0.2
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 5.0  # seconds a connection must live to reset the back-off
-SSH_WINDOW = 8 * 1024 * 1024
-# AES-GCM first (then asyncssh's defaults): per packet one AESGCM call in `cryptography`
-# where chacha20-poly1305 builds three cipher contexts in Python, and AES-NI makes it
-# cheaper for sshd too. The hop sends thousands of packets per second.
-ENCRYPTION_ALGS = "^aes128-gcm@openssh.com,aes256-gcm@openssh.com"
-
-
-class HopError(Exception):
-    """The hop failed; `status` is the HTTP status the hub should answer with."""
-
-    def __init__(self, message: str, status: int = 502) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class HopUnavailable(HopError):
-    """No usable connection, or it broke before the response started: safe to retry."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, 503)
-
-
-class HopTimeout(HopError):
-    def __init__(self, message: str) -> None:
-        super().__init__(message, 504)
-
-
-class Connection(Protocol):
-    """What a Link needs of its transport: an SSH connection or a local socket writer."""
-
-    def close(self) -> None: ...
-
-    async def wait_closed(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class HopTarget:
-    """One login node; with `socket`, the agent's socket on this machine instead (no SSH:
-    the demo's fallback where no sshd can be run)."""
-
-    host: str
-    port: int
-    user: str
-    client_key: Path
-    known_hosts: Path
-    command: str = "saia-relay 1"
-    socket: Path | None = None
-    connections: int = 1
 
 
 class HopResponse:
@@ -113,40 +82,6 @@ class HopResponse:
                 self.finished = True
                 error = wire.parse_error(item.payload)
                 raise HopError(error.message, error.status)
-
-
-class Link:
-    """One SSH connection and its relay channel."""
-
-    def __init__(self, connection: Connection, channel: Channel) -> None:
-        self.connection = connection
-        self.channel = channel
-        self._next_id = 0
-
-    def open_stream(self) -> StreamState:
-        self._next_id += 1
-        return self.channel.open(self._next_id)
-
-    async def run(self) -> None:
-        """Deliver frames to their streams until the channel ends."""
-        try:
-            while (frames := await self.channel.next_frames()) is not None:
-                for frame in frames:
-                    self._deliver(frame)
-        except wire.ProtocolError as error:
-            log.warning("hop channel to the login node broke: %s", error)
-        finally:
-            self.channel.close()
-            self.connection.close()
-
-    def _deliver(self, frame: wire.Frame) -> None:
-        if frame.type not in (wire.RESPONSE, wire.DATA, wire.END, wire.ERROR):
-            raise wire.ProtocolError(f"the agent sent {wire.describe(frame)}")
-        if frame.stream == 0:  # channel-wide error from the agent
-            raise wire.ProtocolError(wire.parse_error(frame.payload).message)
-        state = self.channel.streams.get(frame.stream)
-        if state is not None:
-            state.inbox.put_nowait(frame)
 
 
 class HopClient:
@@ -181,12 +116,15 @@ class HopClient:
 
     # -- connections ------------------------------------------------------------------
     async def _supervise(self, slot: int) -> None:
-        """Keep one connection up: connect, serve until lost, back off, again."""
+        """Keep one connection up: connect, serve until lost, again (backing off on failures).
+
+        Nothing but cancellation ends this task: without it the slot never reconnects.
+        """
         failures = 0
         while True:
             try:
-                link = await self._connect()
-            except (OSError, asyncssh.Error, wire.ProtocolError, TimeoutError, HopError) as error:
+                link = await connect(self.target, self._connect_timeout, self._keepalive_interval)
+            except Exception as error:  # OSError, asyncssh.Error, TimeoutError, HopError, ...
                 self._last_error = str(error) or type(error).__name__
                 failures += 1
                 delay = _backoff(failures)
@@ -194,79 +132,38 @@ class HopClient:
                     "cannot reach %s:%d (%s); retrying in %.1f s",
                     self.target.host,
                     self.target.port,
-                    error,
+                    self._last_error,
                     delay,
                 )
                 await asyncio.sleep(delay)
                 continue
-            self._links[slot] = link
-            self._changed.set()
-            started = time.monotonic()
-            try:
-                await link.run()
-            finally:
-                self._links[slot] = None
-                link.connection.close()
-                with contextlib.suppress(Exception):
-                    await link.connection.wait_closed()
+            lived = await self._serve(slot, link)
             # A connection that dies at once counts as a failure: no reconnect storm.
-            failures = 0 if time.monotonic() - started > STABLE_AFTER else failures + 1
+            failures = 0 if lived > STABLE_AFTER else failures + 1
             if failures:
                 await asyncio.sleep(_backoff(failures))
 
-    async def _connect(self) -> Link:
-        target = self.target
-        if target.socket is not None:
-            return await self._connect_local(target.socket)
-        async with asyncio.timeout(self._connect_timeout):
-            connection = await asyncssh.connect(
-                target.host,
-                target.port,
-                username=target.user,
-                client_keys=[str(target.client_key)],
-                known_hosts=str(target.known_hosts),
-                agent_path=None,
-                config=None,
-                preferred_auth="publickey",
-                encryption_algs=ENCRYPTION_ALGS,
-                keepalive_interval=self._keepalive_interval,
-                keepalive_count_max=3,
-            )
-            try:
-                return await self._open_channel(connection)
-            except BaseException:
-                connection.close()
-                raise
-
-    async def _connect_local(self, path: Path) -> Link:
-        async with asyncio.timeout(self._connect_timeout):
-            reader, writer = await asyncio.open_unix_connection(str(path), limit=SSH_WINDOW)
-            try:
-                channel = Channel(reader, writer)
-                channel.send(wire.encode_hello())
-                version = await channel.read_hello()
-            except BaseException:
-                writer.close()
-                raise
-        if version != wire.VERSION:
-            writer.close()
-            raise HopUnavailable(f"the agent speaks protocol version {version}")
-        return Link(writer, channel)
-
-    async def _open_channel(self, connection: asyncssh.SSHClientConnection) -> Link:
-        process = await connection.create_process(
-            self.target.command, encoding=None, window=SSH_WINDOW
-        )
-        channel = Channel(process.stdout, process.stdin)
-        channel.send(wire.encode_hello())
+    async def _serve(self, slot: int, link: Link) -> float:
+        """Serve requests on `link` until it ends; how long it lived."""
+        self._links[slot] = link
+        self._changed.set()
+        started = time.monotonic()
         try:
-            version = await channel.read_hello()
-        except wire.ProtocolError:
-            reason = await _first_line(process.stderr)
-            raise HopUnavailable(f"the login node refused the hop: {reason}") from None
-        if version != wire.VERSION:
-            raise HopUnavailable(f"the agent speaks protocol version {version}")
-        return Link(connection, channel)
+            await link.run()
+        except Exception:  # a bug in the frame pump: reconnect rather than go silent
+            log.exception("hop connection to %s failed", self.target.host)
+        finally:
+            self._links[slot] = None
+            await link.close()
+        lived = time.monotonic() - started
+        self._last_error = "the connection was lost; reconnecting"
+        log.warning(
+            "connection to %s:%d lost after %.1f s; reconnecting",
+            self.target.host,
+            self.target.port,
+            lived,
+        )
+        return lived
 
     def _pick(self) -> Link | None:
         if len(self._links) == 1:  # the usual case
@@ -314,12 +211,12 @@ class HopClient:
             await channel.send_data(state, body)
             channel.send(wire.encode_end(state.id))
         except StreamClosed:
-            raise HopUnavailable("the connection to the login node was lost") from None
+            raise HopLost("the connection to the login node was lost") from None
         except ValueError as error:  # head too large for a frame
             raise HopError(str(error), 400) from None
         item = await state.inbox.get()
         if isinstance(item, Lost):
-            raise HopUnavailable("the connection to the login node was lost")
+            raise HopLost("the connection to the login node was lost before the response")
         if item.type == wire.ERROR:
             refusal = wire.parse_error(item.payload)
             raise HopError(refusal.message, refusal.status)
@@ -330,6 +227,12 @@ class HopClient:
 
     async def services(self) -> list[dict[str, Any]]:
         """The agent's live service state (id, name, status, demand, input, output, ...)."""
+        try:
+            return await self._services()
+        except HopLost:  # a read: asked again on the new connection
+            return await self._services()
+
+    async def _services(self) -> list[dict[str, Any]]:
         path = "/saia/services"
         async with self.stream("", "GET", path, [], b"", first_byte_timeout=30) as response:
             body = b"".join([chunk async for chunk in response.aiter_bytes()])
@@ -365,8 +268,8 @@ class HopStream:
         link = self._link = await self._client._link()
         try:
             state = self._state = link.open_stream()
-        except StreamClosed:
-            raise HopUnavailable("the connection to the login node was lost") from None
+        except StreamClosed:  # nothing sent yet
+            raise HopLost("the connection to the login node was lost") from None
         try:
             try:
                 async with asyncio.timeout(self._timeout):
@@ -396,13 +299,3 @@ def _backoff(failures: int) -> float:
     """Exponential, capped, with jitter so that many hubs do not reconnect in step."""
     delay: float = min(BACKOFF_MAX, BACKOFF_START * 2.0**failures)
     return delay * random.uniform(0.5, 1.0)
-
-
-async def _first_line(stream: asyncssh.SSHReader[bytes]) -> str:
-    try:
-        async with asyncio.timeout(2):
-            data = await stream.read(4096)
-    except (TimeoutError, OSError, asyncssh.Error):
-        return "no reason given"
-    text = data.decode("utf-8", "replace").strip().splitlines()
-    return text[0][:300] if text else "no reason given"

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 from abc import ABC, abstractmethod
+from pathlib import Path
 from types import TracebackType
 from typing import Self
 
@@ -50,6 +51,23 @@ def stop_process(
             process.kill()
             process.wait(timeout=grace if kill_wait is None else kill_wait)
     return process.returncode
+
+
+def children_of(pid: int) -> list[int]:
+    """The pids of the processes whose parent is `pid` (from /proc), in ascending order."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text(encoding="ascii", errors="replace")
+        except OSError:  # gone meanwhile
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        fields = stat.rsplit(")", 1)[-1].split()
+        if len(fields) > 1 and fields[1] == str(pid):
+            found.append(int(entry.name))
+    return sorted(found)
 
 
 class Sandbox(ABC):

@@ -16,7 +16,14 @@ import time
 from pathlib import Path
 
 from hpc.authorized_keys import authorized_keys_line, default_python, read_public_key, relay_argv
-from saia.sandbox.process import LOOPBACK, Sandbox, SandboxError, free_port, stop_process
+from saia.sandbox.process import (
+    LOOPBACK,
+    Sandbox,
+    SandboxError,
+    children_of,
+    free_port,
+    stop_process,
+)
 
 __all__ = ["SandboxError", "SshdSandbox"]
 
@@ -110,12 +117,34 @@ class SshdSandbox(Sandbox):
             self.port = free_port()
             self._config()
             _run([str(SSHD), "-t", "-f", str(self.config_path)])
-            argv = [str(SSHD), "-D", "-f", str(self.config_path), "-E", str(self.log_path)]
-            self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
-            if self._wait_listening():
+            if self._listen():
                 return self
-            self.stop()
         raise SandboxError(f"sshd did not start; see {self.log_path}")
+
+    def _listen(self) -> bool:
+        """Start the listening sshd on the configured port; False (stopped) if it failed."""
+        argv = [str(SSHD), "-D", "-f", str(self.config_path), "-E", str(self.log_path)]
+        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+        if self._wait_listening():
+            return True
+        self.stop()
+        return False
+
+    def restart(self) -> None:
+        """Stop the listening sshd and start it again on the same port, with the same keys
+        (like `systemctl restart ssh`: open sessions are separate processes and stay)."""
+        self.stop()
+        if not self._listen():
+            raise SandboxError(f"sshd did not start again on port {self.port}; see {self.log_path}")
+
+    def session_pids(self) -> list[int]:
+        """The per-connection sshd processes (children of the listener), oldest first.
+
+        Killing one drops that client's connection, as a crashed or killed session would.
+        """
+        if self.process is None:
+            return []
+        return children_of(self.process.pid)
 
     def _wait_listening(self) -> bool:
         deadline = time.monotonic() + START_TIMEOUT
