@@ -10,7 +10,7 @@ import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hub.accounting import GroupBy, parse_moment, usage_summary
 from hub.auth import Principal
@@ -29,6 +29,14 @@ class KeyCreate(BaseModel):
     allowed_models: list[str] | None = None
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     expires_in_days: float | None = Field(None, gt=0)
+
+    @field_validator("allowed_models")
+    @classmethod
+    def _some_models(cls, value: list[str] | None) -> list[str] | None:
+        # [] would be a key that may use no model at all: surely a mistake (null = all).
+        if value is not None and not value:
+            raise ValueError("an empty list allows no model; leave it out (null) to allow all")
+        return value
 
 
 class KeyCreated(BaseModel):

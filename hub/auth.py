@@ -8,10 +8,14 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
+from urllib.parse import urlsplit
 
-from hub.config import AuthConfig, LimitsConfig
+from hub.config import AuthConfig, ConfigError, HubConfig, LimitsConfig
 from hub.errors import ApiError
 from hub.key_store import KeyCache, KeyRecord
+
+# Sec-Fetch-Site values of requests a page of another origin started.
+_FOREIGN_SITES = frozenset({"cross-site", "same-site"})
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,57 @@ def merge_limits(specific: LimitsConfig, default: LimitsConfig) -> LimitsConfig:
     return LimitsConfig.model_validate(values)
 
 
+def metrics_token(config: HubConfig, environ: Mapping[str, str]) -> str | None:
+    """The token that may read /metrics, from the environment variable the config names."""
+    name = config.auth.metrics_token_env
+    token = environ.get(name) if name else None
+    if not token:
+        return None
+    if len(token) < 16:
+        raise ConfigError(f"environment variable {name}: the metrics token needs 16+ characters")
+    return token
+
+
+def _same_token(token: str, expected: bytes | None) -> bool:
+    # Bytes, not str: compare_digest refuses non-ASCII str (a header may carry any byte).
+    return expected is not None and hmac.compare_digest(token.encode(), expected)
+
+
+def browser_problem(headers: Mapping[str, str], allowed_origins: frozenset[str]) -> str | None:
+    """Why a request that the proxy identifies by its session (cookie) may have been sent by
+    a page of another site in the user's name (cross-site request forgery), or None.
+
+    A page elsewhere can make the browser send a simple request (a form, or `fetch` without
+    CORS) but cannot set `Content-Type: application/json` without a preflight, which the hub
+    never grants; and browsers mark such requests with `Origin` and `Sec-Fetch-Site`."""
+    origin = headers.get("origin")
+    if origin is None or origin.lower() not in allowed_origins:
+        if headers.get("sec-fetch-site", "").lower() in _FOREIGN_SITES:
+            return "cross-site request refused: a page of another site sent it"
+        if origin is not None and _netloc(origin) != _host(headers):
+            return "cross-origin request refused: its Origin is not this hub"
+    length = headers.get("content-length")
+    if (length not in (None, "0") or "transfer-encoding" in headers) and not _json(headers):
+        return "a request with a body must have `Content-Type: application/json`"
+    return None
+
+
+def _netloc(origin: str) -> str | None:
+    try:
+        return urlsplit(origin.lower()).netloc
+    except ValueError:  # e.g. an unclosed [IPv6 bracket
+        return None
+
+
+def _host(headers: Mapping[str, str]) -> str:
+    return headers.get("host", "").lower() or "-"  # no Host: matches no origin
+
+
+def _json(headers: Mapping[str, str]) -> bool:
+    media_type = headers.get("content-type", "").partition(";")[0]
+    return media_type.strip().lower() == "application/json"
+
+
 def bearer_token(authorization: str | None) -> str | None:
     if not authorization:
         return None
@@ -61,10 +116,18 @@ def bearer_token(authorization: str | None) -> str | None:
 
 
 class Authenticator:
-    def __init__(self, config: AuthConfig, cache: KeyCache, admin_token: str | None) -> None:
+    def __init__(
+        self,
+        config: AuthConfig,
+        cache: KeyCache,
+        admin_token: str | None,
+        metrics_token: str | None = None,
+    ) -> None:
         self._config = config
         self._cache = cache
-        self._admin_token = admin_token
+        self._admin_token = admin_token.encode() if admin_token else None
+        self._metrics_token = metrics_token.encode() if metrics_token else None
+        self._origins = frozenset(config.allowed_origins)
         self._proxies = [ipaddress.ip_network(c, strict=False) for c in config.trusted_proxies]
         # The principal of each cached key record, reused while the cache returns that record.
         self._principals: dict[str, tuple[KeyRecord, Principal]] = {}
@@ -88,6 +151,9 @@ class Authenticator:
         if header and self._trusted(client_host):
             user = headers.get(header.lower(), "").strip()
             if user:
+                problem = browser_problem(headers, self._origins)
+                if problem is not None:
+                    raise ApiError(403, problem, code="cross_site_request")
                 group = self._group(headers)
                 return Principal(None, user, group, None, None, self._config.user_limits)
         raise ApiError(
@@ -106,12 +172,20 @@ class Authenticator:
         token = bearer_token(headers.get("authorization"))
         if token is None:
             raise ApiError(401, "missing admin token", code="missing_api_key")
-        if self._admin_token and hmac.compare_digest(token, self._admin_token):
+        if _same_token(token, self._admin_token):
             return Principal(None, "admin", None, None, None, self._config.user_limits, True)
         principal = await self._by_key(token, now)
         if not principal.admin:
             raise ApiError(403, "this key is not an admin key", code="not_admin")
         return principal
+
+    async def authenticate_metrics(self, headers: Mapping[str, str], now: float) -> None:
+        """/metrics: the metrics token, the admin token or an admin key (the figures name
+        every model and the traffic of each)."""
+        token = bearer_token(headers.get("authorization"))
+        if token is not None and _same_token(token, self._metrics_token):
+            return
+        await self.authenticate_admin(headers, now)
 
     async def _by_key(self, token: str, now: float) -> Principal:
         record = await self._cache.lookup(token, now)

@@ -169,13 +169,11 @@ async def test_bad_requests_get_openai_errors(hub: RunningHub) -> None:
         )
         nowhere = await http.get("/v1/nothing")
         wrong_method = await http.get("/v1/chat/completions")
-        documented = (await http.get("/openapi.json")).json()["paths"]
     for response, status in ((not_json, 400), (no_model, 400), (array, 400), (huge, 413)):
         assert response.status_code == status
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
     assert nowhere.status_code == 404 and "error" in nowhere.json()
     assert wrong_method.status_code == 405 and "error" in wrong_method.json()
-    assert "post" in documented["/v1/chat/completions"]  # answered outside FastAPI's routing
 
 
 async def test_rate_limit_429_with_headers(hub: RunningHub) -> None:
@@ -276,10 +274,10 @@ async def test_health_metrics_and_admin(hub: RunningHub) -> None:
             headers={"authorization": f"Bearer {secret}"},
         )
         assert answer.status_code == 200
-        metrics = (await http.get("/metrics")).text
+        admin = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+        metrics = (await http.get("/metrics", headers=admin)).text
         assert 'saia_hub_requests_total{endpoint="completions"' in metrics
         assert "bob" not in metrics and key_id not in metrics
-        admin = {"authorization": f"Bearer {ADMIN_TOKEN}"}
         listing = (await http.get("/admin/keys", headers=admin)).json()
         assert [k["id"] for k in listing] == [key_id] and "digest" not in listing[0]
         await hub.services.recorder.flush()
@@ -291,7 +289,7 @@ async def test_health_metrics_and_admin(hub: RunningHub) -> None:
         assert revoked.status_code == 200
         after = await http.get("/v1/models", headers={"authorization": f"Bearer {secret}"})
         assert after.status_code == 401
-        assert (await http.get("/openapi.json")).json()["paths"]["/admin/keys"]
+        assert (await http.get("/openapi.json")).status_code == 404  # config api_docs: off
 
 
 def _limits(**values: int) -> object:
