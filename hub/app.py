@@ -12,7 +12,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import RedirectResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
@@ -136,8 +136,9 @@ def proxied_paths() -> dict[str, str]:
 
 
 def _add_operations_routes(app: FastAPI) -> None:
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health(request: Request) -> Response:
+        status, body = services_of(request).health()  # 503 + reason: database, usage writer
+        return JSONResponse(body, status_code=status)
 
     async def metrics(request: Request) -> Response:
         body = services_of(request).metrics.exposition()

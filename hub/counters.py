@@ -24,7 +24,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 Row = tuple[str, str, int, int, int]  # subject, period, start, requests, tokens
 Style = Literal["qmark", "numeric", "named"]
-TIMEOUT = 10.0  # seconds for one counter statement
+TIMEOUT = 6.0  # seconds for one counter statement (a request waits for it)
+SQLITE_BUSY = 5.0  # seconds a request's counter update waits for another SQLite writer
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ class _Sqlite:
     @classmethod
     async def open(cls, path: Path) -> _Sqlite:
         path.parent.mkdir(parents=True, exist_ok=True)
-        connection = await aiosqlite.connect(path, timeout=10, isolation_level=None)
+        connection = await aiosqlite.connect(path, timeout=SQLITE_BUSY, isolation_level=None)
         await connection.execute("PRAGMA journal_mode=WAL")
         await connection.execute("PRAGMA synchronous=NORMAL")
         return cls(connection)

@@ -7,9 +7,12 @@ key seen recently.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 from collections import OrderedDict
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -17,6 +20,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from hub.config import LimitsConfig
+from hub.db_health import DatabaseHealth
 from hub.keys import NewKey, generate_key, hash_key, key_id_of
 from hub.storage import api_keys
 
@@ -79,9 +83,19 @@ def _record(row: Any) -> KeyRecord:
     )
 
 
+STATEMENT_TIMEOUT = 10.0  # seconds for one key statement
+
+
 class KeyStore:
-    def __init__(self, engine: AsyncEngine) -> None:
+    """Keys in the database. With `health` (the hub), an unavailable database raises
+    DatabaseUnavailable (503) instead of the driver's error (the CLI reports those)."""
+
+    def __init__(self, engine: AsyncEngine, health: DatabaseHealth | None = None) -> None:
         self._engine = engine
+        self._health = health
+
+    def _guard(self, what: str) -> AbstractContextManager[None]:
+        return self._health.guard(what) if self._health else contextlib.nullcontext()
 
     async def create(
         self,
@@ -115,20 +129,23 @@ class KeyStore:
             "allowed_models": list(allowed_models) if allowed_models is not None else None,
             "limits": record.limits.model_dump(exclude_none=True),
         }
-        async with self._engine.begin() as connection:
-            await connection.execute(api_keys.insert().values(values))
+        with self._guard("key creation"):
+            async with asyncio.timeout(STATEMENT_TIMEOUT), self._engine.begin() as connection:
+                await connection.execute(api_keys.insert().values(values))
         return record, new
 
     async def get(self, key_id: str) -> KeyRecord | None:
-        async with self._engine.connect() as connection:
-            result = await connection.execute(select(api_keys).where(api_keys.c.id == key_id))
-            row = result.first()
+        with self._guard("key lookup"):
+            async with asyncio.timeout(STATEMENT_TIMEOUT), self._engine.connect() as connection:
+                result = await connection.execute(select(api_keys).where(api_keys.c.id == key_id))
+                row = result.first()
         return _record(row) if row is not None else None
 
     async def list(self) -> list[KeyRecord]:
-        async with self._engine.connect() as connection:
-            result = await connection.execute(select(api_keys).order_by(api_keys.c.created_at))
-            return [_record(row) for row in result.all()]
+        with self._guard("key listing"):
+            async with asyncio.timeout(STATEMENT_TIMEOUT), self._engine.connect() as connection:
+                result = await connection.execute(select(api_keys).order_by(api_keys.c.created_at))
+                return [_record(row) for row in result.all()]
 
     async def revoke(self, key_id: str, now: float) -> bool:
         statement = (
@@ -136,8 +153,9 @@ class KeyStore:
             .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
             .values(revoked_at=now)
         )
-        async with self._engine.begin() as connection:
-            result = await connection.execute(statement)
+        with self._guard("key update"):
+            async with asyncio.timeout(STATEMENT_TIMEOUT), self._engine.begin() as connection:
+                result = await connection.execute(statement)
         return result.rowcount > 0
 
     async def set_limits(self, key_id: str, limits: LimitsConfig) -> bool:
@@ -146,8 +164,9 @@ class KeyStore:
             .where(api_keys.c.id == key_id)
             .values(limits=limits.model_dump(exclude_none=True))
         )
-        async with self._engine.begin() as connection:
-            result = await connection.execute(statement)
+        with self._guard("key update"):
+            async with asyncio.timeout(STATEMENT_TIMEOUT), self._engine.begin() as connection:
+                result = await connection.execute(statement)
         return result.rowcount > 0
 
 

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from hub.accounting import UsageRecorder
+from hub.accounting import UsageRecorder, WriterStatus
 from hub.admission import Admission
 from hub.auth import Authenticator
 from hub.config import ConfigError, HpcUpstreamConfig, HubConfig
 from hub.counters import CounterStore
+from hub.db_health import DatabaseHealth
 from hub.key_store import KeyCache, KeyStore
 from hub.metrics import HubMetrics
 from hub.openai_upstream import OpenAIUpstream, shared_client
@@ -25,6 +28,39 @@ from saia.base.http11 import HttpClient
 log = logging.getLogger(__name__)
 
 STATES_TIMEOUT = 3.0
+BEHIND_AFTER = 30.0  # seconds a usage record may wait before /health calls the writer behind
+
+
+def health_report(
+    down_since: float | None,
+    reason: str,
+    writer: WriterStatus,
+    interval: float,
+    now: float,
+) -> tuple[int, dict[str, Any]]:
+    """GET /health: 200, or 503 with the reason while the database is unavailable or the
+    usage writer is stopped, failing or behind (pure: the states and `now` in)."""
+    usage = {"pending": writer.pending, "dropped": writer.dropped, "rejected": writer.rejected}
+    problems = []
+    if down_since is not None:
+        problems.append(f"database unavailable for {now - down_since:.0f} s ({reason})")
+    if not writer.running:
+        problems.append("usage writer stopped")
+    elif writer.failing is not None and down_since is None:
+        problems.append(f"usage writer failing ({writer.failing})")
+    if writer.oldest_age > max(BEHIND_AFTER, 10 * interval):
+        problems.append(
+            f"usage writer behind: {writer.pending} records waiting,"
+            f" the oldest for {writer.oldest_age:.0f} s"
+        )
+    body: dict[str, Any] = {
+        "status": "unavailable" if problems else "ok",
+        "database": "unavailable" if down_since is not None else "ok",
+        "usage": usage,
+    }
+    if problems:
+        body["reason"] = "; ".join(problems)
+    return (503 if problems else 200), body
 
 
 @dataclass
@@ -39,6 +75,15 @@ class HubServices:
     admission: Admission
     metrics: HubMetrics
     upstreams: dict[str, Upstream]
+    database: DatabaseHealth
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        """GET /health: status code and body (see `health_report`)."""
+        db = self.database
+        interval = self.config.usage_flush_interval
+        return health_report(
+            db.down_since, db.reason, self.recorder.status(), interval, time.time()
+        )
 
     async def model_states(self, names: set[str]) -> dict[str, dict[str, ModelState]]:
         """Live state per upstream (bounded in time; a failing upstream reports nothing)."""
@@ -100,14 +145,15 @@ async def open_services(
     try:
         if migrate:
             await upgrade(engine)
-        keys = KeyStore(engine)
+        database = DatabaseHealth()
+        keys = KeyStore(engine, database)
         cache = KeyCache(keys, config.auth.key_cache_ttl)
         async with AsyncExitStack() as stack:
             counters = await CounterStore.open(config.database)
             stack.push_async_callback(counters.aclose)
             client = await stack.enter_async_context(shared_client(config.max_connections))
             upstreams = await _open_upstreams(config, client, environ, stack)
-            recorder = UsageRecorder(engine, counters, config.usage_flush_interval)
+            recorder = UsageRecorder(engine, counters, config.usage_flush_interval, database)
             await stack.enter_async_context(recorder.running())
             yield HubServices(
                 config=config,
@@ -117,9 +163,10 @@ async def open_services(
                 counters=counters,
                 recorder=recorder,
                 auth=Authenticator(config.auth, cache, admin_token(config, environ)),
-                admission=Admission(counters),
+                admission=Admission(counters, database),
                 metrics=HubMetrics(),
                 upstreams=upstreams,
+                database=database,
             )
     finally:
         await engine.dispose()

@@ -80,16 +80,20 @@ usage = Table(
     Column("started_at", Float, nullable=False),
     Column("finished_at", Float, nullable=False),
     Index("ix_usage_started_at", "started_at"),
+    # A batch written again after a lost commit must not store (or count) a request twice.
+    Index("ux_usage_request_id", "request_id", unique=True),
 )
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+BUSY_TIMEOUT = 10.0  # seconds SQLite waits for another writer before "database is locked"
+CONNECT_TIMEOUT = 10.0  # seconds to open a PostgreSQL connection (asyncpg's default is 60)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
     cursor.close()
 
 
@@ -110,12 +114,12 @@ def open_engine(url: str, *, autocommit: bool = False) -> AsyncEngine:
             options.update(pool_size=1, max_overflow=0, pool_timeout=60)
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url, connect_args={"timeout": 10}, **options)
+        engine = create_async_engine(url, connect_args={"timeout": BUSY_TIMEOUT}, **options)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     return create_async_engine(
         url, pool_size=20, max_overflow=40, pool_recycle=1800, pool_pre_ping=not autocommit,
-        **options,
+        connect_args={"timeout": CONNECT_TIMEOUT}, **options,
     )  # fmt: skip
 
 
