@@ -6,7 +6,8 @@ time holds a connection, and the app's task waiting for that body, as long as it
 `BoundedHttpProtocol` is uvicorn's httptools protocol with a deadline per phase of the
 request (`client_timeouts` in the config): the head, the gap between body pieces, and the
 whole body. A late head closes the connection; a late body gets 408 when no answer has
-started yet, then the connection closes (the app sees the client disconnect).
+started yet, then the connection closes (the app sees the client disconnect). A head larger
+than MAX_HEAD_BYTES gets 431: httptools itself buffers a header of any size.
 """
 
 from __future__ import annotations
@@ -24,12 +25,26 @@ from hub.errors import error_body
 
 log = logging.getLogger(__name__)
 
-_TIMEOUT_BODY = json.dumps(
-    error_body(408, "the request body did not arrive in time", code="request_timeout")
-).encode()
-REQUEST_TIMEOUT = (
-    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-    b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_TIMEOUT_BODY), _TIMEOUT_BODY)
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers (nginx's default allows 32 KiB)
+
+
+def _error_answer(status: int, reason: str, message: str, code: str) -> bytes:
+    """A whole HTTP answer with OpenAI's error JSON, written where no ASGI app answers."""
+    body = json.dumps(error_body(status, message, code=code)).encode()
+    return (
+        b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+        b"connection: close\r\n\r\n%s" % (status, reason.encode(), len(body), body)
+    )
+
+
+REQUEST_TIMEOUT = _error_answer(
+    408, "Request Timeout", "the request body did not arrive in time", "request_timeout"
+)
+HEAD_TOO_LARGE = _error_answer(
+    431,
+    "Request Header Fields Too Large",
+    f"the request line and headers exceed {MAX_HEAD_BYTES} bytes",
+    "header_too_large",
 )
 
 
@@ -41,6 +56,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._timer: asyncio.TimerHandle | None = None
+        self._in_head = False  # between a request's first byte and the end of its head
+        self._head_bytes = 0
+        self._chunk_size = 0  # of the data being parsed
         self._in_body = False
         self._last_piece = 0.0  # loop time of the last body piece
         self._body_deadline = 0.0
@@ -53,13 +71,27 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._disarm()
         super().connection_lost(exc)
 
+    def data_received(self, data: bytes) -> None:
+        self._chunk_size = len(data)
+        super().data_received(data)
+        if self._in_head and not self.transport.is_closing():
+            # Counted after parsing: only data that left the head unfinished, and not the
+            # piece the head began in (it may end a pipelined body; asyncio reads <= 256 KiB).
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                log.info("refused a request from %s: head too large", self._peer())
+                self.transport.write(HEAD_TOO_LARGE)
+                self.transport.close()
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._in_head, self._head_bytes = True, -self._chunk_size
         if self._timer is None:  # a later request's head counts from its first byte
             self._arm(self.timeouts.head)
 
     def on_headers_complete(self) -> None:
         self._disarm()
+        self._in_head = False
         super().on_headers_complete()
         now = self.loop.time()
         self._in_body = True
