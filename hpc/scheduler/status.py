@@ -136,7 +136,7 @@ def _duration(seconds: float | None) -> str:
 
 def _services_table(status: AgentStatus) -> Table:
     table = Table(title="services", title_justify="left")
-    table.add_column("service")
+    table.add_column("model")  # the model id clients ask for; the jobs table names services
     for column in ("min..max", "ready", "starting", "draining", "in flight", "queued", "req/s"):
         table.add_column(column, justify="right")
     for s in status.services:
@@ -165,7 +165,7 @@ def _load_table(status: AgentStatus) -> Table:
     """The backends' own figures (vLLM /metrics) per job, each service's total, and the
     load the scaling policy uses: max(in flight + queued, running + waiting)."""
     table = Table(title="backend load (vLLM /metrics)", title_justify="left")
-    table.add_column("service")
+    table.add_column("model")
     table.add_column("job")
     for column in ("running", "waiting", "kv cache", "scaling load"):
         table.add_column(column, justify="right")
