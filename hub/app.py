@@ -141,6 +141,7 @@ def _add_operations_routes(app: FastAPI) -> None:
         return JSONResponse(body, status_code=status)
 
     async def metrics(request: Request) -> Response:
+        await services_of(request).auth.authenticate_metrics(request.headers, time.time())
         body = services_of(request).metrics.exposition()
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -166,7 +167,7 @@ def create_app(config: Any, environ: Mapping[str, str] | None = None) -> HubApp:
             app.state.services = services
             yield
 
-    app = HubApp(title="saia hub", version="1", lifespan=lifespan)
+    app = HubApp(title="saia hub", version="1", lifespan=lifespan, **config.docs_urls())
     app.proxied_paths = {path: endpoint for endpoint, path in proxied_paths().items()}
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(HTTPException, _http_error)

@@ -58,7 +58,7 @@ class KeyRecord:
             "owner": self.owner,
             "group": self.group,
             "admin": self.admin,
-            "allowed_models": list(self.allowed_models) if self.allowed_models else None,
+            "allowed_models": None if self.allowed_models is None else list(self.allowed_models),
             "limits": self.limits.model_dump(exclude_none=True),
             "created_at": self.created_at,
             "expires_at": self.expires_at,

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from hub.accounting import UsageRecorder, WriterStatus
 from hub.admission import Admission
-from hub.auth import Authenticator
+from hub.auth import Authenticator, metrics_token
 from hub.config import ConfigError, HpcUpstreamConfig, HubConfig
 from hub.counters import CounterStore
 from hub.db_health import DatabaseHealth
@@ -131,6 +131,7 @@ def admin_token(config: HubConfig, environ: Mapping[str, str]) -> str | None:
 def check_environment(config: HubConfig, environ: Mapping[str, str]) -> None:
     """Settings taken from the environment, checked before serving (ConfigError)."""
     admin_token(config, environ)
+    metrics_token(config, environ)
     for name, upstream in config.upstreams.items():
         variable = getattr(upstream, "api_key_env", None)
         if variable and not environ.get(variable):
@@ -162,7 +163,12 @@ async def open_services(
                 key_cache=cache,
                 counters=counters,
                 recorder=recorder,
-                auth=Authenticator(config.auth, cache, admin_token(config, environ)),
+                auth=Authenticator(
+                    config.auth,
+                    cache,
+                    admin_token(config, environ),
+                    metrics_token(config, environ),
+                ),
                 admission=Admission(counters, database),
                 metrics=HubMetrics(),
                 upstreams=upstreams,
