@@ -141,6 +141,11 @@ class BackendRegistry:
         finally:
             state.queued -= 1
 
+    async def wait_ready(self, service: str) -> None:
+        """Return once the service has a ready backend; the caller applies the timeout."""
+        while not self.ready(service):
+            await self.wait_change(service)
+
     def queued(self, service: str) -> int:
         return self._state(service).queued
 
