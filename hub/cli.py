@@ -204,7 +204,8 @@ def keys_list(config_path: Path, as_json: bool) -> None:
         state = "revoked" if r["revoked_at"] else "active"
         if state == "active" and r["expires_at"] and r["expires_at"] <= now:
             state = "expired"
-        models = ",".join(r["allowed_models"] or ["*"])
+        allowed = r["allowed_models"]
+        models = "*" if allowed is None else ",".join(allowed) or "(none)"
         owner = r["owner"] or "-"
         click.echo(f"{r['id']}  {state:8}  {owner:16}  {models:24}  {r['name']}")
 

@@ -8,6 +8,7 @@ services are the real ones on SQLite)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
@@ -227,6 +228,30 @@ async def test_an_empty_model_list_is_refused_and_listed_as_enforced(tmp_path: P
     assert shown.json()["allowed_models"] == []
     assert [k["allowed_models"] for k in listed.json()] == [[]]
     assert models.json()["data"] == []  # it is enforced as []: no model
+
+
+def test_the_cli_lists_an_empty_model_list_as_none(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from hub.cli import hub
+    from hub.key_store import KeyStore
+    from hub.storage import open_engine
+
+    config_path = tmp_path / "hub.yaml"
+    config_path.write_text("data_dir: data\n")
+    assert CliRunner().invoke(hub, ["db", "upgrade", "-c", str(config_path)]).exit_code == 0
+
+    async def create() -> str:
+        engine = open_engine(parse_config({"data_dir": str(tmp_path / "data")}).database)
+        try:
+            record, _key = await KeyStore(engine).create(name="old", now=0.0, allowed_models=[])
+        finally:
+            await engine.dispose()
+        return record.id
+
+    key_id = asyncio.run(create())
+    listed = CliRunner().invoke(hub, ["keys", "list", "-c", str(config_path)]).stdout
+    assert key_id in listed and "(none)" in listed and "*" not in listed
 
 
 # 6. The group header only with a proxy-identified user ------------------------------------
