@@ -4,6 +4,17 @@ The channel owns the byte pipe (an SSH exec channel on the hub, the relay's Unix
 connection in the agent) and the per-stream flow-control state of `saia.base.protocol`.
 Frames are written with one synchronous write each (atomic on one event loop); DATA waits
 for the stream's credit and for the pipe to drain, so a slow reader stalls only its stream.
+The owner reads with `next_frames()`; WINDOW, PING and PONG never reach it.
+
+Memory a peer can make this end hold, whatever it sends:
+- answers it did not ask to be flow controlled (PONG, and whatever the owner sends with
+  `answer()`, e.g. refusals): once CONTROL_QUEUE bytes of them were queued, `next_frames()`
+  reads nothing more until the pipe has drained (`stalled`), and a peer that does not read
+  them within CONTROL_DRAIN_TIMEOUT is a ProtocolError (and its pipe is aborted);
+- received DATA: at most its stream's window (INITIAL_WINDOW plus returned credit);
+  empty DATA frames carry nothing and are dropped;
+- frames waiting in one stream's inbox: at most INBOX_FRAMES (ProtocolError beyond);
+- the decoder's partial frame: one frame (MAX_DATA or MAX_HEAD) plus one read (READ_SIZE).
 """
 
 from __future__ import annotations
@@ -18,6 +29,13 @@ from saia.base import protocol as wire
 log = logging.getLogger(__name__)
 READ_SIZE = 256 * 1024
 GRANT_THRESHOLD = wire.INITIAL_WINDOW // 4  # return credit in batches, not per chunk
+# Unrequested answers queued before reading pauses until the pipe drains: a PING flood from
+# a peer that never reads costs at most this plus one read's worth of PONGs.
+CONTROL_QUEUE = 64 * 1024
+CONTROL_DRAIN_TIMEOUT = 60.0
+# Frames one stream's inbox may hold: DATA is bounded in bytes by the window, this bounds
+# it in objects (a legitimate stream of small chunks stays far below).
+INBOX_FRAMES = 65536
 
 
 class ByteReader(Protocol):
@@ -44,7 +62,7 @@ LOST = Lost()
 
 
 class Inbox:
-    """Frames received for one stream (a lighter asyncio.Queue: one reader, no bound)."""
+    """Frames received for one stream (a lighter asyncio.Queue: one reader)."""
 
     __slots__ = ("_items", "_waiter")
 
@@ -52,7 +70,13 @@ class Inbox:
         self._items: deque[wire.Frame | Lost] = deque()
         self._waiter: asyncio.Future[None] | None = None
 
+    def __len__(self) -> int:
+        return len(self._items)
+
     def put_nowait(self, item: wire.Frame | Lost) -> None:
+        """Queue `item`; ProtocolError if the peer filled the inbox (LOST always fits)."""
+        if len(self._items) >= INBOX_FRAMES and not isinstance(item, Lost):
+            raise wire.ProtocolError(f"more than {INBOX_FRAMES} frames queued on one stream")
         self._items.append(item)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
@@ -97,7 +121,7 @@ class StreamState:
 
 
 class Channel:
-    """Frame I/O and stream table of one connection; the owner runs `frames()`."""
+    """Frame I/O and stream table of one connection; the owner calls `next_frames()`."""
 
     def __init__(self, reader: ByteReader, writer: ByteWriter) -> None:
         self._reader = reader
@@ -108,8 +132,11 @@ class Channel:
         self._flush_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._failure: wire.ProtocolError | None = None  # raised by the next next_frames()
+        self._owed = 0  # bytes of answers queued since the pipe last drained
+        self._abort = False  # the peer does not read: drop what is queued on close
         self.streams: dict[int, StreamState] = {}
         self.closed = False
+        self.stalled = False  # reading paused until the peer reads our answers
 
     # -- sending ----------------------------------------------------------------------
     def send(self, frame: bytes) -> None:
@@ -127,6 +154,14 @@ class Channel:
             if self._loop is None:
                 self._loop = asyncio.get_running_loop()
             self._loop.call_soon(self._flush)
+
+    def answer(self, frame: bytes) -> None:
+        """Queue a frame the peer did not ask to be flow controlled (PONG, a refusal).
+
+        Counted: reading pauses once CONTROL_QUEUE bytes of them wait for the pipe.
+        """
+        self._owed += len(frame)
+        self.send(frame)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -190,32 +225,23 @@ class Channel:
         state.wake()
 
     # -- receiving --------------------------------------------------------------------
-    async def next_frame(self) -> wire.Frame | None:
-        """The next frame for the owner (None at EOF); WINDOW and PING are handled here."""
-        while (frame := await self._next_raw()) is not None:
-            if self._accept(frame):
-                return frame
-        return None
-
     async def next_frames(self) -> list[wire.Frame] | None:
-        """The owner's frames of the next read (None at EOF): `next_frame` in batches.
+        """The owner's frames of the next read (None at EOF); WINDOW, PING, PONG handled here.
 
-        One await per read instead of two per frame. A violation is raised after the
-        frames before it were handed over, as with `next_frame`.
+        One await per read, not per frame. A violation is raised after the frames before
+        it were handed over (by the next call).
         """
         while True:
             if self._failure is not None:
                 raise self._failure
-            if self._pending:  # left over from next_frame()
+            if self._pending:  # left over from read_hello()
                 raw = list(self._pending)
                 self._pending.clear()
             else:
-                try:
-                    data = await self._reader.read(READ_SIZE)
-                except (ConnectionError, OSError):
-                    return None
-                if not data:
-                    self._decoder.finish()
+                if self._owed >= CONTROL_QUEUE:
+                    await self._wait_drained()
+                data = await self._read()
+                if data is None:
                     return None
                 raw = self._decoder.feed(data)
             frames = []
@@ -230,47 +256,67 @@ class Channel:
             if frames:
                 return frames
 
+    async def _read(self) -> bytes | None:
+        """The next bytes from the pipe; None at its end (a truncated frame raises)."""
+        try:
+            data = await self._reader.read(READ_SIZE)
+        except (ConnectionError, OSError):
+            return None
+        if not data:
+            self._decoder.finish()
+            return None
+        return data
+
+    async def _wait_drained(self) -> None:
+        """Read no more until the peer took our answers (a flood of PINGs it never reads)."""
+        self._flush()
+        self.stalled = True
+        try:
+            async with asyncio.timeout(CONTROL_DRAIN_TIMEOUT):
+                await self._writer.drain()
+        except TimeoutError:
+            self._abort = True
+            message = f"the peer did not read {self._owed} bytes of answers"
+            raise wire.ProtocolError(message) from None
+        except (ConnectionError, OSError):
+            pass  # the next read sees the end
+        finally:
+            self.stalled = False
+        self._owed = 0
+
     def _accept(self, frame: wire.Frame) -> bool:
         """Handle WINDOW, PING and PONG; True for the owner's frames (DATA charged)."""
         kind = frame.type
         if kind == wire.DATA:
-            self._charge(frame)
-            return True
+            return self._charge(frame)
         if kind == wire.WINDOW:
             state = self.streams.get(frame.stream)
             if state is not None:
                 state.add_credit(wire.parse_window(frame.payload))
             return False
         if kind == wire.PING:
-            self.send(wire.encode_frame(wire.PONG, 0, frame.payload))
+            self.answer(wire.encode_frame(wire.PONG, 0, frame.payload))
             return False
         return kind != wire.PONG
 
-    async def _next_raw(self) -> wire.Frame | None:
-        while not self._pending:
-            try:
-                data = await self._reader.read(READ_SIZE)
-            except (ConnectionError, OSError):
-                return None
-            if not data:
-                self._decoder.finish()
-                return None
-            self._pending.extend(self._decoder.feed(data))
-        return self._pending.popleft()
-
-    def _charge(self, frame: wire.Frame) -> None:
+    def _charge(self, frame: wire.Frame) -> bool:
+        """Charge DATA to its stream's window; False for frames that carry nothing."""
+        size = len(frame.payload)
         state = self.streams.get(frame.stream)
-        if state is None:
-            return
-        state.recv_budget -= len(frame.payload)
-        if state.recv_budget < 0:
-            raise wire.ProtocolError(f"stream {frame.stream} sent beyond its window")
+        if state is not None:
+            state.recv_budget -= size
+            if state.recv_budget < 0:
+                raise wire.ProtocolError(f"stream {frame.stream} sent beyond its window")
+        return size > 0
 
     async def read_hello(self) -> int:
         """The peer's first frame must be HELLO; return its version."""
-        frame = await self._next_raw()
-        if frame is None:
-            raise wire.ProtocolError("channel closed before HELLO")
+        while not self._pending:
+            data = await self._read()
+            if data is None:
+                raise wire.ProtocolError("channel closed before HELLO")
+            self._pending.extend(self._decoder.feed(data))
+        frame = self._pending.popleft()
         if frame.type != wire.HELLO:
             raise wire.ProtocolError(f"expected HELLO, got {wire.describe(frame)}")
         return wire.parse_hello(frame.payload)
@@ -285,4 +331,8 @@ class Channel:
             state.inbox.put_nowait(LOST)
             state.wake()
         self.streams.clear()
+        if self._abort:  # the peer reads nothing: do not keep its answers queued
+            transport = getattr(self._writer, "transport", None)
+            if transport is not None:
+                transport.abort()
         self._writer.close()

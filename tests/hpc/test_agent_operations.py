@@ -33,6 +33,7 @@ from tests.hpc.test_agent_slurm import (
     until,
     until_async_jobs,
 )
+from tests.saia.mux_helpers import next_frame
 
 pytestmark = pytest.mark.slurm
 SERVICE, SECOND = "tiny", "tiny2"
@@ -168,7 +169,7 @@ async def request_through_router(state_dir: Path, service: str, path: str) -> tu
         frames: list[wire.Frame] = []
         async with asyncio.timeout(20):
             while not frames or frames[-1].type not in (wire.END, wire.ERROR):
-                frame = await chan.next_frame()
+                frame = await next_frame(chan)
                 assert frame is not None
                 frames.append(frame)
         status = wire.parse_response(frames[0].payload).status

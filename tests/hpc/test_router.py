@@ -17,6 +17,7 @@ from hpc.router.server import SOCKET_NAME, serve_requests
 from saia.base import protocol as wire
 from saia.base.mux import Channel
 from tests.fixtures.standin import StandinProcess
+from tests.saia.mux_helpers import next_frame
 
 MODEL = "router-model"
 CHAT = "/v1/chat/completions"
@@ -74,7 +75,7 @@ async def frames_until_end(chan: Channel, streams: int = 1) -> dict[int, list[wi
     ended = 0
     async with asyncio.timeout(20):
         while ended < streams:
-            frame = await chan.next_frame()
+            frame = await next_frame(chan)
             assert frame is not None
             got.setdefault(frame.stream, []).append(frame)
             ended += frame.type in (wire.END, wire.ERROR)
@@ -128,7 +129,7 @@ async def test_slow_reader_stalls_only_its_own_stream(
         received, ended = 0, False
         async with asyncio.timeout(20):
             while True:  # never grant stream 1 credit; stream 3 must still complete
-                frame = await chan.next_frame()
+                frame = await next_frame(chan)
                 assert frame is not None
                 if frame.stream == 1 and frame.type == wire.DATA:
                     received += len(frame.payload)
@@ -137,7 +138,7 @@ async def test_slow_reader_stalls_only_its_own_stream(
                     break
         with contextlib.suppress(TimeoutError):  # take whatever else comes within 0.5 s
             async with asyncio.timeout(0.5):
-                while (frame := await chan.next_frame()) is not None:
+                while (frame := await next_frame(chan)) is not None:
                     received += len(frame.payload) if frame.type == wire.DATA else 0
                     ended = ended or frame.type == wire.END
         assert 0 < received <= wire.INITIAL_WINDOW

@@ -36,6 +36,7 @@ from saia.base.mux import Channel
 from saia.sandbox.slurm import SlurmSandbox
 from saia.sandbox.vllm import VllmInstall
 from tests.hpc.helpers import until, wait_endpoint, wait_healthy
+from tests.saia.mux_helpers import next_frame
 
 pytestmark = pytest.mark.vllm
 SERVICE = "tiny"
@@ -137,7 +138,7 @@ class RouterClient:
         await self.channel.send_data(state, data)
         self.channel.send(wire.encode_frame(wire.END, state.id))
         status, chunks = 0, []
-        while (frame := await self.channel.next_frame()) is not None:
+        while (frame := await next_frame(self.channel)) is not None:
             assert frame.stream == state.id, wire.describe(frame)
             if frame.type == wire.RESPONSE:
                 status = wire.parse_response(frame.payload).status

@@ -1,0 +1,271 @@
+"""One relay connection in the agent: its frames, its request streams, its memory bound.
+
+What one connection may make the agent hold, whatever the hub sends: at most
+`max_streams` open streams (MAX_STREAMS), and request heads and bodies of at most its byte
+budget (max(MIN_BODY_BUDGET, 4 * router.max_body_bytes)); the excess is refused per stream
+with a retryable 503. Answers the hub does not read are bounded by `saia.base.mux`
+(CONTROL_QUEUE).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Protocol
+
+from hpc.config import AgentConfig
+from hpc.router.forwarding import Rejection, error_body
+from saia.base import protocol as wire
+from saia.base.mux import Channel, StreamClosed, StreamState
+
+log = logging.getLogger(__name__)
+
+MAX_STREAMS = 4096  # concurrent streams per channel
+MIN_BODY_BUDGET = 64 * 1024 * 1024  # request bytes (heads and bodies) one connection may hold
+HEAD_COST = 1024  # charged per stream on top of its head's bytes (its parsed objects)
+JSON_HEADERS = [("content-type", "application/json")]
+
+
+class Answerer(Protocol):
+    """What a session needs of the router (`hpc.router.server.Router`)."""
+
+    max_streams: int
+    min_budget: int
+
+    @property
+    def config(self) -> AgentConfig: ...
+
+    async def answer(self, sink: StreamSink, head: wire.RequestHead, body: bytes) -> None: ...
+
+
+class StreamSink:
+    """A `ResponseSink` writing one stream's answer as frames."""
+
+    def __init__(self, channel: Channel, state: StreamState) -> None:
+        self._channel, self._state = channel, state
+        self.started = False
+
+    def start(self, status: int, headers: list[tuple[str, str]]) -> None:
+        self.started = True
+        self._channel.send(wire.encode_response(self._state.id, wire.ResponseHead(status, headers)))
+
+    async def send(self, data: bytes) -> None:
+        await self._channel.send_data(self._state, data)
+
+    def finish(self) -> None:
+        self._channel.send(wire.encode_end(self._state.id))
+
+    def fail(self, status: int, code: str, message: str) -> None:
+        self._channel.send(wire.encode_error(self._state.id, status, code, message))
+
+    async def reply(self, status: int, body: bytes, headers: list[tuple[str, str]]) -> None:
+        self.start(status, headers)
+        await self.send(body)
+        self.finish()
+
+
+async def answer_rejection(sink: StreamSink, rejection: Rejection) -> None:
+    """An OpenAI error JSON response (or an ERROR frame if the response started)."""
+    if sink.started:
+        sink.fail(rejection.status, rejection.code, str(rejection))
+        return
+    kind = "invalid_request_error" if rejection.status < 500 else "service_unavailable"
+    headers = list(JSON_HEADERS)
+    if rejection.retry_after:
+        headers.append(("retry-after", rejection.retry_after))
+    body = error_body(str(rejection), kind, rejection.code)
+    await sink.reply(rejection.status, body, headers)
+
+
+class Incoming:
+    """A request stream whose body is still arriving."""
+
+    __slots__ = ("body", "cost", "head", "refusal", "state")
+
+    def __init__(self, state: StreamState, head: wire.RequestHead | None, cost: int) -> None:
+        self.state, self.head = state, head
+        self.body: bytes | bytearray = b""  # a one-frame body is kept as is (no copies)
+        self.cost = cost  # bytes charged to the session's budget (head and body)
+        self.refusal: Rejection | None = None  # answered at END; the body is not kept
+
+
+class Session:
+    """One relay connection: decodes frames and runs one task per request stream.
+
+    Its memory is bounded whatever the hub sends: at most `router.max_streams` open
+    streams (counted at REQUEST: the excess is refused with a 503 without keeping any
+    state), and heads (plus HEAD_COST each) and bodies of at most `budget` bytes. Past
+    half the budget, credit is withheld (uploads wait); data that would pass the budget
+    is dropped and its stream answered 503 at END. Refusals are per stream, not a closed
+    channel: a hub under load is not an attacker, and its other streams go on.
+    """
+
+    def __init__(self, router: Answerer, channel: Channel) -> None:
+        self.router, self.channel = router, channel
+        self.incoming: dict[int, Incoming] = {}
+        self.last_id = 0
+        self.tasks: asyncio.TaskGroup | None = None
+        self.budget = max(router.min_budget, 4 * router.config.router.max_body_bytes)
+        self.held = 0
+        self.withheld: dict[StreamState, int] = {}  # credit not yet returned, per stream
+
+    async def run(self) -> None:
+        violation: wire.ProtocolError | None = None
+        async with asyncio.TaskGroup() as tasks:
+            self.tasks = tasks
+            try:
+                while (frames := await self.channel.next_frames()) is not None:
+                    for frame in frames:
+                        self.dispatch(frame)
+            except wire.ProtocolError as error:  # raised after the group, not wrapped by it
+                violation = error
+            finally:  # the client is gone (or broke the protocol): drop its streams
+                for state in list(self.channel.streams.values()):
+                    if state.task is not None:
+                        state.task.cancel()
+        if violation is not None:
+            raise violation
+
+    def dispatch(self, frame: wire.Frame) -> None:
+        kind, stream = frame.type, frame.stream
+        if kind == wire.REQUEST:
+            self.open(frame)
+            return
+        if kind not in (wire.DATA, wire.END, wire.CANCEL):
+            raise wire.ProtocolError(f"a client may not send {wire.describe(frame)}")
+        if stream > self.last_id:
+            raise wire.ProtocolError(f"{wire.describe(frame)} on a stream never opened")
+        state = self.channel.streams.get(stream)
+        if state is None:
+            return  # answered, refused or cancelled: late frames are harmless
+        if kind == wire.CANCEL:
+            if state.task is not None:
+                state.task.cancel()
+            cancelled = self.incoming.pop(stream, None)
+            if cancelled is not None:
+                self.release(cancelled)
+            self.channel.discard(state)
+        elif kind == wire.DATA:
+            self.receive(state, frame.payload)
+        else:
+            self.start(stream)
+
+    def open(self, frame: wire.Frame) -> None:
+        stream = frame.stream
+        if stream <= self.last_id:
+            raise wire.ProtocolError(f"stream id {stream} reused")
+        self.last_id = stream
+        cost = len(frame.payload) + HEAD_COST
+        if len(self.channel.streams) >= self.router.max_streams:
+            self.refuse(stream, "too_many_streams", "too many concurrent requests")
+            return
+        if self.held + cost > self.budget:
+            self.refuse(stream, "agent_busy", "the agent holds too many request bodies")
+            return
+        state = self.channel.open(stream)
+        self.held += cost
+        try:
+            head: wire.RequestHead | None = wire.parse_request(frame.payload)
+        except wire.ProtocolError as error:
+            log.info("bad request head on stream %d: %s", stream, error)
+            head = None
+        self.incoming[stream] = Incoming(state, head, cost)
+
+    def refuse(self, stream: int, code: str, message: str) -> None:
+        """A retryable 503 for a stream never opened (no state kept; counted by the mux)."""
+        headers = [*JSON_HEADERS, ("retry-after", "1")]
+        body = error_body(message, "service_unavailable", code)
+        self.channel.answer(
+            wire.encode_response(stream, wire.ResponseHead(503, headers))
+            + wire.encode_data(stream, body)
+            + wire.encode_end(stream)
+        )
+
+    def receive(self, state: StreamState, data: bytes) -> None:
+        incoming = self.incoming.get(state.id)
+        if incoming is None:
+            raise wire.ProtocolError(f"DATA after END on stream {state.id}")
+        size = len(data)
+        if incoming.refusal is None:
+            if len(incoming.body) + size > self.router.config.router.max_body_bytes:
+                limit = self.router.config.router.max_body_bytes
+                self.drop(
+                    incoming, Rejection(413, "request_too_large", f"the body exceeds {limit} bytes")
+                )
+            elif self.held + size > self.budget:
+                busy = "the agent holds too many request bodies"
+                self.drop(incoming, Rejection(503, "agent_busy", busy, "1"))
+        if incoming.refusal is not None:
+            self.channel.consumed(state, size)  # discarded at once
+            return
+        if not incoming.body:
+            incoming.body = data
+        elif isinstance(incoming.body, bytes):
+            incoming.body = bytearray(incoming.body) + data
+        else:
+            incoming.body += data
+        incoming.cost += size
+        self.held += size
+        if self.held <= self.budget // 2:
+            self.channel.consumed(state, size)
+        else:  # let the sender wait rather than pass the budget
+            self.withheld[state] = self.withheld.get(state, 0) + size
+
+    def drop(self, incoming: Incoming, refusal: Rejection) -> None:
+        """Keep no more of this body; answer `refusal` at END."""
+        incoming.refusal = refusal
+        size = len(incoming.body)
+        incoming.body = b""
+        incoming.cost -= size
+        self.held -= size
+        withheld = self.withheld.pop(incoming.state, 0)
+        if withheld:  # let the sender finish, so that it reads the answer
+            self.channel.consumed(incoming.state, withheld)
+
+    def release(self, incoming: Incoming) -> None:
+        """A stream's head and body are no longer held: return withheld credit if room."""
+        self.held -= incoming.cost
+        incoming.cost = 0
+        withheld = self.withheld
+        self.withheld.pop(incoming.state, None)
+        while withheld and self.held <= self.budget // 2:
+            state = next(iter(withheld))
+            self.channel.consumed(state, withheld.pop(state))
+
+    def start(self, stream: int) -> None:
+        incoming = self.incoming.pop(stream, None)
+        if incoming is None:
+            raise wire.ProtocolError(f"second END on stream {stream}")
+        self.withheld.pop(incoming.state, None)  # no more DATA may come: no credit needed
+        assert self.tasks is not None
+        incoming.state.task = self.tasks.create_task(self.serve(incoming))
+
+    async def serve(self, incoming: Incoming) -> None:
+        """One request's task: never raises (the session's other streams go on)."""
+        sink = StreamSink(self.channel, incoming.state)
+        try:
+            try:
+                await self.checked_answer(sink, incoming)
+            except Rejection as rejection:
+                await answer_rejection(sink, rejection)
+            except (StreamClosed, asyncio.CancelledError):
+                raise
+            except Exception:
+                log.exception("request on stream %d failed", incoming.state.id)
+                failure = Rejection(500, "internal_error", "the agent failed while answering")
+                await answer_rejection(sink, failure)
+        except StreamClosed:
+            pass
+        finally:
+            self.release(incoming)
+            self.channel.discard(incoming.state)
+
+    async def checked_answer(self, sink: StreamSink, incoming: Incoming) -> None:
+        if incoming.head is None:
+            raise Rejection(400, "bad_request", "the request head is not valid")
+        if incoming.refusal is not None:
+            raise incoming.refusal
+        body = incoming.body
+        if type(body) is not bytes:
+            body = incoming.body = bytes(body)  # one copy held, not two
+        await self.router.answer(sink, incoming.head, body)
