@@ -146,7 +146,9 @@ class _Postgres:
 
     @classmethod
     async def open(cls, dsn: str) -> _Postgres:
-        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=20, timeout=TIMEOUT)
+        # No floor of idle connections: asyncpg would restore it in the background, logging
+        # a traceback per attempt during an outage. Connections are made on demand.
+        pool = await asyncpg.create_pool(dsn, min_size=0, max_size=20, timeout=TIMEOUT)
         return cls(pool)
 
     async def fetch(self, sql: str, params: list[Any]) -> list[tuple[Any, ...]]:

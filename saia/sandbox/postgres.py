@@ -76,17 +76,28 @@ class PostgresSandbox(Sandbox):
         initdb = [str(self.bin_dir / "initdb"), "-D", str(data), "-U", SUPERUSER]
         self._run([*initdb, "--auth=trust", "-E", "UTF8", "--no-sync"], timeout=120)
         self.port = free_port()
+        self.start_server(timeout)
+
+    def start_server(self, timeout: float = 30.0) -> None:
+        """Run the server on the initialised data directory (again, after `stop_server`)."""
+        assert self.root is not None
         options = ["fsync=off", "synchronous_commit=off", "full_page_writes=off"]
-        argv = [str(self.bin_dir / "postgres"), "-D", str(data), "-p", str(self.port)]
-        argv += ["-k", str(self.root), "-h", "127.0.0.1", "-c", "max_connections=200"]
-        for option in options:
+        argv = [str(self.bin_dir / "postgres"), "-D", str(self.root / "data")]
+        argv += ["-p", str(self.port), "-k", str(self.root), "-h", "127.0.0.1"]
+        for option in ["max_connections=200", *options]:
             argv += ["-c", option]
-        with open(self.root / "postgres.log", "wb") as output:
+        with open(self.root / "postgres.log", "ab") as output:
             self._process = subprocess.Popen(
                 argv, stdout=output, stderr=subprocess.STDOUT, user=self._user,
                 start_new_session=True, stdin=subprocess.DEVNULL,
             )  # fmt: skip
         self._wait_ready(timeout)
+
+    def stop_server(self, timeout: float = 15.0) -> None:
+        """Stop the server process by pid (fast shutdown), keeping its data: an outage."""
+        process, self._process = self._process, None
+        if process is not None:
+            stop_process(process, timeout, stop_signal=signal.SIGINT)
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -120,10 +131,7 @@ class PostgresSandbox(Sandbox):
         return self.url(name)
 
     def stop(self, timeout: float = 15.0) -> None:
-        process, self._process = self._process, None
-        if process is not None:
-            # SIGINT is postgres's fast shutdown: it disconnects clients.
-            stop_process(process, timeout, stop_signal=signal.SIGINT)
+        self.stop_server(timeout)  # SIGINT: postgres's fast shutdown, clients disconnected
         if self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
             self.root = None

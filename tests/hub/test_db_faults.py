@@ -8,21 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
+import httpx
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from hub.accounting import UsageRecorder
-from hub.config import LimitsConfig
+from hub.accounting import UsageRecorder, WriterStatus
+from hub.config import HubConfig, LimitsConfig
 from hub.counters import CounterStore
 from hub.limits import window_bounds
+from hub.services import health_report
 from hub.storage import open_engine, rate_counters, upgrade, usage
 from hub.usage_records import MAX_COUNT, UsageRecord
+from saia.sandbox.postgres import PostgresSandbox, find_bin_dir
 from tests.fixtures.standin import STANDIN_MODEL
 from tests.hpc.helpers import until, wait_healthy
 from tests.hub.helpers import RunningHub, hub_config, running_hub
@@ -155,3 +159,142 @@ async def test_a_request_written_twice_is_stored_and_counted_once(
     async with engine.connect() as connection:
         assert (await connection.execute(select(func.count()).select_from(usage))).scalar() == 2
     assert await day_tokens(engine, "key:x") == 2 * 7
+
+
+async def test_a_request_refused_by_the_concurrency_cap_uses_no_window(
+    tmp_path: Path, standin_factory: Any
+) -> None:
+    slow = standin_factory("slow", token_delay=0.1)
+    async with running_hub(hub_config(tmp_path, slow.url, "slow")) as hub:
+        key = await hub.create_key(limits=LimitsConfig(concurrent=1, requests_per_day=2))
+        body = {"model": "slow", "prompt": "a b c d e f", "max_tokens": 6}
+        async with hub.client(key) as http:
+            first = asyncio.create_task(http.post("/v1/completions", json=body))
+            await until(lambda: hub.services.admission.in_flight, 10, "the first never started")
+            refused = await http.post("/v1/completions", json=body)
+            assert (await first).status_code == 200
+            third = await http.post("/v1/completions", json=body)
+        assert refused.status_code == 429
+        assert refused.json()["error"]["code"] == "concurrency_limit_exceeded"
+        assert third.status_code == 200, third.text  # two counted of two allowed per day
+        assert third.headers["x-ratelimit-remaining-day"] == "0"
+
+
+def outage_config(tmp_path: Path, upstream: str, database_url: str | None = None) -> HubConfig:
+    # Keys stay cached through the outage; the writer flushes often.
+    return hub_config(tmp_path, upstream, STANDIN_MODEL, database_url, auth={"key_cache_ttl": 300})
+
+
+def patient(hub: RunningHub, key: str) -> httpx.AsyncClient:
+    """A client that outwaits the first request of an outage (SQLite's busy timeout)."""
+    headers = {"authorization": f"Bearer {key}"}
+    return httpx.AsyncClient(base_url=hub.url, headers=headers, trust_env=False, timeout=30)
+
+
+async def outage_checks(hub: RunningHub, limited: str, free: str) -> tuple[str, str]:
+    """While the database is unavailable: limited key 503 (fail fast after the first),
+    cached unlimited key served, /health 503 with the reason. The served request's id."""
+    async with patient(hub, limited) as http:
+        first = await http.post("/v1/completions", json=BODY)
+        second = await http.post("/v1/completions", json=BODY)
+        health = await http.get("/health")
+    async with patient(hub, free) as http:
+        served = await http.post("/v1/completions", json=BODY)
+    for refused in (first, second):
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["retry-after"].isdigit()
+        error = refused.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert error["code"] == "database_unavailable"
+    assert health.status_code == 503
+    assert health.json()["database"] == "unavailable" and health.json()["reason"]
+    assert served.status_code == 200, served.text
+    return first.headers.get("x-request-id", ""), served.headers["x-request-id"]
+
+
+async def after_outage_checks(
+    hub: RunningHub, limited: str, served_id: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The outage over: /health 200, the limited key served, the usage of the request served
+    meanwhile written; one warning for the outage, no traceback."""
+    async with patient(hub, limited) as http:
+        await wait_healthy(http, limit_s=30)
+        again = await http.post("/v1/completions", json=BODY)
+    assert again.status_code == 200, again.text
+    await until(lambda: hub.services.recorder.pending == 0, 30, "the queued usage not written")
+    rows = await stored(hub.services.engine)
+    assert served_id in rows and again.headers["x-request-id"] in rows
+    warnings = [r for r in caplog.records if "database unavailable" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+    assert hub.services.recorder.status().dropped == 0
+
+
+async def test_a_locked_sqlite_gives_503_and_loses_no_usage(
+    tmp_path: Path, standin_server: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running_hub(outage_config(tmp_path, standin_server)) as hub:
+        limited = await hub.create_key(limits=LimitsConfig(requests_per_day=1000))
+        free = await hub.create_key()
+        for key in (limited, free):  # both keys in the key cache
+            async with hub.client(key) as http:
+                assert (await http.post("/v1/completions", json=BODY)).status_code == 200
+        async with sqlite_locked(sqlite_path(hub)):
+            _, served_id = await outage_checks(hub, limited, free)
+        await after_outage_checks(hub, limited, served_id, caplog)
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresSandbox]:
+    """A PostgreSQL server of this test alone: the test stops and restarts it."""
+    if find_bin_dir() is None:
+        pytest.skip("PostgreSQL is not installed")
+    sandbox = PostgresSandbox()
+    try:
+        sandbox.start()
+        yield sandbox
+    finally:
+        sandbox.stop()
+
+
+@pytest.mark.postgres
+async def test_a_stopped_postgresql_gives_503_and_loses_no_usage(
+    tmp_path: Path,
+    standin_server: str,
+    own_postgres: PostgresSandbox,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    url = own_postgres.create_database("hub")
+    async with running_hub(outage_config(tmp_path, standin_server, url)) as hub:
+        limited = await hub.create_key(limits=LimitsConfig(requests_per_day=1000))
+        free = await hub.create_key()
+        for key in (limited, free):  # both keys in the key cache
+            async with hub.client(key) as http:
+                assert (await http.post("/v1/completions", json=BODY)).status_code == 200
+        # Blocking sandbox calls (stop by pid, wait until ready) off the hub's event loop.
+        await asyncio.to_thread(own_postgres.stop_server)
+        try:
+            _, served_id = await outage_checks(hub, limited, free)
+        finally:
+            await asyncio.to_thread(own_postgres.start_server)
+        await after_outage_checks(hub, limited, served_id, caplog)
+
+
+def test_health_report_says_why() -> None:
+    writer = WriterStatus(True, 0, 0.0, 0, 0, None)
+    assert health_report(None, "", writer, 1.0, 100.0) == (
+        200,
+        {"status": "ok", "database": "ok", "usage": {"pending": 0, "dropped": 0, "rejected": 0}},
+    )
+    status, body = health_report(40.0, "rate counters: locked", writer, 1.0, 100.0)
+    assert (
+        status == 503 and body["reason"] == "database unavailable for 60 s (rate counters: locked)"
+    )
+    behind = WriterStatus(True, 7, 31.0, 2, 0, None)
+    status, body = health_report(None, "", behind, 1.0, 100.0)
+    assert status == 503 and "7 records waiting" in body["reason"]
+    assert body["usage"]["dropped"] == 2
+    failing = WriterStatus(True, 1, 1.0, 0, 0, "usage writer: DataError: x")
+    assert "usage writer failing" in health_report(None, "", failing, 1.0, 100.0)[1]["reason"]
+    stopped = WriterStatus(False, 0, 0.0, 0, 0, None)
+    assert health_report(None, "", stopped, 1.0, 100.0)[1]["reason"] == "usage writer stopped"
