@@ -20,6 +20,34 @@ fi
 export RAY_ADDRESS="$SAIA_RAY_HEAD_IP:$SAIA_RAY_PORT"
 SAIA_RAY_PIDS=()
 
+# The version `ray --version` prints ("ray, version 2.52.0"), empty if it says none.
+saia_ray_version() {
+    saia_wrap "$SAIA_RAY" --version
+    timeout 60 "${SAIA_WRAPPED[@]}" 2>/dev/null |
+        sed -n 's/.*version \([0-9][0-9.]*\).*/\1/p' | head -n 1 || true
+}
+
+# Ray listens on the head's routable address (GCS, raylet, object manager, agents): anyone
+# who reaches those ports could run code as the service account. Ray 2.52+ checks a token
+# on every RPC and HTTP entry point (RAY_AUTH_MODE=token); the job makes one per job, in a
+# 0600 file (RAY_AUTH_TOKEN_PATH, never argv), which every node reads from the shared job
+# dir. An older Ray has no authentication: the job refuses to start it open unless the
+# service's environment says SAIA_RAY_ALLOW_NO_AUTH=1 (docs/security.md).
+SAIA_RAY_VERSION="$(saia_ray_version)"
+IFS=. read -r SAIA_RAY_MAJOR SAIA_RAY_MINOR _ <<<"${SAIA_RAY_VERSION:-0.0}"
+if ((SAIA_RAY_MAJOR > 2 || (SAIA_RAY_MAJOR == 2 && SAIA_RAY_MINOR >= 52))); then
+    saia_random_hex >"$SAIA_JOB_DIR/ray_token"
+    export RAY_AUTH_MODE=token
+    export RAY_AUTH_TOKEN_PATH="$SAIA_JOB_DIR/ray_token"
+elif [[ "${SAIA_RAY_ALLOW_NO_AUTH:-}" == 1 ]]; then
+    echo "saia: Ray ${SAIA_RAY_VERSION:-?} has no token authentication (2.52+);" \
+        "SAIA_RAY_ALLOW_NO_AUTH=1: starting it open" >&2
+else
+    echo "saia: Ray ${SAIA_RAY_VERSION:-?} has no token authentication (needs 2.52+);" \
+        "refusing to start an open Ray cluster (SAIA_RAY_ALLOW_NO_AUTH=1 accepts the risk)" >&2
+    exit 1
+fi
+
 # Stop Ray on every node when the job ends, however it ends (bounded; Slurm kills the rest).
 saia_ray_stop() {
     local pid ticks=$((SAIA_STOP_TIMEOUT * 10))

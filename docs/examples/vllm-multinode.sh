@@ -32,24 +32,140 @@ export SAIA_RAY_JOIN_TIMEOUT=600
 SAIA_SERVER_ARGS=(--served-model-name llama-3.1-405b --tensor-parallel-size 4 --pipeline-parallel-size 2 --distributed-executor-backend ray --max-model-len 16384)
 SAIA_SERVER_COMMAND=()
 SAIA_CONTAINER_BINDS=(/srv/saia/state /models/Llama-3.1-405B-Instruct-FP8)
+# ---- slurm/saia_backend_auth.py (the prologue writes it into the job dir)
+IFS= read -r -d '' SAIA_AUTH_MODULE <<'SAIA_AUTH_MODULE_END' || true
+"""ASGI middleware: the job's backend key on every HTTP path of the model server.
+
+vLLM checks its own `VLLM_API_KEY` only on paths under `/v1`; `/invocations` (which runs
+chat and completions), `/tokenize`, `/pooling`, `/score`, `/metrics` and the rest answer
+anyone who finds the port. A job with a key starts its server with
+`--middleware saia_backend_auth.BackendKeyMiddleware`, and this class then refuses every
+request that lacks `Authorization: Bearer <VLLM_API_KEY>` (401, OpenAI error JSON) but one:
+`/health` exactly, which says only "alive" (an empty 200) and which operators and health
+checks call without the key. The agent's probes and router send the key everywhere anyway.
+
+Stdlib only (Python 3.10+, as vLLM): the job copies this file into `<job dir>/python/` and puts
+that folder on PYTHONPATH, so it imports in vLLM's venv or container, not saia's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+KEY_VARIABLE = "VLLM_API_KEY"
+# Exact paths (no prefix, no normalisation: "/health/../x" is not "/health") open to all.
+OPEN_PATHS = frozenset({"/health"})
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+App = Callable[[Scope, Receive, Send], Awaitable[None]]
+_BODY = json.dumps(
+    {
+        "error": {
+            "message": "Unauthorized: this backend needs its key",
+            "type": "AuthenticationError",
+            "param": None,
+            "code": 401,
+        }
+    }
+).encode()
+# Policy violation: an ASGI close before accept is answered with HTTP 403.
+_WEBSOCKET_REFUSED = 1008
+
+
+def _digest(text: bytes) -> bytes:
+    # Hashing first makes the comparison independent of the presented token's length.
+    return hashlib.sha256(text).digest()
+
+
+class BackendKeyMiddleware:
+    """Lets a request through only with the right bearer key; fails closed without one."""
+
+    def __init__(self, app: App, **_: object) -> None:
+        key = os.environ.get(KEY_VARIABLE, "")
+        if not key:
+            # Serving unguarded because the key went missing would be the silent failure.
+            raise RuntimeError(f"saia_backend_auth: {KEY_VARIABLE} is empty or unset")
+        self.app = app
+        self._expected = _digest(key.encode())
+
+    def authorized(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        values = [value for name, value in headers if name.lower() == b"authorization"]
+        if len(values) != 1:
+            return False
+        scheme, _, token = values[0].strip().partition(b" ")
+        if scheme.lower() != b"bearer":
+            return False
+        return hmac.compare_digest(_digest(token.strip()), self._expected)
+
+    def allowed(self, scope: Scope) -> bool:
+        if scope["type"] == "http" and scope.get("path") in OPEN_PATHS:
+            return True
+        return self.authorized(scope.get("headers", []))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope.get("type")
+        if kind not in ("http", "websocket") or self.allowed(scope):
+            await self.app(scope, receive, send)  # lifespan, or an allowed request
+        elif kind == "websocket":
+            await send({"type": "websocket.close", "code": _WEBSOCKET_REFUSED})
+        else:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 401,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(_BODY)).encode()),
+                        (b"www-authenticate", b"Bearer"),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": _BODY})
+SAIA_AUTH_MODULE_END
 # ---- slurm/common.sh
 # Prologue shared by every saia job template (sourced text, not run on its own).
 # Expects the variables hpc.jobs.script writes above it: SAIA_STATE_DIR, SAIA_SERVICE,
 # SAIA_BIND_HOST, SAIA_ADVERTISE_HOST, SAIA_PYTHON, SAIA_CONTAINER, SAIA_STOP_TIMEOUT and
 # the arrays SAIA_SERVER_ARGS, SAIA_SERVER_COMMAND, SAIA_CONTAINER_BINDS.
 
+# Whatever the job and its server create (key, endpoint, caches, vLLM's and Ray's sockets
+# and shared memory) is for the service account alone.
+umask 077
 export SAIA_JOB_ID="${SLURM_JOB_ID:?saia: not started by Slurm or the local executor}"
 export SAIA_JOB_DIR="$SAIA_STATE_DIR/jobs/$SAIA_JOB_ID"
 mkdir -p "$SAIA_JOB_DIR"
-# The job's output file is <state_dir>/jobs/<id>.log (Slurm cannot create folders).
+chmod 700 "$SAIA_JOB_DIR"
+# The job's output file is <state_dir>/jobs/<id>.log (Slurm cannot create folders); Slurm
+# opens it with the submitter's umask, so it is narrowed here.
+chmod 600 "$SAIA_STATE_DIR/jobs/$SAIA_JOB_ID.log" 2>/dev/null || true
 ln -sfn "../$SAIA_JOB_ID.log" "$SAIA_JOB_DIR/job.log"
+
+# 32 random bytes as hex (keys and tokens; read from files, never from argv).
+saia_random_hex() {
+    head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n'
+}
+
 # A random key per job keeps other users of the node off the backend port. The server reads
 # it from VLLM_API_KEY (never argv, which `ps` shows); the agent reads the file, which is
-# written before endpoint.json.
+# written before endpoint.json. vLLM checks it only on /v1 paths, so the server also gets
+# slurm/saia_backend_auth.py (copied from SAIA_AUTH_MODULE into the job dir) as middleware,
+# which requires it on every path.
+SAIA_GUARD_ARGS=()
 if [[ "${SAIA_MAKE_API_KEY:-}" == 1 ]]; then
-    (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$SAIA_JOB_DIR/api_key")
+    saia_random_hex >"$SAIA_JOB_DIR/api_key"
     VLLM_API_KEY="$(<"$SAIA_JOB_DIR/api_key")"
     export VLLM_API_KEY
+    mkdir -p "$SAIA_JOB_DIR/python"
+    printf '%s' "${SAIA_AUTH_MODULE:?saia: the job script lacks the auth module}" \
+        >"$SAIA_JOB_DIR/python/saia_backend_auth.py"
+    export PYTHONPATH="$SAIA_JOB_DIR/python${PYTHONPATH:+:$PYTHONPATH}"
+    SAIA_GUARD_ARGS=(--middleware saia_backend_auth.BackendKeyMiddleware)
 fi
 if [[ -z "$SAIA_ADVERTISE_HOST" ]]; then
     SAIA_ADVERTISE_HOST="$(hostname -f 2>/dev/null || hostname)"
@@ -79,12 +195,69 @@ print(s.getsockname()[1])' 2>/dev/null; then
 SAIA_PORT="$(saia_free_port)"
 export SAIA_PORT
 
-# Write endpoint.json atomically (tmp + mv) so the agent never reads half a file.
+# Write endpoint.json atomically (tmp + mv) so the agent never reads half a file; 0600,
+# the agent refuses any other mode.
 saia_write_endpoint() {
     local tmp="$SAIA_JOB_DIR/.endpoint.json.$$"
     printf '{"host": "%s", "port": %d, "job_id": "%s"}\n' \
         "$SAIA_ADVERTISE_HOST" "$SAIA_PORT" "$SAIA_JOB_ID" >"$tmp"
+    chmod 600 "$tmp"
     mv -f "$tmp" "$SAIA_JOB_DIR/endpoint.json"
+}
+
+# The inodes of the TCP sockets (IPv4 and IPv6) listening on port $1, one a line.
+saia_listeners() {
+    local -a tables=()
+    local table
+    for table in /proc/net/tcp /proc/net/tcp6; do
+        [[ -r "$table" ]] && tables+=("$table")
+    done
+    # Columns: sl local_address(HEXIP:HEXPORT) rem_address st(0A = LISTEN) ... inode(10th)
+    awk -v port="$(printf '%04X' "$1")" \
+        '$4 == "0A" { n = split($2, a, ":"); if (a[n] == port) print $10 }' "${tables[@]}"
+}
+
+# The socket inodes open in process $1 or any of its descendants, one a line.
+saia_tree_sockets() {
+    local pid
+    for pid in $(ps -e -o pid=,ppid= | awk -v root="$1" '
+        { parent[$1] = $2 }
+        END {
+            tree[root] = 1; print root
+            do { grew = 0
+                for (p in parent) if (!(p in tree) && (parent[p] in tree)) {
+                    tree[p] = 1; grew = 1; print p } } while (grew) }'); do
+        # A process may end meanwhile; its sockets are then no one's.
+        find "/proc/$pid/fd" -maxdepth 1 -lname 'socket:*' -printf '%l\n' 2>/dev/null |
+            sed 's/^socket:\[\(.*\)\]$/\1/' || true
+    done
+}
+
+# Wait until the server's own processes hold every socket listening on the port, so the
+# endpoint the agent probes (with the job's key) is really ours: another user of the node
+# could bind a free port first. 0: ours; 1: the server ended or the job is stopping;
+# 2: someone else listens on it (seen twice, so not a socket closing meanwhile).
+saia_wait_listening() {
+    local listeners owned inode foreign strikes=0
+    while kill -0 "$SAIA_SERVER_PID" 2>/dev/null && [[ -z "${SAIA_STOPPING:-}" ]]; do
+        listeners="$(saia_listeners "$SAIA_PORT")"
+        if [[ -n "$listeners" ]]; then
+            owned="$(saia_tree_sockets "$SAIA_SERVER_PID")"
+            foreign=0
+            for inode in $listeners; do
+                grep -qx "$inode" <<<"$owned" || foreign=1
+            done
+            if ((foreign == 0)); then
+                return 0
+            fi
+            strikes=$((strikes + 1))
+            if ((strikes >= 2)); then
+                return 2
+            fi
+        fi
+        sleep 1
+    done
+    return 1
 }
 
 # Forward a stop signal to the server, wait for it (bounded), then make sure it is gone.
@@ -126,7 +299,16 @@ saia_serve() {
     SAIA_SERVER_PID=$!
     trap 'saia_stop TERM' TERM
     trap 'saia_stop INT' INT
-    saia_write_endpoint
+    local listening=0
+    saia_wait_listening || listening=$?
+    if ((listening == 0)); then
+        saia_write_endpoint
+    elif ((listening == 2)); then
+        echo "saia: another process listens on port $SAIA_PORT; not publishing it" >&2
+        saia_stop TERM
+        wait "$SAIA_SERVER_PID" || true
+        exit 1
+    fi
     local status=0
     wait "$SAIA_SERVER_PID" || status=$?
     if [[ -n "${SAIA_STOPPING:-}" ]]; then
@@ -134,6 +316,8 @@ saia_serve() {
         status=0
         wait "$SAIA_SERVER_PID" || status=$?
     fi
+    # The port is no longer ours: nobody may be sent there in the server's name.
+    rm -f "$SAIA_JOB_DIR/endpoint.json"
     echo "saia: server exited with status $status" >&2
     exit "$status"
 }
@@ -160,6 +344,7 @@ saia_serve_vllm() {
     saia_serve "${SAIA_VLLM[@]}" "$SAIA_MODEL" \
         --host "$SAIA_BIND_HOST" \
         --port "$SAIA_PORT" \
+        "${SAIA_GUARD_ARGS[@]}" \
         "${SAIA_SERVER_ARGS[@]}"
 }
 # ---- slurm/vllm-multinode.sh
@@ -184,6 +369,34 @@ if [[ -z "$SAIA_RAY_PORT" ]]; then
 fi
 export RAY_ADDRESS="$SAIA_RAY_HEAD_IP:$SAIA_RAY_PORT"
 SAIA_RAY_PIDS=()
+
+# The version `ray --version` prints ("ray, version 2.52.0"), empty if it says none.
+saia_ray_version() {
+    saia_wrap "$SAIA_RAY" --version
+    timeout 60 "${SAIA_WRAPPED[@]}" 2>/dev/null |
+        sed -n 's/.*version \([0-9][0-9.]*\).*/\1/p' | head -n 1 || true
+}
+
+# Ray listens on the head's routable address (GCS, raylet, object manager, agents): anyone
+# who reaches those ports could run code as the service account. Ray 2.52+ checks a token
+# on every RPC and HTTP entry point (RAY_AUTH_MODE=token); the job makes one per job, in a
+# 0600 file (RAY_AUTH_TOKEN_PATH, never argv), which every node reads from the shared job
+# dir. An older Ray has no authentication: the job refuses to start it open unless the
+# service's environment says SAIA_RAY_ALLOW_NO_AUTH=1 (docs/security.md).
+SAIA_RAY_VERSION="$(saia_ray_version)"
+IFS=. read -r SAIA_RAY_MAJOR SAIA_RAY_MINOR _ <<<"${SAIA_RAY_VERSION:-0.0}"
+if ((SAIA_RAY_MAJOR > 2 || (SAIA_RAY_MAJOR == 2 && SAIA_RAY_MINOR >= 52))); then
+    saia_random_hex >"$SAIA_JOB_DIR/ray_token"
+    export RAY_AUTH_MODE=token
+    export RAY_AUTH_TOKEN_PATH="$SAIA_JOB_DIR/ray_token"
+elif [[ "${SAIA_RAY_ALLOW_NO_AUTH:-}" == 1 ]]; then
+    echo "saia: Ray ${SAIA_RAY_VERSION:-?} has no token authentication (2.52+);" \
+        "SAIA_RAY_ALLOW_NO_AUTH=1: starting it open" >&2
+else
+    echo "saia: Ray ${SAIA_RAY_VERSION:-?} has no token authentication (needs 2.52+);" \
+        "refusing to start an open Ray cluster (SAIA_RAY_ALLOW_NO_AUTH=1 accepts the risk)" >&2
+    exit 1
+fi
 
 # Stop Ray on every node when the job ends, however it ends (bounded; Slurm kills the rest).
 saia_ray_stop() {

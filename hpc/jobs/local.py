@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from hpc.config import AgentConfig
-from hpc.jobs.system import JobInfo, JobTag, Submission, job_dir, write_atomic
+from hpc.jobs.system import JobInfo, JobTag, Submission, job_dir, private_dir, write_atomic
 from saia.base.durations import parse_slurm_time
 
 log = logging.getLogger(__name__)
@@ -183,8 +183,8 @@ class LocalJobSystem:
         self._jobs: dict[str, LocalJob] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._adopted = False
-        self._jobs_dir = config.state_dir / "jobs"
-        self._jobs_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(config.state_dir)
+        self._jobs_dir = private_dir(config.state_dir / "jobs")
 
     # -- JobSystem ------------------------------------------------------------------------
     async def submit(self, submission: Submission) -> str:
@@ -313,7 +313,7 @@ class LocalJobSystem:
         number = max(numbers, default=0) + 1
         while True:
             try:
-                job_dir(self._config.state_dir, f"local-{number}").mkdir()
+                job_dir(self._config.state_dir, f"local-{number}").mkdir(mode=0o700)
             except FileExistsError:
                 number += 1
                 continue

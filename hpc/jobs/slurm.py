@@ -24,7 +24,7 @@ from hpc.jobs.squeue import (
     service_of,
     tagged_jobs,
 )
-from hpc.jobs.system import JobInfo, JobTag, Submission
+from hpc.jobs.system import JobInfo, JobTag, Submission, private_dir
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,10 @@ class SlurmJobSystem:
         self._config = config
         self._tag = tag
         self._env = slurm_environment(config)
-        # Slurm opens a job's log file but does not create its folder.
-        (config.state_dir / "jobs").mkdir(parents=True, exist_ok=True)
+        # Slurm opens a job's log file but does not create its folder; private, as the
+        # job dirs in it hold keys.
+        private_dir(config.state_dir)
+        private_dir(config.state_dir / "jobs")
 
     def _tool(self, name: str) -> str:
         folder = self._config.slurm_bin_dir

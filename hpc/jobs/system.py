@@ -7,11 +7,17 @@ tested path) and a local executor that runs the same job script as a subprocess.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+log = logging.getLogger(__name__)
+_refused: set[str] = set()
+# endpoint.json and api_key are a few dozen bytes; more is not a file a job wrote.
+MAX_PRIVATE_FILE = 4096
 ACTIVE_STATES = frozenset(
     {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUED"}
 )
@@ -98,13 +104,52 @@ def job_dir(state_dir: Path, job_id: str) -> Path:
     return state_dir / "jobs" / job_id
 
 
-def read_endpoint(state_dir: Path, job_id: str) -> Endpoint | None:
-    """The job's endpoint file, or None while it has not written one (or wrote garbage)."""
-    path = job_dir(state_dir, job_id) / "endpoint.json"
+def private_dir(path: Path) -> Path:
+    """Create `path` (and parents) if missing and make it 0700: the state and jobs dirs
+    hold per-job keys and endpoints, which no other user of the machine may read or plant."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if stat.S_IMODE(path.stat().st_mode) != 0o700:
+        path.chmod(0o700)
+    return path
+
+
+def read_private(path: Path) -> str | None:
+    """The text of a file only this account could have written (a regular file, not a
+    link, owned by us, mode 0600); None for anything else, so a file planted or left
+    readable by someone else is never trusted."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:  # missing (not written yet), or a symbolic link
+        return None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        mode = stat.S_IMODE(info.st_mode)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or mode != 0o600:
+            if str(path) not in _refused:  # once per file: the agent reads these every poll
+                _refused.add(str(path))
+                log.warning(
+                    "ignoring %s: owner uid %d, mode %o (only our own 0600 files count)",
+                    path,
+                    info.st_uid,
+                    mode,
+                )
+            return None
+        try:
+            return handle.read(MAX_PRIVATE_FILE).decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            return None
+
+
+def read_endpoint(state_dir: Path, job_id: str) -> Endpoint | None:
+    """The job's endpoint file, or None while it has not written one (or wrote garbage,
+    or the file is not 0600 and ours: see `read_private`)."""
+    text = read_private(job_dir(state_dir, job_id) / "endpoint.json")
+    if text is None:
+        return None
+    try:
+        data = json.loads(text)
         host, port = str(data["host"]), int(data["port"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         return None
     if not host or not 0 < port < 65536:
         return None

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from hpc.jobs.system import job_dir
+from hpc.jobs.system import job_dir, read_private
 from hpc.scheduler.backend_load import BackendLoad, LoadReading, read_load
 
 log = logging.getLogger(__name__)
@@ -43,12 +43,10 @@ class ProbeResult:
 
 
 def read_backend_key(state_dir: Path, job_id: str) -> str | None:
-    """The job's backend API key (`<job dir>/api_key`, written at submission), if any."""
-    try:
-        key = (job_dir(state_dir, job_id) / API_KEY_FILE).read_text(encoding="utf-8").strip()
-    except OSError:
-        return None
-    return key or None
+    """The job's backend API key (`<job dir>/api_key`, written by the job), if any: only
+    from a file that is ours and 0600 (`read_private`)."""
+    text = read_private(job_dir(state_dir, job_id) / API_KEY_FILE)
+    return (text or "").strip() or None
 
 
 def _listed(body: object, model_id: str) -> bool:

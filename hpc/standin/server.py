@@ -29,10 +29,12 @@ from typing import Any
 import uvicorn
 from pydantic import ValidationError
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from hpc.standin.auth import V1KeyMiddleware, server_middleware
 from hpc.standin.model import (
     EMBEDDING_DIM,
     MAX_MODEL_LEN,
@@ -172,6 +174,12 @@ class Standin:
             }
         )
 
+    async def invocations(self, request: Request) -> Response:
+        """vLLM's SageMaker-style route: chat when the body has messages, else completion."""
+        # Starlette keeps the body once read, so the handler reads it again.
+        handler = self.chat if "messages" in await json_body(request) else self.completions
+        return await handler(request)
+
     async def tokenize(self, request: Request) -> Response:
         body = TokenizeRequest.model_validate(await json_body(request))
         if body.model is not None:
@@ -260,14 +268,10 @@ async def json_body(request: Request) -> dict[str, Any]:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def guarded(standin: Standin, handler: Handler) -> Handler:
-    """vLLM's rules: API key (when set) on the API routes, errors as OpenAI error JSON."""
+def guarded(handler: Handler) -> Handler:
+    """Errors as OpenAI error JSON, like vLLM's."""
 
     async def endpoint(request: Request) -> Response:
-        if standin.api_key is not None:
-            expected = f"Bearer {standin.api_key}"
-            if request.headers.get("authorization", "") != expected:
-                return error_response(401, "Unauthorized: a valid API key is required")
         try:
             return await handler(request)
         except ApiError as error:
@@ -280,19 +284,24 @@ def guarded(standin: Standin, handler: Handler) -> Handler:
     return endpoint
 
 
-def build_app(standin: Standin) -> Starlette:
+def build_app(standin: Standin, middleware: list[str] | None = None) -> Starlette:
     api = [
         ("/v1/models", standin.models, "GET"),
         ("/v1/chat/completions", standin.chat, "POST"),
         ("/v1/completions", standin.completions, "POST"),
         ("/v1/embeddings", standin.embeddings, "POST"),
+        ("/invocations", standin.invocations, "POST"),
         ("/tokenize", standin.tokenize, "POST"),
     ]
     routes = [
         Route("/health", standin.health, methods=["GET"]),
         Route("/metrics", standin.metrics, methods=["GET"]),
-        *(Route(path, guarded(standin, fn), methods=[method]) for path, fn, method in api),
+        *(Route(path, guarded(fn), methods=[method]) for path, fn, method in api),
     ]
+    # As in vLLM: the server's own key check, then the operator's middleware around it.
+    stack = server_middleware(middleware or [])
+    if standin.api_key is not None:
+        stack.append(Middleware(V1KeyMiddleware, api_key=standin.api_key))
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return error_response(404, f"no route {request.method} {request.url.path}")
@@ -300,7 +309,11 @@ def build_app(standin: Standin) -> Starlette:
     async def not_allowed(request: Request, exc: Exception) -> Response:
         return error_response(405, f"{request.method} is not allowed on {request.url.path}")
 
-    return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_allowed})
+    return Starlette(
+        routes=routes,
+        middleware=stack,
+        exception_handlers={404: not_found, 405: not_allowed},
+    )
 
 
 class StandinServer(uvicorn.Server):
@@ -330,6 +343,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--token-delay", type=float, default=0.0, help="seconds per token")
     parser.add_argument("--max-tokens-default", type=int, default=64)
     parser.add_argument("--max-running", type=int, default=0, help="0: no limit")
+    parser.add_argument(
+        "--middleware",
+        action="append",
+        default=[],
+        help="import path of an ASGI middleware class (repeatable), as vLLM's option",
+    )
     return parser.parse_args(argv)
 
 
@@ -346,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
         max_running=args.max_running,
     )
     config = uvicorn.Config(
-        build_app(standin),
+        build_app(standin, args.middleware),
         host=args.host,
         port=args.port,
         log_level="warning",

@@ -123,6 +123,7 @@ async def test_api_key_is_sent_when_the_job_has_one(
     app.key = "s3cret"
     (job_dir(tmp_path, "5")).mkdir(parents=True)
     (job_dir(tmp_path, "5") / "api_key").write_text("s3cret\n")
+    (job_dir(tmp_path, "5") / "api_key").chmod(0o600)  # as a job writes it
     key = read_backend_key(tmp_path, "5")
     assert key == "s3cret" and read_backend_key(tmp_path, "6") is None
     async with httpx.AsyncClient() as client:
@@ -270,8 +271,10 @@ def running_job(state_dir: Path, job_id: str, port: int, key: str | None) -> Job
     folder = job_dir(state_dir, job_id)
     folder.mkdir(parents=True)
     (folder / "endpoint.json").write_text(json.dumps({"host": "127.0.0.1", "port": port}))
+    (folder / "endpoint.json").chmod(0o600)  # the agent trusts only its own 0600 files
     if key:
         (folder / "api_key").write_text(key)
+        (folder / "api_key").chmod(0o600)
     return JobInfo(job_id, "tiny", "RUNNING", 3600, 3500, 1.0, 1.0, ("n1",), "")
 
 

@@ -104,9 +104,11 @@ async def test_standin_job_serves_and_cancel_leaves_nothing(tmp_path: Path) -> N
     try:
         job_id = await jobs.submit(render_job(config.services[0], config, TAG))
         endpoint = await wait_endpoint(tmp_path, job_id, limit_s=30)
+        key = (job_dir(tmp_path, job_id) / "api_key").read_text()  # the job guards its server
+        auth = {"Authorization": f"Bearer {key}"}
         async with httpx.AsyncClient(base_url=endpoint.url, timeout=5) as client:
             await wait_healthy(client)
-            models = (await client.get("/v1/models")).json()
+            models = (await client.get("/v1/models", headers=auth)).json()
         assert [model["id"] for model in models["data"]] == ["tiny"]
         [info] = await jobs.list_jobs()
         assert (info.job_id, info.service, info.state) == (job_id, "tiny", "RUNNING")

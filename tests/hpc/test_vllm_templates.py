@@ -101,13 +101,31 @@ RECORD = """#!/bin/bash
 "{python}" - "$(basename "$0")" "$@" >>"$FAKE_LOG" <<'PY'
 import json, os, sys
 env = {{k: os.environ.get(k) for k in (
-    "VLLM_API_KEY", "HF_HUB_OFFLINE", "HF_HOME", "VLLM_CACHE_ROOT", "RAY_ADDRESS")}}
+    "VLLM_API_KEY", "HF_HUB_OFFLINE", "HF_HOME", "VLLM_CACHE_ROOT", "RAY_ADDRESS",
+    "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}}
 print(json.dumps({{"cmd": sys.argv[1], "argv": sys.argv[2:], "env": env}}))
 PY
 """
 # The trap comes first: a stop right after the record must still end the fake cleanly.
 BLOCKING_RECORD = RECORD.replace("#!/bin/bash\n", "#!/bin/bash\ntrap 'exit 0' TERM INT\n", 1)
 BLOCK = "while :; do sleep 0.1; done\n"
+# `vllm serve ... --host H --port P`: listen there (the job publishes its endpoint only
+# once its server holds the port) until SIGTERM.
+LISTEN = """exec "{python}" -c '
+import signal, socket, sys
+argv = sys.argv[1:]
+address = (argv[argv.index("--host") + 1], int(argv[argv.index("--port") + 1]))
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+server = socket.create_server(address)
+signal.pause()
+' "$@"
+"""
+# `ray --version` (not recorded): the Ray in FAKE_RAY_VERSION, token authentication's.
+RAY_VERSION = """if [[ "$1" == --version ]]; then
+    echo "ray, version ${FAKE_RAY_VERSION:-2.52.0}"
+    exit 0
+fi
+"""
 FAKES = {
     # apptainer exec [--nv] [--bind X]... IMAGE CMD...: run CMD
     "apptainer": RECORD
@@ -129,10 +147,14 @@ done
 exec "$@"
 """,
     # `ray start ... --block`: count the node as joined, block until SIGTERM
-    "ray": BLOCKING_RECORD + 'echo joined >>"$FAKE_RAY_NODES"\n' + BLOCK,
+    "ray": "#!/bin/bash\n"
+    + RAY_VERSION
+    + BLOCKING_RECORD.removeprefix("#!/bin/bash\n")
+    + 'echo joined >>"$FAKE_RAY_NODES"\n'
+    + BLOCK,
     # `python3 -c ...` (saia_ray_nodes): how many nodes joined
     "python3": 'wc -l <"$FAKE_RAY_NODES" 2>/dev/null || echo 0\n',
-    "vllm": BLOCKING_RECORD + BLOCK,
+    "vllm": BLOCKING_RECORD + LISTEN,
 }
 
 
@@ -281,6 +303,8 @@ def test_apptainer_job_runs_vllm_in_the_image_with_key_and_offline_env(
         "HF_HOME": "/scratch/hf",
         "VLLM_CACHE_ROOT": str(job.job_dir / "vllm-cache"),
         "RAY_ADDRESS": None,
+        "RAY_AUTH_MODE": None,
+        "RAY_AUTH_TOKEN_PATH": None,
     }
     assert not any(key in arg for arg in vllm.argv)
     assert job.stop() == 0
