@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cloud_interface.relay import SOCKET_NAME  # one name: the relay connects to it
 from hpc.config import AgentConfig
 from hpc.registry import BackendRegistry
 from hpc.router.forwarding import Forwarder, Rejection
@@ -34,7 +35,6 @@ from saia.base.mux import Channel
 
 log = logging.getLogger(__name__)
 
-SOCKET_NAME = "agent.sock"
 HELLO_TIMEOUT = 10.0
 FORWARDED = frozenset(
     {

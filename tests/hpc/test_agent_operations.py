@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
+from cloud_interface.relay import SOCKET_NAME
 from hpc.config import AgentConfig, load_config
-from hpc.router.server import SOCKET_NAME
 from saia.base import protocol as wire
 from saia.base.mux import Channel
 from saia.sandbox.slurm import SlurmSandbox

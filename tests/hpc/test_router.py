@@ -11,9 +11,10 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from cloud_interface.relay import SOCKET_NAME
 from hpc.config import AgentConfig, RouterConfig, ServiceConfig
 from hpc.registry import Backend, BackendRegistry
-from hpc.router.server import SOCKET_NAME, serve_requests
+from hpc.router.server import serve_requests
 from saia.base import protocol as wire
 from saia.base.mux import Channel
 from tests.fixtures.standin import StandinProcess

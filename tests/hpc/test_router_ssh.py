@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from cloud_interface.relay import SOCKET_NAME
 from hpc.config import AgentConfig, RouterConfig, ServiceConfig
 from hpc.registry import Backend, BackendRegistry
-from hpc.router.server import SOCKET_NAME, serve_requests
+from hpc.router.server import serve_requests
 from hub.ssh_client import HopClient, HopError, HopTarget
 from saia.sandbox.sshd import SshdSandbox
 from tests.fixtures.standin import StandinProcess
