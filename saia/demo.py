@@ -5,6 +5,11 @@ a loopback sshd whose key is forced to the relay, the agent, and the hub with SQ
 model service is the stand-in server by default, or the real vLLM on the CPU (`--vllm`).
 Without root or Debian packages it says so and uses the local executor with the hub talking
 to the agent's socket directly. Ctrl-C stops everything it started, in reverse order.
+
+The agent may die and be replaced while the demo runs: with sshd, the relay starts a new
+one at the hub's next connection (as on a real login node); in local mode the demo
+restarts it. The demo is a child subreaper, so such agents (and Slurm's job steps) stay in
+its process tree, and Ctrl-C stops them too, by pid, then anything else left in the tree.
 """
 
 from __future__ import annotations
@@ -30,12 +35,15 @@ if TYPE_CHECKING:
     from saia.sandbox.slurm import SlurmSandbox
     from saia.sandbox.vllm import VllmInstall
 
+from saia.sandbox.demo_config import MODEL_ID, agent_config, hub_config
 from saia.sandbox.process import stop_process
+from saia.sandbox.process_tree import argv_of, become_subreaper, descendants, reap, stop_pids
 
-MODEL_ID = "demo"
 READY_TIMEOUT = 120.0
 VLLM_READY_TIMEOUT = 900.0
 STOP_GRACE = 15.0  # per process, then SIGKILL
+AGENT_STOP_GRACE = 40.0  # an agent with --drain-on-exit cancels its jobs and waits for them
+AGENT_MIN_LIFE = 10.0  # local mode: an agent dying sooner is not restarted (it would again)
 console = Console(stderr=True, highlight=False)
 
 
@@ -70,63 +78,6 @@ def _ensure_packages() -> None:
         console.print(f"[yellow]packages: {done.stdout.strip()} {done.stderr.strip()}")
 
 
-def agent_config(
-    root: Path, *, executor: str, slurm: SlurmSandbox | None, vllm: VllmInstall | None
-) -> dict[str, Any]:
-    """The agent's YAML for the demo: one service, fast polling, loopback only."""
-    service: dict[str, Any] = {
-        "name": MODEL_ID,
-        "model": MODEL_ID,
-        "template": "standin",
-        "resources": {"gpus": 1, "cpus": 1, "memory": "1G", "time_limit": "2:00:00"},
-        "min_instances": 1,
-        "max_instances": 2,
-        "target_concurrency": 16,
-        "renewal_lead": "5m",
-        "startup_timeout": "2m",
-        "display_name": "Demo model (stand-in server)",
-    }
-    if vllm is not None:
-        service |= {
-            "model": str(vllm.model_dir),
-            "template": "vllm",
-            "server_command": [str(vllm.vllm), "serve"],
-            "resources": {"gpus": 1, "cpus": 2, "memory": "4G", "time_limit": "4:00:00"},
-            "startup_timeout": "15m",
-            "environment": {"VLLM_CPU_KVCACHE_SPACE": "1"},
-            "vllm": {"max_model_len": 256, "dtype": "float32", "enforce_eager": True},
-            "display_name": "Tiny Llama (real vLLM on the CPU)",
-        }
-    config: dict[str, Any] = {
-        "state_dir": str(root / "agent-state"),
-        "executor": executor,
-        "poll_interval": "1s",
-        "health_interval": "2s",
-        "backend_bind_host": "127.0.0.1",
-        "backend_advertise_host": "127.0.0.1",
-        "python": sys.executable,
-        "router": {"queue_timeout": "15m" if vllm else "2m"},
-        "services": [service],
-    }
-    if slurm is not None:
-        config |= {"slurm_conf": str(slurm.slurm_conf), "slurm_bin_dir": str(slurm.bin_dir)}
-    else:  # the local executor hands out no GPUs
-        service["resources"] = service["resources"] | {"gpus": 0}
-    return config
-
-
-def hub_config(root: Path, port: int, site: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "host": "127.0.0.1",
-        "port": port,
-        "data_dir": str(root / "hub-data"),
-        "upstreams": {"cluster": {"kind": "hpc", "sites": [site]}},
-        "models": [
-            {"id": MODEL_ID, "upstream": "cluster", "name": "Demo model", "owned_by": "saia-demo"}
-        ],
-    }
-
-
 class Demo:
     """Owns every process the demo starts; `close()` stops them in reverse order."""
 
@@ -134,6 +85,9 @@ class Demo:
         self.root, self.port, self.use_vllm, self.full = root, port, use_vllm, full
         self._stops: list[tuple[str, Callable[[], object]]] = []
         self._processes: dict[str, subprocess.Popen[bytes]] = {}
+        self._sandbox_pids: set[int] = set()  # Popen children of the sandboxes
+        self._agent_argv: list[str] = []
+        self._agent_started = 0.0
         self.key = ""
 
     def _owned(self, name: str, stop: Callable[[], object]) -> None:
@@ -148,17 +102,51 @@ class Demo:
                     console.print(f"[red]stopping {name} failed: {error}")
         self._stops.clear()
 
-    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+    def _spawn(self, name: str, argv: list[str], *, owned: bool = True) -> subprocess.Popen[bytes]:
         log = (self.root / f"{name}.log").open("ab")
         process = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
         )
         log.close()
         self._processes[name] = process
-        self._owned(name, lambda: stop_process(process, STOP_GRACE, kill_wait=5))
+        if owned:
+            self._owned(name, lambda: stop_process(process, STOP_GRACE, kill_wait=5))
         return process
 
+    def _popen_pids(self) -> frozenset[int]:
+        """Children whose Popen object reaps them (see process_tree.reap)."""
+        return frozenset({p.pid for p in self._processes.values()} | self._sandbox_pids)
+
+    def _start_agent(self) -> None:
+        self._spawn("agent", self._agent_argv, owned=False)
+        self._agent_started = time.monotonic()
+
+    def _agent_pids(self) -> list[int]:
+        """Every agent of this demo in its process tree: its own and any the relay started."""
+        config = str(self.root / "agent.yaml")
+        return [pid for pid in descendants(os.getpid()) if config in argv_of(pid)]
+
+    def _stop_agents(self) -> None:
+        """All at once (a standby must not take over and start jobs); each drains its jobs."""
+        stop_pids(self._agent_pids(), AGENT_STOP_GRACE, keep=self._popen_pids())
+        own = self._processes.get("agent")
+        if own is not None:
+            stop_process(own, STOP_GRACE, kill_wait=5)  # reaps it
+
+    def _stop_leftovers(self) -> None:
+        """Anything still in the demo's process tree (orphans it inherited)."""
+        for _round in range(3):  # a killed process's children are inherited in turn
+            left = descendants(os.getpid())
+            if not left:
+                return
+            names = ", ".join(f"{pid} ({' '.join(argv_of(pid))[:60]})" for pid in left)
+            console.print(f"[yellow]stopping leftover processes: {names}")
+            stop_pids(left, STOP_GRACE, keep=self._popen_pids())
+
     def start(self) -> None:
+        if not become_subreaper():
+            console.print("[yellow]cannot become a child subreaper: orphans may outlive the demo")
+        self._owned("leftover processes", self._stop_leftovers)  # runs last
         slurm = self._start_slurm() if self.full else None
         vllm = self._prepare_vllm() if self.use_vllm else None
         executor = "slurm" if self.full else "local"
@@ -168,7 +156,9 @@ class Demo:
         state_dir = Path(config["state_dir"])
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         saia = [sys.executable, "-m", "saia"]
-        self._spawn("agent", [*saia, "hpc", "agent", "-c", str(agent_path), "--drain-on-exit"])
+        self._agent_argv = [*saia, "hpc", "agent", "-c", str(agent_path), "--drain-on-exit"]
+        self._start_agent()
+        self._owned("agents", self._stop_agents)
         site = self._start_sshd(state_dir, agent_path) if self.full else self._local_site(state_dir)
         hub_path = self.root / "hub.yaml"
         hub_path.write_text(yaml.safe_dump(hub_config(self.root, self.port, site)))
@@ -181,6 +171,7 @@ class Demo:
 
         with console.status("starting a throw-away Slurm cluster (munge, slurmctld, slurmd)..."):
             cluster = SlurmSandbox(self.root / "slurm").start()
+        self._sandbox_pids.update(cluster.pids)
         self._owned("Slurm cluster", cluster.stop)
         console.print(f"[green]Slurm[/] cluster up (SLURM_CONF={cluster.slurm_conf})")
         return cluster
@@ -194,9 +185,12 @@ class Demo:
     def _start_sshd(self, state_dir: Path, agent_path: Path) -> dict[str, Any]:
         from saia.sandbox.sshd import SshdSandbox
 
-        agent = [sys.executable, "-m", "saia", "hpc", "agent", "-c", str(agent_path)]
+        # The relay starts this when no agent answers; it drains its jobs when Ctrl-C stops it.
+        agent = list(self._agent_argv)
         with console.status("starting sshd on 127.0.0.1 with a forced-command key..."):
             sshd = SshdSandbox(self.root / "sshd", state_dir, agent=agent).start()
+        if sshd.process is not None:
+            self._sandbox_pids.add(sshd.process.pid)
         self._owned("sshd", sshd.stop)
         console.print(f"[green]sshd[/] on 127.0.0.1:{sshd.port}, key forced to the relay")
         return {
@@ -243,12 +237,32 @@ class Demo:
             f"the model was not ready after {timeout:.0f} s ({status}); see {self.root}/"
         )
 
-    def check_alive(self) -> None:
-        for name, process in self._processes.items():
-            if process.poll() is not None:
-                log = self.root / f"{name}.log"
-                tail = log.read_text(errors="replace").strip().splitlines()[-3:]
-                raise DemoError(f"the {name} stopped ({process.returncode}): {' | '.join(tail)}")
+    def check_alive(self, *, serving: bool = False) -> None:
+        """DemoError when a process stopped; once serving, an agent that stopped is replaced
+        instead (by the relay at the hub's next connection, or here in local mode)."""
+        for name, process in list(self._processes.items()):
+            if process.poll() is None:
+                continue
+            if name == "agent" and serving:
+                self._agent_stopped(process)
+                continue
+            raise DemoError(f"the {name} stopped ({process.returncode}): {self._log_tail(name)}")
+        reap(self._popen_pids())
+
+    def _agent_stopped(self, process: subprocess.Popen[bytes]) -> None:
+        del self._processes["agent"]
+        what = f"the agent (pid {process.pid}) stopped ({process.returncode})"
+        if self.full:
+            console.print(f"[yellow]{what}; the relay starts a new one for the hub")
+            return
+        if time.monotonic() - self._agent_started < AGENT_MIN_LIFE:
+            raise DemoError(f"{what} right after its start: {self._log_tail('agent')}")
+        console.print(f"[yellow]{what}; starting a new one")
+        self._start_agent()
+
+    def _log_tail(self, name: str) -> str:
+        log = self.root / f"{name}.log"
+        return " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
 
 
 def _model_status(url: str, headers: dict[str, str]) -> str | None:
@@ -316,7 +330,7 @@ def demo(port: int, use_vllm: bool, local: bool, work_dir: Path | None) -> None:
             session.start()
             _print_ready(port, session.key)
             while not stop():
-                session.check_alive()
+                session.check_alive(serving=True)
                 time.sleep(0.5)
         except DemoError as error:
             console.print(f"[red]error:[/] {error}")
