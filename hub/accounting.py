@@ -44,6 +44,7 @@ COUNTER_RETENTION = 40 * 86400.0  # longer than any window (a month)
 WRITE_TIMEOUT = 30.0  # one batch; a locked SQLite gives up first (busy timeout 10 s)
 PROBE_EVERY = 5.0  # seconds without a successful write before an idle writer probes
 SHUTDOWN_RETRY = 10.0  # seconds the last flush retries through an outage
+SETTLE = 0.2  # seconds the last flush waits for records of requests cut at shutdown
 GroupBy = Literal["user", "key", "model", "group", "upstream"]
 _COLUMNS = {
     "user": usage.c.user_name,
@@ -124,10 +125,14 @@ class UsageRecorder:
         self._rejected = 0
         self._failing: str | None = None
         self._running = False
+        self._closed = False  # the writer has ended: a record now cannot be written
         self._last_ok = time.monotonic()
 
     def record(self, record: UsageRecord, token_subjects: tuple[str, ...] = ()) -> None:
         """Queue one record; never blocks. `token_subjects` get its tokens counted."""
+        if self._closed:
+            log.error("usage of %s arrived after the usage writer ended: not written", record)
+            return
         if len(self._pending) >= MAX_PENDING:
             self._drop(1)
         self._pending.append((sanitized(record), token_subjects))
@@ -301,15 +306,20 @@ class UsageRecorder:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SHUTDOWN_RETRY
         failures = 0
-        while not (await self._flush())[1]:
+        while loop.time() < deadline:
+            if (await self._flush())[1]:
+                # Requests the server cut at shutdown record their usage as they unwind,
+                # possibly just after this flush: a moment for them, then flush again.
+                await asyncio.sleep(SETTLE)
+                if not self._pending:
+                    break
+                continue
             failures += 1
-            delay = retry_delay(failures, self._interval)
-            if loop.time() + delay > deadline:
-                log.error(
-                    "exiting with %d usage records unwritten: %s", self.pending, self._failing
-                )
-                return
-            await asyncio.sleep(delay)
+            left = deadline - loop.time()
+            await asyncio.sleep(max(0.0, min(retry_delay(failures, self._interval), left)))
+        self._closed = True
+        if self._pending:
+            log.error("exiting with %d usage records unwritten: %s", self.pending, self._failing)
 
     async def _prune(self) -> bool:
         try:

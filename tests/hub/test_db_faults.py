@@ -7,6 +7,7 @@ PostgreSQL server stopped and restarted by pid.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -278,6 +279,34 @@ async def test_a_stopped_postgresql_gives_503_and_loses_no_usage(
         finally:
             await asyncio.to_thread(own_postgres.start_server)
         await after_outage_checks(hub, limited, served_id, caplog)
+
+
+async def test_a_cancelled_flush_releases_its_connection_and_keeps_its_records(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'hub.db'}"
+    engine = open_engine(url)
+    await upgrade(engine)
+    counters = await CounterStore.open(url)
+    try:
+        recorder = UsageRecorder(engine, counters, interval=60)
+        recorder.record(usage_record("kept"), ("key:x",))
+        async with sqlite_locked(tmp_path / "hub.db"):
+            flushing = asyncio.create_task(recorder.flush())
+            await until(lambda: engine.pool.checkedout() == 1, 10, "the flush took no connection")
+            flushing.cancel()
+            async with asyncio.timeout(20):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await flushing
+            assert flushing.cancelled()
+        await until(lambda: engine.pool.checkedout() == 0, 20, "the connection was not released")
+        assert recorder.pending == 1
+        assert await recorder.flush() == 1
+        assert await stored(engine) == {"kept": 5}
+        assert await day_tokens(engine, "key:x") == 7
+    finally:
+        await counters.aclose()
+        await engine.dispose()
 
 
 def test_health_report_says_why() -> None:
