@@ -195,5 +195,8 @@ def uvicorn_config(
         # X-Forwarded-For rewriting would let a client forge a trusted address.
         proxy_headers=False,
         http=bounded_protocol(client_timeouts or ClientTimeoutsConfig()),
+        # The hub has no WebSocket routes; an upgraded connection would leave the bounded
+        # protocol (and its timer would close the connection under the new one).
+        ws="none",
         timeout_graceful_shutdown=SHUTDOWN_GRACE,
     )
