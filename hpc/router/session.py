@@ -2,9 +2,9 @@
 
 What one connection may make the agent hold, whatever the hub sends: at most
 `max_streams` open streams (MAX_STREAMS), and request heads and bodies of at most its byte
-budget (max(MIN_BODY_BUDGET, 4 * router.max_body_bytes)); the excess is refused per stream
-with a retryable 503. Answers the hub does not read are bounded by `saia.base.mux`
-(CONTROL_QUEUE).
+budget, max(MIN_BODY_BUDGET, 4 * router.max_body_bytes), where a head counts its bytes
+plus HEAD_COST plus PAIR_COST per header. The excess is refused per stream with a
+retryable 503. Answers the hub does not read are bounded by `saia.base.mux` (CONTROL_QUEUE).
 """
 
 from __future__ import annotations
@@ -22,7 +22,10 @@ log = logging.getLogger(__name__)
 
 MAX_STREAMS = 4096  # concurrent streams per channel
 MIN_BODY_BUDGET = 64 * 1024 * 1024  # request bytes (heads and bodies) one connection may hold
-HEAD_COST = 1024  # charged per stream on top of its head's bytes (its parsed objects)
+# Charged per stream on top of its head's bytes: the parsed objects (measured: a header
+# pair costs a tuple and two str objects, about 160 bytes even when both are empty).
+HEAD_COST = 1024
+PAIR_COST = 160
 JSON_HEADERS = [("content-type", "application/json")]
 
 
@@ -155,21 +158,21 @@ class Session:
         if stream <= self.last_id:
             raise wire.ProtocolError(f"stream id {stream} reused")
         self.last_id = stream
-        cost = len(frame.payload) + HEAD_COST
         if len(self.channel.streams) >= self.router.max_streams:
             self.refuse(stream, "too_many_streams", "too many concurrent requests")
             return
-        if self.held + cost > self.budget:
-            self.refuse(stream, "agent_busy", "the agent holds too many request bodies")
-            return
-        state = self.channel.open(stream)
-        self.held += cost
         try:
             head: wire.RequestHead | None = wire.parse_request(frame.payload)
         except wire.ProtocolError as error:
             log.info("bad request head on stream %d: %s", stream, error)
             head = None
-        self.incoming[stream] = Incoming(state, head, cost)
+        pairs = len(head.headers) if head is not None else 0
+        cost = len(frame.payload) + HEAD_COST + PAIR_COST * pairs
+        if self.held + cost > self.budget:
+            self.refuse(stream, "agent_busy", "the agent holds too many request bodies")
+            return
+        self.held += cost
+        self.incoming[stream] = Incoming(self.channel.open(stream), head, cost)
 
     def refuse(self, stream: int, code: str, message: str) -> None:
         """A retryable 503 for a stream never opened (no state kept; counted by the mux)."""
