@@ -281,6 +281,22 @@ async def test_a_stopped_postgresql_gives_503_and_loses_no_usage(
         await after_outage_checks(hub, limited, served_id, caplog)
 
 
+async def test_the_unique_request_id_migration_keeps_one_row_of_each(database_url: str) -> None:
+    engine = open_engine(database_url)
+    try:
+        await upgrade(engine, "0001")
+        row = {k: v for k, v in vars(usage_record("dup")).items()}
+        async with engine.begin() as connection:
+            await connection.execute(usage.insert(), [row, row, {**row, "request_id": "one"}])
+        await upgrade(engine)
+        assert await stored(engine) == {"dup": 5, "one": 5}
+        async with engine.connect() as connection:
+            count = select(func.count()).select_from(usage)
+            assert (await connection.execute(count)).scalar() == 2
+    finally:
+        await engine.dispose()
+
+
 async def test_a_cancelled_flush_releases_its_connection_and_keeps_its_records(
     tmp_path: Path,
 ) -> None:
