@@ -259,12 +259,28 @@ saia_wait_listening() {
     return 1
 }
 
+# Whether the server still accepts connections on its port.
+saia_server_listening() {
+    local host="$SAIA_BIND_HOST"
+    if [[ -z "$host" || "$host" == 0.0.0.0 || "$host" == "::" ]]; then
+        host=127.0.0.1
+    fi
+    (exec 3<>"/dev/tcp/$host/$SAIA_PORT") 2>/dev/null
+}
+
 # Forward a stop signal to the server, wait for it (bounded), then make sure it is gone.
+# Slurm (scancel, time limit, preemption) and the local executor signal every process of
+# the job, the server too, and a second SIGTERM makes uvicorn servers (vLLM, the stand-in)
+# abandon their open requests: forward only when the server still listens a moment later,
+# i.e. the signal reached this shell alone (e.g. `scancel --batch`).
 saia_stop() {
     trap '' TERM INT # one graceful stop; Slurm's own SIGKILL follows KillWait anyway
     SAIA_STOPPING=1
     echo "saia: SIG$1 received, stopping the server (pid $SAIA_SERVER_PID)" >&2
-    kill -TERM "$SAIA_SERVER_PID" 2>/dev/null || true
+    sleep 0.5
+    if saia_server_listening; then
+        kill -TERM "$SAIA_SERVER_PID" 2>/dev/null || true
+    fi
     local ticks=$((SAIA_STOP_TIMEOUT * 10))
     while kill -0 "$SAIA_SERVER_PID" 2>/dev/null && ((ticks > 0)); do
         sleep 0.1

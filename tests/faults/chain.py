@@ -234,6 +234,9 @@ class FaultChain:
         async with asyncio.timeout(COMMAND_TIMEOUT):
             return await SlurmJobSystem(self.config, tag).list_jobs()
 
+    async def running_jobs(self, service: str) -> list[str]:
+        return [j.job_id for j in await self.jobs() if j.service == service and j.running]
+
     def job_processes(self) -> dict[str, list[int]]:
         """Pids of live processes that Slurm started for our jobs, per job id."""
         found: dict[str, list[int]] = {}

@@ -70,19 +70,30 @@ class LoadResult:
     def of(self, kind: Kind) -> list[Outcome]:
         return [o for o in self.outcomes if o.kind == kind]
 
+    def pending(self, *, answered: bool) -> list[Outcome]:
+        """Requests not ended yet (while the load runs): answering, or still waiting."""
+        return [
+            o for o in self.outcomes if o.ended is None and (o.answered is not None) == answered
+        ]
+
     def summary(self) -> str:
         counts = Counter(o.kind for o in self.outcomes)
         details = Counter(o.detail for o in self.outcomes if o.kind != "ok")
         return f"{dict(counts)} {dict(details.most_common(5))}"
 
 
-async def run_load(load: Load, stop: asyncio.Event | None = None) -> LoadResult:
+async def run_load(
+    load: Load, result: LoadResult | None = None, stop: asyncio.Event | None = None
+) -> LoadResult:
     """Send the load; returns when its bound is reached (or `stop` is set) and every
-    request sent has ended (each within its own timeout)."""
+    request sent has ended (each within its own timeout).
+
+    Each request is in `result.outcomes` from its start (pass a `result` to watch it live:
+    `ended` is None until the request has ended)."""
     loop = asyncio.get_running_loop()
     until = None if load.duration is None else loop.time() + load.duration
     numbers = itertools.count()
-    result = LoadResult()
+    result = LoadResult() if result is None else result
     limits = httpx.Limits(max_connections=load.clients, max_keepalive_connections=load.clients)
     timeout = httpx.Timeout(load.timeout)
 
@@ -96,7 +107,11 @@ async def run_load(load: Load, stop: asyncio.Event | None = None) -> LoadResult:
 
     async def client_loop(client: httpx.AsyncClient) -> None:
         while (index := next_index()) is not None:
-            result.outcomes.append(await one_request(client, load, index))
+            user = index % len(load.keys)
+            stream = load.stream_every > 0 and index % load.stream_every == 0
+            outcome = Outcome(index, user, stream, started=loop.time())
+            result.outcomes.append(outcome)
+            await one_request(client, load, outcome)
 
     async with (
         httpx.AsyncClient(
@@ -110,18 +125,17 @@ async def run_load(load: Load, stop: asyncio.Event | None = None) -> LoadResult:
     return result
 
 
-async def one_request(client: httpx.AsyncClient, load: Load, index: int) -> Outcome:
-    user = index % len(load.keys)
-    stream = load.stream_every > 0 and index % load.stream_every == 0
+async def one_request(client: httpx.AsyncClient, load: Load, outcome: Outcome) -> None:
+    """Send one request and fill in its outcome."""
     loop = asyncio.get_running_loop()
-    outcome = Outcome(index, user, stream, started=loop.time())
+    stream = outcome.stream
     body = {
         "model": load.model,
         "max_tokens": load.max_tokens,
         "stream": stream,
         "messages": [{"role": "user", "content": PROMPT}],
     }
-    headers = {"authorization": f"Bearer {load.keys[user]}"}
+    headers = {"authorization": f"Bearer {load.keys[outcome.user]}"}
     received = bytearray()
     try:
         async with asyncio.timeout(load.timeout):
@@ -141,7 +155,6 @@ async def one_request(client: httpx.AsyncClient, load: Load, index: int) -> Outc
         outcome.kind = "mid_stream" if outcome.answered is not None else "before_first_byte"
         outcome.detail = type(error).__name__
     outcome.ended = loop.time()
-    return outcome
 
 
 def judge(status: int, stream: bool, body: bytes) -> tuple[Kind, str]:
@@ -158,7 +171,7 @@ def judge(status: int, stream: bool, body: bytes) -> tuple[Kind, str]:
     events = [
         line[6:] for line in body.decode(errors="replace").splitlines() if line[:6] == "data: "
     ]
-    for event in events[:-1]:
+    for event in events:
         if '"error"' in event:
             return "mid_stream", f"error event: {_error_code(event.encode())}"
     if not events or events[-1].strip() != "[DONE]":
