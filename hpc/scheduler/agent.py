@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 
 from hpc.config import AgentConfig, ServiceConfig
-from hpc.jobs.system import JobInfo, JobSystem, JobTag, Submission
+from hpc.jobs.system import JobInfo, JobSystem, JobTag, Submission, private_dir
 from hpc.registry import Backend, BackendRegistry
 from hpc.router.server import serve_requests
 from hpc.scheduler.health import HealthMonitor, ProbeTarget
@@ -326,7 +326,7 @@ async def run_agent(
 
     `config_path` is the file a reload (SIGHUP, `saia hpc reload`) re-reads.
     """
-    config.state_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(config.state_dir)  # keys, endpoints and the socket: ours alone
     async with LeaderLock(config.state_dir / LOCK_FILE, standby_poll):
         ident = agent_id(config.state_dir)
         tag = JobTag(config.job_prefix, ident)
