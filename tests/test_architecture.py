@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("saia", "hub", "hpc", "cloud_interface", "slurm")
 MAX_LINES = 400
