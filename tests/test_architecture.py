@@ -25,9 +25,6 @@ def test_import_contracts_are_kept() -> None:
     assert "0 broken" in result.stdout
 
 
-@pytest.mark.xfail(
-    reason="hub/ssh_client.py is 408 lines until the SSH reconnect change splits it", strict=True
-)
 def test_no_module_is_over_400_lines() -> None:
     too_long = {
         str(path.relative_to(ROOT)): count
