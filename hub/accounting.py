@@ -38,6 +38,7 @@ from hub.usage_records import UsageRecord, retry_delay, sanitized
 log = logging.getLogger(__name__)
 
 MAX_PENDING = 200_000
+MAX_BATCH = 5_000  # records per transaction
 PRUNE_INTERVAL = 3600.0
 PRUNE_RETRY = 60.0
 COUNTER_RETENTION = 40 * 86400.0  # longer than any window (a month)
@@ -168,17 +169,24 @@ class UsageRecorder:
         return written
 
     async def _flush(self) -> tuple[int, bool]:
+        """Write the queue in batches of at most MAX_BATCH (a backlog after an outage must
+        not become one transaction too large for its timeout); stop at the first failure."""
+        written = 0
         async with self._lock:
-            if not self._pending:
-                return 0, True
-            self._batch, self._pending = list(self._pending), deque()
-            try:
-                return await self._write(self._batch)
-            except BaseException:  # cancelled: the records wait for the next flush
-                self._requeue(self._batch)
-                raise
-            finally:
-                self._batch = []
+            while self._pending:
+                size = min(len(self._pending), MAX_BATCH)
+                self._batch = [self._pending.popleft() for _ in range(size)]
+                try:
+                    done, ok = await self._write(self._batch)
+                except BaseException:  # cancelled: the records wait for the next flush
+                    self._requeue(self._batch)
+                    raise
+                finally:
+                    self._batch = []
+                written += done
+                if not ok:
+                    return written, False
+        return written, True
 
     def _requeue(self, records: list[Queued]) -> None:
         """Put unwritten records back in front of those queued meanwhile (bounded)."""

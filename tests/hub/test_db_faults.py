@@ -281,6 +281,18 @@ async def test_a_stopped_postgresql_gives_503_and_loses_no_usage(
         await after_outage_checks(hub, limited, served_id, caplog)
 
 
+async def test_a_backlog_is_written_in_bounded_batches(
+    engine: AsyncEngine, counters: CounterStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("hub.accounting.MAX_BATCH", 3)
+    recorder = UsageRecorder(engine, counters, interval=60)
+    for index in range(10):
+        recorder.record(usage_record(f"r{index}"), ("key:x",))
+    assert await recorder.flush() == 10 and recorder.pending == 0
+    assert len(await stored(engine)) == 10
+    assert await day_tokens(engine, "key:x") == 10 * 7
+
+
 async def test_the_unique_request_id_migration_keeps_one_row_of_each(database_url: str) -> None:
     engine = open_engine(database_url)
     try:
