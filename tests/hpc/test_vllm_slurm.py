@@ -183,7 +183,8 @@ def sse_events(body: bytes) -> list[str]:
 
 
 async def check_backend_directly(backend: Backend) -> None:
-    """The key guards /v1 (401 without it); /metrics is vLLM's real Prometheus output."""
+    """The key guards every path (401 without it); /metrics is vLLM's real Prometheus
+    output."""
     assert backend.api_key, "the agent did not read the job's backend key"
     async with httpx.AsyncClient(base_url=backend.url, trust_env=False, timeout=30) as client:
         assert (await client.get("/v1/models")).status_code == 401
@@ -191,7 +192,8 @@ async def check_backend_directly(backend: Backend) -> None:
         models = (await client.get("/v1/models", headers=auth)).json()
         assert [m["id"] for m in models["data"]] == [SERVICE]
         assert models["data"][0]["max_model_len"] == 256
-        metrics = parse_vllm_metrics((await client.get("/metrics")).text)
+        assert (await client.get("/metrics")).status_code == 401
+        metrics = parse_vllm_metrics((await client.get("/metrics", headers=auth)).text)
     assert SERVICE in metrics
     assert metrics[SERVICE].running == 0
     assert metrics[SERVICE].waiting == 0
