@@ -157,15 +157,23 @@ async def _json_error(request: Request) -> Response:
     return Response(body, 400, PROVIDER_HEADERS, media_type="text/html")
 
 
+async def _unasked_stream(request: Request) -> Response:
+    body = b'data: {"choices":[{"text":"a"}]}\n\ndata: {"choices":[{"text":"b"}]}\n\n'
+    body += b'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":2}}\n\n'
+    return Response(body + b"data: [DONE]\n\n", media_type="text/event-stream")
+
+
 @asynccontextmanager
 async def fake_provider() -> AsyncIterator[str]:
-    """An upstream that answers embeddings well, chat with HTML and completions with a
-    JSON error in the wrong content type, each with provider headers."""
+    """An upstream that answers embeddings well, chat with HTML, completions with a JSON
+    error in the wrong content type (each with provider headers) and /tokenize with an
+    event stream nobody asked for."""
     app = Starlette(
         routes=[
             Route("/v1/embeddings", _ok, methods=["POST"]),
             Route("/v1/chat/completions", _html_error, methods=["POST"]),
             Route("/v1/completions", _json_error, methods=["POST"]),
+            Route("/tokenize", _unasked_stream, methods=["POST"]),
         ]
     )
     port = free_port()
@@ -200,6 +208,18 @@ async def test_upstream_errors_become_openai_json_and_provider_headers_stay_behi
         assert response.headers["x-request-id"].startswith("req-")
         leaked = set(PROVIDER_HEADERS) & set(response.headers)
         assert not leaked, f"provider headers passed to the client: {leaked}"
+
+
+async def test_an_answer_that_streams_unasked_is_metered_as_a_stream(tmp_path: Path) -> None:
+    """The hub decides by what the upstream sends, not only by what it asked for."""
+    async with fake_provider() as url:
+        config = hub_config(tmp_path, url, "fake")
+        async with running_hub(config) as hub, hub.client(await hub.create_key()) as http:
+            response = await http.post("/tokenize", json={"model": "fake", "prompt": "x"})
+            rows = await recorded_rows(hub, 1)
+    assert response.status_code == 200 and response.text.endswith("data: [DONE]\n\n")
+    assert (rows[0]["prompt_tokens"], rows[0]["completion_tokens"]) == (7, 2)
+    assert rows[0]["stream"]
 
 
 # -- item 4: hostile bodies ---------------------------------------------------------------
