@@ -80,6 +80,7 @@ class Agent:
         self.config_path = config_path  # re-read on reload
         self._reload_wanted = False
         self._published: set[str] = set()
+        self._slurm_down_since: float | None = None  # an outage is logged once, not per loop
         self._wake = asyncio.Event()
 
     @property
@@ -155,14 +156,25 @@ class Agent:
                 infos = await self.jobs.list_jobs()
         except Exception as error:  # Slurm down or slow: keep serving, retry next loop
             self.live.slurm_failed(f"cannot list jobs: {error}")
-            log.warning("%s", self.live.error)
+            self._slurm_outage(now)
             self._save(now)
             return False
+        self._slurm_outage(None)
         decision = decide(self.observe(infos, now), now)
         acted = await self.act(decision, now)
         self.publish()
         self._save(now)
         return acted
+
+    def _slurm_outage(self, now: float | None) -> None:
+        """Log the start (`now`) and the end (None) of a Slurm outage, once each; while it
+        lasts, `status` shows the error."""
+        if now is not None and self._slurm_down_since is None:
+            self._slurm_down_since = now
+            log.warning("%s; serving on, retrying every loop", self.live.error)
+        elif now is None and self._slurm_down_since is not None:
+            log.warning("Slurm answers again after %.0f s", self.clock() - self._slurm_down_since)
+            self._slurm_down_since = None
 
     def observe(self, infos: list[JobInfo], now: float) -> Snapshot:
         """The policy's snapshot (hpc/scheduler/observation.py); updates the live state."""

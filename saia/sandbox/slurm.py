@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from saia.sandbox.process import Sandbox, SandboxError, free_port, stop_process
+from saia.sandbox.slurm_conf import GPUS, render_gres_conf, render_slurm_conf
 
 __all__ = ["SandboxError", "SlurmSandbox", "render_gres_conf", "render_slurm_conf"]
 
@@ -30,7 +31,6 @@ log = logging.getLogger(__name__)
 
 SBIN = Path("/usr/sbin")
 PR_SET_PDEATHSIG = 1
-GPUS = 4
 COMMAND_TIMEOUT = 15.0
 START_TIMEOUT = 60.0
 STOP_GRACE = 10.0
@@ -67,77 +67,6 @@ def _available_memory_mb() -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) // 1024
     raise SandboxError("cannot read MemAvailable from /proc/meminfo")
-
-
-# Settings every sandbox shares: root runs everything, no cgroups, no accounting.
-FIXED_SETTINGS = (
-    "SlurmUser=root",
-    "SlurmdUser=root",
-    "AuthType=auth/munge",
-    "CredType=cred/munge",
-    "SlurmctldDebug=info",
-    "SlurmdDebug=info",
-    "ProctrackType=proctrack/linuxproc",
-    "TaskPlugin=task/none",
-    "JobAcctGatherType=jobacct_gather/none",
-    "AccountingStorageType=accounting_storage/none",
-    "JobCompType=jobcomp/none",
-    "MpiDefault=none",
-    "SelectType=select/cons_tres",
-    "SelectTypeParameters=CR_Core",
-    "SchedulerType=sched/backfill",
-    "SchedulerParameters=sched_interval=1,bf_interval=1,sched_min_interval=100000",
-    "GresTypes=gpu",
-    "MailProg=/bin/true",
-    # Fast turnover for tests: finished jobs vanish quickly, kills do not linger.
-    "MinJobAge=5",
-    "KillWait=5",
-    "MessageTimeout=10",
-    "SlurmdTimeout=30",
-    "InactiveLimit=0",
-    "Waittime=0",
-    "ReturnToService=2",
-)
-
-
-def render_slurm_conf(
-    *,
-    root: Path,
-    cluster: str,
-    host: str,
-    ctld_port: int,
-    slurmd_port: int,
-    munge_socket: Path,
-    cpus: int,
-    memory_mb: int,
-    overcommit: bool = False,
-) -> str:
-    """slurm.conf of a one-node cluster whose paths all live under `root`."""
-    lines = [
-        f"ClusterName={cluster}",
-        f"SlurmctldHost={host}(127.0.0.1)",
-        f"SlurmctldPort={ctld_port}",
-        f"SlurmdPort={slurmd_port}",
-        f"AuthInfo=socket={munge_socket}",
-        f"StateSaveLocation={root}/state",
-        f"SlurmdSpoolDir={root}/spool/%n",
-        f"SlurmctldPidFile={root}/run/slurmctld.pid",
-        f"SlurmdPidFile={root}/run/slurmd.pid",
-        f"SlurmctldLogFile={root}/log/slurmctld.log",
-        f"SlurmdLogFile={root}/log/slurmd.log",
-        f"PlugStackConfig={root}/etc/plugstack.conf",
-        *FIXED_SETTINGS,
-        # More CPUs than the machine has (for many small test jobs): trust the config.
-        *(["SlurmdParameters=config_overrides"] if overcommit else []),
-        f"NodeName={host} NodeAddr=127.0.0.1 NodeHostname={host} CPUs={cpus} "
-        f"RealMemory={memory_mb} Gres=gpu:{GPUS} State=UNKNOWN",
-        f"PartitionName=gpu Nodes={host} Default=YES MaxTime=INFINITE State=UP",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def render_gres_conf(host: str, device_dir: Path) -> str:
-    return f"AutoDetect=off\nNodeName={host} Name=gpu File={device_dir}/fakegpu[0-{GPUS - 1}]\n"
 
 
 class SlurmSandbox(Sandbox):
@@ -221,6 +150,32 @@ class SlurmSandbox(Sandbox):
             self._socket_dir = None
         if self._given_root is None:
             shutil.rmtree(self.root, ignore_errors=True)
+
+    # -- outages (fault tests) --------------------------------------------------------
+    def stop_controller(self) -> None:
+        """Stop slurmctld by its pid, as in an outage: Slurm commands fail, slurmd and the
+        running jobs go on. `start_controller()` brings it back with its saved state."""
+        stop_process(self._procs[self._controller_index()], STOP_GRACE)
+
+    def start_controller(self, *, wait: bool = True) -> None:
+        """Start slurmctld again (it recovers the jobs from its state directory);
+        with `wait=False` return at once (poll `controller_up()`)."""
+        index = self._controller_index()
+        if self._procs[index].poll() is None:
+            raise SandboxError("slurmctld is running")
+        ctld = self._spawn("slurmctld", [str(_find("slurmctld")), "-D", "-f", str(self.slurm_conf)])
+        self._procs[index] = self._procs.pop()  # keep the stop order: munged, ctld, slurmd
+        if wait:
+            self._wait("slurmctld", ctld, self.controller_up)
+
+    def controller_up(self) -> bool:
+        """Whether slurmctld answers (`scontrol ping`)."""
+        return "UP" in _output([str(self.bin_dir / "scontrol"), "ping"], self.env)
+
+    def _controller_index(self) -> int:
+        if not self._started or len(self._procs) < 3:
+            raise SandboxError("the sandbox cluster is not running")
+        return 1  # started in this order: munged, slurmctld, slurmd
 
     # -- steps of start() ------------------------------------------------------------
     def _make_root(self) -> None:
