@@ -1,0 +1,116 @@
+"""What the simulator models: the cluster (Slurm's queue, preemptions, a GPU cap), the
+services (the agent's own `ServiceConfig`) and how fast one instance serves.
+
+A YAML file (`saia hpc simulate --config FILE`) overrides the defaults; without one the
+defaults below describe one 1-GPU service on a busy shared partition.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from hpc.config import ServiceConfig
+from saia.base.config_file import NO_FILE, ConfigError, Duration, Strict, read_yaml, validate
+
+__all__ = ["ConfigError", "InstanceModel", "QueueModel", "SimConfig", "load_sim_config"]
+
+DEFAULT_SERVICE = "sim-model"
+
+
+class QueueModel(Strict):
+    """How long Slurm keeps a job of one partition (or partition/QOS) pending: log-normal."""
+
+    median: Duration = Field(120.0, ge=0, description="median start wait")
+    p95: Duration = Field(600.0, ge=0, description="95th percentile of the start wait")
+
+    @model_validator(mode="after")
+    def _order(self) -> QueueModel:
+        if self.p95 < self.median:
+            raise ValueError("p95 must be >= median")
+        return self
+
+    def sample(self, rng: random.Random) -> float:
+        if self.median <= 0:
+            return 0.0
+        if self.p95 <= self.median:
+            return self.median
+        sigma = math.log(self.p95 / self.median) / 1.645  # z of the 95th percentile
+        return rng.lognormvariate(math.log(self.median), sigma)
+
+
+class InstanceModel(Strict):
+    """How one running job of a service serves."""
+
+    load_time: Duration = Field(180.0, ge=0, description="from job start to ready (model load)")
+    concurrency: int = Field(16, ge=1, description="requests one instance runs at once")
+    tokens_per_s: float = Field(25.0, gt=0, description="output tokens/s of each running request")
+    prefill_tokens_per_s: float = Field(4000.0, gt=0, description="prompt tokens/s (first token)")
+
+
+class SimConfig(Strict):
+    """The whole simulated world."""
+
+    services: list[ServiceConfig] = Field(default_factory=list)
+    """the services, as in the agent's config (default: one 1-GPU service)"""
+    instance: dict[str, InstanceModel] = Field(default_factory=dict)
+    """per service name: how an instance serves (default: InstanceModel())"""
+    queues: dict[str, QueueModel] = Field(default_factory=dict)
+    """start wait per `partition` or `partition/qos`; `default` for the rest"""
+    preemptions_per_gpu_hour: float = Field(0.02, ge=0)
+    """chance per GPU-hour that Slurm preempts a running job"""
+    max_total_gpus: int | None = Field(8, ge=0)
+    """the agent's cap on GPUs held by all services"""
+    poll_interval: Duration = Field(5.0, gt=0, description="the agent's loop period")
+    health_failures: int = Field(3, ge=1)
+    queue_timeout: Duration = Field(300.0, ge=0, description="router: longest wait for a slot")
+    max_queue: int = Field(256, ge=0, description="router: requests waiting per service")
+
+    def service_names(self) -> list[str]:
+        return [s.name for s in self.services]
+
+    def instance_of(self, service: str) -> InstanceModel:
+        return self.instance.get(service, InstanceModel())
+
+    def queue_of(self, service: ServiceConfig) -> QueueModel:
+        res = service.resources
+        for key in (f"{res.partition}/{res.qos}", f"{res.partition}", "default"):
+            if key in self.queues:
+                return self.queues[key]
+        return QueueModel()
+
+
+def default_service(name: str = DEFAULT_SERVICE) -> ServiceConfig:
+    """One 1-GPU vLLM service, 1 to 8 instances, 2 h jobs renewed 10 min ahead."""
+    return ServiceConfig.model_validate(
+        {
+            "name": name,
+            "model": "simulated",
+            "resources": {"partition": "gpu", "gpus": 1, "time_limit": "2:00:00"},
+            "min_instances": 1,
+            "max_instances": 8,
+            "target_concurrency": 8,
+        }
+    )
+
+
+def default_config() -> SimConfig:
+    return SimConfig(services=[default_service()])
+
+
+def parse_sim_config(data: Any, source: Path | str = NO_FILE) -> SimConfig:
+    config = validate(SimConfig, data, source)
+    if not config.services:
+        config = config.model_copy(update={"services": [default_service()]})
+    return config
+
+
+def load_sim_config(path: Path | None) -> SimConfig:
+    """The file's settings over the defaults; ConfigError with one line per problem."""
+    if path is None:
+        return default_config()
+    return parse_sim_config(read_yaml(path), path)

@@ -1,0 +1,254 @@
+"""The discrete-event simulator: a request trace through a router, jobs through a modelled
+Slurm queue, and a scaling policy called the way the agent calls it.
+
+`simulate(config, trace, policy, ...)` runs one policy: the agent's real `decide` or the
+baseline. Time is simulated: events (arrivals, job starts, readiness, time limits,
+preemptions, request completions, router time-outs, agent steps) are taken in time order
+from a heap; nothing sleeps and nothing reads a clock.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hpc.scheduler.policy import Cancel, Decision, Drain, Snapshot, Submit, gpus_per_job
+from hpc.simulate.config import SimConfig
+from hpc.simulate.trace import Request
+from hpc.simulate.world import Flight, ServiceWorld, SimJob, snapshot
+
+DecideFn = Callable[[Snapshot, float], Decision]
+# After the last arrival the run goes on this long, so queued requests finish or time out.
+GRACE_S = 600.0
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A scaling policy and how the router in front of it treats a cold service."""
+
+    name: str
+    decide: DecideFn
+    cold_reject_after: float | None = (
+        None  # reject a request that waited this long for a first instance
+    )
+
+
+@dataclass(frozen=True)
+class Tick:
+    """The world at one agent step, for the plot."""
+
+    at: float
+    load: int
+    ready: int
+    held: int  # jobs running (ready or loading)
+    pending: int
+
+
+@dataclass
+class Run:
+    """What one simulated run produced."""
+
+    policy: str
+    horizon: float
+    flights: list[Flight]
+    jobs: list[SimJob]
+    ticks: list[Tick] = field(default_factory=list)
+
+
+class Simulator:
+    def __init__(self, config: SimConfig, policy: Policy, seed: int) -> None:
+        self.config, self.policy = config, policy
+        self.services = {s.name: ServiceWorld(s) for s in config.services}
+        self.queue_rng = random.Random(f"queue:{seed}")
+        self.preempt_rng = random.Random(f"preempt:{seed}")
+        self.events: list[tuple[float, int, str, Any]] = []
+        self.counter = itertools.count()
+        self.flights: list[Flight] = []
+        self.ticks: list[Tick] = []
+        self.now = 0.0
+        self.job_numbers = itertools.count(1)
+
+    def push(self, at: float, kind: str, payload: Any = None) -> None:
+        heapq.heappush(self.events, (at, next(self.counter), kind, payload))
+
+    def run(self, trace: list[Request], duration: float) -> Run:
+        self.warm_start()
+        for request in trace:
+            if request.service in self.services:
+                self.push(request.at, "arrive", request)
+        horizon = duration + GRACE_S
+        for step in range(math.ceil(horizon / self.config.poll_interval) + 1):
+            self.push(step * self.config.poll_interval, "tick", True)
+        while self.events and self.events[0][0] <= horizon:
+            self.now, _, kind, payload = heapq.heappop(self.events)
+            getattr(self, f"on_{kind}")(payload)
+        jobs = [job for s in self.services.values() for job in s.jobs]
+        return Run(self.policy.name, horizon, self.flights, jobs, self.ticks)
+
+    # -- requests ---------------------------------------------------------------------
+    def on_arrive(self, request: Request) -> None:
+        world = self.services[request.service]
+        flight = Flight(request)
+        self.flights.append(flight)
+        if world.queued() >= self.config.max_queue:
+            self.finish(flight, "rejected")
+            return
+        world.queue.append(flight)
+        cold = not any(job.routable for job in world.jobs)
+        if cold and world.demand_since is None:
+            world.demand_since = self.now
+            self.push(self.now, "tick", False)  # the router wakes the agent
+        limit = self.config.queue_timeout
+        if cold and self.policy.cold_reject_after is not None:
+            limit = min(limit, self.policy.cold_reject_after)
+        self.push(self.now + limit, "timeout", flight)
+        self.dispatch(world)
+
+    def on_timeout(self, flight: Flight) -> None:
+        if not flight.outcome and flight.job is None:
+            self.finish(flight, "rejected")
+
+    def on_done(self, flight: Flight) -> None:
+        job = flight.job
+        if flight.outcome or job is None:
+            return  # cut off by the job's end
+        job.flights.remove(flight)
+        self.finish(flight, "done")
+        self.dispatch(self.services[job.service])
+
+    def finish(self, flight: Flight, outcome: str) -> None:
+        flight.outcome, flight.finished = outcome, self.now
+
+    def dispatch(self, world: ServiceWorld) -> None:
+        """Queued requests to the routable job with the fewest in flight, while one has room."""
+        slots = self.config.instance_of(world.name).concurrency
+        while world.queue:
+            if world.queue[0].outcome:
+                world.queue.popleft()
+                continue
+            free = [j for j in world.jobs if j.routable and j.in_flight < slots]
+            if not free:
+                return
+            job = min(free, key=lambda j: j.in_flight)
+            self.start_request(world.queue.popleft(), job)
+
+    def start_request(self, flight: Flight, job: SimJob) -> None:
+        model = self.config.instance_of(job.service)
+        request = flight.request
+        flight.job, flight.started = job, self.now
+        job.flights.append(flight)
+        prefill = request.prompt_tokens / model.prefill_tokens_per_s
+        flight.first_token = self.now + prefill
+        self.push(flight.first_token + request.output_tokens / model.tokens_per_s, "done", flight)
+
+    # -- jobs -------------------------------------------------------------------------
+    def warm_start(self) -> None:
+        """A run starts as an agent that has been up for a while: min_instances jobs ready."""
+        for world in self.services.values():
+            for _ in range(world.config.min_instances):
+                self.on_start(self.submit(world.name, None, start=False))
+                world.jobs[-1].ready_at = 0.0
+
+    def submit(self, service: str, replaces: str | None, start: bool = True) -> SimJob:
+        world = self.services[service]
+        config = world.config
+        job = SimJob(
+            job_id=str(next(self.job_numbers)),
+            service=service,
+            gpus=gpus_per_job(config),
+            submitted=self.now,
+            time_limit_s=float(config.resources.time_limit_seconds),
+            replaces=replaces,
+        )
+        world.jobs.append(job)
+        if start:
+            wait = self.config.queue_of(config).sample(self.queue_rng)
+            self.push(self.now + wait, "start", job)
+        return job
+
+    def on_start(self, job: SimJob) -> None:
+        if job.ended is not None:
+            return  # cancelled while pending
+        job.started = self.now
+        self.push(self.now + self.config.instance_of(job.service).load_time, "ready", job)
+        self.push(self.now + job.time_limit_s, "end", (job, "time limit"))
+        rate = self.config.preemptions_per_gpu_hour * job.gpus / 3600
+        if rate > 0:
+            self.push(self.now + self.preempt_rng.expovariate(rate), "end", (job, "preempted"))
+
+    def on_ready(self, job: SimJob) -> None:
+        if job.ended is not None:
+            return
+        job.ready_at = self.now
+        world = self.services[job.service]
+        world.demand_since = None
+        self.dispatch(world)
+        self.push(self.now, "tick", False)  # the prober wakes the agent
+
+    def on_end(self, payload: tuple[SimJob, str]) -> None:
+        job, reason = payload
+        if job.ended is None:
+            self.stop_job(job, reason)
+
+    def stop_job(self, job: SimJob, reason: str) -> None:
+        """The job ends: requests still running on it are cut off."""
+        for flight in job.flights:
+            self.finish(flight, "interrupted")
+        job.flights.clear()
+        self.services[job.service].end_job(job, self.now, reason)
+
+    # -- the agent ----------------------------------------------------------------------
+    def on_tick(self, regular: bool) -> None:
+        worlds = list(self.services.values())
+        if regular:
+            for world in worlds:
+                world.sample_load(self.now)
+            self.record()
+        decision = self.policy.decide(
+            snapshot(worlds, self.now, self.config.max_total_gpus), self.now
+        )
+        for world in worlds:
+            world.backoff = decision.backoff.get(world.name, world.backoff)
+        for action in decision.actions:
+            self.act(action)
+
+    def act(self, action: object) -> None:
+        if isinstance(action, Submit):
+            self.submit(action.service, action.replaces)
+            return
+        if not isinstance(action, Cancel | Drain):
+            return  # warnings only show in the real agent's status
+        world = self.services.get(action.service)
+        job = next((j for j in world.jobs if j.job_id == action.job_id), None) if world else None
+        if job is None or job.ended is not None:
+            return
+        if isinstance(action, Drain):
+            job.draining = True
+        else:
+            job.cancelled = True
+            self.stop_job(job, "cancelled")
+
+    def record(self) -> None:
+        worlds = list(self.services.values())
+        live = [job for world in worlds for job in world.live_jobs()]
+        self.ticks.append(
+            Tick(
+                at=self.now,
+                load=sum(w.in_flight() + w.queued() for w in worlds),
+                ready=sum(1 for job in live if job.ready),
+                held=sum(1 for job in live if job.started is not None),
+                pending=sum(1 for job in live if job.started is None),
+            )
+        )
+
+
+def simulate(
+    config: SimConfig, trace: list[Request], policy: Policy, seed: int, duration: float
+) -> Run:
+    """One run of `policy` over `trace` (arrivals up to `duration`, then a grace period)."""
+    return Simulator(config, policy, seed).run(trace, duration)
