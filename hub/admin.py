@@ -119,4 +119,5 @@ def _limit_and_usage_routes(router: APIRouter) -> None:
             end = parse_moment(until) if until else None
         except ValueError as error:
             raise ApiError(400, str(error), param="since") from None
-        return await usage_summary(services.engine, since=start, until=end, by=by)
+        with services.database.guard("usage summary"):  # an outage: 503, not a traceback
+            return await usage_summary(services.engine, since=start, until=end, by=by)

@@ -30,7 +30,7 @@ from hub.usage_records import MAX_COUNT, UsageRecord
 from saia.sandbox.postgres import PostgresSandbox, find_bin_dir
 from tests.fixtures.standin import STANDIN_MODEL
 from tests.hpc.helpers import until, wait_healthy
-from tests.hub.helpers import RunningHub, hub_config, running_hub
+from tests.hub.helpers import ADMIN_TOKEN, RunningHub, hub_config, running_hub
 
 BODY = {"model": STANDIN_MODEL, "prompt": "a b c", "max_tokens": 2}
 
@@ -242,6 +242,10 @@ async def test_a_locked_sqlite_gives_503_and_loses_no_usage(
                 assert (await http.post("/v1/completions", json=BODY)).status_code == 200
         async with sqlite_locked(sqlite_path(hub)):
             _, served_id = await outage_checks(hub, limited, free)
+            async with patient(hub, ADMIN_TOKEN) as http:
+                summary = await http.get("/admin/usage", params={"since": "2026-01-01"})
+            assert summary.status_code == 503, summary.text  # not a 500 with a traceback
+            assert summary.json()["error"]["code"] == "database_unavailable"
         await after_outage_checks(hub, limited, served_id, caplog)
 
 
