@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import click
 
 from hpc.config import AgentConfig, ConfigError, load_config
+from hpc.simulate.command import simulate
 
 if TYPE_CHECKING:
     from hpc.scheduler.operator_requests import DrainRequest
@@ -348,3 +349,6 @@ def reload(config_path: Path) -> None:
         sys.exit(1)
     else:
         click.echo(f"config reloaded: services {', '.join(s.name for s in snapshot.services)}")
+
+
+hpc.add_command(simulate)  # defined beside the simulator, to keep this module small

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from hpc.scheduler.policy import decide
 from hpc.simulate.baseline import COLD_REJECT_AFTER_S, baseline_decide
 from hpc.simulate.config import SimConfig
 from hpc.simulate.engine import Policy, Run, simulate
-from hpc.simulate.trace import Request
+from hpc.simulate.trace import DEFAULT_DURATION, GENERATORS, Request, generate, read_csv
 
 POLICY = Policy("policy", decide)
 BASELINE = Policy("baseline", baseline_decide, cold_reject_after=COLD_REJECT_AFTER_S)
@@ -17,8 +19,22 @@ def compare(config: SimConfig, trace: list[Request], seed: int, duration: float)
     return [simulate(config, trace, policy, seed, duration) for policy in (POLICY, BASELINE)]
 
 
-def trace_duration(trace: list[Request], asked: float | None) -> float:
-    """The run's length: as asked, else up to the last arrival."""
+def trace_duration(spec: str, trace: list[Request], asked: float | None) -> float:
+    """The run's length: as asked, else the generator's default or the last arrival."""
     if asked is not None:
         return asked
+    if spec in GENERATORS:
+        return DEFAULT_DURATION[spec]
     return max((request.at for request in trace), default=0.0)
+
+
+def load_trace(spec: str, config: SimConfig, duration: float | None, seed: int) -> list[Request]:
+    """A generator's trace (`poisson`, `diurnal`, `bursty`) for the first service, or a CSV
+    file's; TraceError when the file cannot be read."""
+    first = config.services[0].name
+    if spec in GENERATORS:
+        return generate(spec, first, duration, seed)
+    trace = read_csv(Path(spec), first)
+    if duration is not None:
+        trace = [request for request in trace if request.at < duration]
+    return trace
