@@ -75,6 +75,12 @@ class BackendRegistry:
                 fresh[backend.job_id] = old
             else:
                 fresh[backend.job_id] = backend
+        for job_id, old in state.backends.items():
+            if job_id not in fresh and old.in_flight > 0:
+                # Unpublished (unhealthy, cancelled) with requests still open: it takes no new
+                # ones, but its load stays counted until they end (the scheduler waits on it).
+                old.draining = True
+                fresh[job_id] = old
         state.backends = fresh
         if any(not b.draining for b in fresh.values()):
             state.demand_since = None

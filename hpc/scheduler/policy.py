@@ -220,7 +220,7 @@ def _triage(plan: _Plan, threshold: int) -> list[JobView]:
         if job.operator_drain == OPERATOR_NOW or (job.operator_drain and not job.ready):
             _drain_now(plan, job)
         elif job.ready and job.health_failures >= threshold:
-            plan.cancel(job, f"unhealthy: {job.health_failures} failed health checks in a row")
+            _retire_unhealthy(plan, job)
         elif not job.ready and job.running_since is not None:
             if now - job.running_since > config.startup_timeout:
                 plan.cancel(job, f"not ready {config.startup_timeout:.0f}s after it started")
@@ -234,6 +234,18 @@ def _triage(plan: _Plan, threshold: int) -> list[JobView]:
                 plan.warn(f"pending for {waited:.0f}s ({reason})", job)
             keep.append(job)
     return keep
+
+
+def _retire_unhealthy(plan: _Plan, job: JobView) -> None:
+    """Cancel a job that fails its health checks, or drain it while it still has requests
+    in flight: a preempted server stops listening first, then finishes what it has, and a
+    cancel now (a second SIGTERM) would cut those off. Drained jobs are cancelled once idle.
+    """
+    reason = f"unhealthy: {job.health_failures} failed health checks in a row"
+    if job.in_flight > 0:
+        plan.actions.append(Drain(plan.name, job.job_id, reason))
+    else:
+        plan.cancel(job, reason)
 
 
 def _drain_now(plan: _Plan, job: JobView) -> None:

@@ -103,15 +103,7 @@ async def test_backend_killed_while_requests_wait_in_it(fault_chain: FaultChain)
     assert await fault_chain.running_jobs("queueing") != [job]
 
 
-PREEMPTED_CUT = pytest.mark.xfail(
-    strict=True,
-    reason="the agent scancels a preempted job as unhealthy (it stopped listening) while it "
-    "still finishes its open requests; Slurm's second SIGTERM makes the server drop them "
-    "(hpc/scheduler/policy.py should drain an unhealthy job that has requests in flight)",
-)
-
-
-@pytest.mark.parametrize("how", ["cancelled", pytest.param("preempted", marks=PREEMPTED_CUT)])
+@pytest.mark.parametrize("how", ["cancelled", "preempted"])
 async def test_only_backend_replaced_requests_wait(fault_chain: FaultChain, how: str) -> None:
     job = await only_job(fault_chain, "faulty")
     load = Load(fault_chain.hub_url, "faulty", fault_chain.keys, clients=8, duration=LOAD_S)

@@ -212,3 +212,20 @@ async def test_no_backend_at_all_still_ends_in_model_loading(queue_timeout: floa
             await forward(fwd)
         assert (rejected.value.status, rejected.value.code) == (503, "model_loading")
         assert registry.demand_since(MODEL) is not None or queue_timeout == 0
+
+
+def test_an_unpublished_backend_keeps_counting_its_open_requests() -> None:
+    """The scheduler drains an unhealthy job with requests in flight and cancels it once
+    idle: the registry must not forget those requests when the job is no longer published."""
+    registry = BackendRegistry()
+    leaving = Backend(MODEL, "leaving", "http://127.0.0.1:1")
+    registry.publish(MODEL, [leaving])
+    leaving.in_flight = 2
+    registry.publish(MODEL, [])  # unhealthy: no longer published
+    assert registry.in_flight_of(MODEL, "leaving") == 2
+    assert registry.load(MODEL, 0.0).in_flight == 2
+    assert registry.ready(MODEL) == []  # takes no new request
+    leaving.in_flight = 0
+    registry.publish(MODEL, [])
+    assert registry.in_flight_of(MODEL, "leaving") == 0
+    assert registry.load(MODEL, 0.0).in_flight == 0
