@@ -155,6 +155,7 @@ class Authenticator:
                 if problem is not None:
                     raise ApiError(403, problem, code="cross_site_request")
                 group = self._group(headers)
+                _check_identity_length(user, group)
                 return Principal(None, user, group, None, None, self._config.user_limits)
         raise ApiError(
             401,
@@ -213,3 +214,18 @@ class Authenticator:
             user_limits=self._config.user_limits,
             admin=record.admin,
         )
+
+
+MAX_IDENTITY = 200  # the width of the user and group columns of usage rows and keys
+
+
+def _check_identity_length(user: str, group: str | None) -> None:
+    """A name from the proxy's header that the database cannot store is refused here, with
+    a clear answer, not on the request path's counter update (a database error, 500)."""
+    for what, value in (("user", user), ("group", group or "")):
+        if len(value) > MAX_IDENTITY:
+            raise ApiError(
+                400,
+                f"the single-sign-on {what} name is longer than {MAX_IDENTITY} characters",
+                code="invalid_identity",
+            )

@@ -271,3 +271,24 @@ def test_the_documented_proxy_sets_every_identity_header() -> None:
     assert sso, "the single sign-on section has an nginx example"
     for header in (SSO["proxy_user_header"], SSO["proxy_group_header"]):
         assert re.search(rf"proxy_set_header\s+{header}\s", sso[0]), header
+
+
+async def test_an_overlong_sso_name_is_refused_not_a_database_error(
+    tmp_path: Path, standin_server: str, database_url: str
+) -> None:
+    """PostgreSQL enforces the columns' width (it answered 500 database_error): a user or
+    group of 201 characters from the proxy is a clear 400 before anything is counted."""
+    config = hub_config(tmp_path, standin_server, STANDIN_MODEL, database_url, auth=SSO)
+    page = {"content-type": "application/json", "sec-fetch-site": "same-origin"}
+    async with running_hub(config) as hub, hub.client() as http:
+        answers = [
+            await http.post("/v1/completions", content=completion(), headers=page | identity)
+            for identity in (
+                {"x-forwarded-user": "u" * 201},
+                {"x-forwarded-user": "user", "x-forwarded-groups": "g" * 201},
+                {"x-forwarded-user": "u" * 200, "x-forwarded-groups": "g" * 200},
+            )
+        ]
+    assert_refused(answers[0], 400, "invalid_identity")
+    assert_refused(answers[1], 400, "invalid_identity")
+    assert answers[2].status_code == 200, answers[2].text
