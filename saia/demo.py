@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from saia.sandbox.slurm import SlurmSandbox
     from saia.sandbox.vllm import VllmInstall
 
-from saia.sandbox.demo_config import MODEL_ID, agent_config, hub_config
+from saia.sandbox.demo_config import agent_config, hub_config, model_id
 from saia.sandbox.process import stop_process
 from saia.sandbox.process_tree import argv_of, become_subreaper, descendants, reap, stop_pids
 
@@ -161,7 +161,8 @@ class Demo:
         self._owned("agents", self._stop_agents)
         site = self._start_sshd(state_dir, agent_path) if self.full else self._local_site(state_dir)
         hub_path = self.root / "hub.yaml"
-        hub_path.write_text(yaml.safe_dump(hub_config(self.root, self.port, site)))
+        hub = hub_config(self.root, self.port, site, use_vllm=self.use_vllm)
+        hub_path.write_text(yaml.safe_dump(hub))
         self.key = self._create_key(saia, hub_path)
         self._spawn("hub", [*saia, "hub", "serve", "-c", str(hub_path)])
         self._wait_ready(VLLM_READY_TIMEOUT if vllm else READY_TIMEOUT)
@@ -177,10 +178,13 @@ class Demo:
         return cluster
 
     def _prepare_vllm(self) -> VllmInstall:
-        from saia.sandbox.vllm import ensure
+        from saia.sandbox.vllm import VllmSandboxError, ensure
 
-        with console.status("installing vLLM for the CPU and building a tiny model (minutes)..."):
-            return ensure()
+        with console.status("installing vLLM for the CPU and preparing SmolLM2 (minutes)..."):
+            try:
+                return ensure()
+            except VllmSandboxError as error:
+                raise DemoError(f"vLLM: {error}") from None
 
     def _start_sshd(self, state_dir: Path, agent_path: Path) -> dict[str, Any]:
         from saia.sandbox.sshd import SshdSandbox
@@ -227,7 +231,7 @@ class Demo:
         status = "starting"
         with console.status("waiting for the hub and the model job...") as spinner:
             while time.monotonic() < deadline:
-                status = _model_status(url, headers) or "hub starting"
+                status = _model_status(url, headers, model_id(self.use_vllm)) or "hub starting"
                 spinner.update(f"waiting for the model job: {status}")
                 if status == "ready":
                     return
@@ -265,14 +269,14 @@ class Demo:
         return " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
 
 
-def _model_status(url: str, headers: dict[str, str]) -> str | None:
+def _model_status(url: str, headers: dict[str, str], wanted: str) -> str | None:
     try:
         response = httpx.get(url, headers=headers, timeout=5.0)
         models = response.json().get("data", [])
     except (httpx.HTTPError, ValueError, AttributeError):
         return None
     for model in models:
-        if model.get("id") == MODEL_ID:
+        if model.get("id") == wanted:
             return str(model.get("status", "unknown"))
     return "not listed"
 
@@ -290,14 +294,14 @@ def _work_dir(path: Path | None) -> Iterator[Path]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _print_ready(port: int, key: str) -> None:
+def _print_ready(port: int, key: str, model: str) -> None:
     base = f"http://127.0.0.1:{port}/v1"
     click.echo(f"SAIA_BASE_URL={base}")
     click.echo(f"SAIA_API_KEY={key}")
     click.echo(
         f'\ncurl {base}/chat/completions -H "Authorization: Bearer $SAIA_API_KEY" '
         f"-H 'Content-Type: application/json' "
-        f'-d \'{{"model": "{MODEL_ID}", "messages": [{{"role": "user", '
+        f'-d \'{{"model": "{model}", "messages": [{{"role": "user", '
         f'"content": "Hello!"}}]}}\''
     )
     click.echo(f"\nchat page: http://127.0.0.1:{port}/chat/  (log in with the key above)")
@@ -306,7 +310,9 @@ def _print_ready(port: int, key: str) -> None:
 
 @click.command()
 @click.option("--port", default=8000, show_default=True, help="the hub's port on 127.0.0.1")
-@click.option("--vllm", "use_vllm", is_flag=True, help="serve a tiny model with real vLLM (CPU)")
+@click.option(
+    "--vllm", "use_vllm", is_flag=True, help="serve SmolLM2-135M-Instruct with real vLLM (CPU)"
+)
 @click.option("--local", is_flag=True, help="no Slurm and no sshd, even where they could run")
 @click.option(
     "--dir",
@@ -328,7 +334,7 @@ def demo(port: int, use_vllm: bool, local: bool, work_dir: Path | None) -> None:
         session = Demo(root, port, use_vllm, full)
         try:
             session.start()
-            _print_ready(port, session.key)
+            _print_ready(port, session.key, model_id(use_vllm))
             while not stop():
                 session.check_alive(serving=True)
                 time.sleep(0.5)

@@ -6,11 +6,18 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from saia.sandbox import smollm2
+
 if TYPE_CHECKING:
     from saia.sandbox.slurm import SlurmSandbox
     from saia.sandbox.vllm import VllmInstall
 
 MODEL_ID = "demo"
+VLLM_MODEL_ID = smollm2.MODEL_NAME  # `--vllm` serves SmolLM2-135M-Instruct under this id
+
+
+def model_id(use_vllm: bool) -> str:
+    return VLLM_MODEL_ID if use_vllm else MODEL_ID
 
 
 def agent_config(
@@ -31,14 +38,15 @@ def agent_config(
     }
     if vllm is not None:
         service |= {
-            "model": str(vllm.model_dir),
+            "name": VLLM_MODEL_ID,
+            "model": str(vllm.chat_model_dir),
             "template": "vllm",
             "server_command": [str(vllm.vllm), "serve"],
             "resources": {"gpus": 1, "cpus": 2, "memory": "4G", "time_limit": "4:00:00"},
             "startup_timeout": "15m",
             "environment": {"VLLM_CPU_KVCACHE_SPACE": "1"},
-            "vllm": {"max_model_len": 256, "dtype": "float32", "enforce_eager": True},
-            "display_name": "Tiny Llama (real vLLM on the CPU)",
+            "vllm": {"max_model_len": 2048, "dtype": "float32", "enforce_eager": True},
+            "display_name": smollm2.DISPLAY_NAME,
         }
     config: dict[str, Any] = {
         "state_dir": str(root / "agent-state"),
@@ -58,13 +66,16 @@ def agent_config(
     return config
 
 
-def hub_config(root: Path, port: int, site: dict[str, Any]) -> dict[str, Any]:
+def hub_config(
+    root: Path, port: int, site: dict[str, Any], *, use_vllm: bool = False
+) -> dict[str, Any]:
+    name = "SmolLM2-135M-Instruct" if use_vllm else "Demo model"
     return {
         "host": "127.0.0.1",
         "port": port,
         "data_dir": str(root / "hub-data"),
         "upstreams": {"cluster": {"kind": "hpc", "sites": [site]}},
         "models": [
-            {"id": MODEL_ID, "upstream": "cluster", "name": "Demo model", "owned_by": "saia-demo"}
+            {"id": model_id(use_vllm), "upstream": "cluster", "name": name, "owned_by": "saia-demo"}
         ],
     }

