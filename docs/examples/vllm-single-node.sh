@@ -273,13 +273,14 @@ saia_server_listening() {
 # Slurm (scancel, time limit, preemption) and the local executor signal every process of
 # the job, the server too, and a second SIGTERM makes uvicorn servers (vLLM, the stand-in)
 # abandon their open requests: forward only when the server still listens a moment later,
-# i.e. the signal reached this shell alone (e.g. `scancel --batch`).
+# i.e. the signal reached this shell alone (e.g. `scancel --batch`), or when it has not
+# published its endpoint yet (still loading: no requests to lose, and not listening yet).
 saia_stop() {
     trap '' TERM INT # one graceful stop; Slurm's own SIGKILL follows KillWait anyway
     SAIA_STOPPING=1
     echo "saia: SIG$1 received, stopping the server (pid $SAIA_SERVER_PID)" >&2
     sleep 0.5
-    if saia_server_listening; then
+    if [[ -z "${SAIA_PUBLISHED:-}" ]] || saia_server_listening; then
         kill -TERM "$SAIA_SERVER_PID" 2>/dev/null || true
     fi
     local ticks=$((SAIA_STOP_TIMEOUT * 10))
@@ -319,16 +320,18 @@ saia_serve() {
     saia_wait_listening || listening=$?
     if ((listening == 0)); then
         saia_write_endpoint
+        SAIA_PUBLISHED=1
     elif ((listening == 2)); then
         echo "saia: another process listens on port $SAIA_PORT; not publishing it" >&2
         saia_stop TERM
         wait "$SAIA_SERVER_PID" || true
         exit 1
     fi
-    local status=0
+    local status=0 stopped_before="${SAIA_STOPPING:-}"
     wait "$SAIA_SERVER_PID" || status=$?
-    if [[ -n "${SAIA_STOPPING:-}" ]]; then
+    if [[ -z "$stopped_before" && -n "${SAIA_STOPPING:-}" ]]; then
         # `wait` returned early for the trapped signal; this one gives the server's status.
+        # (A stop while waiting for the port was handled before the first `wait`.)
         status=0
         wait "$SAIA_SERVER_PID" || status=$?
     fi

@@ -232,6 +232,46 @@ def test_job_publishes_0600_endpoint_of_its_guarded_server(tmp_path: Path, jobs:
     assert not (job.dir / "endpoint.json").exists()  # the port is no longer the job's
 
 
+def catches_sigterm(marker: str) -> bool:
+    """A python process with `marker` in its command line (not the job's bash, whose
+    script holds it too) has a SIGTERM handler installed."""
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if argv[0] != sys.executable.encode() or marker.encode() not in argv:
+                continue
+            status = (entry / "status").read_text()
+        except (OSError, NotADirectoryError):
+            continue
+        caught = next(line for line in status.splitlines() if line.startswith("SigCgt:"))
+        if int(caught.split()[1], 16) & (1 << (signal.SIGTERM - 1)):
+            return True
+    return False
+
+
+def test_job_stopped_before_its_server_listens_ends_cleanly(
+    tmp_path: Path, jobs: list[Job]
+) -> None:
+    """SIGTERM while the job still waits for the port (vLLM loading a model): the server
+    is stopped, nothing is published, and the job reports the server's own status."""
+    config = standin_config(tmp_path)
+    never_listens = (
+        "import signal, sys, time; signal.signal(15, lambda *_: sys.exit(0)); time.sleep(60)"
+    )
+    service = config.services[0].model_copy(
+        update={"server_command": [sys.executable, "-c", never_listens]}
+    )
+    config = config.model_copy(update={"services": [service]})
+    job = Job(config, tmp_path)
+    jobs.append(job)
+    # Once the server catches SIGTERM it is running and the job is in its wait loop.
+    wait(lambda: catches_sigterm(never_listens), "the server did not start", job)
+    job.process.send_signal(signal.SIGTERM)
+    assert job.process.wait(timeout=WAIT) == 0, job.text()
+    assert "server exited with status 0" in job.text()
+    assert not (job.dir / "endpoint.json").exists()
+
+
 def listener(host: str, port: int) -> socket.socket:
     sock = socket.socket()
     sock.bind((host, port))
