@@ -11,16 +11,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from hpc.config import AgentConfig
 from hpc.jobs.squeue import (
     SQUEUE_FORMAT,
+    START_FORMAT,
     ParseError,
+    StartEstimate,
     first_error_line,
     parse_sbatch_parsable,
     parse_squeue,
+    parse_start_estimates,
+    parse_test_only,
     service_of,
     tagged_jobs,
 )
@@ -59,16 +64,19 @@ class SlurmJobSystem:
         folder = self._config.slurm_bin_dir
         return str(folder / name) if folder is not None else name
 
-    async def submit(self, submission: Submission) -> str:
-        """`sbatch --parsable` with the script on stdin; name, comment and log path in argv."""
-        argv = [
+    def _sbatch(self, submission: Submission, mode: str) -> list[str]:
+        return [
             self._tool("sbatch"),
-            "--parsable",
+            mode,
             f"--job-name={submission.job_name}",
             f"--comment={submission.comment}",
             f"--output={submission.log_path}",
             f"--chdir={self._config.state_dir}",
         ]
+
+    async def submit(self, submission: Submission) -> str:
+        """`sbatch --parsable` with the script on stdin; name, comment and log path in argv."""
+        argv = self._sbatch(submission, "--parsable")
         env = {**self._env, **submission.environment}
         result = await self._run(argv, stdin=submission.script, env=env)
         self._check("sbatch", result)
@@ -91,6 +99,39 @@ class SlurmJobSystem:
         self._check("squeue", result)
         try:
             return tagged_jobs(result.stdout, self._tag)
+        except ParseError as error:
+            raise SlurmError(f"squeue: {error}") from None
+
+    async def test_start(self, submission: Submission) -> StartEstimate:
+        """When Slurm would start this job now (`sbatch --test-only`: nothing is queued)."""
+        argv = self._sbatch(submission, "--test-only")
+        env = {**self._env, **submission.environment}
+        result = await self._run(argv, stdin=submission.script, env=env)
+        self._check("sbatch", result)
+        try:
+            return parse_test_only(result.stderr)
+        except ParseError as error:
+            raise SlurmError(f"sbatch: {error}") from None
+
+    async def expected_starts(self, job_ids: Sequence[str]) -> dict[str, float | None]:
+        """Slurm's expected start of each of these jobs still pending (`squeue --start`);
+        None where the scheduler has not estimated one yet."""
+        ids = [job_id for job_id in job_ids if job_id.isdigit()]
+        if not ids:
+            return {}
+        argv = [
+            self._tool("squeue"),
+            "--start",
+            "--noheader",
+            f"--jobs={','.join(ids)}",
+            f"--format={START_FORMAT}",
+        ]
+        result = await self._run(argv)
+        if result.returncode != 0 and _gone(result.stderr):
+            return {}
+        self._check("squeue", result)
+        try:
+            return parse_start_estimates(result.stdout)
         except ParseError as error:
             raise SlurmError(f"squeue: {error}") from None
 

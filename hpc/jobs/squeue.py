@@ -178,3 +178,49 @@ def first_error_line(stderr: str) -> str:
         if line:
             return re.sub(r"^[a-z]+: error: ", "", line)
     return "no error message"
+
+
+# `squeue --start`: each pending job's expected start time as the scheduler last computed
+# it (N/A until the backfill scheduler has looked at the job).
+START_FORMAT = SEPARATOR.join(("%i", "%S"))
+# `sbatch --test-only` (stderr): "sbatch: Job 12 to start at 2024-05-01T10:00:00 using 2
+# processors on nodes gpu01 in partition gpu"
+_TEST_ONLY = re.compile(
+    r"Job (\d+) to start at (\S+) using (\d+) processors on nodes (\S+) in partition (\S+)"
+)
+
+
+@dataclass(frozen=True)
+class StartEstimate:
+    """When Slurm would start a job of this shape, and where (`sbatch --test-only`)."""
+
+    start: float
+    nodes: tuple[str, ...]
+    partition: str
+
+
+def parse_start_estimates(text: str) -> dict[str, float | None]:
+    """Job id -> expected start (epoch s, None when Slurm gives none) of `squeue --start
+    --noheader --format=START_FORMAT` output."""
+    estimates: dict[str, float | None] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        job_id, sep, start = line.partition(SEPARATOR)
+        if not sep or not job_id.strip().isdigit():
+            raise ParseError(f"squeue --start line {number}: expected JOBID|START: {line!r}")
+        estimates[job_id.strip()] = parse_timestamp(start)
+    return estimates
+
+
+def parse_test_only(stderr: str) -> StartEstimate:
+    """The estimate in `sbatch --test-only`'s message; ParseError if it has none."""
+    match = _TEST_ONLY.search(stderr)
+    if match is None:
+        raise ParseError(
+            f"sbatch --test-only printed no start estimate: {first_error_line(stderr)}"
+        )
+    start = parse_timestamp(match.group(2))
+    if start is None:
+        raise ParseError(f"sbatch --test-only gave no start time: {match.group(2)!r}")
+    return StartEstimate(start, expand_hostlist(match.group(4)), match.group(5))
