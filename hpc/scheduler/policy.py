@@ -44,6 +44,7 @@ class JobView:
     replaces: str | None = None
     in_flight: int = 0
     operator_drain: str = ""  # "", OPERATOR_REPLACE or OPERATOR_NOW
+    expected_start: float | None = None  # a pending job's start as Slurm estimates it
 
     @property
     def job_id(self) -> str:

@@ -167,8 +167,8 @@ class Simulator:
         )
         world.jobs.append(job)
         if start:
-            wait = self.config.queue_of(config).sample(self.queue_rng)
-            self.push(self.now + wait, "start", job)
+            job.planned_start = self.now + self.config.queue_of(config).sample(self.queue_rng)
+            self.push(job.planned_start, "start", job)
         return job
 
     def on_start(self, job: SimJob) -> None:

@@ -34,6 +34,7 @@ class SimJob:
     submitted: float
     time_limit_s: float
     replaces: str | None = None
+    planned_start: float | None = None  # Slurm's estimate, here exact
     started: float | None = None
     ready_at: float | None = None
     ended: float | None = None
@@ -135,6 +136,7 @@ class ServiceWorld:
             cancelled=job.cancelled,
             replaces=job.replaces if job.replaces in alive else None,
             in_flight=job.in_flight,
+            expected_start=job.planned_start if job.started is None else None,
         )
 
     def snapshot(self, now: float) -> ServiceSnapshot:

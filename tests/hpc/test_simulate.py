@@ -11,7 +11,13 @@ from hpc.config import ServiceConfig
 from hpc.jobs.system import JobInfo
 from hpc.scheduler.policy import JobView, LoadSample, ServiceSnapshot, Snapshot, Submit
 from hpc.simulate.baseline import baseline_decide, baseline_target
-from hpc.simulate.config import ConfigError, QueueModel, SimConfig, parse_sim_config
+from hpc.simulate.config import (
+    ConfigError,
+    QueueModel,
+    SimConfig,
+    load_sim_config,
+    parse_sim_config,
+)
 from hpc.simulate.engine import simulate
 from hpc.simulate.report import as_json, percentile, summarize, table
 from hpc.simulate.run import BASELINE, POLICY, compare
@@ -178,3 +184,18 @@ def test_compare_is_repeatable_and_json_has_both_policies() -> None:
         assert f'"{key}"' in line
     assert '"policy": {' in line and '"baseline": {' in line
     assert table(first).count("\n") == 3
+
+
+def test_a_burst_never_holds_more_than_the_gpu_cap() -> None:
+    config = world(service(max_instances=8), max_total_gpus=6)
+    trace = generate("bursty", "m", 2 * 3600, seed=4)
+    run = simulate(config, trace, POLICY, seed=1, duration=2 * 3600)
+    assert max(t.held + t.pending for t in run.ticks) <= 6
+    assert max(t.ready for t in run.ticks) >= 4  # it did scale up for the bursts
+
+
+def test_the_documented_tuned_config_is_valid() -> None:
+    path = Path(__file__).parents[2] / "docs" / "simulator-tuned.yaml"
+    config = load_sim_config(path)
+    assert config.max_queue == 4096
+    assert config.services[0].target_concurrency == 12
