@@ -17,7 +17,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
-from hub.errors import ApiError, error_body, error_response, failure_answer
+from hub.errors import ApiError, failure_answer
 from hub.openapi import add_proxied_paths
 from hub.proxy import serve_proxied
 from hub.services import HubServices, check_environment, open_services
@@ -56,7 +56,7 @@ class HubApp(FastAPI):
         return self.openapi_schema or {}
 
 
-_NOT_ALLOWED = error_response(405, error_body(405, "method not allowed"), {"allow": "POST"})
+_NOT_ALLOWED = ApiError(405, "method not allowed", headers={"allow": "POST"}).response()
 
 
 def services_of(request: Request) -> HubServices:
@@ -64,7 +64,7 @@ def services_of(request: Request) -> HubServices:
     return services
 
 
-async def _api_error(_request: Request, error: Exception) -> Response:
+async def _failure(_request: Request, error: Exception) -> Response:
     return failure_answer(error)
 
 
@@ -73,7 +73,7 @@ async def _http_error(_request: Request, error: Exception) -> Response:
     message = {404: "no such endpoint", 405: "method not allowed"}.get(
         error.status_code, str(error.detail)
     )
-    return error_response(error.status_code, error_body(error.status_code, message))
+    return failure_answer(ApiError(error.status_code, message, headers=error.headers))
 
 
 async def _validation_error(_request: Request, error: Exception) -> Response:
@@ -81,11 +81,7 @@ async def _validation_error(_request: Request, error: Exception) -> Response:
     first = error.errors()[0] if error.errors() else {}
     where = ".".join(str(part) for part in first.get("loc", ()))
     message = f"{where}: {first.get('msg', 'invalid request')}"
-    return error_response(400, error_body(400, message, code="invalid_request"))
-
-
-async def _unexpected(_request: Request, error: Exception) -> Response:
-    return failure_answer(error)
+    return failure_answer(ApiError(400, message, code="invalid_request"))
 
 
 def model_entry(services: HubServices, model_id: str, states: dict[str, Any]) -> dict[str, Any]:
@@ -169,10 +165,10 @@ def create_app(config: Any, environ: Mapping[str, str] | None = None) -> HubApp:
 
     app = HubApp(title="saia hub", version="1", lifespan=lifespan, **config.docs_urls())
     app.proxied_paths = {path: endpoint for endpoint, path in proxied_paths().items()}
-    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(ApiError, _failure)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(Exception, _unexpected)
+    app.add_exception_handler(Exception, _failure)
     _add_openai_routes(app)
     _add_operations_routes(app)
     from hub.admin import admin_router
