@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -30,6 +31,7 @@ from hpc.config import AgentConfig, ServiceConfig
 from hpc.jobs.system import JobInfo, JobSystem, JobTag, Submission, private_dir
 from hpc.registry import Backend, BackendRegistry
 from hpc.router.server import serve_requests
+from hpc.scheduler.episode import Episode
 from hpc.scheduler.health import HealthMonitor, ProbeTarget
 from hpc.scheduler.leader import LOCK_FILE, LeaderLock
 from hpc.scheduler.live import LiveState
@@ -80,7 +82,9 @@ class Agent:
         self.config_path = config_path  # re-read on reload
         self._reload_wanted = False
         self._published: set[str] = set()
-        self._slurm_down_since: float | None = None  # an outage is logged once, not per loop
+        # Logged once when they start and once when they end, not on every loop.
+        self._slurm_outage = Episode(log, "Slurm answers again after %.0f s")
+        self._write_outage = Episode(log, "the agent's state is written again after %.0f s")
         self._wake = asyncio.Event()
 
     @property
@@ -156,25 +160,15 @@ class Agent:
                 infos = await self.jobs.list_jobs()
         except Exception as error:  # Slurm down or slow: keep serving, retry next loop
             self.live.slurm_failed(f"cannot list jobs: {error}")
-            self._slurm_outage(now)
+            self._slurm_outage.failed(now, self.live.error)
             self._save(now)
             return False
-        self._slurm_outage(None)
+        self._slurm_outage.ok(now)
         decision = decide(self.observe(infos, now), now)
         acted = await self.act(decision, now)
         self.publish()
         self._save(now)
         return acted
-
-    def _slurm_outage(self, now: float | None) -> None:
-        """Log the start (`now`) and the end (None) of a Slurm outage, once each; while it
-        lasts, `status` shows the error."""
-        if now is not None and self._slurm_down_since is None:
-            self._slurm_down_since = now
-            log.warning("%s; serving on, retrying every loop", self.live.error)
-        elif now is None and self._slurm_down_since is not None:
-            log.warning("Slurm answers again after %.0f s", self.clock() - self._slurm_down_since)
-            self._slurm_down_since = None
 
     def observe(self, infos: list[JobInfo], now: float) -> Snapshot:
         """The policy's snapshot (hpc/scheduler/observation.py); updates the live state."""
@@ -259,14 +253,29 @@ class Agent:
 
     def status(self, now: float, stopped: bool = False) -> AgentStatus:
         """What `saia hpc status` shows (`hpc/scheduler/status.py`)."""
-        return build_status(self.live, self.registry, now, stopped)
+        status = build_status(self.live, self.registry, now, stopped)
+        if self._write_outage.message:  # a full disk may still take the small status file
+            error = "; ".join(e for e in (status.error, self._write_outage.message) if e)
+            status = dataclasses.replace(status, error=error)
+        return status
 
     def _save(self, now: float, stopped: bool = False) -> None:
+        """State and status, each written atomically; a failure (full disk, quota) is
+        logged once until writing works again, and shown in the status."""
+        failure = ""
         try:
             self.live.save()
+        except OSError as error:
+            failure = f"cannot write the agent state: {error}"
+        self._write_outage.message = failure  # what the status shows
+        try:
             write_status(self.config.state_dir, self.status(now, stopped))
         except OSError as error:
-            log.error("cannot write the agent state: %s", error)
+            failure = failure or f"cannot write the agent status: {error}"
+        if failure:
+            self._write_outage.failed(now, failure)
+        else:
+            self._write_outage.ok(now)
 
     # -- health ---------------------------------------------------------------------
     def health_monitor(self) -> HealthMonitor:
