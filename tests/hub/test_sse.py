@@ -94,3 +94,42 @@ def test_usage_of_complete_bodies() -> None:
     assert usage_from_body(b'{"usage": {"prompt_tokens": 3}}') == Usage(3, 0)  # embeddings
     assert usage_from_body(b"not json") is None
     assert usage_from_body(b'{"usage": null}') is None
+
+
+def vllm_chunk(text: str, done: int, spaced: bool = False) -> bytes:
+    """A vLLM token chunk with continuous usage (compact JSON; `spaced`: another server's)."""
+    payload = {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": {"content": text}}],
+        "usage": {"prompt_tokens": 7, "total_tokens": 7 + done, "completion_tokens": done},
+    }
+    separators = (", ", ": ") if spaced else (",", ":")
+    return b"data: " + json.dumps(payload, separators=separators).encode() + b"\n\n"
+
+
+PER_CHUNK = [vllm_chunk(" a", 1), vllm_chunk(' "usage"', 2), vllm_chunk(" b", 3, spaced=True)]
+PER_CHUNK_STREAM = b"".join(PER_CHUNK) + USAGE + b"data: [DONE]\n\n"
+
+
+@given(st.lists(st.integers(min_value=0), max_size=12))
+def test_usage_on_every_chunk_is_read_and_shown_only_if_asked(cuts: list[int]) -> None:
+    """Read on every chunk (a client that leaves mid-stream pays for what it got), shown
+    only to a client that asked for it: "all" every chunk, "final" the last, "none" none."""
+    pieces = split(PER_CHUNK_STREAM, cuts)
+    shown = {wish: run(UsageTap(wish), pieces) for wish in ("none", "final", "all")}
+    assert shown["all"] == PER_CHUNK_STREAM
+    assert b'"usage"' not in shown["none"].replace(b'\\"usage\\"', b"")
+    assert shown["final"] == shown["none"].replace(b"data: [DONE]", USAGE + b"data: [DONE]")
+    contents = [json.loads(line[6:])["choices"][0]["delta"]["content"] for line in
+                shown["none"].split(b"\n\n") if line.startswith(b"data: {")]  # fmt: skip
+    assert contents == [" a", ' "usage"', " b"]
+    tap = UsageTap("none")
+    run(tap, split(b"".join(PER_CHUNK[:2]), cuts))  # the client left after two chunks
+    assert tap.usage == Usage(7, 2) and tap.estimate == Usage(7, 2)
+
+
+def test_without_any_usage_each_event_counts_one_token() -> None:
+    tap = UsageTap("none")
+    run(tap, [TOKENS[0], TOKENS[1], b"data: [DONE]\n\n"])
+    assert tap.usage is None and tap.estimate == Usage(0, 2)
