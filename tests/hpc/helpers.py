@@ -10,7 +10,7 @@ from typing import TypeVar
 import httpx
 import pytest
 
-from hpc.jobs.system import Endpoint, read_endpoint
+from hpc.jobs.system import Endpoint, job_dir, read_endpoint
 
 T = TypeVar("T")
 
@@ -47,3 +47,21 @@ async def wait_healthy(
             except httpx.TransportError:
                 pass
             await asyncio.sleep(poll_s)
+
+
+def job_processes(state_dir: Path, job_id: str) -> list[str]:
+    """Command lines of live processes of the job: SAIA_JOB_DIR (exported by the prologue)
+    in their environment. Not SLURM_JOB_ID: other sandbox clusters on this machine reuse ids.
+    """
+    marker = f"SAIA_JOB_DIR={job_dir(state_dir, job_id)}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            if marker in environ:
+                found.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except OSError:
+            continue  # gone meanwhile, or a kernel thread
+    return found

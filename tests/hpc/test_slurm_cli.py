@@ -15,7 +15,7 @@ from hpc.jobs.script import render_job
 from hpc.jobs.slurm import SlurmError, SlurmJobSystem
 from hpc.jobs.system import JobTag, Submission, job_dir
 from saia.sandbox.slurm import SlurmSandbox
-from tests.hpc.helpers import wait_endpoint, wait_healthy
+from tests.hpc.helpers import job_processes, wait_endpoint, wait_healthy
 
 pytestmark = pytest.mark.slurm
 
@@ -170,22 +170,6 @@ async def test_cancel_rejects_non_job_ids(tmp_path: Path) -> None:
         await jobs.cancel("1; rm -rf /")
 
 
-def job_processes(job_id: str) -> list[int]:
-    """Pids of live processes that belong to the Slurm job (by their SLURM_JOB_ID)."""
-    marker = f"\0SLURM_JOB_ID={job_id}\0".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = b"\0" + (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if marker in environ:
-            pids.append(int(entry.name))
-    return pids
-
-
 def standin_config(cluster: SlurmSandbox, state_dir: Path) -> AgentConfig:
     service = {
         "name": "tiny",
@@ -217,11 +201,11 @@ async def test_standin_job_serves_and_stops(slurm_cluster: SlurmSandbox, tmp_pat
             await wait_healthy(client)
             models = (await client.get("/v1/models", headers=auth)).json()
         assert [model["id"] for model in models["data"]] == ["tiny"]
-        assert job_processes(job_id)
+        assert job_processes(config.state_dir, job_id)
     finally:
         await jobs.cancel(job_id)
     await wait_until_gone(jobs, job_id)
-    assert job_processes(job_id) == []
+    assert job_processes(config.state_dir, job_id) == []
     log = (job_dir(config.state_dir, job_id) / "job.log").read_text()
     assert f"saia: job {job_id} serves tiny on 127.0.0.1:{endpoint.port}" in log
     assert "saia: server exited with status 0" in log
