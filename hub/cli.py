@@ -35,6 +35,8 @@ def fail(message: str) -> NoReturn:
 
 
 def _load(path: Path) -> HubConfig:
+    if not path.exists():  # most often: the -c option forgotten
+        fail(f"{path}: cannot read: no such file (give -c FILE or set SAIA_HUB_CONFIG)")
     try:
         return load_config(path)
     except ConfigError as error:
@@ -199,15 +201,45 @@ def keys_list(config_path: Path, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(records, indent=2))
         return
-    now = time.time()
+    click.echo(_keys_table(records, time.time()), nl=False)
+
+
+LIMIT_NAMES = {  # short forms for the table; --json has the full names
+    "requests_per_minute": "rpm",
+    "requests_per_hour": "rph",
+    "requests_per_day": "rpd",
+    "requests_per_month": "rpmon",
+    "tokens_per_day": "tpd",
+    "tokens_per_month": "tpmon",
+    "concurrent": "conc",
+}
+
+
+def _keys_table(records: list[dict[str, Any]], now: float) -> str:
+    """`keys list` as a table with a header: state, owner, models, expiry and limits."""
+    header = ("id", "state", "owner", "models", "expires (UTC)", "limits", "name")
+    rows = [header]
     for r in records:
         state = "revoked" if r["revoked_at"] else "active"
         if state == "active" and r["expires_at"] and r["expires_at"] <= now:
             state = "expired"
         allowed = r["allowed_models"]
         models = "*" if allowed is None else ",".join(allowed) or "(none)"
+        expires = "never"
+        if r["expires_at"]:
+            expires = time.strftime("%Y-%m-%d %H:%M", time.gmtime(r["expires_at"]))
+        limits = ",".join(f"{LIMIT_NAMES.get(k, k)}={v}" for k, v in r["limits"].items())
+        admin = " (admin)" if r["admin"] else ""
         owner = r["owner"] or "-"
-        click.echo(f"{r['id']}  {state:8}  {owner:16}  {models:24}  {r['name']}")
+        rows.append((r["id"], state, owner, models, expires, limits or "-", r["name"] + admin))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    return "".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
+        + "  "
+        + row[-1]
+        + "\n"
+        for row in rows
+    )
 
 
 @keys.command("show")

@@ -7,6 +7,7 @@ upgraded by alembic (`hub/migrations`). Rate counters (`hub/counters.py`) live i
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,15 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _create_private(path: Path) -> None:
+    """Create the SQLite file 0600 (in a 0700 directory if we make it) before SQLite does:
+    it holds key digests and usage, and SQLite would create it with the umask (0644).
+    Its -wal and -shm files take the database file's mode. An existing file is left as is.
+    """
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+
+
 def open_engine(url: str, *, autocommit: bool = False) -> AsyncEngine:
     """An engine for the URL; SQLite files get their directory, WAL and a busy timeout.
 
@@ -113,7 +123,7 @@ def open_engine(url: str, *, autocommit: bool = False) -> AsyncEngine:
             # cheaper than several connections sleeping in SQLite's busy handler.
             options.update(pool_size=1, max_overflow=0, pool_timeout=60)
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            _create_private(Path(parsed.database))
         engine = create_async_engine(url, connect_args={"timeout": BUSY_TIMEOUT}, **options)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
