@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -35,6 +36,10 @@ config_option = click.option(
 
 def load_or_exit(path: Path) -> AgentConfig:
     """Load the config, or print its problems one per line and exit 2."""
+    if not path.exists():  # most often: the -c option forgotten
+        hint = "give -c FILE or set SAIA_AGENT_CONFIG"
+        click.echo(f"error: {path}: cannot read: no such file ({hint})", err=True)
+        sys.exit(2)
     try:
         return load_config(path)
     except ConfigError as error:
@@ -50,8 +55,15 @@ def hpc() -> None:
 @hpc.command("check-config")
 @config_option
 def check_config(config_path: Path) -> None:
-    """Validate the agent configuration and print a summary."""
+    """Validate the agent configuration and the paths it names; print a summary."""
+    from hpc.config_check import missing_paths
+
     config = load_or_exit(config_path)
+    missing = missing_paths(config)
+    for line in missing:
+        click.echo(f"error: {config_path}: {line}", err=True)
+    if missing:
+        sys.exit(1)
     click.echo(f"{config_path}: ok: {len(config.services)} service(s), executor {config.executor}")
     for service in config.services:
         click.echo(
@@ -145,8 +157,33 @@ def status(config_path: Path, as_json: bool) -> None:
         sys.exit(1)
     if as_json:
         click.echo(json.dumps(status_dict(snapshot, time.time()), indent=1))
-    else:
-        Console().print(render_status(snapshot))
+        return
+    rendered = render_status(snapshot)
+    # Never cut a column: rich assumes 80 columns without a terminal (a pipe, `su`), and
+    # a terminal narrower than the table wraps its lines rather than losing text.
+    console = Console()
+    natural = console.measure(rendered, options=console.options.update_width(10_000))
+    width = max(console.width, natural.maximum)
+    Console(width=width).print(rendered)
+    if full := _disk_full(config.state_dir):
+        click.echo(f"warning: {full}", err=True)
+
+
+LOW_SPACE = 1024 * 1024
+
+
+def _disk_full(state_dir: Path) -> str:
+    """Why the agent may be unable to write its state and this snapshot, if it is so."""
+    try:
+        free = shutil.disk_usage(state_dir).free
+    except OSError:
+        return ""
+    if free >= LOW_SPACE:
+        return ""
+    return (
+        f"{state_dir} has only {free} bytes free: the agent cannot write its state or "
+        "status (the snapshot may be old)"
+    )
 
 
 @hpc.command("logs")
@@ -227,13 +264,16 @@ def authorized_keys(
         sys.exit(2)
 
 
-def _agent_pid_or_exit(state_dir: Path) -> int:
+def _agent_pid_or_exit(state_dir: Path, reload: bool = False) -> int:
     from hpc.scheduler.operator_requests import RequestError, leader_pid
 
     try:
         return leader_pid(state_dir)
     except RequestError as error:
-        click.echo(f"error: {error}", err=True)
+        # The agent is found through the file's state_dir: after a change of it, the
+        # running agent is elsewhere, and a reload could not apply the change anyway.
+        hint = " (state_dir cannot change by a reload: restart the agent)" if reload else ""
+        click.echo(f"error: {error}{hint}", err=True)
         sys.exit(1)
 
 
@@ -338,7 +378,7 @@ def reload(config_path: Path) -> None:
     from hpc.scheduler.operator_requests import write_reload
 
     config = load_or_exit(config_path)  # say what is wrong before the agent does
-    _agent_pid_or_exit(config.state_dir)
+    _agent_pid_or_exit(config.state_dir, reload=True)
     asked = time.time()
     _wait_taken(write_reload(config.state_dir), config)
     snapshot = _reload_outcome(config, asked)
