@@ -1,14 +1,11 @@
 """The scheduling policy: which jobs to submit, cancel and drain, decided from a snapshot.
 
-Pure: `decide(snapshot, now)` never awaits, reads a clock or touches Slurm, files or HTTP.
-The agent observes the world into a `Snapshot`, calls `decide`, and carries out the
-`Decision`'s actions in order.
-
-Vocabulary: an *instance* is one serving slot of a service. A renewal pair (an old job
-and the replacement submitted before the old one's time limit) is one instance, so the
+Pure: `decide(snapshot, now)` never awaits, reads a clock or touches Slurm, files or HTTP;
+the agent observes into a `Snapshot`, calls `decide`, and carries out the actions in order.
+An *instance* is one serving slot of a service. A renewal pair (an old job and the
+replacement submitted before the old one's time limit) is one instance, so the
 replacement never counts as scaling up. A *draining* job takes no new requests and is
 cancelled once its in-flight count reaches zero.
-
 An operator can ask for a job to be drained (`saia hpc drain`): with `replace`, it is
 handed over like a renewal (replacement first, one such hand-over per service at a time,
 oldest job first); with `now`, it drains at once and the scaling rules replace it.
@@ -311,18 +308,27 @@ def _scale(plan: _Plan, instances: list[JobView], renewing: set[str]) -> None:
         plan.submits.append((0 if below_min else 1, Submit(plan.name, reason)))
     if have <= want:
         return
-    # Stop the least useful first: not yet ready (newest first), then the ready one with
-    # the least time left. A job with a renewal in progress is left alone.
+    for job in _victims(plan.service.jobs, instances, renewing)[: have - want]:
+        stop = Drain if job.ready else Cancel
+        plan.actions.append(stop(plan.name, job.job_id, "scale down"))
+        plan.submits = [(p, sub) for p, sub in plan.submits if sub.replaces != job.job_id]
+        for successor in plan.service.jobs:  # an operator hand-over that scale-down ends
+            if successor.replaces == job.job_id and not (successor.cancelled or successor.ready):
+                plan.cancel(successor, f"scale down: {job.job_id} drains instead")
+
+
+def _victims(jobs: Sequence[JobView], instances: list[JobView], renew: set[str]) -> list[JobView]:
+    """Least useful first: jobs an operator asked to drain (a hand-over then is moot), not
+    yet ready (newest first), the ready with least time left; not those being renewed."""
+    pending = {j.replaces for j in jobs if j.replaces and not j.ready and not j.cancelled}
+    marked = [j for j in instances if j.ready and j.operator_drain]
+    marked.sort(key=lambda j: j.job_id in pending)
     idle = sorted((j for j in instances if not j.ready), key=lambda j: -j.first_seen)
     ready = sorted(
-        (j for j in instances if j.ready and j.job_id not in renewing),
+        (j for j in instances if j.ready and j.job_id not in renew and not j.operator_drain),
         key=lambda j: j.info.time_left_s if j.info.time_left_s is not None else math.inf,
     )
-    for job in [*idle, *ready][: have - want]:
-        if job.ready:
-            plan.actions.append(Drain(plan.name, job.job_id, "scale down"))
-        else:
-            plan.cancel(job, "scale down")
+    return [*marked, *idle, *ready]
 
 
 def _plan_service(service: ServiceSnapshot, now: float, threshold: int) -> _Plan:
