@@ -108,10 +108,13 @@ class Hub:
     async def read(self) -> None:
         """Collect frames until EOF (stream 0 holds a channel-wide ERROR)."""
         decoder = wire.FrameDecoder()
-        while data := await self.reader.read(1 << 20):
-            for frame in decoder.feed(data):
-                if frame.type not in (wire.WINDOW, wire.PONG, wire.HELLO):
-                    self.frames.setdefault(frame.stream, []).append(frame)
+        try:
+            while data := await self.reader.read(1 << 20):
+                for frame in decoder.feed(data):
+                    if frame.type not in (wire.WINDOW, wire.PONG, wire.HELLO):
+                        self.frames.setdefault(frame.stream, []).append(frame)
+        except ConnectionResetError:
+            pass  # closed with our bytes unread: the kernel resets the connection
         self.closed = True
 
 
