@@ -40,7 +40,9 @@ class LiveState:
         self._endpoints: dict[str, Endpoint] = {}
         self._keys: dict[str, str | None] = {}
         self._infos: dict[str, JobInfo] = {}
-        self._loads: dict[str, deque[LoadSample]] = {name: deque() for name in self._services}
+        # Seeded from the saved samples: a restart keeps the scaling window (and so the
+        # scale_down_delay already served) instead of starting from no load.
+        self._loads = {name: deque(saved.loads.get(name, ())) for name in self._services}
         self._warnings: dict[str, list[str]] = {}
         self._logged: set[tuple[str, str | None, str]] = set()
         self._slurm_error = ""
@@ -110,6 +112,7 @@ class LiveState:
 
     def save(self) -> None:
         """Write the saved part to `<state_dir>/agent-state.json`; OSError if it cannot."""
+        self._saved.loads = {name: list(samples) for name, samples in self._loads.items()}
         save_state(self._config.state_dir, self._saved)
 
     # -- observation ----------------------------------------------------------------

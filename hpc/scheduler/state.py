@@ -1,7 +1,9 @@
 """The agent's crash-safe memory: `<state_dir>/agent-state.json` and `<state_dir>/agent-id`.
 
 Slurm stays the source of truth for which jobs exist; this file only keeps what Slurm
-cannot tell: draining flags, renewal links, failure counters and when jobs became ready.
+cannot tell: draining flags, renewal links, failure counters, when jobs became ready, and
+each service's recent load (the scaling policy's window: without it, a restarted agent
+would scale down at once what the load of the last minutes holds up).
 It is rewritten atomically after every act, so a crash loses at most one loop.
 
 The agent id lives in its own file as well: it is what tags our jobs (`JobTag`), so a
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from hpc.jobs.system import write_atomic
-from hpc.scheduler.policy import Backoff
+from hpc.scheduler.policy import Backoff, LoadSample
 
 STATE_FILE = "agent-state.json"
 AGENT_ID_FILE = "agent-id"
@@ -46,6 +48,7 @@ class AgentState:
     agent_id: str
     jobs: dict[str, JobRecord] = field(default_factory=dict)
     backoff: dict[str, Backoff] = field(default_factory=dict)
+    loads: dict[str, list[LoadSample]] = field(default_factory=dict)  # oldest first
 
     def to_json(self) -> str:
         data = {
@@ -53,6 +56,11 @@ class AgentState:
             "agent_id": self.agent_id,
             "jobs": {job_id: asdict(record) for job_id, record in self.jobs.items()},
             "backoff": {name: asdict(b) for name, b in self.backoff.items()},
+            # [at, routed, in_backends]: compact, the file is rewritten every loop
+            "loads": {
+                name: [[s.at, s.routed, s.in_backends] for s in samples]
+                for name, samples in self.loads.items()
+            },
         }
         return json.dumps(data, indent=1, sort_keys=True) + "\n"
 
@@ -66,6 +74,7 @@ class AgentState:
                 agent_id=_text(data["agent_id"]),
                 jobs={str(k): JobRecord(**_fields(v)) for k, v in data["jobs"].items()},
                 backoff={str(k): Backoff(**_fields(v)) for k, v in data["backoff"].items()},
+                loads={str(k): _samples(v) for k, v in data.get("loads", {}).items()},
             )
         except StateError:
             raise
@@ -77,6 +86,13 @@ def _text(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError("agent_id must be a non-empty string")
     return value
+
+
+def _samples(value: Any) -> list[LoadSample]:
+    """Load samples as saved; a file of an agent before they were saved has none."""
+    if not isinstance(value, list):
+        raise TypeError("expected a list of load samples")
+    return [LoadSample(float(at), int(routed), int(backends)) for at, routed, backends in value]
 
 
 def _fields(value: Any) -> dict[str, Any]:
