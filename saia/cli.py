@@ -18,8 +18,9 @@ def _register() -> None:
     from hpc.cli import hpc
     from hub.cli import hub
     from saia.demo import demo
+    from saia.sandbox.slurm_command import sandbox
 
-    for command in (hpc, hub, demo):
+    for command in (hpc, hub, demo, sandbox):
         cli.add_command(command)
 
 

@@ -72,8 +72,11 @@ def _available_memory_mb() -> int:
 class SlurmSandbox(Sandbox):
     """A private one-node Slurm cluster (munged + slurmctld + slurmd), started by `start()`."""
 
-    def __init__(self, root: Path | str | None = None, *, cpus: int | None = None) -> None:
+    def __init__(
+        self, root: Path | str | None = None, *, cpus: int | None = None, detach: bool = False
+    ) -> None:
         self._given_root = Path(root) if root is not None else None
+        self._detach = detach  # daemons outlive this process (`saia sandbox slurm up`)
         self._cpus = cpus or os.cpu_count() or 1
         self.root = Path()
         self._socket_dir: Path | None = None
@@ -103,6 +106,10 @@ class SlurmSandbox(Sandbox):
         """Environment for Slurm client commands talking to this cluster."""
         path = os.environ.get("PATH", "/usr/bin:/bin")
         return dict(os.environ, SLURM_CONF=str(self.slurm_conf), PATH=f"{self.bin_dir}:{path}")
+
+    @property
+    def socket_dir(self) -> Path | None:
+        return self._socket_dir
 
     @property
     def pids(self) -> list[int]:
@@ -229,7 +236,7 @@ class SlurmSandbox(Sandbox):
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=None if self._detach else _die_with_parent,
             )
         self._procs.append(proc)
         return proc
