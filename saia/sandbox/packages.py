@@ -16,8 +16,10 @@ import sys
 
 # The demo's throw-away Slurm cluster and sshd.
 DEMO_PACKAGES: list[str] = ["slurm-wlm", "munge", "openssh-server"]
-# The tests add a PostgreSQL server (hub storage) and a browser (chat page).
-TEST_PACKAGES: list[str] = [*DEMO_PACKAGES, "postgresql", "chromium"]
+# The tests add a PostgreSQL server (hub storage), a browser (chat page), and for the
+# deployment guide's test nginx (the TLS proxy), openssl (its certificate) and systemd
+# (`systemd-analyze verify` of the unit files in containers/systemd/).
+TEST_PACKAGES: list[str] = [*DEMO_PACKAGES, "postgresql", "chromium", "nginx", "openssl", "systemd"]
 PACKAGE_SETS: dict[str, list[str]] = {"demo": DEMO_PACKAGES, "test": TEST_PACKAGES}
 
 DPKG_TIMEOUT = 60.0
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         dest="purpose",
         choices=sorted(PACKAGE_SETS),
         default="test",
-        help="demo: Slurm, munge, sshd; test (default): also PostgreSQL and chromium",
+        help="demo: Slurm, munge, sshd; test (default): also PostgreSQL, chromium, nginx, ...",
     )
     sys.exit(ensure(PACKAGE_SETS[parser.parse_args(argv).purpose]))
 
