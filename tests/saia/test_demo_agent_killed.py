@@ -109,3 +109,43 @@ def test_demo_survives_its_agent_killed_and_ctrl_c_stops_all(tmp_path: Path) -> 
     assert "leftover" not in output, output  # the agents drained their jobs themselves
     assert processes_of(root) == []
     assert not Path(f"/proc/{second}/cmdline").exists()
+
+
+def age_s(pid: int) -> float:
+    """Seconds since the process started (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time in ticks
+    return float(Path("/proc/uptime").read_text().split()[0]) - started
+
+
+def test_local_demo_restarts_its_killed_agent(tmp_path: Path) -> None:
+    """Without sshd there is no relay: the demo itself starts a new agent (which adopts the
+    local job), and Ctrl-C still leaves nothing behind."""
+    from saia.demo import AGENT_MIN_LIFE
+
+    root, state_dir = tmp_path / "demo", tmp_path / "demo" / "agent-state"
+    port = str(free_port())
+    argv = [sys.executable, "-m", "saia", "demo", "--local", "--port", port, "--dir", str(root)]
+    with (tmp_path / "demo.err").open("wb") as errors:
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors)
+    try:
+        found = _read_until_ready(process, [], START_TIMEOUT)
+        client = openai.OpenAI(
+            base_url=found["SAIA_BASE_URL"], api_key=found["SAIA_API_KEY"], max_retries=0
+        )
+        first = poll(lambda: leader(state_dir), 30, "no agent leads")
+        # An agent that dies right after its start is not restarted (it would die again).
+        poll(lambda: age_s(first) > AGENT_MIN_LIFE + 1, 60, "the agent is not old enough")
+        job_processes = [p for p in processes_of(root) if "hpc.standin" in p]
+        os.kill(first, signal.SIGKILL)
+        answer = poll(lambda: ask(client, "after the kill"), 90, "no answer after the kill")
+        assert "after" in answer and process.poll() is None
+        assert poll(lambda: leader(state_dir), 30, "no new agent leads") != first
+        assert [p for p in processes_of(root) if "hpc.standin" in p] == job_processes
+        process.send_signal(signal.SIGINT)
+        assert process.wait(150) == 0
+    finally:
+        stop_process(process, 150, stop_signal=signal.SIGINT)
+    output = (tmp_path / "demo.err").read_text(errors="replace")
+    assert "starting a new one" in output and "leftover" not in output, output
+    assert processes_of(root) == []
