@@ -98,9 +98,10 @@ class Session:
     Its memory is bounded whatever the hub sends: at most `router.max_streams` open
     streams (counted at REQUEST: the excess is refused with a 503 without keeping any
     state), and heads (plus HEAD_COST each) and bodies of at most `budget` bytes. Past
-    half the budget, credit is withheld (uploads wait); data that would pass the budget
-    is dropped and its stream answered 503 at END. Refusals are per stream, not a closed
-    channel: a hub under load is not an attacker, and its other streams go on.
+    half the budget, credit is withheld (uploads wait, except the oldest); data that
+    would pass the budget is dropped and its stream answered 503 at END. Refusals are per
+    stream, not a closed channel: a hub under load is not an attacker, and its other
+    streams go on.
     """
 
     def __init__(self, router: Answerer, channel: Channel) -> None:
@@ -209,7 +210,7 @@ class Session:
             incoming.body += data
         incoming.cost += size
         self.held += size
-        if self.held <= self.budget // 2:
+        if self.held <= self.budget // 2 or state.id == next(iter(self.incoming)):
             self.channel.consumed(state, size)
         else:  # let the sender wait rather than pass the budget
             self.withheld[state] = self.withheld.get(state, 0) + size
@@ -229,17 +230,27 @@ class Session:
         """A stream's head and body are no longer held: return withheld credit if room."""
         self.held -= incoming.cost
         incoming.cost = 0
-        withheld = self.withheld
         self.withheld.pop(incoming.state, None)
+        self.regrant()
+
+    def regrant(self) -> None:
+        """Return withheld credit while within half the budget. The oldest upload always
+        gets its own back: were every upload waiting, none would end to release room."""
+        withheld = self.withheld
         while withheld and self.held <= self.budget // 2:
             state = next(iter(withheld))
             self.channel.consumed(state, withheld.pop(state))
+        if withheld and self.incoming:
+            oldest = next(iter(self.incoming.values())).state
+            if size := withheld.pop(oldest, 0):
+                self.channel.consumed(oldest, size)
 
     def start(self, stream: int) -> None:
         incoming = self.incoming.pop(stream, None)
         if incoming is None:
             raise wire.ProtocolError(f"second END on stream {stream}")
         self.withheld.pop(incoming.state, None)  # no more DATA may come: no credit needed
+        self.regrant()  # a new oldest upload
         assert self.tasks is not None
         incoming.state.task = self.tasks.create_task(self.serve(incoming))
 

@@ -218,3 +218,46 @@ async def test_a_ping_flood_the_hub_never_reads_pauses_the_session(tmp_path: Pat
         hub_writer.close()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_concurrent_uploads_past_half_the_budget_all_complete(tmp_path: Path) -> None:
+    """Withheld credit never stalls every upload at once (the oldest one goes on)."""
+    router = make_router(tmp_path, streams=64, budget=0, max_body=4 * MiB)  # budget 16 MiB
+    theirs, ours = socket.socketpair()
+    reader, writer = await asyncio.open_unix_connection(sock=theirs)
+    task = asyncio.create_task(router.handle_connection(reader, writer))
+    hub = mux.Channel(*await asyncio.open_unix_connection(sock=ours))
+    hub.send(wire.encode_hello())
+    assert await hub.read_hello() == wire.VERSION
+    size = 4 * MiB - 4096  # four windows each: credit must come back, more than once
+
+    async def upload(stream: int) -> mux.StreamState:
+        state = hub.open(stream)
+        hub.send(request(stream))
+        await hub.send_data(state, b"u" * size)
+        hub.send(wire.encode_end(stream))
+        return state
+
+    async def deliver() -> None:
+        while (frames := await hub.next_frames()) is not None:
+            for frame in frames:
+                if (state := hub.streams.get(frame.stream)) is not None:
+                    state.inbox.put_nowait(frame)
+
+    delivering = asyncio.create_task(deliver())
+    try:
+        async with asyncio.timeout(30):
+            states = await asyncio.gather(*(upload(2 * i + 1) for i in range(3)))
+            for state in states:
+                head = await state.inbox.get()
+                assert isinstance(head, wire.Frame) and head.type == wire.RESPONSE
+                assert wire.parse_response(head.payload).status == 200
+                body = await state.inbox.get()
+                assert isinstance(body, wire.Frame)
+                assert json.loads(body.payload) == {"bytes": size}
+        assert Recording.peak_held <= Recording.made[0].budget
+    finally:
+        delivering.cancel()
+        hub.close()
+        task.cancel()
+        await asyncio.gather(task, delivering, return_exceptions=True)
