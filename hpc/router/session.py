@@ -15,6 +15,7 @@ from typing import Protocol
 
 from hpc.config import AgentConfig
 from hpc.router.forwarding import Rejection, error_body
+from saia.base import mux
 from saia.base import protocol as wire
 from saia.base.mux import Channel, StreamClosed, StreamState
 
@@ -114,13 +115,16 @@ class Session:
         self.withheld: dict[StreamState, int] = {}  # credit not yet returned, per stream
 
     async def run(self) -> None:
+        channel = self.channel
         violation: wire.ProtocolError | None = None
         async with asyncio.TaskGroup() as tasks:
             self.tasks = tasks
             try:
-                while (frames := await self.channel.next_frames()) is not None:
+                while (frames := await channel.next_frames()) is not None:
                     for frame in frames:
                         self.dispatch(frame)
+                        if channel.owed >= mux.CONTROL_QUEUE:  # refusals nobody reads
+                            await channel.wait_drained()
             except wire.ProtocolError as error:  # raised after the group, not wrapped by it
                 violation = error
             finally:  # the client is gone (or broke the protocol): drop its streams

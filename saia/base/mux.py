@@ -9,8 +9,9 @@ The owner reads with `next_frames()`; WINDOW, PING and PONG never reach it.
 Memory a peer can make this end hold, whatever it sends:
 - answers it did not ask to be flow controlled (PONG, and whatever the owner sends with
   `answer()`, e.g. refusals): once CONTROL_QUEUE bytes of them were queued, `next_frames()`
-  reads nothing more until the pipe has drained (`stalled`), and a peer that does not read
-  them within CONTROL_DRAIN_TIMEOUT is a ProtocolError (and its pipe is aborted);
+  reads nothing more until the pipe has drained (`stalled`; `wait_drained()`), and a peer
+  that does not read them within CONTROL_DRAIN_TIMEOUT is a ProtocolError (and its pipe
+  is aborted). PONGs of one read add at most READ_SIZE;
 - received DATA: at most its stream's window (INITIAL_WINDOW plus returned credit);
   empty DATA frames carry nothing and are dropped;
 - frames waiting in one stream's inbox: at most INBOX_FRAMES (ProtocolError beyond);
@@ -132,7 +133,7 @@ class Channel:
         self._flush_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._failure: wire.ProtocolError | None = None  # raised by the next next_frames()
-        self._owed = 0  # bytes of answers queued since the pipe last drained
+        self.owed = 0  # bytes of unrequested answers queued since the pipe last drained
         self._abort = False  # the peer does not read: drop what is queued on close
         self.streams: dict[int, StreamState] = {}
         self.closed = False
@@ -160,7 +161,7 @@ class Channel:
 
         Counted: reading pauses once CONTROL_QUEUE bytes of them wait for the pipe.
         """
-        self._owed += len(frame)
+        self.owed += len(frame)
         self.send(frame)
 
     def _flush(self) -> None:
@@ -238,8 +239,8 @@ class Channel:
                 raw = list(self._pending)
                 self._pending.clear()
             else:
-                if self._owed >= CONTROL_QUEUE:
-                    await self._wait_drained()
+                if self.owed >= CONTROL_QUEUE:
+                    await self.wait_drained()
                 data = await self._read()
                 if data is None:
                     return None
@@ -267,8 +268,13 @@ class Channel:
             return None
         return data
 
-    async def _wait_drained(self) -> None:
-        """Read no more until the peer took our answers (a flood of PINGs it never reads)."""
+    async def wait_drained(self) -> None:
+        """Read no more until the peer took our answers (a flood of PINGs it never reads).
+
+        `next_frames()` calls it once `owed` reaches CONTROL_QUEUE; an owner whose frames
+        call for answers (refusals) calls it between frames, so that one read of small
+        frames cannot queue a multiple of itself.
+        """
         self._flush()
         self.stalled = True
         try:
@@ -276,13 +282,13 @@ class Channel:
                 await self._writer.drain()
         except TimeoutError:
             self._abort = True
-            message = f"the peer did not read {self._owed} bytes of answers"
+            message = f"the peer did not read {self.owed} bytes of answers"
             raise wire.ProtocolError(message) from None
         except (ConnectionError, OSError):
             pass  # the next read sees the end
         finally:
             self.stalled = False
-        self._owed = 0
+        self.owed = 0
 
     def _accept(self, frame: wire.Frame) -> bool:
         """Handle WINDOW, PING and PONG; True for the owner's frames (DATA charged)."""

@@ -203,15 +203,27 @@ async def test_many_streams_within_their_initial_windows_stay_within_the_budget(
         await until(lambda: Recording.made[0].held == 0, 10, "bodies not released")
 
 
-async def test_a_ping_flood_the_hub_never_reads_pauses_the_session(tmp_path: Path) -> None:
-    router = make_router(tmp_path, streams=16, budget=MiB)
+PING = wire.encode_frame(wire.PING, 0, b"p" * 8)
+REFUSED = b"".join(wire.encode_frame(wire.REQUEST, 2 * i + 3, b"{}") for i in range(200_000))
+
+
+@pytest.mark.parametrize(
+    ("flood", "answers_per_read"),
+    [(PING * 300_000, mux.READ_SIZE), (REFUSED, 0)],  # a refusal: 20 times its REQUEST
+    ids=["pings", "excess-streams"],
+)
+async def test_a_flood_of_answers_the_hub_never_reads_pauses_the_session(
+    tmp_path: Path, flood: bytes, answers_per_read: int
+) -> None:
+    router = make_router(tmp_path, streams=1, budget=MiB)
     theirs, ours = socket.socketpair()
     reader, writer = await asyncio.open_unix_connection(sock=theirs)
     task = asyncio.create_task(router.handle_connection(reader, writer))
     _, hub_writer = await asyncio.open_unix_connection(sock=ours)
     try:
-        hub_writer.write(wire.encode_hello() + wire.encode_frame(wire.PING, 0, b"p" * 8) * 300_000)
-        bound = 64 * 1024 + mux.CONTROL_QUEUE + mux.READ_SIZE
+        hub_writer.write(wire.encode_hello() + request(1) + flood)
+        # Refusals are checked after each one: at most one (240 bytes) past the queue.
+        bound = 64 * 1024 + mux.CONTROL_QUEUE + answers_per_read + 1024
         await until(lambda: Recording.made and Recording.made[0].channel.stalled, 30, "no stall")
         assert writer.transport.get_write_buffer_size() <= bound
     finally:
