@@ -14,7 +14,9 @@ CANCEL (client) abandons a stream. DATA is flow controlled per stream: each side
 at most INITIAL_WINDOW unacknowledged payload bytes in flight; the receiver returns credit
 with WINDOW (u32 increment) as its application consumes data. PING/PONG (stream 0) echo
 an 8-byte payload. Everything a peer sends is validated: a malformed, oversized or
-unexpected frame raises ProtocolError and the channel is closed.
+unexpected frame raises ProtocolError and the channel is closed. A server may answer a
+REQUEST it cannot hold at once (e.g. 503 with retry-after) and ignore the rest of that
+stream's frames; empty DATA frames carry nothing and may be dropped.
 """
 
 from __future__ import annotations
@@ -85,11 +87,25 @@ class Frame(NamedTuple):
     flags: int = 0
 
 
+class Caller(NamedTuple):
+    """Who sent a request and its class, set by the hub from its own authentication.
+
+    Only the hub writes these head fields (a client's headers cannot reach them), and the
+    agent trusts them because the hop is its only way in. Empty: unknown (an older hub).
+    """
+
+    user: str = ""
+    key: str = ""
+    group: str = ""
+    priority: str = ""  # request class: "" or "interactive", "batch"
+
+
 class RequestHead(NamedTuple):
     service: str
     method: str
     path: str
     headers: list[tuple[str, str]]
+    caller: Caller = Caller()
 
 
 class ResponseHead(NamedTuple):
@@ -135,12 +151,14 @@ def encode_hello() -> bytes:
 
 
 def encode_request(stream: int, head: RequestHead) -> bytes:
-    body = {
+    body: dict[str, Any] = {
         "service": head.service,
         "method": head.method,
         "path": head.path,
         "headers": head.headers,  # pairs (tuples) encode as JSON arrays
     }
+    if any(head.caller):
+        body["caller"] = head.caller._asdict()
     return encode_frame(REQUEST, stream, _json(body))
 
 
@@ -283,7 +301,14 @@ def parse_request(payload: bytes) -> RequestHead:
         path = _text(path, "path", 8192)
     if not method.isalpha() or not method.isupper():
         raise ProtocolError("method must be upper-case letters")
-    return RequestHead(service, method, path, _headers(body.get("headers", [])))
+    caller = _caller(body["caller"]) if "caller" in body else Caller()
+    return RequestHead(service, method, path, _headers(body.get("headers", [])), caller)
+
+
+def _caller(value: Any) -> Caller:
+    if not isinstance(value, dict):
+        raise ProtocolError("caller must be a JSON object")
+    return Caller(*(_text(value.get(f, ""), f"caller {f}", 256) for f in Caller._fields))
 
 
 def parse_response(payload: bytes) -> ResponseHead:
