@@ -1,54 +1,116 @@
-"""The real vLLM for the CPU on the tiny model: start time, memory, latency, stop time.
+"""SmolLM2-135M-Instruct on the real vLLM for the CPU, direct and through the whole chain.
 Prints figures; asserts nothing.
 
-    .venv/bin/python bench/vllm_cpu.py [--requests 20] [--concurrent 4] [--max-tokens 32]
+    .venv/bin/python bench/vllm_cpu.py [--requests 8] [--concurrent 4] [--max-tokens 64]
 
-Uses the venv and model of `python -m saia.sandbox.vllm ensure` (made on first use) and
-runs `vllm serve` on a free 127.0.0.1 port in its own process group, stopped by pid.
+Starts `saia demo --vllm` (Slurm job running `vllm serve`, sshd with the forced-command
+key, relay, agent, hub) in its own process group, then sends the same streamed chats to the
+one vLLM backend directly (its endpoint and per-job key from the demo's state dir) and
+through the hub (hub -> SSH -> relay -> agent's router -> backend): time to first token,
+decode rate per stream, throughput with several streams at once. Stopped by pid (SIGINT,
+as Ctrl-C) at the end. Every loop is bounded.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import selectors
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from saia.sandbox.demo_config import VLLM_MODEL_ID
 from saia.sandbox.process import free_port
-from saia.sandbox.vllm import VllmInstall, ensure
+from saia.sandbox.vllm import ensure
 
-START_LIMIT = 600.0
-KEY = "bench-key"
+START_LIMIT = 900.0
+STOP_LIMIT = 120.0
+QUESTION = "Explain in a few sentences what a compute cluster is."
 
 
-def tree_rss_mb(root: int) -> float:
-    """Resident memory of a process and all its descendants, in MB."""
+@dataclass(frozen=True)
+class Target:
+    label: str
+    base_url: str  # ends in /v1
+    key: str
+
+
+@dataclass(frozen=True)
+class Reply:
+    first_token_s: float
+    total_s: float
+    tokens: int
+
+    @property
+    def decode_rate(self) -> float:
+        """Tokens per second after the first one (the prompt's prefill is not in it)."""
+        return (self.tokens - 1) / max(self.total_s - self.first_token_s, 1e-9)
+
+
+def read_ready(demo: subprocess.Popen[bytes], limit_s: float) -> dict[str, str]:
+    """SAIA_BASE_URL and SAIA_API_KEY from the demo's output, once it printed them."""
+    assert demo.stdout is not None
+    fd, pending = demo.stdout.fileno(), b""
+    found: dict[str, str] = {}
+    deadline = time.monotonic() + limit_s
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while len(found) < 2:
+            if time.monotonic() > deadline or demo.poll() is not None:
+                raise SystemExit(f"the demo did not come up (exit {demo.poll()})")
+            if selector.select(timeout=1.0):
+                pending += os.read(fd, 65536)
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    name, _, value = line.decode().partition("=")
+                    if name in ("SAIA_BASE_URL", "SAIA_API_KEY"):
+                        found[name] = value
+    return found
+
+
+def backend_target(root: Path) -> Target:
+    """The vLLM job's own endpoint and key, as the agent reads them."""
+    for endpoint in sorted((root / "agent-state" / "jobs").glob("*/endpoint.json")):
+        where = json.loads(endpoint.read_text())
+        key = (endpoint.parent / "api_key").read_text().strip()
+        return Target("direct", f"http://{where['host']}:{where['port']}/v1", key)
+    raise SystemExit(f"no endpoint.json under {root}/agent-state/jobs")
+
+
+def vllm_rss_mb() -> float:
+    """Resident memory of the `vllm serve` process and its children, in MB."""
     children: dict[int, list[int]] = {}
+    parent: dict[int, int] = {}
     rss: dict[int, int] = {}
+    serving = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             status = (entry / "status").read_text()
-        except OSError:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError):
             continue
         pid = int(entry.name)
-        children.setdefault(int(fields[1]), []).append(pid)
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                rss[pid] = int(line.split()[1])
-    total, todo = 0, [root]
+        parent[pid] = int(fields[1])
+        children.setdefault(parent[pid], []).append(pid)
+        rss[pid] = next((int(x.split()[1]) for x in status.splitlines() if x[:6] == "VmRSS:"), 0)
+        if b"serve" in argv and VLLM_MODEL_ID.encode() in b" ".join(argv):
+            serving.add(pid)
+    total, todo = 0, [pid for pid in serving if parent[pid] not in serving]
     while todo:
         pid = todo.pop()
         total += rss.get(pid, 0)
@@ -56,116 +118,97 @@ def tree_rss_mb(root: int) -> float:
     return total / 1024
 
 
-def start_server(install: VllmInstall, port: int, cache: Path) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "HF_HUB_OFFLINE": "1",
-        "VLLM_CACHE_ROOT": str(cache),
-        "VLLM_API_KEY": KEY,
-    }
-    argv = [str(install.vllm), "serve", str(install.model_dir), "--served-model-name", "tiny"]
-    argv += ["--host", "127.0.0.1", "--port", str(port), "--max-model-len", "256"]
-    argv += ["--dtype", "float32", "--enforce-eager"]
-    log = (cache / "serve.log").open("wb")
-    return subprocess.Popen(
-        argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-
-
-async def wait_healthy(client: httpx.AsyncClient, server: subprocess.Popen[bytes]) -> float:
-    started = time.monotonic()
-    async with asyncio.timeout(START_LIMIT):
-        while True:
-            if server.poll() is not None:
-                raise SystemExit(
-                    f"vllm serve exited with {server.returncode} before it was healthy"
-                )
-            try:
-                if (await client.get("/health")).status_code == 200:
-                    return time.monotonic() - started
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.25)
-
-
-async def one_request(client: httpx.AsyncClient, max_tokens: int) -> tuple[float, float]:
-    """(time to first streamed token, total time) of one streamed chat completion."""
+async def one_chat(client: httpx.AsyncClient, max_tokens: int) -> Reply:
     body = {
-        "model": "tiny",
-        "messages": [{"role": "user", "content": "hello there"}],
+        "model": VLLM_MODEL_ID,
+        "messages": [{"role": "user", "content": QUESTION}],
         "max_tokens": max_tokens,
-        "ignore_eos": True,  # vLLM's extension: exactly max_tokens, so throughput is exact
+        "ignore_eos": True,  # vLLM's extension: exactly max_tokens, so rates are exact
         "stream": True,
+        "stream_options": {"include_usage": True},
     }
-    started = time.monotonic()
-    first = 0.0
-    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+    started, first, tokens = time.monotonic(), 0.0, 0
+    async with client.stream("POST", "/chat/completions", json=body) as response:
+        response.raise_for_status()
         async for line in response.aiter_lines():
-            if line.startswith("data: ") and not first:
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content") and not first:
                 first = time.monotonic() - started
-    return first, time.monotonic() - started
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return Reply(first, time.monotonic() - started, tokens)
 
 
-async def measure(args: argparse.Namespace, install: VllmInstall, cache: Path) -> None:
-    port = free_port()
-    server = start_server(install, port, cache)
-    headers = {"Authorization": f"Bearer {KEY}"}
-    base = f"http://127.0.0.1:{port}"
+async def measure(target: Target, args: argparse.Namespace) -> None:
+    headers = {"Authorization": f"Bearer {target.key}"}
+    async with httpx.AsyncClient(
+        base_url=target.base_url, headers=headers, timeout=300, trust_env=False
+    ) as client:
+        await one_chat(client, 4)  # warm-up: the first request pays one-off costs
+        replies = [await one_chat(client, args.max_tokens) for _ in range(args.requests)]
+        report(f"{target.label}, one stream at a time", replies)
+        gate = asyncio.Semaphore(args.concurrent)
+
+        async def gated() -> Reply:
+            async with gate:
+                return await one_chat(client, args.max_tokens)
+
+        started = time.monotonic()
+        replies = await asyncio.gather(*(gated() for _ in range(args.requests)))
+        wall = time.monotonic() - started
+        report(f"{target.label}, {args.concurrent} streams at once", replies)
+        print(f"  throughput           {sum(r.tokens for r in replies) / wall:7.1f} tokens/s")
+
+
+def report(label: str, replies: list[Reply]) -> None:
+    firsts = [r.first_token_s * 1000 for r in replies]
+    print(f"{label}: {len(replies)} streamed chats of {replies[0].tokens} tokens")
+    print(f"  first token  median {statistics.median(firsts):7.0f} ms, max {max(firsts):.0f} ms")
+    print(
+        f"  decode rate  median {statistics.median(r.decode_rate for r in replies):7.1f} tokens/s"
+    )
+    print(f"  whole reply  median {statistics.median(r.total_s for r in replies):7.2f} s")
+
+
+def run(args: argparse.Namespace, root: Path) -> None:
+    argv = [sys.executable, "-m", "saia", "demo", "--vllm", "--port", str(free_port())]
+    started = time.monotonic()
+    demo = subprocess.Popen(
+        [*argv, "--dir", str(root)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
-        async with httpx.AsyncClient(
-            base_url=base, headers=headers, timeout=120, trust_env=False
-        ) as client:
-            print(f"healthy after        {await wait_healthy(client, server):7.1f} s")
-            print(f"RSS of the tree      {tree_rss_mb(server.pid):7.0f} MB (idle)")
-            results = []
-            for _ in range(args.requests):
-                results.append(await one_request(client, args.max_tokens))
-            report("sequential", results, args.max_tokens)
-            gate = asyncio.Semaphore(args.concurrent)
-
-            async def gated() -> tuple[float, float]:
-                async with gate:
-                    return await one_request(client, args.max_tokens)
-
-            started = time.monotonic()
-            results = await asyncio.gather(*(gated() for _ in range(args.requests)))
-            wall = time.monotonic() - started
-            report(f"{args.concurrent} concurrent", results, args.max_tokens)
-            print(f"  throughput         {args.requests * args.max_tokens / wall:7.1f} tokens/s")
-            print(f"RSS of the tree      {tree_rss_mb(server.pid):7.0f} MB (after load)")
+        found = read_ready(demo, START_LIMIT)
+        print(f"whole chain ready    {time.monotonic() - started:7.1f} s (saia demo --vllm)")
+        print(f"RSS of vllm serve    {vllm_rss_mb():7.0f} MB (idle)")
+        chain = Target("chain", found["SAIA_BASE_URL"], found["SAIA_API_KEY"])
+        for target in (backend_target(root), chain):
+            asyncio.run(measure(target, args))
+        print(f"RSS of vllm serve    {vllm_rss_mb():7.0f} MB (after load)")
     finally:
-        stopped = time.monotonic()
-        os.killpg(server.pid, signal.SIGTERM)
+        demo.send_signal(signal.SIGINT)  # as Ctrl-C: the demo stops its job and the rest
         try:
-            server.wait(timeout=60)
+            demo.wait(timeout=STOP_LIMIT)
         except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        print(
-            f"stopped by SIGTERM in {time.monotonic() - stopped:6.1f} s (exit {server.returncode})"
-        )
-
-
-def report(label: str, results: list[tuple[float, float]], max_tokens: int) -> None:
-    firsts = [r[0] * 1000 for r in results]
-    totals = [r[1] * 1000 for r in results]
-    print(f"{label}: {len(results)} streamed chats of {max_tokens} tokens")
-    print(f"  first token median {statistics.median(firsts):7.1f} ms, max {max(firsts):.1f} ms")
-    print(f"  whole reply median {statistics.median(totals):7.1f} ms, max {max(totals):.1f} ms")
+            os.killpg(demo.pid, signal.SIGKILL)
+            demo.wait()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--requests", type=int, default=20)
+    parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--concurrent", type=int, default=4)
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args()
     started = time.monotonic()
-    install = ensure()
-    print(f"venv + model ready   {time.monotonic() - started:7.1f} s ({install.venv})")
-    with tempfile.TemporaryDirectory(prefix="saia-bench-vllm-") as cache:
-        asyncio.run(measure(args, install, Path(cache)))
+    ensure()
+    print(f"venv + models ready  {time.monotonic() - started:7.1f} s")
+    with tempfile.TemporaryDirectory(prefix="saia-bench-vllm-") as root:
+        run(args, Path(root))
 
 
 if __name__ == "__main__":

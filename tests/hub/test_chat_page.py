@@ -4,7 +4,7 @@ Debian's chromium is driven by Playwright (never `playwright install`). The hub 
 `saia hub serve` on a free 127.0.0.1 port with an `openai` upstream pointing at the
 stand-in server (`python -m hpc.standin`); both are subprocesses stopped by pid. Set
 SAIA_CHAT_SCREENSHOT=PATH to keep the screenshot of an answered chat (docs/screenshot-chat.png
-is made that way).
+shows a real model instead: docs/screenshot_chat.py against `saia demo --vllm`).
 """
 
 from __future__ import annotations
