@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from cloud_interface.relay import SOCKET_NAME
 from hpc.config import AgentConfig, ServiceConfig
 from hpc.registry import Backend, BackendRegistry
-from hpc.router.server import SOCKET_NAME, serve_requests
+from hpc.router.server import serve_requests
 from hub.config import HpcSite, HpcUpstreamConfig, TimeoutsConfig
 from hub.hpc_upstream import HpcUpstream
 from hub.ssh_client import HopClient, HopTarget
