@@ -14,9 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hub.accounting import GroupBy, parse_moment, usage_summary
 from hub.auth import Principal
-from hub.config import LimitsConfig
+from hub.config import LimitsConfig, ModelConfig
 from hub.errors import ApiError
 from hub.services import HubServices
+from hub.upstream import ModelState
+from hub.usage_series import Bucket, SeriesBy, usage_series
 
 
 class KeyCreate(BaseModel):
@@ -60,6 +62,7 @@ def admin_router() -> APIRouter:
     router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(_admin)])
     _key_routes(router)
     _limit_and_usage_routes(router)
+    _dashboard_routes(router)
     return router
 
 
@@ -121,3 +124,48 @@ def _limit_and_usage_routes(router: APIRouter) -> None:
             raise ApiError(400, str(error), param="since") from None
         with services.database.guard("usage summary"):  # an outage: 503, not a traceback
             return await usage_summary(services.engine, since=start, until=end, by=by)
+
+
+def _dashboard_routes(router: APIRouter) -> None:
+    @router.get("/usage/series", summary="Usage over time by model, group or user")
+    async def series(
+        services: Services,
+        since: Annotated[str, Query(description="e.g. 2026-11-01 (UTC)")],
+        by: SeriesBy = "model",
+        bucket: Bucket = "hour",
+        until: str | None = None,
+    ) -> list[dict[str, Any]]:
+        try:
+            start = parse_moment(since)
+            end = parse_moment(until) if until else time.time() + 1
+        except ValueError as error:
+            raise ApiError(400, str(error), param="since") from None
+        with services.database.guard("usage series"):
+            try:
+                return await usage_series(
+                    services.engine, since=start, until=end, by=by, bucket=bucket
+                )
+            except ValueError as error:
+                raise ApiError(400, str(error), param="bucket") from None
+
+    @router.get("/services", summary="Each model: its upstream's state, demand, hub in flight")
+    async def model_services(services: Services) -> list[dict[str, Any]]:
+        models = services.config.models
+        states = await services.model_states({model.upstream for model in models})
+        return [_service_entry(services, model, states) for model in models]
+
+
+def _service_entry(
+    services: HubServices, model: ModelConfig, states: dict[str, dict[str, ModelState]]
+) -> dict[str, Any]:
+    """What the hub knows of one model: its upstream's state and the hub's own in flight."""
+    state = states.get(model.upstream, {}).get(model.target)
+    labels = {"model": model.id, "upstream": model.upstream}
+    in_flight = services.metrics.registry.get_sample_value("saia_hub_in_flight", labels)
+    return {
+        "id": model.id,
+        "upstream": model.upstream,
+        "status": state.status if state else services.upstreams[model.upstream].default_status,
+        "demand": state.demand if state else 0.0,
+        "in_flight": int(in_flight or 0),
+    }

@@ -172,6 +172,8 @@ def create_app(config: Any, environ: Mapping[str, str] | None = None) -> HubApp:
     _add_openai_routes(app)
     _add_operations_routes(app)
     from hub.admin import admin_router
+    from hub.pages import add_pages
 
     app.include_router(admin_router())
+    add_pages(app, config, env)  # login, self-service, dashboard
     return app

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 from hub.config import AuthConfig, ConfigError, HubConfig, LimitsConfig
 from hub.errors import ApiError
 from hub.key_store import KeyCache, KeyRecord
+from hub.sessions import SessionStore, session_cookie
 
 # Sec-Fetch-Site values of requests a page of another origin started.
 _FOREIGN_SITES = frozenset({"cross-site", "same-site"})
@@ -122,8 +123,10 @@ class Authenticator:
         cache: KeyCache,
         admin_token: str | None,
         metrics_token: str | None = None,
+        sessions: SessionStore | None = None,
     ) -> None:
         self._config = config
+        self._sessions = sessions
         self._cache = cache
         self._admin_token = admin_token.encode() if admin_token else None
         self._metrics_token = metrics_token.encode() if metrics_token else None
@@ -147,6 +150,9 @@ class Authenticator:
         token = bearer_token(headers.get("authorization"))
         if token is not None:
             return await self._by_key(token, now)
+        by_session = await self._by_session(headers, now)
+        if by_session is not None:
+            return by_session
         header = self._config.proxy_user_header
         if header and self._trusted(client_host):
             user = headers.get(header.lower(), "").strip()
@@ -172,7 +178,12 @@ class Authenticator:
         """The admin API: the admin token (from the environment) or a key flagged admin."""
         token = bearer_token(headers.get("authorization"))
         if token is None:
-            raise ApiError(401, "missing admin token", code="missing_api_key")
+            by_session = await self._by_session(headers, now)
+            if by_session is None:
+                raise ApiError(401, "missing admin token", code="missing_api_key")
+            if not by_session.admin:
+                raise ApiError(403, "you are not in the admin group", code="not_admin")
+            return by_session
         if _same_token(token, self._admin_token):
             return Principal(None, "admin", None, None, None, self._config.user_limits, True)
         principal = await self._by_key(token, now)
@@ -187,6 +198,25 @@ class Authenticator:
         if token is not None and _same_token(token, self._metrics_token):
             return
         await self.authenticate_admin(headers, now)
+
+    async def _by_session(self, headers: Mapping[str, str], now: float) -> Principal | None:
+        """The user of a login session cookie (OpenID Connect), or None without one. Like
+        the proxy's header, a cookie comes with every request the browser sends, so the
+        same cross-site checks apply."""
+        token = session_cookie(headers) if self._sessions is not None else None
+        if token is None or self._sessions is None:
+            return None
+        session = await self._sessions.lookup(token, now)
+        if session is None:
+            raise ApiError(
+                401, "your login session is invalid or has expired: log in again",
+                code="invalid_session",
+            )  # fmt: skip
+        problem = browser_problem(headers, self._origins)
+        if problem is not None:
+            raise ApiError(403, problem, code="cross_site_request")
+        limits = self._config.user_limits
+        return Principal(None, session.user, session.group, None, None, limits, session.admin)
 
     async def _by_key(self, token: str, now: float) -> Principal:
         record = await self._cache.lookup(token, now)

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from hub.oidc_config import OidcConfig
 from saia.base.config_file import (
     NO_FILE,
     ConfigError,
@@ -34,7 +37,9 @@ __all__ = [
     "HubConfig",
     "LimitsConfig",
     "ModelConfig",
+    "OidcConfig",
     "OpenAIUpstreamConfig",
+    "SelfServiceConfig",
     "TimeoutsConfig",
     "load_config",
     "parse_config",
@@ -261,6 +266,17 @@ class AuthConfig(Strict):
         return self
 
 
+class SelfServiceConfig(Strict):
+    """What logged-in users may do on the self-service page (/account/)."""
+
+    keys_per_user: int = Field(5, ge=0)
+    """active keys a user may hold at once (0: users create no keys themselves)"""
+    key_limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    """limits of a key a user creates (auth.default_key_limits fill the rest)"""
+    key_lifetime_days: float | None = Field(365.0, gt=0)
+    """a self-made key expires after this many days; None: never"""
+
+
 class ClientTimeoutsConfig(Strict):
     """How long a client may take to send its request; the answer has no total bound.
 
@@ -287,6 +303,12 @@ class HubConfig(Strict):
     """the hub's files (the default SQLite database); relative to this config file"""
     database_url: str | None = None
     """SQLAlchemy async URL, e.g. postgresql+asyncpg://...; default: SQLite in data_dir"""
+    database_url_env: str | None = Field(
+        "SAIA_HUB_DATABASE_URL",
+        pattern=ENV_NAME,
+        description="environment variable whose URL, when set, replaces database_url "
+        "(containers keep the database password out of the file)",
+    )
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     """largest request body accepted (413 beyond)"""
     usage_flush_interval: Duration = Field(1.0, gt=0, le=60)
@@ -298,6 +320,10 @@ class HubConfig(Strict):
     """the public models"""
     auth: AuthConfig = Field(default_factory=AuthConfig)
     """API keys, proxy identity and limits"""
+    oidc: OidcConfig = Field(default_factory=OidcConfig)
+    """login with an OpenID Connect provider (the self-service page and the dashboard)"""
+    self_service: SelfServiceConfig = Field(default_factory=SelfServiceConfig)
+    """what logged-in users may do with their own keys"""
     client_timeouts: ClientTimeoutsConfig = Field(default_factory=ClientTimeoutsConfig)
     """bounds on how slowly clients may send their requests"""
     api_docs: bool = False
@@ -339,5 +365,13 @@ def parse_config(data: Any, source: Path | str = NO_FILE) -> HubConfig:
     return validate(HubConfig, {} if data is None else data, source, relative_paths=("data_dir",))
 
 
-def load_config(path: Path | str) -> HubConfig:
-    return parse_config(read_yaml(Path(path)), Path(path))
+def load_config(path: Path | str, environ: Mapping[str, str] | None = None) -> HubConfig:
+    """The file's config, with the database URL from the environment where it is set."""
+    config = parse_config(read_yaml(Path(path)), Path(path))
+    return with_environment(config, os.environ if environ is None else environ)
+
+
+def with_environment(config: HubConfig, environ: Mapping[str, str]) -> HubConfig:
+    name = config.database_url_env
+    url = environ.get(name, "").strip() if name else ""
+    return config.model_copy(update={"database_url": url}) if url else config

@@ -147,12 +147,24 @@ class KeyStore:
                 result = await connection.execute(select(api_keys).order_by(api_keys.c.created_at))
                 return [_record(row) for row in result.all()]
 
-    async def revoke(self, key_id: str, now: float) -> bool:
+    async def list_owned(self, owner: str) -> tuple[KeyRecord, ...]:
+        """The keys of one user (the self-service page), oldest first."""
+        statement = (
+            select(api_keys).where(api_keys.c.owner == owner).order_by(api_keys.c.created_at)
+        )
+        with self._guard("key listing"):
+            async with asyncio.timeout(STATEMENT_TIMEOUT), self._engine.connect() as connection:
+                return tuple(_record(row) for row in (await connection.execute(statement)).all())
+
+    async def revoke(self, key_id: str, now: float, *, owner: str | None = None) -> bool:
+        """Revoke an active key; with `owner`, only if it is that user's."""
         statement = (
             update(api_keys)
             .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
             .values(revoked_at=now)
         )
+        if owner is not None:
+            statement = statement.where(api_keys.c.owner == owner)
         with self._guard("key update"):
             async with asyncio.timeout(STATEMENT_TIMEOUT), self._engine.begin() as connection:
                 result = await connection.execute(statement)

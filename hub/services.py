@@ -21,6 +21,7 @@ from hub.db_health import DatabaseHealth
 from hub.key_store import KeyCache, KeyStore
 from hub.metrics import HubMetrics
 from hub.openai_upstream import OpenAIUpstream, shared_client
+from hub.sessions import SessionStore
 from hub.storage import open_engine, upgrade
 from hub.upstream import ModelState, Upstream
 from saia.base.http11 import HttpClient
@@ -76,6 +77,7 @@ class HubServices:
     metrics: HubMetrics
     upstreams: dict[str, Upstream]
     database: DatabaseHealth
+    sessions: SessionStore | None = None  # login sessions, when OpenID Connect is on
 
     def health(self) -> tuple[int, dict[str, Any]]:
         """GET /health: status code and body (see `health_report`)."""
@@ -149,6 +151,11 @@ async def open_services(
         database = DatabaseHealth()
         keys = KeyStore(engine, database)
         cache = KeyCache(keys, config.auth.key_cache_ttl)
+        sessions = (
+            SessionStore(engine, database, config.auth.key_cache_ttl)
+            if config.oidc.enabled
+            else None
+        )
         async with AsyncExitStack() as stack:
             counters = await CounterStore.open(config.database)
             stack.push_async_callback(counters.aclose)
@@ -168,11 +175,13 @@ async def open_services(
                     cache,
                     admin_token(config, environ),
                     metrics_token(config, environ),
+                    sessions,
                 ),
                 admission=Admission(counters, database),
                 metrics=HubMetrics(),
                 upstreams=upstreams,
                 database=database,
+                sessions=sessions,
             )
     finally:
         await engine.dispose()

@@ -49,6 +49,19 @@ api_keys = Table(
     Column("created_at", Float, nullable=False),
     Column("expires_at", Float, nullable=True),
     Column("revoked_at", Float, nullable=True),
+    Index("ix_api_keys_owner", "owner"),
+)
+
+web_sessions = Table(
+    "web_sessions",
+    metadata,
+    Column("digest", String(64), primary_key=True),  # sha256 of the cookie's value
+    Column("user_name", String(200), nullable=False),
+    Column("group_name", String(200), nullable=True),
+    Column("admin", Boolean, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Index("ix_web_sessions_expires_at", "expires_at"),
 )
 
 rate_counters = Table(
@@ -143,7 +156,8 @@ def _upgrade(connection: Connection, revision: str) -> None:
     command.upgrade(config, revision)
 
 
-async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
-    """Bring the schema to `revision` (alembic), in one transaction."""
+async def upgrade(engine: AsyncEngine, revision: str = "heads") -> None:
+    """Bring the schema to `revision` (alembic; every branch's head by default), in one
+    transaction."""
     async with engine.begin() as connection:
         await connection.run_sync(_upgrade, revision)
