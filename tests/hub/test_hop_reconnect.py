@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -100,7 +101,9 @@ async def test_a_killed_session_is_replaced_and_serves(
         assert len(await client.services()) == 1
         first = client._links[0]
         old = drop_connection(sshd)
-        await until(lambda: client._links[0] not in (None, first), 10, "no new connection")
+        dropped = time.monotonic()
+        await until(lambda: client._links[0] not in (None, first), 10, "no new connection", 0.01)
+        print(f"reconnected {time.monotonic() - dropped:.2f}s after the session was killed")
         assert (await client.services())[0]["id"] == MODEL  # served on the new connection
         assert not set(old) & set(sshd.session_pids())
         await until(lambda: len(relays(sshd.state_dir)) == 1, 10, "the old relay still runs")
