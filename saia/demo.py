@@ -213,8 +213,10 @@ class Demo:
         return {"socket": str(state_dir / "agent.sock")}
 
     def _create_key(self, saia: list[str], hub_path: Path) -> str:
+        # With limits, clients that read the rate-limit headers (GWDG's SDK:
+        # get_rate_limits()) see them from the first request.
         done = subprocess.run(
-            [*saia, "hub", "keys", "create", "-c", str(hub_path), "--name", "demo"],
+            [*saia, "hub", "keys", "create", "-c", str(hub_path), "--name", "demo", *DEMO_LIMITS],
             capture_output=True,
             text=True,
             timeout=60,
@@ -292,6 +294,9 @@ def _work_dir(path: Path | None) -> Iterator[Path]:
         yield root
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+DEMO_LIMITS = ("--requests-per-minute", "600", "--requests-per-day", "50000")
 
 
 def _print_ready(port: int, key: str, model: str) -> None:
