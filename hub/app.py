@@ -175,5 +175,10 @@ def create_app(config: Any, environ: Mapping[str, str] | None = None) -> HubApp:
     from hub.pages import add_pages
 
     app.include_router(admin_router())
+    from hub.batches import batches_router
+    from hub.files import files_router
+
+    app.include_router(files_router())  # /v1/files and /v1/batches (issue 14)
+    app.include_router(batches_router())
     add_pages(app, config, env)  # login, self-service, dashboard
     return app

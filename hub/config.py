@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from hub.batch_config import BatchesConfig
 from hub.oidc_config import OidcConfig
 from saia.base.config_file import (
     NO_FILE,
@@ -326,6 +327,8 @@ class HubConfig(Strict):
     """what logged-in users may do with their own keys"""
     client_timeouts: ClientTimeoutsConfig = Field(default_factory=ClientTimeoutsConfig)
     """bounds on how slowly clients may send their requests"""
+    batches: BatchesConfig = Field(default_factory=BatchesConfig)
+    """the Files and Batches API: batch inference as Slurm jobs"""
     api_docs: bool = False
     """serve the interactive API docs (/docs, /redoc, /openapi.json) to anyone; off: 404"""
 

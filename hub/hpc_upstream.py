@@ -123,6 +123,10 @@ class HpcUpstream:
     ) -> None:
         await self._stack.aclose()
 
+    def site_client(self, index: int) -> HopClient:
+        """The hop to one site (batches talk to the agent of the site that runs them)."""
+        return self._clients[index]
+
     @asynccontextmanager
     async def stream(self, request: UpstreamRequest) -> AsyncIterator[UpstreamResponse]:
         async with AsyncExitStack() as stack:

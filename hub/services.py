@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from hub.accounting import UsageRecorder, WriterStatus
 from hub.admission import Admission
 from hub.auth import Authenticator, metrics_token
+from hub.batch_service import Batches
 from hub.config import ConfigError, HpcUpstreamConfig, HubConfig
 from hub.counters import CounterStore
 from hub.db_health import DatabaseHealth
@@ -78,6 +79,7 @@ class HubServices:
     upstreams: dict[str, Upstream]
     database: DatabaseHealth
     sessions: SessionStore | None = None  # login sessions, when OpenID Connect is on
+    batches: Batches | None = None  # the Files and Batches API (config `batches.enabled`)
 
     def health(self) -> tuple[int, dict[str, Any]]:
         """GET /health: status code and body (see `health_report`)."""
@@ -163,6 +165,10 @@ async def open_services(
             upstreams = await _open_upstreams(config, client, environ, stack)
             recorder = UsageRecorder(engine, counters, config.usage_flush_interval, database)
             await stack.enter_async_context(recorder.running())
+            batches = None
+            if config.batches.enabled:
+                batches = Batches(config, engine, recorder, upstreams)
+                await stack.enter_async_context(batches.running())
             yield HubServices(
                 config=config,
                 engine=engine,
@@ -181,6 +187,7 @@ async def open_services(
                 metrics=HubMetrics(),
                 upstreams=upstreams,
                 database=database,
+                batches=batches,
                 sessions=sessions,
             )
     finally:

@@ -1,0 +1,35 @@
+"""The hub's `batches` section: the Files and Batches API (/v1/files, /v1/batches)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from saia.base.config_file import Duration, Strict
+
+__all__ = ["BatchesConfig"]
+
+
+class BatchesConfig(Strict):
+    """Batch inference: uploaded JSONL files run as Slurm jobs on the agent's cluster."""
+
+    enabled: bool = True
+    """serve /v1/files and /v1/batches (only models of `hpc` upstreams can run batches)"""
+    files_dir: Path | None = None
+    """where uploaded and result files are kept; None: `<data_dir>/files`"""
+    max_file_bytes: int = Field(200 * 1024 * 1024, ge=1024)
+    """largest uploaded file (OpenAI: 200 MB)"""
+    max_line_bytes: int = Field(1024 * 1024, ge=256)
+    """largest single request line of a batch input file"""
+    max_requests: int = Field(50_000, ge=1, description="request lines per batch input file")
+    completion_windows: dict[str, Duration] = Field(default_factory=lambda: {"24h": 86400.0})
+    """the completion_window values clients may ask for, and their length (Slurm's
+    --deadline of the job); a batch not done by then is `expired`"""
+    poll_interval: Duration = Field(30.0, gt=0)
+    """how often the hub asks the agents about running batches"""
+    price_factor: float = Field(1.0, ge=0)
+    """what a batch token costs relative to an interactive one: reported with each batch
+    (`saia hub batches show`) for billing; usage rows of batches have endpoint `batch:...`"""
+    transfer_chunk_bytes: int = Field(1024 * 1024, ge=4096)
+    """input files go to the agent in pieces of this size (one hop request each)"""

@@ -1,0 +1,199 @@
+"""A batch whose job ended: its output pulled from the agent, split, accounted, recorded.
+
+The agent's output (vLLM's run-batch lines) streams down line by line: answers with status
+200 go to the output file, the rest to the error file; a failed job's requests that have
+no line at all get an error line each. Every answered request is one usage row, endpoint
+`batch:<url>`, on no rate-limit counter (batches do not use the interactive limits).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sqlalchemy import insert
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from hub.accounting import UsageRecorder
+from hub.batch_config import BatchesConfig
+from hub.batch_hop import AgentBatches
+from hub.batch_lines import (
+    custom_id_of,
+    final_status,
+    missing_line,
+    read_output_line,
+    renamed_line,
+)
+from hub.batch_tables import files
+from hub.config import HubConfig
+from hub.file_store import FileStore, StoreWriter
+from hub.usage_records import UsageRecord
+
+log = logging.getLogger(__name__)
+MAX_OUTPUT_LINE = 64 * 1024 * 1024  # one answer line held at most (an embedding is large)
+
+
+class Keeper(Protocol):
+    """What finishing needs of `hub.batch_service.Batches`."""
+
+    config: HubConfig
+    settings: BatchesConfig
+    engine: AsyncEngine
+    recorder: UsageRecorder
+    store: FileStore
+
+    def agent(self, upstream: str, site: int) -> AgentBatches: ...
+
+    async def change(self, batch_id: str, expected: tuple[str, ...], **values: Any) -> bool: ...
+
+
+@dataclass
+class Tally:
+    completed: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    done: set[str] = field(default_factory=set)
+
+
+async def lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    carry = bytearray()
+    async for chunk in chunks:
+        carry += chunk
+        while (end := carry.find(b"\n")) >= 0:
+            line = bytes(carry[:end])
+            del carry[: end + 1]
+            if line.strip():
+                yield line
+        if len(carry) > MAX_OUTPUT_LINE:
+            raise ValueError("an output line is too long")
+    if bytes(carry).strip():
+        yield bytes(carry)
+
+
+async def finish(keeper: Keeper, row: Any, state: dict[str, Any], now: float) -> None:
+    """Pull, split and record the output, then give the batch its last status."""
+    claimed = ("in_progress", "cancelling", "finalizing")
+    if not await keeper.change(row.id, claimed, status="finalizing", finalizing_at=now):
+        return
+    final = final_status(
+        str(state.get("state")), row.status == "cancelling",
+        bool(row.expires_at) and now > row.expires_at,
+    )  # fmt: skip
+    message = str(state.get("message") or "the batch job failed")
+    tally, output_id, error_id = await _collect(keeper, row, final == "failed", message, now)
+    values: dict[str, Any] = {
+        "status": final, f"{final}_at": now, "output_file_id": output_id,
+        "error_file_id": error_id, "completed": tally.completed, "failed": tally.failed,
+        "prompt_tokens": tally.prompt_tokens, "completion_tokens": tally.completion_tokens,
+        "price_factor": keeper.settings.price_factor, "message": message,
+    }  # fmt: skip
+    if final == "failed":
+        values["errors"] = [{"code": "batch_failed", "message": message, "line": None}]
+    if final == "expired" or final == "cancelled":
+        values["total"] = max(row.total, tally.completed + tally.failed)
+    await keeper.change(row.id, ("finalizing",), **values)
+    log.info("batch %s %s: %d answered, %d failed", row.id, final, tally.completed, tally.failed)
+    await keeper.agent(row.upstream, row.site).forget(row.id)
+
+
+async def _collect(
+    keeper: Keeper, row: Any, failed: bool, message: str, now: float
+) -> tuple[Tally, str | None, str | None]:
+    store, tally = keeper.store, Tally()
+    output_id, error_id = f"file-{secrets.token_hex(12)}", f"file-{secrets.token_hex(12)}"
+    model = keeper.config.model(row.model)
+    target = model.target if model is not None else row.model
+    agent = keeper.agent(row.upstream, row.site)
+    async with store.writer(output_id) as good, store.writer(error_id) as bad:
+        async with agent.output(row.id) as chunks:
+            if chunks is not None:
+                async for line in lines(chunks):
+                    _take(keeper, row, line, (good, bad), tally, (target, now))
+        if failed:
+            await _missing(keeper, row, bad, tally, message)
+        kept = [(good, output_id), (bad, error_id)]
+        for writer, _file_id in kept:
+            if writer.size:
+                writer.commit()
+        named = [(good.size, output_id, "output"), (bad.size, error_id, "errors")]
+        await _register(keeper, row, [entry for entry in named if entry[0]], now)
+    return tally, output_id if good.size else None, error_id if bad.size else None
+
+
+def _take(
+    keeper: Keeper,
+    row: Any,
+    line: bytes,
+    writers: tuple[StoreWriter, StoreWriter],
+    tally: Tally,
+    context: tuple[str, float],
+) -> None:
+    target, now = context
+    verdict = read_output_line(line)
+    if verdict is None or verdict.custom_id in tally.done:
+        return  # not an answer line (or a repeated one): nothing to give the client
+    tally.done.add(verdict.custom_id)
+    if target != row.model:
+        line = renamed_line(line, ("response", "body", "model"), target, row.model)
+    (writers[0] if verdict.ok else writers[1]).write(line + b"\n")
+    if verdict.ok:
+        tally.completed += 1
+    else:
+        tally.failed += 1
+    tally.prompt_tokens += verdict.prompt_tokens
+    tally.completion_tokens += verdict.completion_tokens
+    number = len(tally.done)
+    keeper.recorder.record(
+        UsageRecord(
+            request_id=f"{row.id}:{number}",
+            key_id=row.key_id,
+            user_name=row.user_name,
+            group_name=row.group_name,
+            model=row.model,
+            upstream=row.upstream,
+            endpoint=f"batch:{row.endpoint}",
+            status=200 if verdict.ok else 500,
+            stream=False,
+            prompt_tokens=verdict.prompt_tokens,
+            completion_tokens=verdict.completion_tokens,
+            latency_ms=0.0,
+            ttft_ms=None,
+            started_at=row.in_progress_at or now,
+            finished_at=now,
+        )
+    )
+
+
+async def _missing(keeper: Keeper, row: Any, bad: StoreWriter, tally: Tally, message: str) -> None:
+    """An error line for every input request the failed job left without an answer."""
+    async for line in lines(keeper.store.read(row.input_file_id)):
+        custom_id = custom_id_of(line)
+        if custom_id is not None and custom_id not in tally.done:
+            tally.done.add(custom_id)
+            tally.failed += 1
+            bad.write(missing_line(custom_id, row.id, message) + b"\n")
+
+
+async def _register(keeper: Keeper, row: Any, kept: list[tuple[int, str, str]], now: float) -> None:
+    async with keeper.engine.begin() as connection:
+        for size, file_id, name in kept:
+            await connection.execute(
+                insert(files).values(
+                    id=file_id,
+                    owner=row.owner,
+                    key_id=row.key_id,
+                    user_name=row.user_name,
+                    group_name=row.group_name,
+                    purpose="batch_output",
+                    filename=f"{row.id}_{name}.jsonl",
+                    bytes=size,
+                    lines=0,
+                    model=row.model,
+                    url=row.endpoint,
+                    created_at=now,
+                )
+            )
