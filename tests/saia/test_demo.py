@@ -186,14 +186,21 @@ def test_local_mode_without_slurm_or_ssh(tmp_path: Path) -> None:
 
 @pytest.mark.vllm
 def test_vllm_mode_serves_real_vllm(tmp_path: Path, vllm_install: object) -> None:
-    """`saia demo --vllm`: the tiny model in a real vllm serve job, through the same chain."""
+    """`saia demo --vllm`: SmolLM2-135M-Instruct in a real vllm serve job, through the same
+    chain, answers a factual question."""
     with running_demo(tmp_path, "--vllm", limit_s=900) as demo:
+        assert '"model": "smollm2-135m-instruct"' in "\n".join(demo.output)  # the curl line
         client = openai.OpenAI(base_url=demo.base_url, api_key=demo.key, max_retries=0)
+        question = "What is the capital of France? Answer in one word."
         reply = client.chat.completions.create(
-            model="demo", max_tokens=8, messages=[{"role": "user", "content": "hello"}]
+            model="smollm2-135m-instruct",
+            temperature=0,  # greedy: the same answer on every run
+            max_tokens=20,
+            messages=[{"role": "user", "content": question}],
         )
+        assert "Paris" in (reply.choices[0].message.content or "")
         assert (reply.system_fingerprint or "").startswith("vllm-")
-        assert reply.usage is not None and reply.usage.completion_tokens == 8
+        assert reply.usage is not None and 0 < reply.usage.completion_tokens <= 20
         demo.process.send_signal(signal.SIGINT)
         assert demo.process.wait(120) == 0
     assert _processes_mentioning(str(tmp_path)) == []
