@@ -25,6 +25,7 @@ from saia.base.durations import parse_slurm_time
 __all__ = [
     "AgentConfig",
     "ConfigError",
+    "FairnessConfig",
     "RouterConfig",
     "ServiceConfig",
     "SlurmResources",
@@ -119,6 +120,8 @@ class VllmOptions(Strict):
     """generate: a chat/completion model; embed: serve /v1/embeddings (--runner pooling)"""
     enforce_eager: bool = False
     """--enforce-eager: no CUDA graphs (faster start, slower decoding)"""
+    scheduling_policy: Literal["fcfs", "priority"] | None = None
+    """--scheduling-policy; priority: the router passes batch requests a lower priority"""
     ray_port: int | None = Field(
         None, ge=1024, le=65535, description="Ray head port (multi-node); None: a free one"
     )
@@ -220,6 +223,31 @@ class ServiceConfig(Strict):
         return self.served_model_name or self.name
 
 
+class FairnessConfig(Strict):
+    """How the router shares a busy service's backend slots among users (docs/architecture.md)."""
+
+    fair: bool = True
+    """fair queueing across users; false: one FIFO queue per service"""
+    key_weights: dict[str, float] = Field(default_factory=dict)
+    """share weight per hub key id (default 1); a key's weight wins over its group's"""
+    group_weights: dict[str, float] = Field(default_factory=dict)
+    """share weight per group (default 1) for each user of the group"""
+    batch_keys: list[str] = Field(default_factory=list)
+    """hub key ids whose requests are always of the batch class"""
+    batch_every: int = Field(8, ge=2, le=1000)
+    """while batch requests wait, at least one of this many dispatches goes to batch"""
+    max_queue_per_user: int = Field(128, ge=1)
+    """requests of one user (or key) waiting per service; more get 429"""
+
+    @field_validator("key_weights", "group_weights")
+    @classmethod
+    def _weights(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, weight in value.items():
+            if not 0.01 <= weight <= 100:
+                raise ValueError(f"the weight of {name!r} must be within 0.01 and 100")
+        return value
+
+
 class RouterConfig(Strict):
     """How the agent's router treats requests."""
 
@@ -232,6 +260,8 @@ class RouterConfig(Strict):
     first_byte_timeout: Duration = Field(600.0, gt=0)
     """from sending the request to the response head"""
     idle_timeout: Duration = Field(300.0, gt=0, description="longest gap between two chunks")
+    fairness: FairnessConfig = Field(default_factory=FairnessConfig)
+    """fair queueing across users, weights and the batch class"""
 
 
 class AgentConfig(Strict):

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 RATE_WINDOW = 60.0
 
@@ -25,6 +27,21 @@ class Backend:
     served: int = 0  # answers it completed (failed attempts and broken streams not counted)
     failures: int = 0  # attempts in a row that failed before any response byte
     retry_at: float = 0.0  # after a failure: monotonic time before which it takes no request
+    # The backend's own gauges as published (vLLM's /metrics; None: not known), a count of
+    # publications with gauges, and the router's concurrency cap derived from them.
+    running: int | None = None
+    waiting: int | None = None
+    readings: int = 0
+    cap: int | None = None
+    capped_at: int = 0  # the reading `cap` was last derived from
+
+
+class QueueView(Protocol):
+    """What the registry reads of a service's waiting requests (the router's queue)."""
+
+    def __len__(self) -> int: ...
+
+    def oldest_arrival(self) -> float | None: ...
 
 
 @dataclass(frozen=True)
@@ -43,6 +60,8 @@ class _ServiceState:
     arrivals: deque[float] = field(default_factory=deque)
     demand_since: float | None = None
     starting: int = 0
+    queue: QueueView | None = None
+    listeners: list[Callable[[], None]] = field(default_factory=list)
 
 
 class BackendRegistry:
@@ -72,6 +91,7 @@ class BackendRegistry:
             old = state.backends.get(backend.job_id)
             if old is not None:
                 old.url, old.api_key, old.draining = backend.url, backend.api_key, backend.draining
+                _take_gauges(old, backend)
                 fresh[backend.job_id] = old
             else:
                 fresh[backend.job_id] = backend
@@ -86,6 +106,8 @@ class BackendRegistry:
             state.demand_since = None
         if _routable(fresh) != before:
             _notify(state)
+        else:  # caps may have grown: waiting requests may go now
+            _call(state)
 
     def in_flight_of(self, service: str, job_id: str) -> int:
         backend = self._state(service).backends.get(job_id)
@@ -153,7 +175,22 @@ class BackendRegistry:
             await self.wait_change(service)
 
     def queued(self, service: str) -> int:
-        return self._state(service).queued
+        """Requests waiting: in the router's queue, or for the backends to change."""
+        state = self._state(service)
+        return state.queued + (len(state.queue) if state.queue is not None else 0)
+
+    def oldest_wait(self, service: str, now: float) -> float:
+        """Seconds the longest-waiting request of the service's queue has waited."""
+        queue = self._state(service).queue
+        oldest = queue.oldest_arrival() if queue is not None else None
+        return 0.0 if oldest is None else max(0.0, now - oldest)
+
+    def attach_queue(self, service: str, queue: QueueView, listener: Callable[[], None]) -> None:
+        """The router's queue of `service`; `listener` runs (synchronously, no await) after
+        every change of the service's backends, so waiting requests are dispatched."""
+        state = self._state(service)
+        state.queue = queue
+        state.listeners.append(listener)
 
     def starting(self, service: str) -> int:
         """Jobs of the service pending or starting, as last published."""
@@ -168,3 +205,16 @@ def _notify(state: _ServiceState) -> None:
     """Wake every request waiting on the service; later waiters get a fresh event."""
     state.changed.set()
     state.changed = asyncio.Event()
+    _call(state)
+
+
+def _call(state: _ServiceState) -> None:
+    for listener in state.listeners:
+        listener()
+
+
+def _take_gauges(old: Backend, new: Backend) -> None:
+    """Keep the backend's latest gauges; the router derives its cap from each reading."""
+    if new.running is not None and new.waiting is not None:
+        old.running, old.waiting = new.running, new.waiting
+        old.readings += 1

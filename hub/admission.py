@@ -7,7 +7,7 @@ windowed limits gets 503 (its limits cannot be enforced honestly), not 500.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from hub.auth import Principal
 from hub.counters import CounterStore, Row
@@ -22,6 +22,28 @@ from hub.limits import (
     needs_counting,
     window_starts,
 )
+
+PRIORITY_HEADER = "x-saia-priority"
+CLASSES = ("interactive", "batch")
+
+
+def request_class(headers: Mapping[str, str]) -> str:
+    """The class a request asks for with `X-Saia-Priority` ("" when it asks for none).
+
+    A client may only ask; the agent's config may still make a key's requests batch. The
+    class goes to the agent in the hop head, never as a header the agent would trust."""
+    value = headers.get(PRIORITY_HEADER)
+    if value is None:
+        return ""
+    wanted = value.strip().lower()
+    if wanted not in CLASSES:
+        raise ApiError(
+            400,
+            f"X-Saia-Priority must be one of {', '.join(CLASSES)}",
+            param=PRIORITY_HEADER,
+            code="invalid_priority",
+        )
+    return wanted
 
 
 class Admission:

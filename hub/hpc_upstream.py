@@ -39,6 +39,7 @@ from hub.upstream import (
     UpstreamUnavailable,
     idle_limited,
 )
+from saia.base.protocol import Caller
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,7 @@ class HpcUpstream:
             headers,
             request.body,
             first_byte_timeout=self._config.timeouts.first_byte,
+            caller=Caller(request.user, request.key_id, request.group, request.priority),
         )
         try:
             response = await stack.enter_async_context(opened)

@@ -20,6 +20,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from hub.admission import request_class
 from hub.answers import is_event_stream, stream_answer, whole_answer
 from hub.auth import Principal
 from hub.config import ModelConfig
@@ -71,6 +72,7 @@ async def handle(services: HubServices, request: Request, endpoint: str) -> Resp
     started_at, started = time.time(), time.perf_counter()
     client = request.client.host if request.client else None
     principal = await services.auth.authenticate(request.headers, client, started_at)
+    priority = request_class(request.headers)
     raw = await read_body(request, services.config.max_body_bytes)
     payload = parse_request(raw)
     model = resolve_model(services, principal, payload["model"])
@@ -95,7 +97,7 @@ async def handle(services: HubServices, request: Request, endpoint: str) -> Resp
         services.metrics.rejected.labels("rate_limit").inc()
         finish(services, outcome)
         raise
-    return await _forward(services, upstream, outcome, upstream_body.body, limit_headers)
+    return await _forward(services, upstream, outcome, upstream_body.body, limit_headers, priority)
 
 
 def _hold(services: HubServices, outcome: Outcome, limit_headers: dict[str, str]) -> AsyncExitStack:
@@ -121,13 +123,18 @@ async def _forward(
     outcome: Outcome,
     body: bytes,
     limit_headers: dict[str, str],
+    priority: str = "",
 ) -> Response:
     headers = {**limit_headers, "x-request-id": outcome.request_id}
     stack = _hold(services, outcome, limit_headers)
     handed_over = False
     try:
         path = _path(outcome.endpoint)
-        request = UpstreamRequest("POST", path, body, outcome.target, outcome.request_id)
+        who = outcome.principal
+        request = UpstreamRequest(
+            "POST", path, body, outcome.target, outcome.request_id,
+            who.user or "", who.key_id or "", who.group or "", priority,
+        )  # fmt: skip
         response = await stack.enter_async_context(upstream.stream(request))
         # Whatever streams is metered as a stream, whether the hub expected one or not.
         if not is_event_stream(response):

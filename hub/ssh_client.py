@@ -197,9 +197,11 @@ class HopClient:
         body: bytes,
         *,
         first_byte_timeout: float,
+        caller: wire.Caller | None = None,
     ) -> HopStream:
-        """`async with client.stream(...) as response`: one request stream."""
-        head = wire.RequestHead(service, method, path, list(headers))
+        """`async with client.stream(...) as response`: one request stream; `caller` (who
+        sent it, its class) goes in the head, where only the hub can set it."""
+        head = wire.RequestHead(service, method, path, list(headers), caller or wire.Caller())
         return HopStream(self, head, body, first_byte_timeout)
 
     async def _exchange(

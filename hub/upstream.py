@@ -18,6 +18,12 @@ class UpstreamRequest:
     body: bytes
     model: str  # the upstream's name for the model
     request_id: str
+    # Who asks (from the hub's authentication) and the request class: an HPC upstream
+    # passes them to the agent's fair queue; a client never sets them directly.
+    user: str = ""
+    key_id: str = ""
+    group: str = ""
+    priority: str = ""  # "" (interactive) or "batch"
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ def option_args(options: VllmOptions) -> list[str]:
         ("--dtype", options.dtype),
         ("--chat-template", options.chat_template),
         ("--tool-call-parser", options.tool_call_parser),
+        ("--scheduling-policy", options.scheduling_policy),
     ]
     for flag, value in valued:
         if value is not None:

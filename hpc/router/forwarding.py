@@ -11,19 +11,19 @@ truncation.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import json
 import logging
 import time
-from collections import defaultdict
 from typing import Protocol
 
-from hpc.config import RouterConfig, ServiceConfig
+from hpc.config import FairnessConfig, RouterConfig, ServiceConfig
 from hpc.registry import Backend, BackendRegistry
-from hpc.router.policy import next_trial, pick_backend, queue_is_full, retry_delay
+from hpc.router.fair_queue import Class, FairQueue, Ticket
+from hpc.router.policy import queue_is_full, retry_delay
+from hpc.router.slots import ServiceSlots, Waiter
 from saia.base.http11 import ConnectFailed, HttpClient, HttpResponse, NoResponse, ResponseBroken
-from saia.base.protocol import RequestHead
+from saia.base.protocol import Caller, RequestHead
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,8 @@ CLIENT_ONLY = frozenset(
     | {"x-forwarded-host", "x-forwarded-proto", "x-real-ip", "api-key"}
 )
 TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz")
-RETRY_AFTER_QUEUE_FULL = "5"
 RETRY_AFTER_NOT_READY = "30"
+BATCH_PRIORITY = 1  # vLLM's priority field: lower runs first, 0 is the default
 
 
 class ResponseSink(Protocol):
@@ -102,6 +102,38 @@ def backend_headers(headers: list[tuple[str, str]], api_key: str | None) -> list
     return with_key(out, api_key)
 
 
+def ticket_of(caller: Caller, fairness: FairnessConfig, arrival: float) -> Ticket:
+    """The request's flow (its user, else its key), class and weight, from the hop head."""
+    flow = f"user:{caller.user}" if caller.user else f"key:{caller.key}" if caller.key else ""
+    batch = caller.priority == "batch" or (caller.key and caller.key in fairness.batch_keys)
+    weight = fairness.key_weights.get(caller.key) or fairness.group_weights.get(caller.group, 1.0)
+    klass: Class = "batch" if batch else "interactive"
+    return Ticket(flow, klass, weight, arrival)
+
+
+def with_priority(body: bytes, klass: Class, service: ServiceConfig) -> bytes:
+    """The body with vLLM's `priority` set from the class, for a service whose backends
+    schedule by priority; a client's own `priority` there is replaced (it could jump the
+    backend's queue). Other services get the body unchanged (parsed only when needed)."""
+    if service.vllm.scheduling_policy != "priority":
+        return body
+    if klass == "interactive" and b'"priority"' not in body:
+        return body  # vLLM's default priority, 0, is interactive's
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return body  # the backend answers a broken body with its own 400
+    if not isinstance(payload, dict):
+        return body
+    payload["priority"] = BATCH_PRIORITY if klass == "batch" else 0
+    return json.dumps(payload).encode()
+
+
+def retry_after(seconds: float) -> int:
+    """A Retry-After value from an expected wait: whole seconds, 1 to 300."""
+    return max(1, min(300, round(seconds)))
+
+
 def with_key(headers: list[tuple[str, str]], api_key: str | None) -> list[tuple[str, str]]:
     return [*headers, ("authorization", f"Bearer {api_key}")] if api_key else headers
 
@@ -129,19 +161,35 @@ def response_headers(headers: list[tuple[str, str]]) -> tuple[list[tuple[str, st
 
 
 class Forwarder:
-    """Sends requests to the registry's backends over the router's keep-alive client."""
+    """Sends requests to the registry's backends over the router's keep-alive client.
+
+    Requests wait in one fair queue per service (`hpc.router.slots.ServiceSlots`) until a
+    backend has a free slot."""
 
     def __init__(self, http: HttpClient, registry: BackendRegistry, config: RouterConfig):
         self._http = http
         self._registry = registry
         self._config = config
-        self._turns: defaultdict[str, int] = defaultdict(int)
+        self._slots: dict[str, ServiceSlots] = {}
+        self._targets: dict[str, int] = {}
+
+    def slots(self, service: ServiceConfig) -> ServiceSlots:
+        """The service's queue and slots (made on first use; follows config reloads)."""
+        name = service.name
+        self._targets[name] = service.target_concurrency
+        slots = self._slots.get(name)
+        if slots is None:
+            fairness = self._config.fairness
+            queue: FairQueue[Waiter] = FairQueue(fairness.fair, fairness.batch_every)
+            slots = ServiceSlots(name, self._registry, queue, lambda: self._targets[name])
+            self._slots[name] = slots
+        return slots
 
     async def forward(
         self, sink: ResponseSink, service: ServiceConfig, head: RequestHead, body: bytes
     ) -> None:
-        """Forward to a ready backend; until one answers, wait (up to `queue_timeout` from
-        arrival) for one to become ready or for a failed one's next trial, and try again.
+        """Forward to a backend with a free slot; until one answers, wait in the fair queue
+        (up to `queue_timeout` from arrival) and, after a failed attempt, try again.
 
         Only a response that has started can fail: then it ends with an explicit error.
         """
@@ -149,13 +197,18 @@ class Forwarder:
         name = service.name
         arrival = time.monotonic()
         self._registry.note_arrival(name, arrival)
+        ticket = ticket_of(head.caller, self._config.fairness, arrival)
+        body = with_priority(body, ticket.klass, service)
+        slots = self.slots(service)
+        self._check_room(slots, ticket)
         deadline = arrival + self._config.queue_timeout
         failed = False
         while True:
-            backend = await self._acquire(name, deadline, failed)
-            headers = with_key(common, backend.api_key)  # each its own key
-            backend.in_flight += 1
+            backend = await slots.acquire(ticket, deadline)
+            if backend is None:
+                raise self._gave_up(slots, failed)
             try:
+                headers = with_key(common, backend.api_key)  # each its own key
                 complete = await self._exchange(sink, backend, head, headers, body)
             except Unreachable as error:
                 log.warning(
@@ -169,44 +222,38 @@ class Forwarder:
                 failed = True
                 continue
             finally:
-                backend.in_flight -= 1
+                slots.release(backend)
             backend.served += complete
             return
 
-    async def _acquire(self, name: str, deadline: float, failed: bool) -> Backend:
-        """A backend that may take the request now, waiting (bounded) until there is one."""
-        registry = self._registry
-        waited = False
-        while True:
-            now = time.monotonic()
-            ready = registry.ready(name)
-            job_id = pick_backend(ready, self._turns[name], now)
-            if job_id is not None:
-                self._turns[name] += 1
-                backend = next(b for b in ready if b.job_id == job_id)
-                if backend.failures:  # a trial: others skip it until it answers or fails
-                    backend.retry_at = now + retry_delay(backend.failures)
-                return backend
-            if not waited and queue_is_full(registry.queued(name), self._config.max_queue):
-                raise Rejection(
-                    503, "queue_full", f"too many requests wait for {name}", RETRY_AFTER_QUEUE_FULL
-                )
-            if now >= deadline:
-                raise self._gave_up(name, failed)
-            registry.note_demand(name, now)
-            waited = True
-            wake = min(deadline, next_trial(ready, now) or deadline)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wake - now):
-                    await registry.wait_change(name)
+    def _check_room(self, slots: ServiceSlots, ticket: Ticket) -> None:
+        """Refuse at once when the service's queue, or this user's part of it, is full."""
+        fairness, name = self._config.fairness, slots.name
+        if slots.queue.waiting(ticket.flow) >= fairness.max_queue_per_user:
+            wait = retry_after(slots.expected_wait(time.monotonic()))
+            message = (
+                f"you have {fairness.max_queue_per_user} requests waiting for {name}: "
+                f"wait for their answers (about {wait} s) before sending more"
+            )
+            raise Rejection(429, "too_many_waiting", message, str(wait))
+        if queue_is_full(self._registry.queued(name), self._config.max_queue):
+            wait = retry_after(slots.expected_wait(time.monotonic()))
+            message = f"{name} is busy: too many requests wait for it; retry in about {wait} s"
+            raise Rejection(503, "queue_full", message, str(wait))
 
-    def _gave_up(self, name: str, failed: bool) -> Rejection:
+    def _gave_up(self, slots: ServiceSlots, failed: bool) -> Rejection:
+        name = slots.name
         waited = f"{self._config.queue_timeout:.0f} s"
-        if failed:
+        ready = self._registry.ready(name)
+        if failed or any(b.failures for b in ready):
             message = f"no instance of {name} answered within {waited}, retry later"
             return Rejection(503, "backend_unavailable", message, RETRY_AFTER_NOT_READY)
-        message = f"{name} is starting: no instance became ready within {waited}, retry later"
-        return Rejection(503, "model_loading", message, RETRY_AFTER_NOT_READY)
+        if not ready:
+            message = f"{name} is starting: no instance became ready within {waited}, retry later"
+            return Rejection(503, "model_loading", message, RETRY_AFTER_NOT_READY)
+        wait = retry_after(slots.expected_wait(time.monotonic()))
+        message = f"{name} is busy: no slot became free within {waited}; retry in about {wait} s"
+        return Rejection(503, "model_busy", message, str(wait))
 
     async def _exchange(
         self,

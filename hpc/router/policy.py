@@ -91,3 +91,41 @@ def service_demand(counts: ServiceCounts) -> float:
 
 def queue_is_full(queued: int, max_queue: int) -> bool:
     return queued >= max_queue
+
+
+def has_free_slot(candidate: Candidate, limit: int, now: float) -> bool:
+    """Whether a backend may take one more request now: under its concurrency target,
+    and not waiting out a failure's back-off."""
+    if candidate.failures and candidate.retry_at > now:
+        return False
+    return candidate.in_flight < limit
+
+
+def gauge_cap(cap: int | None, running: int, waiting: int) -> int | None:
+    """A backend's concurrency cap after one reading of its own gauges (vLLM's running and
+    waiting requests); None: no cap beyond the service's `target_concurrency`.
+
+    When the backend's own queue holds requests, the cap becomes what it ran at once: more
+    would wait inside its FIFO, where fair queueing does not apply. When it ran all it was
+    given with nothing waiting, the cap grows by one to find its capacity again.
+    """
+    if waiting > 0 and running >= 1:
+        return running
+    if cap is not None and waiting <= 0 and running >= cap:
+        return cap + 1
+    return cap
+
+
+def slot_limit(target: int, cap: int | None) -> int:
+    """How many requests the router sends a backend at once."""
+    return target if cap is None else max(1, min(target, cap))
+
+
+def expected_wait(queued: int, dispatches: Sequence[float], now: float) -> float:
+    """Seconds until `queued` more requests are dispatched at the recent rate (the times of
+    the last dispatches); with no recent dispatch, the span they cover is unknown: 0."""
+    recent = [t for t in dispatches if now - t <= 60.0]
+    if len(recent) < 2 or queued <= 0:
+        return 0.0
+    span = max(now - recent[0], 1e-3)
+    return queued * span / len(recent)
