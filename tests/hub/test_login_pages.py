@@ -223,6 +223,14 @@ async def test_login_create_key_chat_and_logout(browser: Browser, site: Site) ->
     assert await page.text_content("#cards .figure") == "1"  # requests today
     assert await page.locator("#chart-daily canvas").count() == 1
 
+    # The chat page needs no key with a session: it is signed in like the proxy's SSO mode.
+    await page.goto(f"{site.url}/chat/")
+    await page.wait_for_function(
+        "() => document.querySelector('#identity')?.textContent"
+        " === 'Signed in through your organisation'"
+    )
+    await page.goto(f"{site.url}/account/")
+    await page.locator("body[data-loaded=true]").wait_for(state="attached")
     await page.click("#logout")
     await page.locator("#login").wait_for(state="visible")
     assert "saia_session" not in {c["name"] for c in await context.cookies()}
@@ -260,6 +268,11 @@ def test_forged_expired_and_cross_site_sessions_refused(site: Site) -> None:
     assert expired.status_code == 401 and expired.json()["error"]["code"] == "invalid_session"
     live = insert_session(site.database, "bob", time.time() + 600)
     assert me(live).json()["user"] == "bob"
+    chat = httpx.post(
+        f"{site.url}/v1/chat/completions", cookies={"saia_session": live}, trust_env=False,
+        json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+    )  # fmt: skip
+    assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["content"]
     # The same CSRF rules as the proxy's header mode: a page elsewhere, or a non-JSON body.
     foreign = me(live, origin="https://evil.example", **{"sec-fetch-site": "cross-site"})
     assert foreign.status_code == 403 and foreign.json()["error"]["code"] == "cross_site_request"
