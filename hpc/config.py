@@ -153,6 +153,8 @@ class ServiceConfig(Strict):
     max_instances: int = Field(1, ge=0, le=64)
     """upper bound of jobs for this service"""
     target_concurrency: int = Field(8, ge=1, description="in-flight requests per instance")
+    queueing: Literal["fair", "fifo"] = "fair"
+    """order of requests waiting for a slot: fair across users (router.fairness), or arrival"""
     renewal_lead: Duration = Field(
         600.0, description="submit the replacement this long before the limit"
     )
@@ -226,8 +228,6 @@ class ServiceConfig(Strict):
 class FairnessConfig(Strict):
     """How the router shares a busy service's backend slots among users (docs/architecture.md)."""
 
-    fair: bool = True
-    """fair queueing across users; false: one FIFO queue per service"""
     key_weights: dict[str, float] = Field(default_factory=dict)
     """share weight per hub key id (default 1); a key's weight wins over its group's"""
     group_weights: dict[str, float] = Field(default_factory=dict)

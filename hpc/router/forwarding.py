@@ -180,7 +180,8 @@ class Forwarder:
         slots = self._slots.get(name)
         if slots is None:
             fairness = self._config.fairness
-            queue: FairQueue[Waiter] = FairQueue(fairness.fair, fairness.batch_every)
+            fair = service.queueing == "fair"  # read once: the queue keeps its order
+            queue: FairQueue[Waiter] = FairQueue(fair, fairness.batch_every)
             slots = ServiceSlots(name, self._registry, queue, lambda: self._targets[name])
             self._slots[name] = slots
         return slots
