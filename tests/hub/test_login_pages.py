@@ -172,6 +172,9 @@ async def log_in(page: Page, site: Site, user: str, start: str = "/account/") ->
     await page.locator("#login").wait_for(state="visible")
     await page.click("#login a")
     await page.wait_for_url(f"{site.provider}/**")
+    # The authorization request: code flow with a PKCE challenge (S256), a state and a nonce.
+    for part in ("response_type=code", "code_challenge=", "code_challenge_method=S256", "nonce="):
+        assert part in page.url, (part, page.url)
     await page.click(f"button[name=sub][value={user}]")
     await page.wait_for_url(f"{site.url}{start}")
     await page.locator("body[data-loaded=true]").wait_for(state="attached")
