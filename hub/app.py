@@ -99,6 +99,8 @@ def model_entry(services: HubServices, model_id: str, states: dict[str, Any]) ->
         "output": model.output,
         "status": state.status if state is not None else default,
         "demand": state.demand if state is not None else 0.0,
+        "queued": state.queued if state is not None else 0,
+        "oldest_wait": state.oldest_wait if state is not None else 0.0,
     }
 
 

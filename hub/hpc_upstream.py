@@ -60,7 +60,14 @@ def merge_states(reports: list[list[dict[str, Any]]]) -> dict[str, ModelState]:
             if not isinstance(demand, int | float):
                 demand = 0.0
             name = entry.get("name")
-            state = ModelState(status, float(demand), name if isinstance(name, str) else None)
+            queued, oldest = entry.get("queued", 0), entry.get("oldest_wait", 0.0)
+            state = ModelState(
+                status,
+                float(demand),
+                name if isinstance(name, str) else None,
+                queued if isinstance(queued, int) and not isinstance(queued, bool) else 0,
+                float(oldest) if isinstance(oldest, int | float) else 0.0,
+            )
             old = merged.get(service)
             if old is None or (_RANK[status], -state.demand) > (_RANK[old.status], -old.demand):
                 merged[service] = state

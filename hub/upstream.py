@@ -38,6 +38,8 @@ class ModelState:
     status: ModelStatus
     demand: float
     name: str | None = None  # a display name the upstream reports
+    queued: int = 0  # requests waiting for a slot (the agent's fair queue)
+    oldest_wait: float = 0.0  # seconds the longest-waiting of them has waited
 
 
 class UpstreamError(Exception):

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from cloud_interface.relay import SOCKET_NAME  # one name: the relay connects to it
+from hpc.batch.manager import PREFIX as BATCH_PREFIX
+from hpc.batch.manager import BatchManager
 from hpc.config import AgentConfig
 from hpc.registry import BackendRegistry
 from hpc.router.forwarding import Forwarder, Rejection
@@ -60,6 +62,7 @@ class Router:
         self._config = config  # the agent's current config: a reload changes the services
         self.registry = registry
         self.forwarder = forwarder
+        self.batches = BatchManager(config)  # the reserved paths /saia/batches/... (issue 14)
         self.created = int(time.time())
         self._connections: set[asyncio.Task[Any]] = set()
         self._closing = False
@@ -104,6 +107,9 @@ class Router:
 
     async def answer(self, sink: StreamSink, head: wire.RequestHead, body: bytes) -> None:
         path, method = head.path, head.method
+        if path.startswith(BATCH_PREFIX) and not head.service:
+            await self.batches.answer(sink, head, body)
+            return
         if path in (MODELS_PATH, SERVICES_PATH):
             if method != "GET":
                 raise Rejection(405, "method_not_allowed", f"use GET for {path}")
@@ -145,6 +151,8 @@ class Router:
             "name": service.display_name or service.model_id,
             "status": service_status(counts),
             "demand": service_demand(counts),
+            "queued": counts.queued,  # waiting in the router's queue, and the longest wait
+            "oldest_wait": round(registry.oldest_wait(name, time.monotonic()), 1),
             "input": list(service.input),
             "output": list(service.output),
         }

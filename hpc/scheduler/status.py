@@ -68,6 +68,7 @@ class ServiceStatus:
     waiting: int = 0
     kv_cache_usage: float | None = None  # mean over the jobs with figures
     load: int = 0  # the scaling signal: max(in_flight + queued, running + waiting)
+    oldest_wait_s: float = 0.0  # how long the longest-waiting request in the router's queue waited
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,8 @@ def _duration(seconds: float | None) -> str:
 def _services_table(status: AgentStatus) -> Table:
     table = Table(title="services", title_justify="left")
     table.add_column("model")  # the model id clients ask for; the jobs table names services
-    for column in ("min..max", "ready", "starting", "draining", "in flight", "queued", "req/s"):
+    columns = ("min..max", "ready", "starting", "draining", "in flight", "queued", "oldest wait")
+    for column in (*columns, "req/s"):
         table.add_column(column, justify="right")
     for s in status.services:
         table.add_row(
@@ -148,6 +150,7 @@ def _services_table(status: AgentStatus) -> Table:
             str(s.draining),
             str(s.in_flight),
             str(s.queued),
+            f"{s.oldest_wait_s:.1f} s" if s.queued else "-",
             f"{s.rate_per_s:.2f}",
         )
     return table
@@ -283,6 +286,7 @@ def _service_status(
         waiting=sum(j.waiting or 0 for j in mine),
         kv_cache_usage=sum(kv) / len(kv) if kv else None,
         load=samples[-1].load if samples else load.in_flight + load.queued,
+        oldest_wait_s=round(registry.oldest_wait(service.name, time.monotonic()), 3),
     )
 
 

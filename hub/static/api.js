@@ -7,13 +7,15 @@ export class ApiError extends Error {
   constructor(kind, message, { status = 0, retryAfter = null } = {}) {
     super(message);
     this.name = "ApiError";
-    this.kind = kind; // auth | forbidden | rate | loading | http | network | stream
+    this.kind = kind; // auth | forbidden | rate | busy | loading | http | network | stream
     this.status = status;
     this.retryAfter = retryAfter; // seconds, or null
   }
 }
 
 const KINDS = { 401: "auth", 403: "forbidden", 429: "rate", 503: "loading" };
+// The agent's answers when a model runs but all its slots are taken (fair queue).
+const BUSY_CODES = new Set(["model_busy", "queue_full", "too_many_waiting"]);
 
 // Retry-After is either seconds or an HTTP date.
 export function parseRetryAfter(value, now = Date.now()) {
@@ -22,6 +24,11 @@ export function parseRetryAfter(value, now = Date.now()) {
   if (/^\d+$/.test(trimmed)) return Number(trimmed);
   const date = Date.parse(trimmed);
   return Number.isNaN(date) ? null : Math.max(0, Math.ceil((date - now) / 1000));
+}
+
+function errorCode(body) {
+  const error = body && typeof body === "object" ? body.error : null;
+  return error && typeof error === "object" && typeof error.code === "string" ? error.code : "";
 }
 
 function errorMessage(body) {
@@ -33,14 +40,17 @@ function errorMessage(body) {
   return "";
 }
 
-async function responseError(response) {
+export async function responseError(response) {
   let message = "";
+  let code = "";
   try {
-    message = errorMessage(await response.json());
+    const body = await response.json();
+    message = errorMessage(body);
+    code = errorCode(body);
   } catch {
     // not JSON (a proxy's HTML error page): the status says enough
   }
-  const kind = KINDS[response.status] || "http";
+  const kind = BUSY_CODES.has(code) ? "busy" : KINDS[response.status] || "http";
   const retryAfter = parseRetryAfter(response.headers.get("Retry-After"));
   return new ApiError(kind, message || response.statusText || "request failed", {
     status: response.status,
@@ -169,6 +179,11 @@ export function describeError(error, modelName) {
       return `Your key may not use ${model} (403): ${detail(error)}.`;
     case "rate":
       return `Rate limit reached (429): ${detail(error)}.${wait || " Try again later."}`;
+    case "busy":
+      return (
+        `${model} is busy: all of its capacity is in use (${error.status}). ` +
+        `${detail(error)}.${wait || " Try again in a minute."}`
+      );
     case "loading":
       return (
         `${model} is not ready yet (503): ${detail(error)}.` +
