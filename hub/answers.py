@@ -35,15 +35,21 @@ STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 def passed_headers(response: UpstreamResponse) -> dict[str, str]:
     """The upstream's headers a client may see (an allow-list, not a deny-list)."""
-    wanted = ("retry-after",) if response.status >= 400 else ("content-type",)
-    return {name.lower(): value for name, value in response.headers if name.lower() in wanted}
+    wanted = "retry-after" if response.status >= 400 else "content-type"
+    passed = {}
+    for name, value in response.headers:  # one pass, one lower(): this runs per request
+        if len(name) == len(wanted) and name.lower() == wanted:
+            passed[wanted] = value
+    return passed
 
 
 def is_event_stream(response: UpstreamResponse) -> bool:
-    return response.status < 400 and any(
-        name.lower() == "content-type" and value.startswith("text/event-stream")
-        for name, value in response.headers
-    )
+    if response.status >= 400:
+        return False
+    for name, value in response.headers:
+        if len(name) == 12 and name.lower() == "content-type":
+            return value.startswith("text/event-stream")
+    return False
 
 
 async def read_limited(chunks: AsyncIterator[bytes], limit: int) -> bytes:
@@ -95,15 +101,16 @@ async def whole_answer(
     limit = MAX_ERROR_BODY if response.status >= 400 else MAX_ANSWER_BODY
     body = await read_limited(response.chunks, limit)
     outcome.first_chunk = time.perf_counter()
+    passed = passed_headers(response)
     if response.status >= 400:
-        error = upstream_error(response.status, body, passed_headers(response))
+        error = upstream_error(response.status, body, passed)
         outcome.status = error.status
         return error.response(headers)
     outcome.usage = usage_from_body(body)
     if outcome.target != outcome.model:
         body = rename_model(body, outcome.target, outcome.model)
     outcome.status = response.status
-    merged = {**passed_headers(response), **headers, **NOSNIFF}
+    merged = {**passed, **headers, **NOSNIFF}
     return Response(body, status_code=response.status, headers=merged)
 
 
