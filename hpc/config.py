@@ -24,6 +24,7 @@ from saia.base.durations import parse_slurm_time
 
 __all__ = [
     "AgentConfig",
+    "BatchConfig",
     "ConfigError",
     "FairnessConfig",
     "RouterConfig",
@@ -264,6 +265,32 @@ class RouterConfig(Strict):
     """fair queueing across users, weights and the batch class"""
 
 
+class BatchAccount(Strict):
+    """The Slurm account and QOS batch jobs of a user or group are charged to."""
+
+    account: str | None = None
+    """--account of the batch job; None: the service's"""
+    qos: str | None = None
+    """--qos of the batch job; None: batch.qos"""
+
+
+class BatchConfig(Strict):
+    """Batch inference jobs (/v1/batches on the hub): one Slurm job per batch."""
+
+    accounts: dict[str, BatchAccount] = Field(default_factory=dict)
+    """account and QOS by the hub's identity: `user:NAME`, `group:NAME` (a user's entry first)"""
+    qos: str | None = None
+    """--qos of batch jobs no entry names (e.g. a low-priority batch QOS)"""
+    nice: int = Field(1000, ge=0, le=2147483645)
+    """--nice of batch jobs: they start after the interactive services' jobs"""
+    seconds_per_request: float = Field(2.0, gt=0)
+    """the job's --time is estimated as load_time + requests * this / parallel"""
+    parallel: int = Field(8, ge=1, description="requests a batch job runs at once (estimate)")
+    load_time: Duration = Field(600.0, ge=0, description="time to load the model (estimate)")
+    min_time: Duration = Field(600.0, gt=0, description="shortest --time of a batch job")
+    max_time: Duration = Field(86400.0, gt=0, description="longest --time of a batch job")
+
+
 class AgentConfig(Strict):
     """The whole agent configuration file."""
 
@@ -300,6 +327,8 @@ class AgentConfig(Strict):
     """how the router treats requests"""
     services: list[ServiceConfig] = Field(default_factory=list)
     """the model services"""
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    """batch jobs (the hub's /v1/batches)"""
 
     @model_validator(mode="after")
     def _unique(self) -> AgentConfig:

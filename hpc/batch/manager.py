@@ -1,0 +1,282 @@
+"""The agent's batch manager: the hop's reserved paths /saia/batches/<id>[/input|/cancel|/output].
+
+The router hands these requests here instead of to a backend. A batch lives in
+`<state_dir>/batches/<id>/` (0700): `input.jsonl` (written piece by piece at the offsets
+the hub sends), `batch.json` (the spec and the job id, written atomically), `exit_code`
+(written by the job script) and `output.jsonl` (by the runner). Everything the manager
+knows is in those files and in Slurm, so an agent restarted mid-batch carries on with the
+same job (its jobs carry the batch tag, `<prefix>-<batch id>` and comment
+`saia-agent:<batch tag>`, which the scheduler's own tag never matches).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from hpc.batch.plan import BATCH_ID, batch_state, plan_job, progress
+from hpc.batch.script import render_batch
+from hpc.config import AgentConfig
+from hpc.jobs.script import JobScriptError
+from hpc.jobs.system import JobSystem, JobTag, private_dir, write_atomic
+from saia.base import protocol as wire
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/saia/batches/"
+CHUNK = 256 * 1024
+LOG_TAIL = 16 * 1024
+JSON = [("content-type", "application/json")]
+
+
+class Sink(Protocol):
+    """Where an answer goes (`hpc.router.session.StreamSink`)."""
+
+    def start(self, status: int, headers: list[tuple[str, str]]) -> None: ...
+
+    async def send(self, data: bytes) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class BatchError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+def make_jobs(config: AgentConfig, tag: JobTag) -> JobSystem:
+    if config.executor == "local":
+        from hpc.jobs.local import LocalJobSystem
+
+        return LocalJobSystem(config, tag)
+    from hpc.jobs.slurm import SlurmJobSystem
+
+    return SlurmJobSystem(config, tag)
+
+
+def batch_tag(state_dir: Path) -> str:
+    """This state dir's batch job tag, made once (stable across agent restarts)."""
+    path = private_dir(state_dir / "batches") / "tag"
+    try:
+        existing = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        existing = ""
+    if existing.isalnum():
+        return existing
+    new = "b" + secrets.token_hex(6)
+    write_atomic(path, new + "\n")
+    return new
+
+
+async def reply(sink: Sink, status: int, data: dict[str, Any]) -> None:
+    sink.start(status, JSON)
+    await sink.send(json.dumps(data).encode())
+    sink.finish()
+
+
+class BatchManager:
+    def __init__(
+        self,
+        config: Callable[[], AgentConfig],
+        jobs: Callable[[AgentConfig, JobTag], JobSystem] = make_jobs,
+    ) -> None:
+        self._config = config
+        self._make_jobs = jobs
+        self._jobs: JobSystem | None = None
+
+    @property
+    def config(self) -> AgentConfig:
+        return self._config()
+
+    def jobs(self) -> JobSystem:
+        if self._jobs is None:
+            config = self.config
+            self._jobs = self._make_jobs(
+                config, JobTag(config.job_prefix, batch_tag(config.state_dir))
+            )
+        return self._jobs
+
+    def folder(self, batch_id: str) -> Path:
+        return self.config.state_dir / "batches" / batch_id
+
+    async def answer(self, sink: Sink, head: wire.RequestHead, body: bytes) -> None:
+        try:
+            await self._route(sink, head, body)
+        except BatchError as error:
+            kind = "invalid_request_error" if error.status < 500 else "server_error"
+            message = {"message": str(error), "type": kind, "param": None, "code": error.code}
+            await reply(sink, error.status, {"error": message})
+
+    async def _route(self, sink: Sink, head: wire.RequestHead, body: bytes) -> None:
+        batch_id, _, action = head.path[len(PREFIX) :].partition("/")
+        if not BATCH_ID.match(batch_id):
+            raise BatchError(400, "bad_batch_id", f"{batch_id[:80]!r} is not a batch id")
+        route = (head.method, action)
+        if route == ("PUT", "input"):
+            headers = dict(head.headers)
+            await reply(sink, 200, self.put_input(batch_id, headers.get("x-saia-offset"), body))
+        elif route == ("POST", ""):
+            await reply(sink, 200, await self.submit(batch_id, body))
+        elif route == ("GET", ""):
+            await reply(sink, 200, await self.status(batch_id))
+        elif route == ("POST", "cancel"):
+            await reply(sink, 200, await self.cancel(batch_id))
+        elif route == ("GET", "output"):
+            await self.output(sink, batch_id)
+        elif route == ("DELETE", ""):
+            await reply(sink, 200, await self.forget(batch_id))
+        else:
+            raise BatchError(
+                404, "unknown_endpoint", f"{head.method} {head.path[:200]} is not served"
+            )
+
+    def put_input(self, batch_id: str, offset_text: str | None, data: bytes) -> dict[str, Any]:
+        """Write one piece of the input at its offset (0 starts the file anew)."""
+        folder = self.folder(batch_id)
+        if (folder / "batch.json").exists():
+            raise BatchError(409, "batch_submitted", f"batch {batch_id} is already submitted")
+        if offset_text is None or not offset_text.isdigit():
+            raise BatchError(400, "bad_offset", "x-saia-offset must be a byte offset")
+        offset, path = int(offset_text), private_dir(folder) / "input.jsonl"
+        size = path.stat().st_size if path.exists() else 0
+        if offset not in (0, size):
+            raise BatchError(409, "bad_offset", f"the input holds {size} bytes, not {offset}")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if offset == 0 else 0), 0o600)
+        try:
+            os.lseek(fd, offset, os.SEEK_SET)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view[:CHUNK]) :]
+        finally:
+            os.close(fd)
+        return {"size": offset + len(data)}
+
+    def _spec(self, batch_id: str) -> dict[str, Any] | None:
+        try:
+            data = json.loads((self.folder(batch_id) / "batch.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    async def submit(self, batch_id: str, body: bytes) -> dict[str, Any]:
+        existing = self._spec(batch_id)
+        if existing is not None:  # the hub asked again (a lost answer): same job
+            return await self.status(batch_id)
+        try:
+            spec = json.loads(body)
+            requests, window = int(spec["requests"]), float(spec["window_s"])
+        except (ValueError, KeyError, TypeError):
+            raise BatchError(400, "bad_spec", "the batch spec is not valid JSON") from None
+        config, folder = self.config, self.folder(batch_id)
+        service = config.service(str(spec.get("service", "")))
+        if service is None:
+            raise BatchError(
+                404, "model_not_found", f"model {str(spec.get('service'))[:200]!r} is not served"
+            )
+        if not (folder / "input.jsonl").exists():
+            raise BatchError(409, "no_input", f"batch {batch_id} has no input")
+        user, group = spec.get("user"), spec.get("group")
+        plan = plan_job(requests, window, user, group, service, config.batch, time.time())
+        try:
+            submission = render_batch(batch_id, service, config, self.jobs_tag(), plan, folder)
+        except JobScriptError as error:
+            raise BatchError(400, "bad_service", str(error)) from None
+        job_id = await self._submit(submission)
+        record = {
+            **spec, "job_id": job_id, "service": service.name, "submitted_at": time.time(),
+            "time_limit_s": plan.time_limit_s, "account": plan.account, "qos": plan.qos,
+        }  # fmt: skip
+        write_atomic(folder / "batch.json", json.dumps(record))
+        log.info(
+            "batch %s: job %s (%d requests, --time %d s)",
+            batch_id,
+            job_id,
+            requests,
+            plan.time_limit_s,
+        )
+        return {"job_id": job_id, "state": "queued", "completed": 0, "total": requests}
+
+    def jobs_tag(self) -> JobTag:
+        return JobTag(self.config.job_prefix, batch_tag(self.config.state_dir))
+
+    async def _submit(self, submission: Any) -> str:
+        try:
+            return await self.jobs().submit(submission)
+        except Exception as error:  # SlurmError and the local executor's errors
+            log.warning("batch job not submitted: %s", error)
+            raise BatchError(
+                503, "submit_failed", f"the batch job was not submitted: {error}"
+            ) from None
+
+    async def status(self, batch_id: str) -> dict[str, Any]:
+        spec = self._spec(batch_id)
+        if spec is None:
+            raise BatchError(404, "batch_not_found", f"no batch {batch_id} here")
+        folder, job_id = self.folder(batch_id), str(spec["job_id"])
+        try:
+            listed = {job.job_id: job for job in await self.jobs().list_jobs()}
+        except Exception as error:
+            raise BatchError(503, "slurm_unavailable", f"Slurm did not answer: {error}") from None
+        job = listed.get(job_id)
+        state = batch_state(
+            job.state if job else None, _exit_code(folder), (folder / "cancel").exists()
+        )
+        done = progress(_tail(self.config.state_dir / "jobs" / f"{job_id}.log"), 0)
+        return {"state": state.state, "message": state.message, "job_id": job_id,
+                "completed": done, "total": spec.get("requests")}  # fmt: skip
+
+    async def cancel(self, batch_id: str) -> dict[str, Any]:
+        spec = self._spec(batch_id)
+        if spec is None:
+            raise BatchError(404, "batch_not_found", f"no batch {batch_id} here")
+        write_atomic(self.folder(batch_id) / "cancel", "1\n")
+        try:
+            await self.jobs().cancel(str(spec["job_id"]))
+        except Exception as error:
+            raise BatchError(503, "cancel_failed", f"scancel failed: {error}") from None
+        return await self.status(batch_id)
+
+    async def output(self, sink: Sink, batch_id: str) -> None:
+        path = self.folder(batch_id) / "output.jsonl"
+        try:
+            handle = path.open("rb")
+        except FileNotFoundError:
+            raise BatchError(404, "no_output", f"batch {batch_id} has no output") from None
+        with handle:
+            sink.start(200, [("content-type", "application/jsonl")])
+            while chunk := handle.read(CHUNK):
+                await sink.send(chunk)
+            sink.finish()
+
+    async def forget(self, batch_id: str) -> dict[str, Any]:
+        """Remove the batch's files once its job ended (the hub has taken the output)."""
+        if self._spec(batch_id) is not None:
+            state = await self.status(batch_id)
+            if state["state"] in ("queued", "running"):
+                raise BatchError(409, "batch_running", f"batch {batch_id} is still running")
+        shutil.rmtree(self.folder(batch_id), ignore_errors=True)
+        return {"deleted": True}
+
+
+def _exit_code(folder: Path) -> int | None:
+    try:
+        return int((folder / "exit_code").read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _tail(path: Path) -> bytes:
+    try:
+        with path.open("rb") as handle:
+            handle.seek(max(0, handle.seek(0, os.SEEK_END) - LOG_TAIL))
+            return handle.read(LOG_TAIL)
+    except OSError:
+        return b""

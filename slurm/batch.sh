@@ -1,0 +1,33 @@
+# A batch job (hpc.batch.script): the runner (`vllm run-batch` or the stand-in's) over the
+# batch's input file; the exit status goes to <batch dir>/exit_code, which is how the agent
+# tells a finished batch from a job that died. Expects SAIA_BATCH_DIR, SAIA_STATE_DIR and
+# the array SAIA_BATCH_RUNNER (argv without -i/-o) from the lines above.
+umask 077
+export SAIA_JOB_ID="${SLURM_JOB_ID:?saia: not started by Slurm or the local executor}"
+chmod 600 "$SAIA_STATE_DIR/jobs/$SAIA_JOB_ID.log" 2>/dev/null || true
+cd "$SAIA_BATCH_DIR"
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
+export VLLM_CACHE_ROOT="${VLLM_CACHE_ROOT:-$SAIA_BATCH_DIR/vllm-cache}"
+if [[ -n "${SAIA_HF_HOME:-}" ]]; then
+    export HF_HOME="$SAIA_HF_HOME"
+fi
+
+saia_batch_exit() {
+    printf '%s\n' "$1" >"$SAIA_BATCH_DIR/.exit_code.$$"
+    mv -f "$SAIA_BATCH_DIR/.exit_code.$$" "$SAIA_BATCH_DIR/exit_code"
+}
+
+echo "saia: batch job $SAIA_JOB_ID runs $SAIA_BATCH_DIR" >&2
+"${SAIA_BATCH_RUNNER[@]}" -i "$SAIA_BATCH_DIR/input.jsonl" -o "$SAIA_BATCH_DIR/output.jsonl" &
+SAIA_RUNNER_PID=$!
+# scancel, the time limit and the deadline send SIGTERM: the runner stops (the stand-in
+# keeps what it wrote) and its status is recorded all the same.
+trap 'kill -TERM "$SAIA_RUNNER_PID" 2>/dev/null || true' TERM INT
+status=0
+wait "$SAIA_RUNNER_PID" || status=$?
+while kill -0 "$SAIA_RUNNER_PID" 2>/dev/null; do
+    status=0
+    wait "$SAIA_RUNNER_PID" || status=$?
+done
+saia_batch_exit "$status"
+exit "$status"
