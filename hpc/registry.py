@@ -94,6 +94,7 @@ class BackendRegistry:
                 _take_gauges(old, backend)
                 fresh[backend.job_id] = old
             else:
+                backend.readings += backend.running is not None  # its first reading
                 fresh[backend.job_id] = backend
         for job_id, old in state.backends.items():
             if job_id not in fresh and old.in_flight > 0:

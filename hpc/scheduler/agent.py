@@ -239,12 +239,15 @@ class Agent:
             if endpoint is None or (configured and not live.health.serving(job_id)):
                 starting[record.service] += configured and record.ready_since is None
                 continue
+            load = live.health.get(job_id).load  # its own gauges: the router's slot cap
             backend = Backend(
                 service=record.service,
                 job_id=job_id,
                 url=endpoint.url,
                 api_key=live.key(job_id),
                 draining=record.draining or not configured,
+                running=load.running if load else None,
+                waiting=load.waiting if load else None,
             )
             per_service[record.service].append(backend)
         for name, backends in per_service.items():

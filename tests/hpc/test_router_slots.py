@@ -108,6 +108,20 @@ async def test_a_backend_gets_at_most_its_slots_and_the_rest_wait_in_the_router(
     assert registry.in_flight_of(MODEL, "job") == 0
 
 
+async def test_a_backend_whose_own_queue_holds_requests_gets_fewer_slots() -> None:
+    async with setup() as (fwd, registry, backend):
+        # it reported 1 running and 3 waiting: more than 1 would wait inside its FIFO
+        registry.publish(MODEL, [Backend(MODEL, "job", backend.url, running=1, waiting=3)])
+        tasks = [send(fwd, "a") for _ in range(3)]
+        await until(lambda: registry.queued(MODEL) == 2 and backend.running == 1, 10, "no cap")
+        # all it was given ran with nothing waiting: one more slot
+        registry.publish(MODEL, [Backend(MODEL, "job", backend.url, running=1, waiting=0)])
+        await until(lambda: backend.running == 2, 10, "the cap did not grow")
+        backend.release(3)
+        await asyncio.gather(*tasks)
+    assert backend.most == 2
+
+
 async def test_a_light_user_takes_the_next_free_slot_ahead_of_a_heavy_backlog() -> None:
     async with setup() as (fwd, registry, backend):
         heavy = [send(fwd, "heavy") for _ in range(10)]
