@@ -28,6 +28,7 @@ class Principal:
     key_limits: LimitsConfig | None
     user_limits: LimitsConfig
     admin: bool = False
+    group_limits: LimitsConfig | None = None  # the group's budget (auth.group_limits)
 
     def allows(self, model: str) -> bool:
         return self.allowed_models is None or model in self.allowed_models
@@ -40,6 +41,8 @@ class Principal:
             subjects.append((f"key:{self.key_id}", self.key_limits))
         if self.user is not None:
             subjects.append((f"user:{self.user}", self.user_limits))
+        if self.group is not None and self.group_limits is not None:
+            subjects.append((f"group:{self.group}", self.group_limits))
         return tuple(subjects)
 
     def limited_subjects(self) -> list[tuple[str, LimitsConfig]]:
@@ -162,7 +165,10 @@ class Authenticator:
                     raise ApiError(403, problem, code="cross_site_request")
                 group = self._group(headers)
                 _check_identity_length(user, group)
-                return Principal(None, user, group, None, None, self._config.user_limits)
+                budget = self._config.group_limits.get(group or "")
+                return Principal(
+                    None, user, group, None, None, self._config.user_limits, False, budget
+                )
         raise ApiError(
             401,
             "missing API key: send `Authorization: Bearer sk-saia-...`",
@@ -215,8 +221,13 @@ class Authenticator:
         problem = browser_problem(headers, self._origins)
         if problem is not None:
             raise ApiError(403, problem, code="cross_site_request")
-        limits = self._config.user_limits
-        return Principal(None, session.user, session.group, None, None, limits, session.admin)
+        limits, budget = (
+            self._config.user_limits,
+            self._config.group_limits.get(session.group or ""),
+        )
+        return Principal(
+            None, session.user, session.group, None, None, limits, session.admin, budget
+        )
 
     async def _by_key(self, token: str, now: float) -> Principal:
         record = await self._cache.lookup(token, now)
@@ -243,6 +254,7 @@ class Authenticator:
             key_limits=merge_limits(record.limits, self._config.default_key_limits),
             user_limits=self._config.user_limits,
             admin=record.admin,
+            group_limits=self._config.group_limits.get(record.group or ""),
         )
 
 
