@@ -226,8 +226,7 @@ class AuthConfig(Strict):
     user_limits: LimitsConfig = Field(default_factory=LimitsConfig)
     """limits per user: all of a user's keys and proxy logins together"""
     group_limits: dict[str, LimitsConfig] = Field(default_factory=dict)
-    """budgets per group (all its users and keys together), e.g. requests and tokens per
-    day and month; the same windows and headers as a key's; a group not named has none"""
+    """budget per group, shared by all its users and keys (windows and headers as a key's)"""
     admin_token_env: str | None = Field("SAIA_HUB_ADMIN_TOKEN", pattern=ENV_NAME)
     """environment variable holding the admin API token (16+ chars); unset: admin keys only"""
     metrics_token_env: str | None = Field(
