@@ -13,6 +13,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
+from hub.batch_cli import batches
 from hub.config import ConfigError, HubConfig, LimitsConfig, load_config
 
 T = TypeVar("T")
@@ -98,6 +99,9 @@ def serve(config_path: Path, host: str | None, port: int | None) -> None:
     port = port if port is not None else config.port
     served = uvicorn_config(app, host or config.host, port, client_timeouts=config.client_timeouts)
     uvicorn.Server(served).run()
+
+
+hub.add_command(batches)  # saia hub batches list|show|cancel (hub/batch_cli.py)
 
 
 @hub.group()

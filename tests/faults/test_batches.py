@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -169,6 +171,27 @@ def test_a_job_killed_outside_saia_fails_the_batch_with_an_error_file(
     assert done >= 10 and done + failed == 200, batch.request_counts
     errors = [json.loads(x) for x in client.files.content(batch.error_file_id).text.splitlines()]
     assert len(errors) == failed and all(e["error"]["code"] == "batch_failed" for e in errors)
+
+
+def saia_hub(chain: FaultChain, *args: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "saia", "hub", *args, "-c", str(chain.root / "hub.yaml")]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_operators_list_show_and_cancel_with_the_cli(fault_chain: FaultChain) -> None:
+    client = api(fault_chain)
+    batch = start_slow_batch(client, 5)
+    cancelled = saia_hub(fault_chain, "batches", "cancel", batch.id)
+    assert cancelled.returncode == 0 and cancelled.stdout.strip() == f"cancelling {batch.id}"
+    batch = wait_for(client, batch.id, lambda b: b.status not in ("cancelling", "in_progress"))
+    assert batch.status == "cancelled" and batch.request_counts.completed >= 5
+    listing = saia_hub(fault_chain, "batches", "list", "--status", "cancelled")
+    assert listing.returncode == 0 and batch.id in listing.stdout, listing
+    shown = json.loads(saia_hub(fault_chain, "batches", "show", batch.id).stdout)
+    assert shown["status"] == "cancelled" and shown["job_id"] and shown["price_factor"] == 1.0
+    assert shown["completion_tokens"] == 12 * shown["completed"]  # max_tokens of each
+    again = saia_hub(fault_chain, "batches", "cancel", batch.id)
+    assert again.returncode == 2 and again.stderr.strip() == f"no running batch {batch.id}"
 
 
 def test_a_restarted_agent_carries_on_with_the_batch(fault_chain: FaultChain) -> None:
