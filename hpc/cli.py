@@ -246,6 +246,7 @@ def authorized_keys(
         read_public_key,
         relay_argv,
     )
+    from hpc.jobs.system import private_dir
 
     if state_dir is None and config_path is None:
         click.echo("error: give --config (or --state-dir)", err=True)
@@ -257,9 +258,10 @@ def authorized_keys(
     agent = None if no_start or config_path is None else agent_command(config_path)
     try:
         key = read_public_key(key_path)
+        private_dir(state_dir)  # the relay refuses a state dir that does not exist yet
         argv = relay_argv(python or default_python(), state_dir.resolve(), agent)
         click.echo(authorized_keys_line(key, argv, from_cidr))
-    except KeyLineError as error:
+    except (KeyLineError, OSError) as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(2)
 

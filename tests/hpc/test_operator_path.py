@@ -86,3 +86,19 @@ def test_reload_after_a_state_dir_change_says_it_needs_a_restart(tmp_path: Path)
         f"error: no agent is running on {tmp_path / 'moved'} "
         "(state_dir cannot change by a reload: restart the agent)\n"
     )
+
+
+def test_authorized_keys_creates_the_state_dir_the_relay_needs(tmp_path: Path) -> None:
+    # The relay refuses a state dir that does not exist: before this, the guide's first
+    # request failed unless the agent had been run by hand once.
+    import subprocess
+
+    key = tmp_path / "hub"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    path = tmp_path / "agent.yaml"
+    path.write_text(f"state_dir: {tmp_path / 'deep' / 'state'}\n")
+    args = ["authorized-keys", "--key", f"{key}.pub", "-c", str(path)]
+    result = CliRunner().invoke(hpc, args)
+    assert result.exit_code == 0, result.output
+    state = tmp_path / "deep" / "state"
+    assert state.is_dir() and state.stat().st_mode & 0o777 == 0o700
