@@ -115,7 +115,7 @@ class Session:
         self.withheld: dict[StreamState, int] = {}  # credit not yet returned, per stream
 
     async def run(self) -> None:
-        channel = self.channel
+        channel, owed_limit = self.channel, mux.CONTROL_QUEUE
         violation: wire.ProtocolError | None = None
         async with asyncio.TaskGroup() as tasks:
             self.tasks = tasks
@@ -123,7 +123,7 @@ class Session:
                 while (frames := await channel.next_frames()) is not None:
                     for frame in frames:
                         self.dispatch(frame)
-                        if channel.owed >= mux.CONTROL_QUEUE:  # refusals nobody reads
+                        if channel.owed >= owed_limit:  # refusals nobody reads
                             await channel.wait_drained()
             except wire.ProtocolError as error:  # raised after the group, not wrapped by it
                 violation = error
@@ -234,8 +234,9 @@ class Session:
         """A stream's head and body are no longer held: return withheld credit if room."""
         self.held -= incoming.cost
         incoming.cost = 0
-        self.withheld.pop(incoming.state, None)
-        self.regrant()
+        if self.withheld:
+            self.withheld.pop(incoming.state, None)
+            self.regrant()
 
     def regrant(self) -> None:
         """Return withheld credit while within half the budget. The oldest upload always
@@ -253,8 +254,9 @@ class Session:
         incoming = self.incoming.pop(stream, None)
         if incoming is None:
             raise wire.ProtocolError(f"second END on stream {stream}")
-        self.withheld.pop(incoming.state, None)  # no more DATA may come: no credit needed
-        self.regrant()  # a new oldest upload
+        if self.withheld:
+            self.withheld.pop(incoming.state, None)  # no more DATA may come
+            self.regrant()  # a new oldest upload
         assert self.tasks is not None
         incoming.state.task = self.tasks.create_task(self.serve(incoming))
 
