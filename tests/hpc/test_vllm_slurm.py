@@ -276,7 +276,8 @@ async def test_embeddings_job_without_backend_key(
     jobs = SlurmJobSystem(config, tag)
     job_id = await jobs.submit(render_job(config.services[0], config, tag))
     try:
-        endpoint = await wait_endpoint(tmp_path, job_id)
+        # Slurm may hold it until the previous test's job has released the node's memory.
+        endpoint = await wait_endpoint(tmp_path, job_id, START_LIMIT)
         assert not (job_dir(tmp_path, job_id) / "api_key").exists()
         async with httpx.AsyncClient(base_url=endpoint.url, trust_env=False, timeout=30) as client:
             await wait_healthy(client, START_LIMIT, poll_s=1)
