@@ -154,14 +154,18 @@ def _add_operations_routes(app: FastAPI) -> None:
         app.add_api_route("/", root, methods=["GET"], include_in_schema=False)
 
 
-def create_app(config: Any, environ: Mapping[str, str] | None = None) -> HubApp:
-    """The hub app for a validated HubConfig; services open and close with its lifespan."""
+def create_app(
+    config: Any, environ: Mapping[str, str] | None = None, *, migrate: bool = True
+) -> HubApp:
+    """The hub app for a validated HubConfig; services open and close with its lifespan.
+    `migrate=False` when the caller brought the schema up to date already (`saia hub serve`
+    does, to report an unreachable database in one line before uvicorn starts)."""
     env = dict(os.environ if environ is None else environ)
     check_environment(config, env)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with open_services(config, env) as services:
+        async with open_services(config, env, migrate=migrate) as services:
             app.state.services = services
             yield
 

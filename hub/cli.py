@@ -91,7 +91,7 @@ def serve(config_path: Path, host: str | None, port: int | None) -> None:
 
     config = _load(config_path)
     try:
-        app = create_app(config)
+        app = create_app(config, migrate=False)  # _migrate below, once
     except ConfigError as error:
         fail(str(error))
 

@@ -37,7 +37,8 @@ def _error_answer(status: int, reason: str, message: str, code: str) -> bytes:
     body = json.dumps(error_body(status, message, code=code)).encode()
     return (
         b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-        b"connection: close\r\n\r\n%s" % (status, reason.encode(), len(body), body)
+        b"x-content-type-options: nosniff\r\nconnection: close\r\n\r\n%s"
+        % (status, reason.encode(), len(body), body)
     )
 
 

@@ -121,6 +121,7 @@ async def test_a_stalled_body_gets_408(hub: RunningHub) -> None:
     writer.close()
     head, _, payload = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408")
+    assert b"\r\nx-content-type-options: nosniff\r\n" in head  # like every other error
     assert json.loads(payload)["error"]["code"] == "request_timeout"
 
 
