@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-BATCH_URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+BATCH_URLS = ("/v1/chat/completions", "/v1/embeddings")  # what `vllm run-batch` serves
 MAX_CUSTOM_ID = 512
 
 
