@@ -24,12 +24,10 @@ class BatchesConfig(Strict):
     """largest single request line of a batch input file"""
     max_requests: int = Field(50_000, ge=1, description="request lines per batch input file")
     completion_windows: dict[str, Duration] = Field(default_factory=lambda: {"24h": 86400.0})
-    """the completion_window values clients may ask for, and their length (Slurm's
-    --deadline of the job); a batch not done by then is `expired`"""
+    """completion_window values clients may use and their length (the job's --deadline)"""
     poll_interval: Duration = Field(30.0, gt=0)
     """how often the hub asks the agents about running batches"""
     price_factor: float = Field(1.0, ge=0)
-    """what a batch token costs relative to an interactive one: reported with each batch
-    (`saia hub batches show`) for billing; usage rows of batches have endpoint `batch:...`"""
+    """cost of a batch token relative to an interactive one, kept with each batch for billing"""
     transfer_chunk_bytes: int = Field(1024 * 1024, ge=4096)
     """input files go to the agent in pieces of this size (one hop request each)"""

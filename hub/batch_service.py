@@ -118,6 +118,9 @@ class Batches:
                 await self.follow(row)
             except AgentBatchError as error:
                 log.warning("batch %s: %s", row.id, error)
+                if error.status == 404 and row.status != "validating":  # its files are gone
+                    gone = {"state": "failed", "message": f"the agent lost the batch: {error}"}
+                    await finish(self, row, gone, time.time())
 
     async def follow(self, row: Any) -> None:
         now = time.time()
