@@ -89,8 +89,9 @@ def backend_target(root: Path) -> Target:
     raise SystemExit(f"no endpoint.json under {root}/agent-state/jobs")
 
 
-def vllm_rss_mb() -> float:
-    """Resident memory of the `vllm serve` process and its children, in MB."""
+def vllm_rss_mb(port: int) -> float:
+    """Resident memory of the `vllm serve` on `port` and its children, in MB (pages shared
+    between them counted in each)."""
     children: dict[int, list[int]] = {}
     parent: dict[int, int] = {}
     rss: dict[int, int] = {}
@@ -108,7 +109,7 @@ def vllm_rss_mb() -> float:
         parent[pid] = int(fields[1])
         children.setdefault(parent[pid], []).append(pid)
         rss[pid] = next((int(x.split()[1]) for x in status.splitlines() if x[:6] == "VmRSS:"), 0)
-        if b"serve" in argv and VLLM_MODEL_ID.encode() in b" ".join(argv):
+        if b"serve" in argv and str(port).encode() in argv:
             serving.add(pid)
     total, todo = 0, [pid for pid in serving if parent[pid] not in serving]
     while todo:
@@ -184,11 +185,13 @@ def run(args: argparse.Namespace, root: Path) -> None:
     try:
         found = read_ready(demo, START_LIMIT)
         print(f"whole chain ready    {time.monotonic() - started:7.1f} s (saia demo --vllm)")
-        print(f"RSS of vllm serve    {vllm_rss_mb():7.0f} MB (idle)")
+        direct = backend_target(root)
+        port = int(direct.base_url.rsplit(":", 1)[1].removesuffix("/v1"))
+        print(f"RSS of vllm serve    {vllm_rss_mb(port):7.0f} MB (idle)")
         chain = Target("chain", found["SAIA_BASE_URL"], found["SAIA_API_KEY"])
-        for target in (backend_target(root), chain):
+        for target in (direct, chain):
             asyncio.run(measure(target, args))
-        print(f"RSS of vllm serve    {vllm_rss_mb():7.0f} MB (after load)")
+        print(f"RSS of vllm serve    {vllm_rss_mb(port):7.0f} MB (after load)")
     finally:
         demo.send_signal(signal.SIGINT)  # as Ctrl-C: the demo stops its job and the rest
         try:
