@@ -125,8 +125,10 @@ def agent(config_path: Path, drain_on_exit: bool, log_level: str) -> None:
     )
     for noisy in ("httpx", "httpcore"):  # one line per health probe otherwise
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    from hpc.router import tracing
     from hpc.scheduler.agent import run_until_signal
 
+    tracing.start(config.tracing)  # outside the event loop: stop() may block on the flush
     try:
         asyncio.run(
             run_until_signal(config, drain_on_exit=drain_on_exit, config_path=config_path.resolve())
@@ -138,6 +140,8 @@ def agent(config_path: Path, drain_on_exit: bool, log_level: str) -> None:
         logging.getLogger("hpc.scheduler.agent").exception("the agent failed")
         click.echo(f"error: the agent failed: {error}", err=True)
         sys.exit(1)
+    finally:
+        tracing.stop()
 
 
 @hpc.command("status")

@@ -21,6 +21,7 @@ from saia.base.config_file import (
     validate,
 )
 from saia.base.durations import parse_slurm_time
+from saia.base.tracing import TracingConfig
 
 __all__ = [
     "AgentConfig",
@@ -329,6 +330,8 @@ class AgentConfig(Strict):
     """the model services"""
     batch: BatchConfig = Field(default_factory=BatchConfig)
     """batch jobs (the hub's /v1/batches)"""
+    tracing: TracingConfig | None = None
+    """OpenTelemetry spans of routed requests, joined to the hub's traces; off if absent"""
 
     @model_validator(mode="after")
     def _unique(self) -> AgentConfig:

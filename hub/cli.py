@@ -86,6 +86,7 @@ def serve(config_path: Path, host: str | None, port: int | None) -> None:
     """Run the gateway (FastAPI on uvicorn)."""
     import uvicorn
 
+    from hub import tracing
     from hub.app import create_app
     from hub.server import uvicorn_config
 
@@ -98,7 +99,11 @@ def serve(config_path: Path, host: str | None, port: int | None) -> None:
     _migrate(config)  # unreachable database: one line, not a traceback
     port = port if port is not None else config.port
     served = uvicorn_config(app, host or config.host, port, client_timeouts=config.client_timeouts)
-    uvicorn.Server(served).run()
+    tracing.start(config.tracing)  # outside the event loop: stop() may block on the flush
+    try:
+        uvicorn.Server(served).run()
+    finally:
+        tracing.stop()
 
 
 hub.add_command(batches)  # saia hub batches list|show|cancel (hub/batch_cli.py)

@@ -27,6 +27,7 @@ from saia.base.config_file import (
     read_yaml,
     validate,
 )
+from saia.base.tracing import TracingConfig
 
 __all__ = [
     "AuthConfig",
@@ -333,6 +334,8 @@ class HubConfig(Strict):
     """the Files and Batches API: batch inference as Slurm jobs"""
     api_docs: bool = False
     """serve the interactive API docs (/docs, /redoc, /openapi.json) to anyone; off: 404"""
+    tracing: TracingConfig | None = None
+    """OpenTelemetry traces of proxied requests, sent to an OTLP/HTTP collector; off if absent"""
 
     @model_validator(mode="after")
     def _references(self) -> HubConfig:

@@ -19,6 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from hub import tracing
 from hub.config import HpcSite, HpcUpstreamConfig
 from hub.ssh_client import (
     HopClient,
@@ -180,6 +181,7 @@ class HpcUpstream:
             request.body,
             first_byte_timeout=self._config.timeouts.first_byte,
             caller=Caller(request.user, request.key_id, request.group, request.priority),
+            traceparent=tracing.traceparent(),  # "" unless tracing is on
         )
         try:
             response = await stack.enter_async_context(opened)

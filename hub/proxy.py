@@ -20,6 +20,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from hub import tracing
 from hub.admission import request_class
 from hub.answers import is_event_stream, stream_answer, whole_answer
 from hub.auth import Principal
@@ -39,13 +40,15 @@ async def serve_proxied(
     services: HubServices, endpoint: str, scope: Scope, receive: Receive, send: Send
 ) -> None:
     """The ASGI answer to POST /v1/<endpoint> (and vLLM's /tokenize, /detokenize)."""
-    try:
-        response = await handle(services, Request(scope, receive), endpoint)
-    except ClientDisconnect:
-        return  # gone while sending the body: nobody to answer
-    except Exception as error:  # every failure becomes an answer
-        response = failure_answer(error)
-    await response(scope, receive, send)
+    with tracing.request_span(endpoint):  # a no-op unless tracing is configured
+        try:
+            response = await handle(services, Request(scope, receive), endpoint)
+        except ClientDisconnect:
+            return  # gone while sending the body: nobody to answer
+        except Exception as error:  # every failure becomes an answer
+            response = failure_answer(error)
+        tracing.note_status(response.status_code)
+        await response(scope, receive, send)
 
 
 def resolve_model(services: HubServices, principal: Principal, model_id: str) -> ModelConfig:
@@ -71,7 +74,8 @@ def new_request_id() -> str:
 async def handle(services: HubServices, request: Request, endpoint: str) -> Response:
     started_at, started = time.time(), time.perf_counter()
     client = request.client.host if request.client else None
-    principal = await services.auth.authenticate(request.headers, client, started_at)
+    with tracing.phase("hub.auth"):
+        principal = await services.auth.authenticate(request.headers, client, started_at)
     priority = request_class(request.headers)
     raw = await read_body(request, services.config.max_body_bytes)
     payload = parse_request(raw)
@@ -91,7 +95,8 @@ async def handle(services: HubServices, request: Request, endpoint: str) -> Resp
         upstream_body.usage_wish,
     )
     try:
-        limit_headers = await services.admission.admit(principal, started_at)
+        with tracing.phase("hub.admission"):
+            limit_headers = await services.admission.admit(principal, started_at)
     except ApiError as error:
         outcome.status = error.status
         services.metrics.rejected.labels("rate_limit").inc()
@@ -135,7 +140,10 @@ async def _forward(
             "POST", path, body, outcome.target, outcome.request_id,
             who.user or "", who.key_id or "", who.group or "", priority,
         )  # fmt: skip
-        response = await stack.enter_async_context(upstream.stream(request))
+        trace = tracing.upstream(stack, outcome.model, upstream.name)
+        with trace.connect():
+            response = await stack.enter_async_context(upstream.stream(request))
+        response = trace.body(response)
         # Whatever streams is metered as a stream, whether the hub expected one or not.
         if not is_event_stream(response):
             return await whole_answer(response, outcome, headers)

@@ -198,10 +198,13 @@ class HopClient:
         *,
         first_byte_timeout: float,
         caller: wire.Caller | None = None,
+        traceparent: str = "",
     ) -> HopStream:
         """`async with client.stream(...) as response`: one request stream; `caller` (who
-        sent it, its class) goes in the head, where only the hub can set it."""
-        head = wire.RequestHead(service, method, path, list(headers), caller or wire.Caller())
+        sent it, its class) and `traceparent` (the hub's span) go in the head, where only
+        the hub can set them."""
+        who = caller or wire.Caller()
+        head = wire.RequestHead(service, method, path, list(headers), who, traceparent)
         return HopStream(self, head, body, first_byte_timeout)
 
     async def _exchange(

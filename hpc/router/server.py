@@ -28,6 +28,7 @@ from hpc.batch.manager import PREFIX as BATCH_PREFIX
 from hpc.batch.manager import BatchManager
 from hpc.config import AgentConfig
 from hpc.registry import BackendRegistry
+from hpc.router import tracing
 from hpc.router.forwarding import Forwarder, Rejection
 from hpc.router.policy import ServiceCounts, service_demand, service_status
 from hpc.router.session import JSON_HEADERS, MAX_STREAMS, MIN_BODY_BUDGET, Session, StreamSink
@@ -122,7 +123,8 @@ class Router:
         service = self.config.service(head.service)
         if service is None:
             raise Rejection(404, "model_not_found", f"model {head.service[:200]!r} is not served")
-        await self.forwarder.forward(sink, service, head, body)
+        with tracing.request(head, sink) as traced:  # the sink itself unless tracing is on
+            await self.forwarder.forward(traced, service, head, body)
 
     def listing(self, only: str) -> bytes:
         services = self.config.services

@@ -22,6 +22,7 @@ stream's frames; empty DATA frames carry nothing and may be dropped.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from typing import Any, NamedTuple, TypeGuard
 
@@ -56,6 +57,7 @@ WINDOW_BODY = struct.Struct(">I")
 MAX_DATA = 256 * 1024  # largest DATA payload
 MAX_HEAD = 64 * 1024  # largest JSON head (REQUEST, RESPONSE, ERROR, HELLO)
 MAX_HEADERS = 128
+TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 MAX_STREAM_ID = 0xFFFFFFFF
 INITIAL_WINDOW = 1024 * 1024  # per-stream credit in each direction
 MAX_WINDOW = 64 * 1024 * 1024
@@ -106,6 +108,9 @@ class RequestHead(NamedTuple):
     path: str
     headers: list[tuple[str, str]]
     caller: Caller = Caller()
+    # W3C trace context of the hub's span for this request ("" when not traced); the agent
+    # trusts it only here, never from a client's HTTP headers.
+    traceparent: str = ""
 
 
 class ResponseHead(NamedTuple):
@@ -159,6 +164,8 @@ def encode_request(stream: int, head: RequestHead) -> bytes:
     }
     if any(head.caller):
         body["caller"] = head.caller._asdict()
+    if head.traceparent:
+        body["traceparent"] = head.traceparent
     return encode_frame(REQUEST, stream, _json(body))
 
 
@@ -302,7 +309,16 @@ def parse_request(payload: bytes) -> RequestHead:
     if not method.isalpha() or not method.isupper():
         raise ProtocolError("method must be upper-case letters")
     caller = _caller(body["caller"]) if "caller" in body else Caller()
-    return RequestHead(service, method, path, _headers(body.get("headers", [])), caller)
+    headers = _headers(body.get("headers", []))
+    if "traceparent" not in body:
+        return RequestHead(service, method, path, headers, caller)
+    return RequestHead(service, method, path, headers, caller, _traceparent(body["traceparent"]))
+
+
+def _traceparent(value: Any) -> str:
+    if not isinstance(value, str) or not TRACEPARENT.fullmatch(value):
+        raise ProtocolError("traceparent must be a W3C traceparent (version 00)")
+    return value
 
 
 def _caller(value: Any) -> Caller:

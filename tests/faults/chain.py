@@ -77,8 +77,11 @@ class FaultChain:
         services: list[dict[str, Any]],
         router: dict[str, Any] | None = None,
         keys: int = 3,
+        extra: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         self.root, self.cluster = root, cluster
+        # Top-level config keys merged into the agent's and the hub's file ("agent", "hub").
+        self.extra = extra or {}
         self.prefix = "f" + uuid.uuid4().hex[:8]
         self.state_dir = root / "state"
         self.services = [BASE_SERVICE | {"model": s["name"]} | s for s in services]
@@ -108,6 +111,7 @@ class FaultChain:
         self.state_dir.mkdir(mode=0o700, parents=True)
         settings = cluster_settings(self.cluster, self.state_dir, self.prefix)
         agent_yaml = settings | {"router": self.router, "services": self.services}
+        agent_yaml |= self.extra.get("agent", {})
         agent_path = self.root / "agent.yaml"
         agent_path.write_text(yaml.safe_dump(agent_yaml, sort_keys=False))
         self.config = parse_config(agent_yaml)
@@ -117,7 +121,7 @@ class FaultChain:
         self._wait_socket()  # else the first relay would start a second agent
         self.sshd = SshdSandbox(self.root / "sshd", self.state_dir, agent=agent[:-1]).start()
         hub_path = self.root / "hub.yaml"
-        hub_path.write_text(yaml.safe_dump(self._hub_config()))
+        hub_path.write_text(yaml.safe_dump(self._hub_config() | self.extra.get("hub", {})))
         self.keys = [self._create_key(hub_path, f"user{i}") for i in range(self.key_count)]
         self._spawn("hub", [*saia, "hub", "serve", "-c", str(hub_path)])
         self._wait_ready()
