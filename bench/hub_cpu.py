@@ -2,7 +2,11 @@
 the upstream replaced at the `Upstream` seam by canned answers (a JSON chat completion, or a
 16-token event stream with a usage chunk), SQLite accounting as in production.
 
-    .venv/bin/python bench/hub_cpu.py [--requests 1000] [--rounds 7]
+    .venv/bin/python bench/hub_cpu.py [--requests 1000] [--rounds 7] [--tracing]
+
+--tracing measures each kind twice in the same run: tracing off (the default), then on
+(every request sampled, spans exported over OTLP/HTTP to a local collector process, the
+exporter's thread counted in the process CPU time).
 
 Process CPU time, so it hardly moves with other load on the machine (bench/hub.py measures
 the whole path over HTTP, which does). Prints figures, asserts nothing.
@@ -25,9 +29,12 @@ from typing import Any
 # bench/hub.py would shadow the `hub` package when this runs as a script: repo root first.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from hub import tracing
 from hub.app import create_app
 from hub.config import parse_config
 from hub.upstream import ModelState, UpstreamRequest, UpstreamResponse
+from saia.base.tracing import TracingConfig
+from saia.sandbox.otlp import OtlpCollector, read_spans
 
 ANSWER = json.dumps(
     {
@@ -128,24 +135,51 @@ async def measure(args: argparse.Namespace) -> None:
                 message = {"role": "user", "content": "one two three"}
                 body = json.dumps({"model": "m", "stream": stream, "messages": [message]}).encode()
                 scope = scope_of(body, new.secret)
-                await requests(app, scope, body, args.requests // 3)  # warm-up
-                per_request = []
-                for _ in range(args.rounds):
-                    start = time.process_time()
-                    await requests(app, scope, body, args.requests)
-                    per_request.append((time.process_time() - start) / args.requests * 1e6)
-                kind = "streamed 16-token chat" if stream else "non-streamed chat"
-                print(
-                    f"{kind}: hub CPU per request median {statistics.median(per_request):.0f} us,"
-                    f" min {min(per_request):.0f} us ({args.rounds} x {args.requests})"
-                )
+                for traced in (False, True) if args.tracing else (False,):
+                    if traced:
+                        tracing.start(TracingConfig(otlp_endpoint=args.collector.endpoint))
+                    await rounds(args, app, scope, body, stream, traced)
+                    tracing.stop()  # flushes what is queued (a bench: blocking is fine here)
+
+
+async def rounds(
+    args: argparse.Namespace,
+    app: Any,
+    scope: dict[str, Any],
+    body: bytes,
+    stream: bool,
+    traced: bool,
+) -> None:
+    await requests(app, scope, body, args.requests // 3)  # warm-up
+    per_request = []
+    for _ in range(args.rounds):
+        start = time.process_time()
+        await requests(app, scope, body, args.requests)
+        per_request.append((time.process_time() - start) / args.requests * 1e6)
+    kind = "streamed 16-token chat" if stream else "non-streamed chat"
+    mode = (" tracing on" if traced else " tracing off") if args.tracing else ""
+    print(
+        f"{kind}{mode}: hub CPU per request median {statistics.median(per_request):.0f} us,"
+        f" min {min(per_request):.0f} us ({args.rounds} x {args.requests})"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=7)
-    asyncio.run(measure(parser.parse_args()))
+    parser.add_argument("--tracing", action="store_true", help="also measure tracing on")
+    args = parser.parse_args()
+    if not args.tracing:
+        asyncio.run(measure(args))
+        return
+    with (
+        tempfile.TemporaryDirectory(prefix="saia-bench-otlp-") as spans,
+        OtlpCollector(Path(spans) / "spans.jsonl") as args.collector,
+    ):
+        asyncio.run(measure(args))
+        time.sleep(1)  # the collector writes what the last flush sent
+        print(f"spans received by the collector: {len(read_spans(args.collector.out))}")
 
 
 if __name__ == "__main__":
