@@ -5,43 +5,22 @@ vLLM 0.32 checks VLLM_API_KEY only under /v1 (and /v2, /inference, /cohere);
 anyone who found the port (issue 9 item 6). The job adds slurm/saia_backend_auth.py as
 vLLM middleware: every route vLLM lists in its own OpenAPI schema, plus `/metrics` and
 the docs pages, must now answer 401 without the key, `/health` stays open, and with the
-key the server still works. One vLLM (about 3 GB RSS, a minute or more).
+key the server still works. On the session's SmolLM2 job (`smollm2_job`, tests/fixtures/vllm.py).
 """
 
 from __future__ import annotations
 
 import re
-import uuid
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from hpc.jobs.script import render_job
-from hpc.jobs.slurm import SlurmJobSystem
-from hpc.jobs.system import JobTag
-from hpc.scheduler.health import read_backend_key
-from saia.sandbox.slurm import SlurmSandbox
-from saia.sandbox.vllm import VllmInstall
-from tests.hpc.helpers import wait_endpoint, wait_healthy
-from tests.hpc.test_vllm_slurm import (
-    SERVICE,
-    START_LIMIT,
-    gone_from_slurm,
-    vllm_config,
-)
+from tests.fixtures.vllm import VllmJob
 
 pytestmark = pytest.mark.vllm
 # Served outside the OpenAPI schema: the Prometheus mount and FastAPI's own pages.
 UNLISTED = [("GET", "/metrics"), ("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/redoc")]
-
-
-@pytest.fixture
-def prefix(slurm_cluster: SlurmSandbox) -> Any:
-    name = "k" + uuid.uuid4().hex[:8]
-    yield name
-    slurm_cluster.run(["scancel", f"--name={name}-{SERVICE}"])
 
 
 def served_routes(schema: dict[str, Any]) -> list[tuple[str, str]]:
@@ -65,41 +44,28 @@ async def keyless_answers(
     return found
 
 
-async def test_vllm_job_refuses_every_path_without_its_key(
-    slurm_cluster: SlurmSandbox, vllm_install: VllmInstall, prefix: str, tmp_path: Path
-) -> None:
-    config = vllm_config(slurm_cluster, vllm_install, tmp_path, prefix)
-    tag = JobTag(prefix, "key-test")
-    jobs = SlurmJobSystem(config, tag)
-    job_id = await jobs.submit(render_job(config.services[0], config, tag))
-    try:
-        endpoint = await wait_endpoint(tmp_path, job_id, START_LIMIT)
-        key = read_backend_key(tmp_path, job_id)
-        assert key, "the job wrote no 0600 api_key"
-        auth = {"Authorization": f"Bearer {key}"}
-        async with httpx.AsyncClient(base_url=endpoint.url, trust_env=False, timeout=60) as client:
-            await wait_healthy(client, START_LIMIT, poll_s=1)  # /health: open, liveness only
-            schema = (await client.get("/openapi.json", headers=auth)).json()
-            routes = [r for r in served_routes(schema) if r[1] != "/health"]
-            assert ("POST", "/invocations") in routes and ("POST", "/tokenize") in routes
-            keyless = await keyless_answers(client, routes, {})
-            wrong = await keyless_answers(client, routes, {"Authorization": "Bearer nope"})
-            assert {r: s for r, s in keyless.items() if s != 401} == {}
-            assert {r: s for r, s in wrong.items() if s != 401} == {}
-            await check_works_with_key(client, auth)
-    finally:
-        await jobs.cancel(job_id)
-        await jobs.aclose()
-    await gone_from_slurm(config, tag, job_id)
+async def test_vllm_job_refuses_every_path_without_its_key(smollm2_job: VllmJob) -> None:
+    assert smollm2_job.key, "the job wrote no 0600 api_key"
+    auth = {"Authorization": f"Bearer {smollm2_job.key}"}
+    async with httpx.AsyncClient(base_url=smollm2_job.url, trust_env=False, timeout=60) as client:
+        assert (await client.get("/health")).status_code == 200  # open, liveness only
+        schema = (await client.get("/openapi.json", headers=auth)).json()
+        routes = [r for r in served_routes(schema) if r[1] != "/health"]
+        assert ("POST", "/invocations") in routes and ("POST", "/tokenize") in routes
+        keyless = await keyless_answers(client, routes, {})
+        wrong = await keyless_answers(client, routes, {"Authorization": "Bearer nope"})
+        assert {r: s for r, s in keyless.items() if s != 401} == {}
+        assert {r: s for r, s in wrong.items() if s != 401} == {}
+        await check_works_with_key(client, auth, smollm2_job.model)
 
 
-async def check_works_with_key(client: httpx.AsyncClient, auth: dict[str, str]) -> None:
+async def check_works_with_key(client: httpx.AsyncClient, auth: dict[str, str], model: str) -> None:
     models = await client.get("/v1/models", headers=auth)
-    assert [m["id"] for m in models.json()["data"]] == [SERVICE]
+    assert [m["id"] for m in models.json()["data"]] == [model]
     tokens = await client.post("/tokenize", json={"prompt": "hello world"}, headers=auth)
     assert tokens.status_code == 200 and tokens.json()["count"] >= 2
     chat = {
-        "model": SERVICE,
+        "model": model,
         "messages": [{"role": "user", "content": "hi"}],
         "max_tokens": 3,
     }

@@ -125,16 +125,15 @@ async def running_agent(config: AgentConfig) -> AsyncIterator[BackendRegistry]:
 class RouterClient:
     """A client of the agent's router on `<state_dir>/agent.sock` (the relay's side)."""
 
-    def __init__(self, channel: Channel, service: str) -> None:
+    def __init__(self, channel: Channel) -> None:
         self.channel = channel
-        self.service = service
         self.next_id = 0
 
     async def request(self, method: str, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
         self.next_id += 1
         state = self.channel.open(self.next_id)
         data = json.dumps(body).encode()
-        head = wire.RequestHead(self.service, method, path, [("content-type", "application/json")])
+        head = wire.RequestHead(SERVICE, method, path, [("content-type", "application/json")])
         self.channel.send(wire.encode_request(state.id, head))
         await self.channel.send_data(state, data)
         self.channel.send(wire.encode_frame(wire.END, state.id))
@@ -155,14 +154,14 @@ class RouterClient:
 
 
 @contextlib.asynccontextmanager
-async def router_client(state_dir: Path, service: str = SERVICE) -> AsyncIterator[RouterClient]:
+async def router_client(state_dir: Path) -> AsyncIterator[RouterClient]:
     reader, writer = await asyncio.open_unix_connection(str(state_dir / "agent.sock"))
     try:
         channel = Channel(reader, writer)
         channel.send(wire.encode_hello())
         async with asyncio.timeout(10):
             assert await channel.read_hello() == wire.VERSION
-        yield RouterClient(channel, service)
+        yield RouterClient(channel)
     finally:
         writer.close()
         with contextlib.suppress(OSError):
