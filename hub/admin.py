@@ -168,4 +168,10 @@ def _service_entry(
         "status": state.status if state else services.upstreams[model.upstream].default_status,
         "demand": state.demand if state else 0.0,
         "in_flight": int(in_flight or 0),
+        # From the agents' listings (0 for providers): ready instances, jobs starting, and
+        # the agents' queue (requests waiting for a slot, the longest wait in seconds).
+        "instances": state.instances if state else 0,
+        "starting": state.starting if state else 0,
+        "queued": state.queued if state else 0,
+        "oldest_wait": state.oldest_wait if state else 0.0,
     }

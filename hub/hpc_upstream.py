@@ -15,6 +15,7 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -50,8 +51,10 @@ _RANK: dict[str, int] = {"ready": 2, "loading": 1, "offline": 0}
 
 
 def merge_states(reports: list[list[dict[str, Any]]]) -> dict[str, ModelState]:
-    """Per service id, the best status over sites and the lowest demand at that status."""
+    """Per service id, the best status over sites and the lowest demand at that status;
+    instances and starting jobs are summed over sites."""
     merged: dict[str, ModelState] = {}
+    counts: dict[str, tuple[int, int]] = {}
     for report in reports:
         for entry in report:
             service, status = entry.get("id"), entry.get("status")
@@ -69,10 +72,20 @@ def merge_states(reports: list[list[dict[str, Any]]]) -> dict[str, ModelState]:
                 queued if isinstance(queued, int) and not isinstance(queued, bool) else 0,
                 float(oldest) if isinstance(oldest, int | float) else 0.0,
             )
+            ready, starting = counts.get(service, (0, 0))
+            counts[service] = (
+                ready + _count(entry, "instances"),
+                starting + _count(entry, "starting"),
+            )
             old = merged.get(service)
             if old is None or (_RANK[status], -state.demand) > (_RANK[old.status], -old.demand):
                 merged[service] = state
-    return merged
+    return {k: replace(v, instances=counts[k][0], starting=counts[k][1]) for k, v in merged.items()}
+
+
+def _count(entry: dict[str, Any], key: str) -> int:
+    value = entry.get(key, 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def site_order(failed_at: list[float | None], now: float, cooldown: float) -> list[int]:

@@ -40,6 +40,8 @@ class ModelState:
     name: str | None = None  # a display name the upstream reports
     queued: int = 0  # requests waiting for a slot (the agent's fair queue)
     oldest_wait: float = 0.0  # seconds the longest-waiting of them has waited
+    instances: int = 0  # ready backends, summed over sites (the agents' listings)
+    starting: int = 0  # their jobs that are starting
 
 
 class UpstreamError(Exception):

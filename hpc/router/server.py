@@ -155,6 +155,8 @@ class Router:
             "demand": service_demand(counts),
             "queued": counts.queued,  # waiting in the router's queue, and the longest wait
             "oldest_wait": round(registry.oldest_wait(name, time.monotonic()), 1),
+            "instances": counts.ready,  # backends ready now, and jobs on their way up
+            "starting": counts.starting,
             "input": list(service.input),
             "output": list(service.output),
         }

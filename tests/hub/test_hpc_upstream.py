@@ -21,7 +21,7 @@ from saia.sandbox.process import free_port
 from saia.sandbox.sshd import SshdSandbox
 from tests.fixtures.standin import StandinProcess
 from tests.hpc.test_router_ssh import running_router
-from tests.hub.helpers import running_hub
+from tests.hub.helpers import ADMIN_TOKEN, running_hub
 
 MODEL = "hpc-model"
 
@@ -36,6 +36,16 @@ def test_merge_states_prefers_the_best_site() -> None:
         "a": ModelState("ready", 0.5, "A"),
         "b": ModelState("offline", 0.0),
     }
+
+
+def test_merge_states_sums_instances_over_sites() -> None:
+    reports = [
+        [{"id": "a", "status": "ready", "instances": 2, "starting": 0}],
+        [{"id": "a", "status": "loading", "instances": 0, "starting": 1}],
+        [{"id": "a", "status": "ready", "instances": True, "starting": -3}],  # not counts
+    ]
+    state = merge_states(reports)["a"]
+    assert (state.status, state.instances, state.starting) == ("ready", 2, 1)
 
 
 def test_sites_that_failed_recently_go_last() -> None:
@@ -111,6 +121,27 @@ async def test_hpc_models_chat_and_stream_with_failover(
             ("dora", 200, usage["prompt_tokens"], usage["completion_tokens"], False),
             ("dora", 200, usage["prompt_tokens"], usage["completion_tokens"], True),
         ]
+
+
+@pytest.mark.ssh
+async def test_admin_services_show_each_services_instances_from_the_agent(
+    tmp_path: Path, sshd: SshdSandbox, standin_factory: Callable[..., StandinProcess]
+) -> None:
+    """The agent's listing carries ready instances and starting jobs over the hop into the
+    hub's model state and /admin/services (the dashboard's services table)."""
+    agent = AgentConfig(state_dir=sshd.state_dir, services=[ServiceConfig(name=MODEL, model=MODEL)])
+    registry = BackendRegistry()
+    async with running_router(agent, registry), running_hub(hub_config(tmp_path, sshd)) as hub:
+        servers = [standin_factory(MODEL), standin_factory(MODEL)]
+        backends = [Backend(MODEL, f"job-{i}", s.url) for i, s in enumerate(servers)]
+        registry.publish(MODEL, backends, starting=1)
+        admin = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+        async with hub.client() as http:
+            listing = (await http.get("/admin/services", headers=admin)).json()
+        assert [(s["id"], s["status"]) for s in listing] == [("public-name", "ready")]
+        entry = listing[0]
+        assert (entry["instances"], entry["starting"], entry["queued"]) == (2, 1, 0)
+        assert entry["oldest_wait"] == 0.0 and entry["in_flight"] == 0
 
 
 @pytest.mark.ssh

@@ -44,7 +44,18 @@ async function drawServices() {
   $("services").replaceChildren(...services.map((s) => el("tr", { "data-service": s.id },
     el("td", { text: s.id }), el("td", { text: s.upstream }),
     el("td", { class: `state-${s.status}`, text: s.status }),
+    el("td", { text: instancesText(s) }), el("td", { text: queueText(s) }),
     el("td", { text: s.demand.toFixed(2) }), el("td", { text: String(s.in_flight) }))));
+}
+
+// "2", "2 (+1 starting)"; "—" for a provider (ready, but no instances of ours).
+function instancesText(s) {
+  if (!s.instances && !s.starting && s.status === "ready") return "—";
+  return s.starting ? `${s.instances} (+${s.starting} starting)` : String(s.instances);
+}
+
+function queueText(s) {
+  return s.queued ? `${s.queued} (${s.oldest_wait.toFixed(0)} s)` : "0";
 }
 
 function limitsText(limits) {
