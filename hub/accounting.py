@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,7 +29,7 @@ from sqlalchemy import case, delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from hub.counters import CounterStore, merge_rows
+from hub.counters import CounterStore, Row, merge_rows
 from hub.db_health import DATABASE_ERRORS, DatabaseHealth, describe, is_outage
 from hub.limits import TOKEN_WINDOWS, window_bounds
 from hub.storage import rate_counters, usage
@@ -128,6 +128,8 @@ class UsageRecorder:
         self._running = False
         self._closed = False  # the writer has ended: a record now cannot be written
         self._last_ok = time.monotonic()
+        # Told the token rows of each committed batch (the in-memory windows, when on).
+        self.tokens_written: Callable[[list[Row]], None] = lambda _rows: None
 
     def record(self, record: UsageRecord, token_subjects: tuple[str, ...] = ()) -> None:
         """Queue one record; never blocks. `token_subjects` get its tokens counted."""
@@ -212,7 +214,9 @@ class UsageRecorder:
             # vars(): a shallow copy is enough (asdict deep-copies every value).
             result = await connection.execute(self._insert, [dict(vars(r)) for r, _ in batch])
             inserted = set(result.scalars())
-            await self._counters.bump_in(connection, _new_tokens(batch, inserted))
+            tokens = _new_tokens(batch, inserted)
+            await self._counters.bump_in(connection, tokens)
+        self.tokens_written(tokens)
 
     async def _write_each(self, batch: list[Queued]) -> tuple[int, bool]:
         """A batch the database refused for its values: each record alone, so that one bad

@@ -1,8 +1,15 @@
 """Admission of one request: the per-replica in-flight cap, and shared rate-limit counters.
 
 The cap is checked before the request is counted: a request the cap refuses does not use up
-its request windows. Counting needs the database: while it is unavailable a request with
-windowed limits gets 503 (its limits cannot be enforced honestly), not 500.
+its request windows. Windows are counted one of two ways:
+
+- in memory (a `WindowBook`, synced by `hub/window_sync.py`): a request is decided against
+  the last shared totals plus this replica's unsynced counts, without awaiting anything; a
+  subject the book does not know yet (first request, restart, idle for a while) is read from
+  the database first. During a database outage known subjects are still enforced, each
+  replica on its own counts; an unknown one gets 503;
+- exactly (no book, `counter_sync_interval: 0`): every request adds itself in the database
+  (one statement) and is decided on the totals; during an outage it gets 503.
 """
 
 from __future__ import annotations
@@ -10,18 +17,23 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 from hub.auth import Principal
+from hub.config import LimitsConfig
 from hub.counters import CounterStore, Row
 from hub.db_health import DatabaseHealth
 from hub.errors import ApiError
 from hub.limits import (
     WINDOWS,
     Counts,
+    Decision,
     Window,
     concurrency_allows,
     decide,
     needs_counting,
     window_starts,
 )
+from hub.window_book import WindowBook
+
+Counted = list[tuple[str, LimitsConfig]]
 
 PRIORITY_HEADER = "x-saia-priority"
 CLASSES = ("interactive", "batch")
@@ -46,19 +58,63 @@ def request_class(headers: Mapping[str, str]) -> str:
     return wanted
 
 
+def _refused(decision: Decision) -> ApiError:
+    return ApiError(
+        429,
+        decision.reason or "rate limit reached",
+        code="rate_limit_exceeded",
+        headers=decision.headers,
+    )
+
+
 class Admission:
-    def __init__(self, counters: CounterStore, health: DatabaseHealth | None = None) -> None:
+    def __init__(
+        self,
+        counters: CounterStore,
+        health: DatabaseHealth | None = None,
+        book: WindowBook | None = None,
+    ) -> None:
         self._counters = counters
         self._health = health if health is not None else DatabaseHealth()
+        self._book = book  # None: every request counted in the database
         self._in_flight: dict[str, int] = {}
 
     async def admit(self, principal: Principal, now: float) -> dict[str, str]:
-        """Count the request in every window (one statement); 429 if over a limit or the
-        concurrency cap, 503 if the database is unavailable."""
+        """Count the request in every window; 429 if over a limit or the concurrency cap,
+        503 if the database is needed and unavailable."""
         counted = [(s, limits) for s, limits in principal.subjects if needs_counting(limits)]
         if not counted:
             return {}
         self._check_cap(principal, {})
+        if self._book is None:
+            return await self._admit_exact(principal, counted, now)
+        return await self._admit_local(self._book, principal, counted, now)
+
+    async def _admit_local(
+        self, book: WindowBook, principal: Principal, counted: Counted, now: float
+    ) -> dict[str, str]:
+        """Decide in memory; read the subjects the book does not know first (one statement
+        that adds nothing), so a new or restarted replica starts from the shared totals."""
+        starts = window_starts(now)
+        unknown = [subject for subject, _ in counted if not book.known(subject)]
+        if unknown:
+            rows = [(s, w, starts[w], 0, 0) for s in unknown for w in WINDOWS]
+            with self._health.guard("rate counters"):
+                totals = await self._counters.bump(rows)
+            book.install(totals, now)
+        decision = decide([(limits, book.counts(s, starts)) for s, limits in counted], now)
+        if not decision.allowed:
+            raise _refused(decision)
+        if unknown:  # the read was an await: another request may have taken the last slot
+            self._check_cap(principal, decision.headers)
+        for subject, _ in counted:
+            book.add(subject, starts, now)
+        return decision.headers
+
+    async def _admit_exact(
+        self, principal: Principal, counted: Counted, now: float
+    ) -> dict[str, str]:
+        """Count the request in every window in the database (one statement), then decide."""
         starts = window_starts(now)
         rows = [(s, w, starts[w], 1, 0) for s, _ in counted for w in WINDOWS]
         with self._health.guard("rate counters"):
@@ -79,12 +135,7 @@ class Admission:
                 raise
             return decision.headers
         await self._give_back(rows)
-        raise ApiError(
-            429,
-            decision.reason or "rate limit reached",
-            code="rate_limit_exceeded",
-            headers=decision.headers,
-        )
+        raise _refused(decision)
 
     async def _give_back(self, rows: Sequence[Row]) -> None:
         """A refused request does not use up the budget. If the database fails now, the

@@ -317,6 +317,14 @@ class HubConfig(Strict):
     """largest request body accepted (413 beyond)"""
     usage_flush_interval: Duration = Field(1.0, gt=0, le=60)
     """usage records are written to the database at least this often"""
+    counter_sync_interval: Duration = Field(
+        0.5,
+        ge=0,
+        le=60,
+        description="rate-limit windows are counted in memory and shared with the other "
+        "replicas this often (bounded overshoot: docs/operations.md, Rate limits across "
+        "replicas); 0: every request counted in the database (exact, a round trip each)",
+    )
     max_connections: int = Field(512, ge=1, description="pooled upstream HTTP connections")
     upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict)
     """where models are served, by a name models refer to"""

@@ -1,8 +1,9 @@
-"""Fixed-window rate counters in the database: the one storage call on the hot path.
+"""Fixed-window rate counters in the database, shared by all hub replicas.
 
-Each request adds itself to every window of every limited subject with ONE statement,
+Counts are added to every window of every limited subject with ONE statement,
 `INSERT ... ON CONFLICT DO UPDATE ... RETURNING` (valid on SQLite 3.35+ and PostgreSQL),
-which is atomic, so several hub replicas on one PostgreSQL share their counts exactly.
+which is atomic, so several hub replicas on one PostgreSQL share their counts exactly: per
+request (`counter_sync_interval: 0`), or per batch from the sync task (`hub/window_sync.py`).
 This call goes to the database driver directly (asyncpg's pool, or one aiosqlite
 connection: SQLite has one writer at a time anyway) without SQLAlchemy's per-statement
 work; the batched token updates join the usage writer's SQLAlchemy transaction instead.
@@ -84,6 +85,11 @@ class CounterStore:
     async def aclose(self) -> None:
         await self._backend.aclose()
 
+    @property
+    def in_use(self) -> int:
+        """Connections (or, on SQLite, the one connection) busy with a statement now."""
+        return self._backend.in_use
+
     async def bump(self, rows: Sequence[Row]) -> list[CounterRow]:
         """Add (requests, tokens) to each row; the new totals. Rows must be unique per
         (subject, period, start): one statement cannot touch a row twice on PostgreSQL."""
@@ -122,6 +128,10 @@ class _Sqlite:
         self._connection = connection
         self._lock = asyncio.Lock()  # one statement at a time on the one connection
 
+    @property
+    def in_use(self) -> int:
+        return 1 if self._lock.locked() else 0
+
     @classmethod
     async def open(cls, path: Path) -> _Sqlite:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,6 +153,10 @@ class _Postgres:
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
+
+    @property
+    def in_use(self) -> int:
+        return int(self._pool.get_size() - self._pool.get_idle_size())
 
     @classmethod
     async def open(cls, dsn: str) -> _Postgres:

@@ -1,16 +1,17 @@
 """Rate-limit decisions: pure functions of counts, limits and `now`.
 
 Fixed windows aligned to UTC (minute, hour, day, calendar month) are counted in the
-database, so that several hub replicas share one budget. The store increments the request
-counters of every window of every subject in one statement and hands the new counts here;
-nothing in this module awaits, reads a clock or touches storage.
+database, so that several hub replicas share one budget. Either every request is counted
+there (`counter_sync_interval: 0`) or a replica counts in memory and shares its counts in
+batches (`hub/window_book.py`, `hub/window_sync.py`): `local_counts` then says what a
+request sees. Nothing in this module awaits, reads a clock or touches storage.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal
@@ -74,6 +75,35 @@ class Counts:
 
     requests: dict[Window, int] = field(default_factory=dict)
     tokens: dict[Window, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Shared:
+    """One window of one subject as the database last returned it: every replica's synced
+    requests (this one's included) and the tokens the usage writers added."""
+
+    start: int
+    requests: int
+    tokens: int
+
+
+def local_counts(
+    shared: Mapping[Window, Shared], unsynced: Mapping[Window, int], starts: Mapping[Window, int]
+) -> Counts:
+    """A subject's counts for a request decided in memory: the last shared totals of the
+    current windows, plus this replica's requests not in them yet, plus this request.
+
+    A window that began after the last shared totals were read starts from nothing: no
+    replica could count in it before it began."""
+    requests: dict[Window, int] = {}
+    tokens: dict[Window, int] = {}
+    for window, start in starts.items():
+        known = shared.get(window)
+        if known is None or known.start != start:
+            known = Shared(start, 0, 0)
+        requests[window] = known.requests + unsynced.get(window, 0) + 1
+        tokens[window] = known.tokens
+    return Counts(requests, tokens)
 
 
 @dataclass(frozen=True)

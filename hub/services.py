@@ -25,6 +25,8 @@ from hub.openai_upstream import OpenAIUpstream, shared_client
 from hub.sessions import SessionStore
 from hub.storage import open_engine, upgrade
 from hub.upstream import ModelState, Upstream
+from hub.window_book import WindowBook
+from hub.window_sync import CounterSync, SyncStatus
 from saia.base.http11 import HttpClient
 
 log = logging.getLogger(__name__)
@@ -39,9 +41,11 @@ def health_report(
     writer: WriterStatus,
     interval: float,
     now: float,
+    sync: SyncStatus | None = None,
 ) -> tuple[int, dict[str, Any]]:
-    """GET /health: 200, or 503 with the reason while the database is unavailable or the
-    usage writer is stopped, failing or behind (pure: the states and `now` in)."""
+    """GET /health: 200, or 503 with the reason while the database is unavailable, the
+    usage writer is stopped, failing or behind, or the rate counters are not shared (pure:
+    the states and `now` in; `sync` None: counted in the database, nothing to share)."""
     usage = {"pending": writer.pending, "dropped": writer.dropped, "rejected": writer.rejected}
     problems = []
     if down_since is not None:
@@ -55,14 +59,30 @@ def health_report(
             f"usage writer behind: {writer.pending} records waiting,"
             f" the oldest for {writer.oldest_age:.0f} s"
         )
+    if sync is not None:
+        problems += _sync_problems(sync, now)
     body: dict[str, Any] = {
         "status": "unavailable" if problems else "ok",
         "database": "unavailable" if down_since is not None else "ok",
         "usage": usage,
     }
+    if sync is not None:
+        body["rate_counters"] = {"unsynced": sync.unsynced}
     if problems:
         body["reason"] = "; ".join(problems)
     return (503 if problems else 200), body
+
+
+def _sync_problems(sync: SyncStatus, now: float) -> list[str]:
+    if not sync.running:
+        return ["rate counter sync stopped"]
+    if sync.failing is None:
+        return []
+    since = now - (sync.failing_since or now)
+    return [
+        f"rate counters not shared for {since:.0f} s ({sync.failing}): each replica"
+        f" enforces its own counts ({sync.unsynced} unsynced)"
+    ]
 
 
 @dataclass
@@ -80,13 +100,15 @@ class HubServices:
     database: DatabaseHealth
     sessions: SessionStore | None = None  # login sessions, when OpenID Connect is on
     batches: Batches | None = None  # the Files and Batches API (config `batches.enabled`)
+    counter_sync: CounterSync | None = None  # None: windows counted in the database
 
     def health(self) -> tuple[int, dict[str, Any]]:
         """GET /health: status code and body (see `health_report`)."""
         db = self.database
         interval = self.config.usage_flush_interval
+        sync = self.counter_sync.status() if self.counter_sync is not None else None
         return health_report(
-            db.down_since, db.reason, self.recorder.status(), interval, time.time()
+            db.down_since, db.reason, self.recorder.status(), interval, time.time(), sync
         )
 
     async def model_states(self, names: set[str]) -> dict[str, dict[str, ModelState]]:
@@ -165,6 +187,12 @@ async def open_services(
             upstreams = await _open_upstreams(config, client, environ, stack)
             recorder = UsageRecorder(engine, counters, config.usage_flush_interval, database)
             await stack.enter_async_context(recorder.running())
+            sync = None
+            if config.counter_sync_interval > 0:
+                interval = config.counter_sync_interval
+                sync = CounterSync(WindowBook(), counters, interval, database)
+                recorder.tokens_written = sync.book.tokens_written
+                await stack.enter_async_context(sync.running())
             batches = None
             if config.batches.enabled:
                 batches = Batches(config, engine, recorder, upstreams)
@@ -183,12 +211,13 @@ async def open_services(
                     metrics_token(config, environ),
                     sessions,
                 ),
-                admission=Admission(counters, database),
+                admission=Admission(counters, database, sync.book if sync else None),
                 metrics=HubMetrics(),
                 upstreams=upstreams,
                 database=database,
                 batches=batches,
                 sessions=sessions,
+                counter_sync=sync,
             )
     finally:
         await engine.dispose()

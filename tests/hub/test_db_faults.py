@@ -181,9 +181,15 @@ async def test_a_request_refused_by_the_concurrency_cap_uses_no_window(
         assert third.headers["x-ratelimit-remaining-day"] == "0"
 
 
-def outage_config(tmp_path: Path, upstream: str, database_url: str | None = None) -> HubConfig:
-    # Keys stay cached through the outage; the writer flushes often.
-    return hub_config(tmp_path, upstream, STANDIN_MODEL, database_url, auth={"key_cache_ttl": 300})
+def outage_config(
+    tmp_path: Path, upstream: str, database_url: str | None = None, sync: float = 0
+) -> HubConfig:
+    # Keys stay cached through the outage; the writer flushes often. Rate counters in the
+    # database by default (limited keys get 503); `sync` > 0: counted in memory.
+    return hub_config(
+        tmp_path, upstream, STANDIN_MODEL, database_url,
+        auth={"key_cache_ttl": 300}, counter_sync_interval=sync,
+    )  # fmt: skip
 
 
 def patient(hub: RunningHub, key: str) -> httpx.AsyncClient:

@@ -115,7 +115,11 @@ async def test_recorder_flushes_on_shutdown(engine: AsyncEngine, counters: Count
 async def test_two_replicas_share_one_limit(
     tmp_path: Path, database_url: str, standin_server: str
 ) -> None:
-    config = hub_config(tmp_path, standin_server, STANDIN_MODEL, database_url)
+    # Exact mode: every request counted in the database (the batched mode's bound is
+    # tested in tests/hub/test_window_sync.py).
+    config = hub_config(
+        tmp_path, standin_server, STANDIN_MODEL, database_url, counter_sync_interval=0
+    )
     body = {"model": STANDIN_MODEL, "prompt": "a", "max_tokens": 1}
     async with running_hub(config) as first, running_hub(config) as second:
         key = await first.create_key(limits=LimitsConfig(requests_per_hour=5))
