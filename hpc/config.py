@@ -332,6 +332,9 @@ class AgentConfig(Strict):
     """batch jobs (the hub's /v1/batches)"""
     tracing: TracingConfig | None = None
     """OpenTelemetry spans of routed requests, joined to the hub's traces; off if absent"""
+    metrics_textfile: Path | None = None
+    """Prometheus text file (absolute path) rewritten with the status after every loop, for
+    node_exporter's textfile collector (a .prom file in its textfile directory); off if absent"""
 
     @model_validator(mode="after")
     def _unique(self) -> AgentConfig:

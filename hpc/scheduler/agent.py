@@ -35,6 +35,7 @@ from hpc.scheduler.episode import Episode
 from hpc.scheduler.health import HealthMonitor, ProbeTarget
 from hpc.scheduler.leader import LOCK_FILE, LeaderLock
 from hpc.scheduler.live import LiveState
+from hpc.scheduler.metrics_file import write_metrics
 from hpc.scheduler.observation import observe
 from hpc.scheduler.operations import handle_requests, operator_signals
 from hpc.scheduler.operator_requests import RELOAD_SIGNAL, WAKE_SIGNAL
@@ -272,7 +273,9 @@ class Agent:
             failure = f"cannot write the agent state: {error}"
         self._write_outage.message = failure  # what the status shows
         try:
-            write_status(self.config.state_dir, self.status(now, stopped))
+            status = self.status(now, stopped)
+            write_status(self.config.state_dir, status)
+            write_metrics(self.config.metrics_textfile, status)  # for node_exporter, if set
         except OSError as error:
             failure = failure or f"cannot write the agent status: {error}"
         if failure:
