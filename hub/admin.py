@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hub.accounting import GroupBy, parse_moment, usage_summary
 from hub.auth import Principal
+from hub.budgets import group_budgets
 from hub.config import LimitsConfig, ModelConfig
 from hub.errors import ApiError
 from hub.services import HubServices
@@ -124,6 +125,12 @@ def _limit_and_usage_routes(router: APIRouter) -> None:
             raise ApiError(400, str(error), param="since") from None
         with services.database.guard("usage summary"):  # an outage: 503, not a traceback
             return await usage_summary(services.engine, since=start, until=end, by=by)
+
+    @router.get("/usage/groups", summary="Each group's use of its current windows vs its budget")
+    async def group_usage(services: Services) -> list[dict[str, Any]]:
+        budgets = services.config.auth.group_limits
+        with services.database.guard("group budgets"):
+            return await group_budgets(services.engine, budgets, time.time())
 
 
 def _dashboard_routes(router: APIRouter) -> None:

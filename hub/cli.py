@@ -288,17 +288,23 @@ def keys_revoke(config_path: Path, key_id: str) -> None:
 
 @hub.command()
 @config_option
-@click.option("--since", required=True, help="first day, e.g. 2026-11-01 (UTC)")
+@click.option("--since", default=None, help="first day, e.g. 2026-11-01 (UTC)")
 @click.option("--until", default=None, help="end (exclusive)")
 @click.option(
     "--by", type=click.Choice(["user", "key", "model", "group", "upstream"]), default="user"
 )
 @click.option("--csv", "as_csv", is_flag=True, help="CSV instead of a table")
-def usage(config_path: Path, since: str, until: str | None, by: str, as_csv: bool) -> None:
-    """Requests and tokens per user, key, model, group or upstream."""
+def usage(config_path: Path, since: str | None, until: str | None, by: str, as_csv: bool) -> None:
+    """Requests and tokens per user, key, model, group or upstream since a day; `--by group`
+    without --since: each group's current windows against its budget (auth.group_limits)."""
     from hub.accounting import parse_moment, usage_summary
 
     config = _load(config_path)
+    if since is None and by == "group":
+        _group_budgets(config, as_csv)
+        return
+    if since is None:
+        fail("--since is required (but for --by group: the current windows of group budgets)")
     try:
         start = parse_moment(since)
         end = parse_moment(until) if until else None
@@ -310,6 +316,10 @@ def usage(config_path: Path, since: str, until: str | None, by: str, as_csv: boo
 
     rows = _with_engine(config, summary)
     columns = [by, "requests", "errors", "prompt_tokens", "completion_tokens", "mean_latency_ms"]
+    _print_rows(columns, rows, as_csv)
+
+
+def _print_rows(columns: list[str], rows: list[dict[str, Any]], as_csv: bool) -> None:
     if as_csv:
         writer = csv.writer(sys.stdout)
         writer.writerow(columns)
@@ -318,3 +328,21 @@ def usage(config_path: Path, since: str, until: str | None, by: str, as_csv: boo
     click.echo("  ".join(f"{c:>18}" for c in columns))
     for row in rows:
         click.echo("  ".join(f"{row[c] if row[c] is not None else '-'!s:>18}" for c in columns))
+
+
+def _group_budgets(config: HubConfig, as_csv: bool) -> None:
+    """Each group's use of its current windows next to its limits (`-`: no limit)."""
+    from hub.budgets import COLUMNS, group_budgets
+
+    if not config.auth.group_limits:
+        fail("no group budgets are configured (auth.group_limits)")
+    now = time.time()
+
+    async def budgets(engine: Any) -> list[dict[str, Any]]:
+        return await group_budgets(engine, config.auth.group_limits, now)
+
+    rows = _with_engine(config, budgets)
+    for row in rows:
+        if not as_csv:  # a date for people, epoch seconds in CSV
+            row["resets_at"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(row["resets_at"]))
+    _print_rows(list(COLUMNS), rows, as_csv)
