@@ -333,8 +333,7 @@ class AgentConfig(Strict):
     tracing: TracingConfig | None = None
     """OpenTelemetry spans of routed requests, joined to the hub's traces; off if absent"""
     metrics_textfile: Path | None = None
-    """Prometheus text file (absolute path) rewritten with the status after every loop, for
-    node_exporter's textfile collector (a .prom file in its textfile directory); off if absent"""
+    """node_exporter textfile (*.prom, absolute path) rewritten after every loop; off if absent"""
 
     @model_validator(mode="after")
     def _unique(self) -> AgentConfig:
