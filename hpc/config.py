@@ -36,6 +36,27 @@ __all__ = [
     "parse_config",
 ]
 
+# The endpoints a service may serve (the router's allow-list maps each path to one), and
+# those a service serves by default, from what its server does (`vllm.task`).
+Endpoint = Literal[
+    "chat",
+    "completions",
+    "embeddings",
+    "responses",
+    "messages",
+    "rerank",
+    "score",
+    "transcriptions",
+    "translations",
+    "speech",
+    "tokenize",
+]
+TASK_ENDPOINTS: dict[str, tuple[Endpoint, ...]] = {
+    "generate": ("chat", "completions", "responses", "messages", "tokenize"),
+    "embed": ("embeddings", "tokenize"),
+    "score": ("rerank", "score", "tokenize"),
+    "transcription": ("transcriptions", "translations"),
+}
 SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 # Slurm options the agent owns: an operator setting them in extra_sbatch would break
 # job recognition, logging or the graceful stop.
@@ -118,8 +139,10 @@ class VllmOptions(Strict):
     """--tool-call-parser, e.g. hermes"""
     enable_auto_tool_choice: bool = False
     """--enable-auto-tool-choice (needs tool_call_parser)"""
-    task: Literal["generate", "embed"] = "generate"
-    """generate: a chat/completion model; embed: serve /v1/embeddings (--runner pooling)"""
+    task: Literal["generate", "embed", "score", "transcription"] = "generate"
+    """generate: chat, completions, Responses and Messages; embed: /v1/embeddings; score: a
+    reranker (/v1/rerank, /v1/score; both pooling: --runner pooling); transcription: a
+    speech-to-text model (/v1/audio/transcriptions and translations)"""
     enforce_eager: bool = False
     """--enforce-eager: no CUDA graphs (faster start, slower decoding)"""
     scheduling_policy: Literal["fcfs", "priority"] | None = None
@@ -198,6 +221,10 @@ class ServiceConfig(Strict):
     """input modalities announced in /v1/models, e.g. [text, image]"""
     output: list[str] = Field(default_factory=lambda: ["text"])
     """output modalities announced in /v1/models, e.g. [text, thought]"""
+    endpoints: list[Endpoint] | None = None
+    """endpoints served (chat, completions, embeddings, responses, messages, rerank, score,
+    transcriptions, translations, speech, tokenize), published in /v1/models and enforced by
+    the router; None: those of vllm.task"""
 
     @field_validator("name")
     @classmethod
@@ -225,6 +252,13 @@ class ServiceConfig(Strict):
     @property
     def model_id(self) -> str:
         return self.served_model_name or self.name
+
+    @property
+    def served_endpoints(self) -> tuple[Endpoint, ...]:
+        if self.endpoints is not None:
+            return tuple(self.endpoints)
+        return TASK_ENDPOINTS[self.vllm.task]
+
 
 
 class FairnessConfig(Strict):

@@ -17,15 +17,29 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
+from hub.anthropic_api import MESSAGES, anthropic_answer
+from hub.config import ModelConfig
+from hub.endpoints import DEFAULT_ENDPOINTS
 from hub.errors import ApiError, failure_answer
 from hub.openapi import add_proxied_paths
 from hub.proxy import serve_proxied
 from hub.services import HubServices, check_environment, open_services
+from hub.upstream import ModelState
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
-PROXIED = ("chat/completions", "completions", "embeddings")
+# Passed to the model's upstream at /v1/<endpoint> (vLLM's paths; audio/speech only where a
+# backend serves it, vLLM 0.32 does not).
+PROXIED = (
+    "chat/completions",
+    "completions",
+    "embeddings",
+    "responses",
+    "messages",
+    "rerank",
+    "score",
+)
 
 
 class HubApp(FastAPI):
@@ -44,6 +58,8 @@ class HubApp(FastAPI):
             if endpoint is not None:
                 if scope["method"] == "POST":
                     await serve_proxied(self.state.services, endpoint, scope, receive, send)
+                elif endpoint == MESSAGES:
+                    await _NOT_ALLOWED_ANTHROPIC(scope, receive, send)
                 else:
                     await _NOT_ALLOWED(scope, receive, send)
                 return
@@ -57,6 +73,9 @@ class HubApp(FastAPI):
 
 
 _NOT_ALLOWED = ApiError(405, "method not allowed", headers={"allow": "POST"}).response()
+_NOT_ALLOWED_ANTHROPIC = anthropic_answer(
+    ApiError(405, "method not allowed", headers={"allow": "POST"}).response()
+)
 
 
 def services_of(request: Request) -> HubServices:
@@ -95,13 +114,24 @@ def model_entry(services: HubServices, model_id: str, states: dict[str, Any]) ->
         "created": model.created,
         "owned_by": model.owned_by,
         "name": model.name or (state.name if state is not None else None) or model.id,
-        "input": model.input,
-        "output": model.output,
+        "input": model.input or list((state.input if state else None) or ("text",)),
+        "output": model.output or list((state.output if state else None) or ("text",)),
+        "endpoints": endpoints_of(model, state),
         "status": state.status if state is not None else default,
         "demand": state.demand if state is not None else 0.0,
         "queued": state.queued if state is not None else 0,
         "oldest_wait": state.oldest_wait if state is not None else 0.0,
     }
+
+
+def endpoints_of(model: ModelConfig, state: ModelState | None) -> list[str]:
+    """What a model serves: the hub's override, else what its agent says, else the OpenAI
+    endpoints a provider is taken to serve."""
+    if model.endpoints is not None:
+        return list(model.endpoints)
+    if state is not None and state.endpoints is not None:
+        return list(state.endpoints)
+    return list(DEFAULT_ENDPOINTS)
 
 
 def _add_openai_routes(app: FastAPI) -> None:

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from hub.batch_config import BatchesConfig
+from hub.endpoints import Endpoint
 from hub.oidc_config import OidcConfig
 from saia.base.config_file import (
     NO_FILE,
@@ -174,10 +175,15 @@ class ModelConfig(Strict):
     """display name in /v1/models; None: the agent's display name, else id"""
     owned_by: str = Field("saia", description="owned_by in /v1/models")
     created: int = Field(0, ge=0, description="created in /v1/models (Unix time)")
-    input: list[str] = Field(default_factory=lambda: ["text"])
-    """input modalities announced in /v1/models, e.g. [text, image]"""
-    output: list[str] = Field(default_factory=lambda: ["text"])
-    """output modalities announced in /v1/models, e.g. [text, thought]"""
+    input: list[str] | None = None
+    """input modalities announced in /v1/models, e.g. [text, image]; None: the agent's, else
+    [text]"""
+    output: list[str] | None = None
+    """output modalities announced in /v1/models, e.g. [text, thought]; None: the agent's,
+    else [text]"""
+    endpoints: list[Endpoint] | None = None
+    """endpoints served, announced in /v1/models and refused (404) otherwise; None: what the
+    agent says (an hpc upstream), else chat, completions, embeddings, responses"""
     hooks: HooksConfig = Field(default_factory=HooksConfig)
     """request rewriting for this model"""
 

@@ -71,6 +71,9 @@ def merge_states(reports: list[list[dict[str, Any]]]) -> dict[str, ModelState]:
                 name if isinstance(name, str) else None,
                 queued if isinstance(queued, int) and not isinstance(queued, bool) else 0,
                 float(oldest) if isinstance(oldest, int | float) else 0.0,
+                _names(entry.get("endpoints")),
+                _names(entry.get("input")),
+                _names(entry.get("output")),
             )
             ready, starting = counts.get(service, (0, 0))
             counts[service] = (
@@ -86,6 +89,13 @@ def merge_states(reports: list[list[dict[str, Any]]]) -> dict[str, ModelState]:
 def _count(entry: dict[str, Any], key: str) -> int:
     value = entry.get(key, 0)
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _names(value: Any) -> tuple[str, ...] | None:
+    """A list of short names from an agent's listing; None when it is not one."""
+    if not isinstance(value, list) or len(value) > 64:
+        return None
+    return tuple(v for v in value if isinstance(v, str) and 0 < len(v) <= 64)
 
 
 def site_order(failed_at: list[float | None], now: float, cooldown: float) -> list[int]:

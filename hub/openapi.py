@@ -32,6 +32,13 @@ _FIELDS: dict[str, dict[str, Any]] = {
     "chat/completions": {"messages": {"type": "array", "items": _MESSAGE, "minItems": 1}},
     "completions": {"prompt": _TEXTS},
     "embeddings": {"input": _TEXTS},
+    "responses": {"input": {"anyOf": [{"type": "string"}, {"type": "array"}]}},
+    "messages": {
+        "messages": {"type": "array", "items": _MESSAGE, "minItems": 1},
+        "max_tokens": {"type": "integer", "minimum": 1},
+    },
+    "rerank": {"query": {"type": "string"}, "documents": _TEXTS},
+    "score": {"text_1": _TEXTS, "text_2": _TEXTS},
     "tokenize": {"prompt": {"type": "string"}},
     "detokenize": {"tokens": {"type": "array", "items": {"type": "integer"}}},
 }
@@ -52,6 +59,8 @@ def proxied_operation(endpoint: str) -> dict[str, Any]:
     fields = dict(_FIELDS[endpoint])
     if endpoint in ("chat/completions", "completions"):
         fields.update(_STREAMING)
+    elif endpoint in ("responses", "messages"):
+        fields["stream"] = _STREAMING["stream"]
     body = {
         "type": "object",
         "required": ["model", *_FIELDS[endpoint]],

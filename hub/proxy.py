@@ -23,8 +23,10 @@ from starlette.types import Receive, Scope, Send
 from hub import tracing
 from hub.admission import request_class
 from hub.answers import is_event_stream, stream_answer, whole_answer
+from hub.anthropic_api import MESSAGES, anthropic_answer, with_api_key
 from hub.auth import Principal
 from hub.config import ModelConfig
+from hub.endpoints import endpoint_name
 from hub.errors import ApiError, failure_answer
 from hub.outcome import Outcome, finish
 from hub.request_body import parse_request, read_body, rewrite
@@ -47,6 +49,8 @@ async def serve_proxied(
             return  # gone while sending the body: nobody to answer
         except Exception as error:  # every failure becomes an answer
             response = failure_answer(error)
+        if endpoint == MESSAGES:
+            response = anthropic_answer(response)
         tracing.note_status(response.status_code)
         await response(scope, receive, send)
 
@@ -67,6 +71,16 @@ def resolve_model(services: HubServices, principal: Principal, model_id: str) ->
     return model
 
 
+def check_endpoint(model: ModelConfig, endpoint: str) -> None:
+    """Refuse an endpoint the hub's config says the model does not serve (the agent checks
+    what its services declare: a hub override need not be sent to learn it)."""
+    name = endpoint_name(endpoint)
+    if model.endpoints is not None and name not in model.endpoints:
+        served = ", ".join(model.endpoints)
+        message = f"the model `{model.id}` does not serve /{endpoint}; it serves: {served}"
+        raise ApiError(404, message, param="model", code="endpoint_not_served")
+
+
 def new_request_id() -> str:
     return f"req-{secrets.token_hex(16)}"
 
@@ -74,12 +88,14 @@ def new_request_id() -> str:
 async def handle(services: HubServices, request: Request, endpoint: str) -> Response:
     started_at, started = time.time(), time.perf_counter()
     client = request.client.host if request.client else None
+    headers = with_api_key(request.headers) if endpoint == MESSAGES else request.headers
     with tracing.phase("hub.auth"):
-        principal = await services.auth.authenticate(request.headers, client, started_at)
+        principal = await services.auth.authenticate(headers, client, started_at)
     priority = request_class(request.headers)
     raw = await read_body(request, services.config.max_body_bytes)
     payload = parse_request(raw)
     model = resolve_model(services, principal, payload["model"])
+    check_endpoint(model, endpoint)
     upstream = services.upstreams[model.upstream]
     upstream_body = rewrite(payload, raw, model, endpoint, upstream.usage_per_chunk)
     outcome = Outcome(

@@ -21,6 +21,8 @@ from hub.sse import UsageWish
 
 _USAGE_OPTIONS = ("include_usage", "continuous_usage_stats")
 NESTED_TOO_DEEPLY = "the request body is nested too deeply"
+# Endpoints whose streams report usage only when asked (stream_options.include_usage).
+USAGE_OPTION_STREAMS = ("chat/completions", "completions")
 
 
 @dataclass(frozen=True)
@@ -88,11 +90,19 @@ def rewrite(
     rewritten["model"] = model.target
     _check_streaming(rewritten)
     if rewritten.get("stream") is True:
+        if endpoint not in USAGE_OPTION_STREAMS:
+            # The Responses and Messages streams always end with their usage, and have no
+            # stream_options: the client's body passes as for a whole answer.
+            return UpstreamBody(_same_or_encoded(payload, rewritten, body), True, "all")
         rewritten, wish = ask_for_usage(rewritten, per_chunk)
         return UpstreamBody(_encode(rewritten), True, wish)
+    return UpstreamBody(_same_or_encoded(payload, rewritten, body), False, "none")
+
+
+def _same_or_encoded(payload: dict[str, Any], rewritten: dict[str, Any], body: bytes) -> bytes:
     if rewritten == payload and _one_model_key(body):
-        return UpstreamBody(body, False, "none")  # nothing changed: the client's bytes
-    return UpstreamBody(_encode(rewritten), False, "none")
+        return body  # nothing changed: the client's bytes
+    return _encode(rewritten)
 
 
 def ask_for_usage(payload: dict[str, Any], per_chunk: bool) -> tuple[dict[str, Any], UsageWish]:

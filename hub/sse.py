@@ -39,17 +39,38 @@ class Usage:
 
 
 def usage_of(payload: Any) -> Usage | None:
-    """The usage of a decoded response or chunk, if it carries one."""
+    """The usage of a decoded response or chunk, if it carries one: OpenAI's (prompt and
+    completion tokens), or the Responses API's and Anthropic's (input and output tokens,
+    also inside a Responses event's `response` or a message_start's `message`)."""
     if not isinstance(payload, dict):
         return None
     usage = payload.get("usage")
     if not isinstance(usage, dict):
-        return None
-    prompt = usage.get("prompt_tokens")
-    completion = usage.get("completion_tokens", 0)
+        inner = payload.get("response") or payload.get("message")
+        usage = inner.get("usage") if isinstance(inner, dict) else None
+        if not isinstance(usage, dict):
+            return None
+    if "prompt_tokens" in usage:
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
+    else:
+        prompt, completion = _input_tokens(usage), usage.get("output_tokens", 0)
     if not isinstance(prompt, int) or not isinstance(completion, int):
         return None
     return Usage(prompt, completion or 0)
+
+
+def _input_tokens(usage: dict[str, Any]) -> int | None:
+    """Input tokens in the Responses API's or Anthropic's usage. Anthropic counts cached
+    input apart (cache reads and writes); all of it was the prompt. A message_delta that
+    gives output tokens only has no input figure: 0 (the tap keeps message_start's)."""
+    total = usage.get("input_tokens", 0 if "output_tokens" in usage else None)
+    if not isinstance(total, int):
+        return None
+    for name in ("cache_read_input_tokens", "cache_creation_input_tokens"):
+        extra = usage.get(name)
+        if isinstance(extra, int) and not isinstance(extra, bool):
+            total += extra
+    return total
 
 
 def usage_from_body(body: bytes) -> Usage | None:
@@ -157,6 +178,9 @@ class UsageTap:
         usage = usage_of(payload)
         if usage is None:
             return event
+        if self.usage is not None and usage.prompt_tokens == 0:
+            # Anthropic's message_delta may give output tokens only: the input stays.
+            usage = Usage(self.usage.prompt_tokens, usage.completion_tokens)
         self.usage = usage
         if self._show == "all":
             return event

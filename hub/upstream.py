@@ -40,6 +40,9 @@ class ModelState:
     name: str | None = None  # a display name the upstream reports
     queued: int = 0  # requests waiting for a slot (the agent's fair queue)
     oldest_wait: float = 0.0  # seconds the longest-waiting of them has waited
+    endpoints: tuple[str, ...] | None = None  # what the service serves (None: not said)
+    input: tuple[str, ...] | None = None  # modalities the agent announces
+    output: tuple[str, ...] | None = None
     instances: int = 0  # ready backends, summed over sites (the agents' listings)
     starting: int = 0  # their jobs that are starting
 

@@ -46,10 +46,10 @@ def option_args(options: VllmOptions) -> list[str]:
         args.append("--enable-auto-tool-choice")
     if options.enforce_eager:
         args.append("--enforce-eager")
-    if options.task == "embed":
-        # vLLM 0.32 has no `--task`: the pooling runner serves /v1/embeddings; its
-        # `--convert auto` keeps embedding checkpoints as they are and adapts generative
-        # ones with the embed adapter.
+    if options.task in ("embed", "score"):
+        # vLLM 0.32 has no `--task`: the pooling runner serves /v1/embeddings, and
+        # /v1/rerank and /v1/score for a cross-encoder; its `--convert auto` keeps
+        # embedding and classification checkpoints as they are.
         args += ["--runner", "pooling"]
     return args
 

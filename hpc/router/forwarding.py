@@ -51,6 +51,23 @@ CLIENT_ONLY = frozenset(
 )
 TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz")
 RETRY_AFTER_NOT_READY = "30"
+# The allow-list: the only (method, path) pairs forwarded to a backend, each an endpoint
+# name of `hpc.config.ENDPOINTS` (a service serves those it declares).
+FORWARDED_ENDPOINTS: dict[tuple[str, str], str] = {
+    ("POST", "/v1/chat/completions"): "chat",
+    ("POST", "/v1/completions"): "completions",
+    ("POST", "/v1/embeddings"): "embeddings",
+    ("POST", "/v1/responses"): "responses",
+    ("POST", "/v1/messages"): "messages",
+    ("POST", "/v1/rerank"): "rerank",
+    ("POST", "/v1/score"): "score",
+    ("POST", "/v1/audio/transcriptions"): "transcriptions",
+    ("POST", "/v1/audio/translations"): "translations",
+    ("POST", "/v1/audio/speech"): "speech",
+    ("POST", "/tokenize"): "tokenize",
+    ("POST", "/detokenize"): "tokenize",
+}
+FORWARDED = frozenset(FORWARDED_ENDPOINTS)
 BATCH_PRIORITY = 1  # vLLM's priority field: lower runs first, 0 is the default
 
 
@@ -129,6 +146,19 @@ def with_priority(body: bytes, klass: Class, service: ServiceConfig) -> bytes:
     return json.dumps(payload).encode()
 
 
+def check_endpoint(service: ServiceConfig, head: RequestHead) -> None:
+    """Refuse (404) a path of the allow-list that this service does not serve (a chat model
+    asked to rerank): its backend would answer 404 or 400 in its own words, or not at all."""
+    endpoint = FORWARDED_ENDPOINTS.get((head.method, head.path))
+    served = service.served_endpoints
+    if endpoint not in served:
+        message = (
+            f"the model {service.model_id[:200]!r} does not serve {head.path[:200]}; "
+            f"it serves: {', '.join(served)}"
+        )
+        raise Rejection(404, "endpoint_not_served", message)
+
+
 def retry_after(seconds: float) -> int:
     """A Retry-After value from an expected wait: whole seconds, 1 to 300."""
     return max(1, min(300, round(seconds)))
@@ -194,6 +224,7 @@ class Forwarder:
 
         Only a response that has started can fail: then it ends with an explicit error.
         """
+        check_endpoint(service, head)
         common = backend_headers(head.headers, None)  # validated before waiting for a backend
         name = service.name
         arrival = time.monotonic()

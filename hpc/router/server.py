@@ -29,7 +29,7 @@ from hpc.batch.manager import BatchManager
 from hpc.config import AgentConfig
 from hpc.registry import BackendRegistry
 from hpc.router import tracing
-from hpc.router.forwarding import Forwarder, Rejection
+from hpc.router.forwarding import FORWARDED, Forwarder, Rejection
 from hpc.router.policy import ServiceCounts, service_demand, service_status
 from hpc.router.session import JSON_HEADERS, MAX_STREAMS, MIN_BODY_BUDGET, Session, StreamSink
 from saia.base import protocol as wire
@@ -39,17 +39,6 @@ from saia.base.mux import Channel
 log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT = 10.0
-FORWARDED = frozenset(
-    {
-        ("POST", "/v1/chat/completions"),
-        ("POST", "/v1/completions"),
-        ("POST", "/v1/embeddings"),
-        ("POST", "/tokenize"),
-        ("POST", "/detokenize"),
-        ("POST", "/v1/score"),
-        ("POST", "/v1/rerank"),
-    }
-)
 MODELS_PATH = "/v1/models"
 SERVICES_PATH = "/saia/services"
 
@@ -159,6 +148,7 @@ class Router:
             "starting": counts.starting,
             "input": list(service.input),
             "output": list(service.output),
+            "endpoints": list(service.served_endpoints),
         }
 
 

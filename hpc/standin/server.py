@@ -2,7 +2,8 @@
 
 Used by the fast tests, the benchmarks and `saia demo` where a real model is not needed.
 It answers like `vllm serve` does (`/health`, `/v1/models`, chat and text completions,
-streamed or not, embeddings, `/tokenize`, Prometheus `/metrics` with vLLM's gauges) but
+streamed or not, embeddings, `/tokenize`, Prometheus `/metrics` with vLLM's gauges, and
+Responses, Anthropic Messages, rerank, score and audio in `hpc/standin/apis.py`) but
 "generates" deterministic text from the prompt: one token per word, so tests can predict
 every answer. `/v1/models` names it: `owned_by: "saia-standin"`.
 
@@ -34,6 +35,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from hpc.standin.apis import Apis, further_routes
 from hpc.standin.auth import V1KeyMiddleware, server_middleware
 from hpc.standin.model import (
     EMBEDDING_DIM,
@@ -292,6 +294,7 @@ def build_app(standin: Standin, middleware: list[str] | None = None) -> Starlett
         ("/v1/embeddings", standin.embeddings, "POST"),
         ("/invocations", standin.invocations, "POST"),
         ("/tokenize", standin.tokenize, "POST"),
+        *further_routes(Apis(standin, json_body)),
     ]
     routes = [
         Route("/health", standin.health, methods=["GET"]),

@@ -113,4 +113,16 @@ def test_no_server_error_and_openai_errors(case: schemathesis.Case, hub_url: Any
     url, key = hub_url
     response = case.call(base_url=url, headers={"authorization": f"Bearer {key}"}, timeout=30)
     case.validate_response(response, checks=[not_a_server_error])
-    openai_error_shape(response)
+    if case.path == "/v1/messages":
+        anthropic_error_shape(response)
+    else:
+        openai_error_shape(response)
+
+
+def anthropic_error_shape(response: schemathesis.Response) -> None:
+    """Anthropic's Messages API answers errors in Anthropic's shape (its SDKs read it)."""
+    if response.status_code < 400:
+        return
+    assert response.headers.get("x-content-type-options") == ["nosniff"]
+    body = response.json()
+    assert body.get("type") == "error" and set(body["error"]) == {"type", "message"}, body
