@@ -23,7 +23,7 @@ from hub.batch_lines import renamed_line
 from hub.batch_service import Batches
 from hub.batch_tables import batches
 from hub.errors import ApiError
-from hub.files import caller, new_id, owned_file, owner_of
+from hub.files import before, caller, new_id, owned_file, owner_of
 
 _TIMES = ("created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at",
           "failed_at", "expired_at", "cancelling_at", "cancelled_at")  # fmt: skip
@@ -168,7 +168,7 @@ async def list_batches(
     statement = select(batches).where(batches.c.owner == owner_of(principal))
     if after:
         cursor = await owned_batch(keeper, principal, after)
-        statement = statement.where(batches.c.created_at < cursor.created_at)
+        statement = statement.where(before(batches, cursor))
     limit = max(1, min(limit, 100))
     order = (batches.c.created_at.desc(), batches.c.id.desc())
     async with keeper.engine.connect() as connection:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from sqlalchemy import delete, insert, select
+from sqlalchemy import ColumnElement, Table, and_, delete, insert, or_, select
 
 from hub.auth import Principal
 from hub.batch_lines import LineChecker, LineError
@@ -121,15 +122,22 @@ async def create_file(request: Request) -> dict[str, Any]:
     except BaseException:
         await batches.store.delete(file_id)
         raise
-    return file_object(files_row(row))
-
-
-def files_row(values: dict[str, Any]) -> Any:
-    return type("Row", (), values)
+    return file_object(SimpleNamespace(**row))
 
 
 def _bad_line(error: LineError) -> ApiError:
     return ApiError(400, f"invalid batch file: {error}", param="file", code="invalid_batch_file")
+
+
+def before(table: Table, cursor: Any, reverse: bool = False) -> ColumnElement[bool]:
+    """Rows after `cursor` in (created_at, id) order, newest first (oldest with `reverse`):
+    a page never skips or repeats rows made in the same second."""
+    created, ident = table.c.created_at, table.c.id
+    if reverse:
+        return or_(
+            created > cursor.created_at, and_(created == cursor.created_at, ident > cursor.id)
+        )
+    return or_(created < cursor.created_at, and_(created == cursor.created_at, ident < cursor.id))
 
 
 def _too_large(limit: int) -> ApiError:
@@ -162,9 +170,7 @@ async def list_files(
         files.c.created_at, files.c.id)  # fmt: skip
     if after:
         cursor = await owned_file(batches, principal, after)
-        earlier = files.c.created_at < cursor.created_at
-        later = files.c.created_at > cursor.created_at
-        statement = statement.where(earlier if newest_first else later)
+        statement = statement.where(before(files, cursor, not newest_first))
     limit = max(1, min(limit, 10000))
     async with batches.engine.connect() as connection:
         rows = (await connection.execute(statement.order_by(*key).limit(limit + 1))).all()

@@ -37,7 +37,7 @@ async def hub(tmp_path: Path, database_url: str) -> AsyncIterator[RunningHub]:
     site = {"socket": str(tmp_path / "no-agent.sock")}
     config = parse_config({
         "data_dir": str(tmp_path / "hub-data"), "database_url": database_url,
-        "upstreams": {"cluster": {"kind": "hpc", "sites": [site]},
+        "upstreams": {"cluster": {"kind": "hpc", "sites": [site], "timeouts": {"connect": 0.3}},
                       "cloud": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1"}},
         "models": [{"id": MODEL, "upstream": "cluster"}, {"id": SECRET, "upstream": "cluster"},
                    {"id": "cloud-model", "upstream": "cloud"}],
@@ -122,3 +122,30 @@ async def test_files_belong_to_their_owner(hub: RunningHub) -> None:
     assert "completion_window must be one of: 24h" in str(caught.value.body)
     assert (await ann.files.delete(created.id)).deleted
     assert await stored(hub) == (0, 0, 0)
+
+
+async def test_pages_and_a_batch_its_agent_cannot_take(hub: RunningHub) -> None:
+    api = client(hub, await hub.create_key(owner="ann"))
+    content = jsonl([request_line(i) for i in range(3)])
+    made = [
+        (await api.files.create(file=(f"{i}.jsonl", io.BytesIO(content)), purpose="batch")).id
+        for i in range(5)
+    ]
+    first = await api.files.list(limit=2)
+    assert [f.id for f in first.data] == made[::-1][:2] and first.has_more
+    everything = [f.id async for f in api.files.list(limit=2)]  # the SDK follows `after`
+    assert everything == made[::-1]
+    created = [
+        await api.batches.create(
+            input_file_id=made[0], endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        for _ in range(3)
+    ]
+    for batch in created:  # no agent listens: failed at once, with the reason
+        assert batch.status == "failed" and batch.failed_at and batch.errors
+        assert "could not be asked" in (batch.errors.data[0].message or "")
+        assert batch.request_counts and batch.request_counts.total == 3
+    listed = [b.id async for b in api.batches.list(limit=2)]
+    assert listed == [b.id for b in created[::-1]]
+    with pytest.raises(openai.ConflictError):
+        await api.batches.cancel(created[0].id)
