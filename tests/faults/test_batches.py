@@ -16,9 +16,9 @@ from typing import Any
 
 import openai
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
-from hub.storage import open_engine, usage
+from hub.storage import open_engine, rate_counters, usage
 from saia.sandbox.process import stop_process
 from saia.sandbox.slurm import SlurmSandbox
 from tests.faults.chain import ChainError, FaultChain
@@ -99,6 +99,11 @@ def test_200_requests_complete_with_every_answer(fault_chain: FaultChain) -> Non
     with pytest.raises(openai.BadRequestError) as caught:
         client.files.create(file=("broken.jsonl", io.BytesIO(broken)), purpose="batch")
     assert "line 3 is not JSON" in str(caught.value.body) and client.files.list().data == []
+    chat = client.chat.completions.create(
+        model="bulk", max_tokens=4, messages=[{"role": "user", "content": "one interactive"}]
+    )
+    assert chat.usage is not None
+    interactive = until_counted(fault_chain, chat.usage.total_tokens)
     content = requests_file(200)
     uploaded = client.files.create(file=("bulk.jsonl", io.BytesIO(content)), purpose="batch")
     batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
@@ -128,6 +133,29 @@ def test_200_requests_complete_with_every_answer(fault_chain: FaultChain) -> Non
     assert len(rows) == 200 and {r.endpoint for r in rows} == {"batch:/v1/chat/completions"}
     assert sum(r.completion_tokens for r in rows) == 200 * 4  # "echo:" and three words
     assert batch.usage is not None and batch.usage.output_tokens == 800
+    assert counted_tokens(fault_chain) == interactive  # batch tokens: on no rate limit
+
+
+def counted_tokens(chain: FaultChain) -> int:
+    async def read() -> int:
+        engine = open_engine(f"sqlite+aiosqlite:///{chain.root / 'hub-data' / 'hub.db'}")
+        try:
+            async with engine.connect() as connection:
+                total = select(func.coalesce(func.sum(rate_counters.c.tokens), 0))
+                return int((await connection.execute(total)).scalar_one())
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(read())
+
+
+def until_counted(chain: FaultChain, tokens: int) -> int:
+    """The rate-limit tokens once the interactive request's are counted (flushed 0.2 s)."""
+    deadline = time.monotonic() + 10
+    while (counted := counted_tokens(chain)) < tokens and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert counted >= tokens, counted
+    return counted
 
 
 def batch_usage(chain: FaultChain, batch_id: str) -> list[Any]:
