@@ -103,9 +103,9 @@ async def _validation_error(_request: Request, error: Exception) -> Response:
     return failure_answer(ApiError(400, message, code="invalid_request"))
 
 
-def model_entry(services: HubServices, model_id: str, states: dict[str, Any]) -> dict[str, Any]:
-    model = services.config.model(model_id)
-    assert model is not None
+def model_entry(
+    services: HubServices, model: ModelConfig, states: dict[str, Any]
+) -> dict[str, Any]:
     state = states.get(model.upstream, {}).get(model.target)
     default = services.upstreams[model.upstream].default_status
     return {
@@ -139,9 +139,8 @@ def _add_openai_routes(app: FastAPI) -> None:
         services = services_of(request)
         client = request.client.host if request.client else None
         principal = await services.auth.authenticate(request.headers, client, time.time())
-        visible = [m for m in services.config.models if principal.allows(m.id)]
-        states = await services.model_states({m.upstream for m in visible})
-        data = [model_entry(services, m.id, states) for m in visible]
+        models, states = await services.catalog()
+        data = [model_entry(services, m, states) for m in models if principal.allows(m.id)]
         return {"object": "list", "data": data}
 
     async def get_model(model_id: str, request: Request) -> dict[str, Any]:

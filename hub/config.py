@@ -146,6 +146,8 @@ class HpcUpstreamConfig(Strict):
     """per-phase timeouts of requests through the SSH hop"""
     services_ttl: Duration = Field(2.0, ge=0)
     """how long the agents' live model state (status, demand in /v1/models) is cached"""
+    discover: bool = True
+    """serve every service the agents report under its own id (models: entries override)"""
 
 
 UpstreamConfig = Annotated[OpenAIUpstreamConfig | HpcUpstreamConfig, Field(discriminator="kind")]
@@ -176,11 +178,9 @@ class ModelConfig(Strict):
     owned_by: str = Field("saia", description="owned_by in /v1/models")
     created: int = Field(0, ge=0, description="created in /v1/models (Unix time)")
     input: list[str] | None = None
-    """input modalities announced in /v1/models, e.g. [text, image]; None: the agent's, else
-    [text]"""
+    """input modalities in /v1/models, e.g. [text, image]; None: the agent's, else [text]"""
     output: list[str] | None = None
-    """output modalities announced in /v1/models, e.g. [text, thought]; None: the agent's,
-    else [text]"""
+    """output modalities in /v1/models, e.g. [text, thought]; None: the agent's, else [text]"""
     endpoints: list[Endpoint] | None = None
     """endpoints served, announced in /v1/models and refused (404) otherwise; None: what the
     agent says (an hpc upstream), else chat, completions, embeddings, responses"""

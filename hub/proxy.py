@@ -55,8 +55,8 @@ async def serve_proxied(
         await response(scope, receive, send)
 
 
-def resolve_model(services: HubServices, principal: Principal, model_id: str) -> ModelConfig:
-    model = services.config.model(model_id)
+async def resolve_model(services: HubServices, principal: Principal, model_id: str) -> ModelConfig:
+    model = await services.resolve(model_id)
     if model is None:
         raise ApiError(
             404, f"the model `{model_id}` does not exist", param="model", code="model_not_found"
@@ -94,7 +94,7 @@ async def handle(services: HubServices, request: Request, endpoint: str) -> Resp
     priority = request_class(request.headers)
     raw = await read_body(request, services.config.max_body_bytes)
     payload = parse_request(raw)
-    model = resolve_model(services, principal, payload["model"])
+    model = await resolve_model(services, principal, payload["model"])
     check_endpoint(model, endpoint)
     upstream = services.upstreams[model.upstream]
     upstream_body = rewrite(payload, raw, model, endpoint, upstream.usage_per_chunk)

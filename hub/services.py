@@ -16,7 +16,8 @@ from hub.accounting import UsageRecorder, WriterStatus
 from hub.admission import Admission
 from hub.auth import Authenticator, metrics_token
 from hub.batch_service import Batches
-from hub.config import ConfigError, HpcUpstreamConfig, HubConfig
+from hub.catalog import catalog, discovered_models, discovering
+from hub.config import ConfigError, HpcUpstreamConfig, HubConfig, ModelConfig
 from hub.counters import CounterStore
 from hub.db_health import DatabaseHealth
 from hub.key_store import KeyCache, KeyStore
@@ -110,6 +111,23 @@ class HubServices:
         return health_report(
             db.down_since, db.reason, self.recorder.status(), interval, time.time(), sync
         )
+
+    async def catalog(self) -> tuple[list[ModelConfig], dict[str, dict[str, ModelState]]]:
+        """The models (configured, then discovered from the agents) and the states asked
+        for them (`hub.catalog`)."""
+        names = {model.upstream for model in self.config.models} | discovering(self.config)
+        states = await self.model_states(names)
+        return catalog(self.config, states), states
+
+    async def resolve(self, model_id: str) -> ModelConfig | None:
+        """A configured model, else a service an agent reports now (states are cached for
+        the upstream's services_ttl, so an unknown id costs one lookup per ttl)."""
+        model = self.config.model(model_id)
+        if model is not None or not discovering(self.config):
+            return model
+        states = await self.model_states(discovering(self.config))
+        found = discovered_models(self.config, states)
+        return next((m for m in found if m.id == model_id), None)
 
     async def model_states(self, names: set[str]) -> dict[str, dict[str, ModelState]]:
         """Live state per upstream (bounded in time; a failing upstream reports nothing)."""

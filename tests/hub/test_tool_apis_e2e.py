@@ -1,18 +1,22 @@
 """The APIs of coding agents and tool pipelines through the real chain (hub -> sshd forced
 command -> relay -> agent -> Slurm jobs of the stand-in), with the unchanged official SDKs:
 the `openai` SDK's Responses API, the `anthropic` SDK's Messages API (its key as
-`x-api-key`), rerank and score with httpx. Each usage row matches the backend's counts."""
+`x-api-key`), rerank and score with httpx. Each usage row matches the backend's counts.
+The live catalog: a service added to the agent by reload is served with no hub change."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import anthropic
 import httpx
 import openai
 import pytest
+import yaml
 from sqlalchemy import select
 
 from hub.storage import open_engine, usage
@@ -165,3 +169,58 @@ async def test_an_endpoint_a_service_does_not_serve_is_a_clear_404(chain: FaultC
         "coder": ["chat", "completions", "responses", "messages", "tokenize"],
         "ranker": ["rerank", "score", "tokenize"],
     }
+
+
+def reload_agent(chain: FaultChain, services: list[dict[str, Any]]) -> None:
+    """Rewrite the agent's config with these services and `saia hpc reload` it."""
+    path = chain.root / "agent.yaml"
+    config = yaml.safe_load(path.read_text())
+    config["services"] = services
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    argv = [sys.executable, "-m", "saia", "hpc", "reload", "-c", str(path)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+
+
+async def listed(http: httpx.AsyncClient) -> dict[str, dict[str, Any]]:
+    return {m["id"]: m for m in (await http.get("/v1/models")).json()["data"]}
+
+
+async def poll(
+    done: Callable[[dict[str, dict[str, Any]]], bool], http: httpx.AsyncClient, limit: float
+) -> None:
+    """Until `done` holds for the hub's /v1/models (bounded by `limit` seconds)."""
+    async with asyncio.timeout(limit):
+        while True:
+            if done(await listed(http)):
+                return
+            await asyncio.sleep(0.1)
+
+
+async def test_a_service_added_by_reload_is_served_without_a_hub_change(
+    chain: FaultChain,
+) -> None:
+    """Added to the agent's config and reloaded: the hub lists it within one observation
+    cycle (poll_interval 0.5 s) and serves it under its own name; removed: it leaves."""
+    hub_config = (chain.root / "hub.yaml").read_bytes()
+    added = {**chain.services[0], "name": "newcomer", "model": "newcomer"}
+    headers = {"authorization": f"Bearer {chain.keys[0]}"}
+    async with httpx.AsyncClient(base_url=chain.hub_url, headers=headers, timeout=30) as http:
+        assert "newcomer" not in await listed(http)
+        reload_agent(chain, [*chain.services, added])
+        # The reload is applied at the agent's next loop (poll_interval 0.5 s).
+        await poll(lambda models: "newcomer" in models, http, 2.0)
+        models = await listed(http)
+        assert models["newcomer"]["endpoints"][:2] == ["chat", "completions"]
+        # Its first Slurm job starts the stand-in.
+        await poll(lambda models: models["newcomer"]["status"] == "ready", http, 60.0)
+        body = {"model": "newcomer", "messages": [{"role": "user", "content": "hello there"}]}
+        answer = await http.post("/v1/chat/completions", json=body)
+        assert answer.status_code == 200, answer.text
+        row = await usage_row(chain, answer.headers["x-request-id"])
+        assert (row["model"], *counts(row)) == ("newcomer", 2, 3)
+        reload_agent(chain, chain.services)
+        await poll(lambda models: "newcomer" not in models, http, 2.0)
+        gone = await http.post("/v1/chat/completions", json=body)
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
+    assert (chain.root / "hub.yaml").read_bytes() == hub_config
