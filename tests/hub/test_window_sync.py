@@ -19,12 +19,14 @@ from sqlalchemy import select
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from hub.accounting import WriterStatus
 from hub.config import HubConfig, LimitsConfig
 from hub.counters import CounterStore
 from hub.limits import WINDOWS, window_bounds, window_starts
+from hub.services import health_report
 from hub.storage import open_engine, rate_counters, upgrade
 from hub.window_book import WindowBook
-from hub.window_sync import CounterSync
+from hub.window_sync import CounterSync, SyncStatus
 from tests.fixtures.standin import STANDIN_MODEL
 from tests.hpc.helpers import until, wait_healthy
 from tests.hub.helpers import RunningHub, hub_config, running_hub
@@ -194,3 +196,19 @@ async def test_during_an_outage_known_keys_stay_limited_by_each_replica(
         await until(lambda: sync.status().unsynced == 0, 30, "the counts were not synced")
         assert await hour_requests(hub.services.engine) == 4
         assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
+def test_health_says_when_the_counters_are_not_shared() -> None:
+    writer = WriterStatus(True, 0, 0.0, 0, 0, None)
+    ok = SyncStatus(True, 3, None, None)
+    status, body = health_report(None, "", writer, 1.0, 100.0, ok)
+    assert status == 200 and body["rate_counters"] == {"unsynced": 3}
+    failing = SyncStatus(True, 12, "rate counter sync: OSError: refused", 40.0)
+    status, body = health_report(None, "", writer, 1.0, 100.0, failing)
+    assert status == 503
+    assert body["reason"] == (
+        "rate counters not shared for 60 s (rate counter sync: OSError: refused): "
+        "each replica enforces its own counts (12 unsynced)"
+    )
+    status, body = health_report(None, "", writer, 1.0, 100.0, SyncStatus(False, 0, None, None))
+    assert status == 503 and body["reason"] == "rate counter sync stopped"
