@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from hub.accounting import UsageRecorder
 from hub.batch_finish import finish
 from hub.batch_hop import AgentBatchError, AgentBatches
+from hub.batch_start import start_batch
 from hub.batch_tables import batches
 from hub.config import HubConfig
 from hub.file_store import FileStore, LocalFileStore
@@ -56,6 +57,19 @@ class Batches:
         folder = self.settings.files_dir or config.data_dir / "files"
         self.store: FileStore = store or LocalFileStore(folder)
         self.wake = asyncio.Event()
+        self._starting: set[asyncio.Task[None]] = set()  # owned here, cancelled at the end
+
+    def launch(self, row: dict[str, Any], target: str, expires_at: float) -> None:
+        """Send a new batch's input and submit its job, in the background."""
+        task = asyncio.create_task(self._start(row, target, expires_at))
+        self._starting.add(task)
+        task.add_done_callback(self._starting.discard)
+
+    async def _start(self, row: dict[str, Any], target: str, expires_at: float) -> None:
+        try:
+            await start_batch(self, row, target, expires_at)
+        except Exception:  # a database outage, a bug: the poller fails it when stale
+            log.exception("batch %s: sending it to the agent failed", row["id"])
 
     def runs_batches(self, upstream: str) -> bool:
         return isinstance(self.upstreams.get(upstream), SiteUpstream)
@@ -89,12 +103,15 @@ class Batches:
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Batches]:
-        task = asyncio.create_task(self._poll_forever())
+        """The poller and the input transfers, all cancelled when the hub stops."""
+        poller = asyncio.create_task(self._poll_forever())
         try:
             yield self
         finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            owned = [poller, *self._starting]
+            for task in owned:
+                task.cancel()
+            await asyncio.gather(*owned, return_exceptions=True)
 
     async def _poll_forever(self) -> None:
         while True:

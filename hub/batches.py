@@ -1,8 +1,9 @@
 """/v1/batches: OpenAI's Batches API, run by the agent as a Slurm job of its own.
 
-Creating a batch sends its input file to the model's agent in pieces over the hop and has
-the agent submit the job (status `in_progress` once submitted, `failed` with the agent's
-reason otherwise); the poller (`hub/batch_service.py`) follows it from there. Batches
+Creating a batch answers `validating` and sends its input file to the model's agent in
+pieces over the hop in the background (`hub/batch_start.py`): `in_progress` once the agent
+submitted the job, `failed` with the agent's reason otherwise; the poller
+(`hub/batch_service.py`) follows it from there. Batches
 belong to the key's owner like files, and use no interactive rate limit.
 """
 
@@ -10,16 +11,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
 from sqlalchemy import insert, select
 
 from hub.auth import Principal
-from hub.batch_finish import lines
 from hub.batch_hop import AgentBatchError
-from hub.batch_lines import renamed_line
 from hub.batch_service import Batches
 from hub.batch_tables import batches
 from hub.errors import ApiError
@@ -123,37 +121,9 @@ async def create_batch(request: Request) -> dict[str, Any]:
     }  # fmt: skip
     async with keeper.engine.begin() as connection:
         await connection.execute(insert(batches).values(**row))
-    await _start(keeper, row, model.target, now + keeper.settings.completion_windows[window])
+    # The input goes to the agent in the background (OpenAI answers `validating` too).
+    keeper.launch(row, model.target, now + keeper.settings.completion_windows[window])
     return batch_object(await keeper.row(row["id"]))
-
-
-async def _renamed(chunks: AsyncIterator[bytes], old: str, new: str) -> AsyncIterator[bytes]:
-    """The input with each line's body.model renamed to the upstream's name."""
-    async for line in lines(chunks):
-        yield renamed_line(line, ("body", "model"), old, new) + b"\n"
-
-
-async def _start(keeper: Batches, row: dict[str, Any], target: str, expires_at: float) -> None:
-    batch_id, agent = row["id"], keeper.agent(row["upstream"], row["site"])
-    chunks = keeper.store.read(row["input_file_id"])
-    if target != row["model"]:
-        chunks = _renamed(chunks, row["model"], target)
-    spec = {
-        "service": target, "requests": row["total"], "user": row["user_name"],
-        "group": row["group_name"], "window_s": expires_at - row["created_at"],
-        "endpoint": row["endpoint"],
-    }  # fmt: skip
-    try:
-        size = await agent.send_input(batch_id, chunks, keeper.settings.transfer_chunk_bytes)
-        answer = await agent.submit(batch_id, spec | {"bytes": size})
-    except AgentBatchError as error:
-        errors = [{"code": "agent_refused", "message": str(error), "line": None}]
-        await keeper.change(batch_id, ("validating",), status="failed", failed_at=time.time(),
-                            errors=errors, message=str(error))  # fmt: skip
-        return
-    await keeper.change(batch_id, ("validating",), status="in_progress",
-                        in_progress_at=time.time(), expires_at=expires_at,
-                        job_id=answer.get("job_id"))  # fmt: skip
 
 
 async def get_batch(batch_id: str, request: Request) -> dict[str, Any]:

@@ -109,7 +109,7 @@ def test_200_requests_complete_with_every_answer(fault_chain: FaultChain) -> Non
     batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
                                   completion_window="24h", metadata={"run": "e2e"})  # fmt: skip
     counts = batch.request_counts
-    assert batch.status == "in_progress" and counts is not None and counts.total == 200, batch
+    assert batch.status == "validating" and counts is not None and counts.total == 200, batch
     progress: list[int] = []
 
     def finished(batch: Any) -> bool:

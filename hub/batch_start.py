@@ -1,0 +1,46 @@
+"""A new batch's input sent to its agent in pieces, then its job submitted.
+
+Runs as a task of `hub.batch_service.Batches` (`launch`), so POST /v1/batches answers at
+once with `validating`; the batch becomes `in_progress` once the agent submitted the job,
+or `failed` with the agent's reason. A hub stopped meanwhile leaves it `validating`, which
+the poller fails after VALIDATING_STALE.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from hub.batch_finish import Keeper, lines
+from hub.batch_hop import AgentBatchError
+from hub.batch_lines import renamed_line
+
+
+async def _renamed(chunks: AsyncIterator[bytes], old: str, new: str) -> AsyncIterator[bytes]:
+    """The input with each line's body.model renamed to the upstream's name."""
+    async for line in lines(chunks):
+        yield renamed_line(line, ("body", "model"), old, new) + b"\n"
+
+
+async def start_batch(keeper: Keeper, row: dict[str, Any], target: str, expires_at: float) -> None:
+    batch_id, agent = row["id"], keeper.agent(row["upstream"], row["site"])
+    chunks = keeper.store.read(row["input_file_id"])
+    if target != row["model"]:
+        chunks = _renamed(chunks, row["model"], target)
+    spec = {
+        "service": target, "requests": row["total"], "user": row["user_name"],
+        "group": row["group_name"], "window_s": expires_at - row["created_at"],
+        "endpoint": row["endpoint"],
+    }  # fmt: skip
+    try:
+        size = await agent.send_input(batch_id, chunks, keeper.settings.transfer_chunk_bytes)
+        answer = await agent.submit(batch_id, spec | {"bytes": size})
+    except AgentBatchError as error:
+        errors = [{"code": "agent_refused", "message": str(error), "line": None}]
+        await keeper.change(batch_id, ("validating",), status="failed", failed_at=time.time(),
+                            errors=errors, message=str(error))  # fmt: skip
+        return
+    await keeper.change(batch_id, ("validating",), status="in_progress",
+                        in_progress_at=time.time(), expires_at=expires_at,
+                        job_id=answer.get("job_id"))  # fmt: skip
