@@ -190,6 +190,7 @@ class KeyCache:
         self._ttl = ttl
         self._max = max_entries
         self._entries: OrderedDict[str, tuple[float, KeyRecord | None]] = OrderedDict()
+        self._reading: dict[str, asyncio.Task[KeyRecord | None]] = {}
 
     async def lookup(self, presented: str, now: float) -> KeyRecord | None:
         """The record of a presented key if it is well-formed and its secret matches."""
@@ -197,6 +198,24 @@ class KeyCache:
         cached = self._entries.get(digest)
         if cached is not None and cached[0] > now:
             return cached[1]
+        # One database read per key at a time: thousands of requests of one key arriving as
+        # its entry expires wait for the same read, instead of queueing thousands of reads
+        # on the database (5000 streams at once: some waited past the statement timeout).
+        # The read is shielded: a cancelled caller does not cancel it for the others.
+        reading = self._reading.get(digest)
+        if reading is None:
+            reading = asyncio.create_task(self._read(presented, digest, now))
+            self._reading[digest] = reading
+            reading.add_done_callback(lambda task: self._read_done(digest, task))
+        return await asyncio.shield(reading)
+
+    def _read_done(self, digest: str, task: asyncio.Task[KeyRecord | None]) -> None:
+        if self._reading.get(digest) is task:
+            del self._reading[digest]
+        if not task.cancelled():
+            task.exception()  # the waiters raise it; none left must not log it as lost
+
+    async def _read(self, presented: str, digest: str, now: float) -> KeyRecord | None:
         key_id = key_id_of(presented)
         record = await self._store.get(key_id) if key_id is not None else None
         if record is not None and not hmac.compare_digest(digest, record.digest):
