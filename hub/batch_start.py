@@ -24,7 +24,31 @@ async def _renamed(chunks: AsyncIterator[bytes], old: str, new: str) -> AsyncIte
 
 
 async def start_batch(keeper: Keeper, row: dict[str, Any], target: str, expires_at: float) -> None:
-    batch_id, agent = row["id"], keeper.agent(row["upstream"], row["site"])
+    """Send and submit on the first site of the upstream that can be reached (in order)."""
+    batch_id, failures = row["id"], []
+    upstream = keeper.config.upstreams[row["upstream"]]
+    for site in range(len(getattr(upstream, "sites", [None]))):
+        try:
+            answer = await _send(keeper, row, site, target, expires_at)
+        except AgentBatchError as error:
+            failures.append(str(error))
+            if error.status == 503:  # this site cannot be reached: the next one may
+                continue
+            break
+        await keeper.change(batch_id, ("validating",), status="in_progress", site=site,
+                            in_progress_at=time.time(), expires_at=expires_at,
+                            job_id=answer.get("job_id"))  # fmt: skip
+        return
+    message = "; ".join(failures)
+    errors = [{"code": "agent_refused", "message": message, "line": None}]
+    await keeper.change(batch_id, ("validating",), status="failed", failed_at=time.time(),
+                        errors=errors, message=message)  # fmt: skip
+
+
+async def _send(
+    keeper: Keeper, row: dict[str, Any], site: int, target: str, expires_at: float
+) -> dict[str, Any]:
+    agent = keeper.agent(row["upstream"], site)
     chunks = keeper.store.read(row["input_file_id"])
     if target != row["model"]:
         chunks = _renamed(chunks, row["model"], target)
@@ -33,14 +57,5 @@ async def start_batch(keeper: Keeper, row: dict[str, Any], target: str, expires_
         "group": row["group_name"], "window_s": expires_at - row["created_at"],
         "endpoint": row["endpoint"],
     }  # fmt: skip
-    try:
-        size = await agent.send_input(batch_id, chunks, keeper.settings.transfer_chunk_bytes)
-        answer = await agent.submit(batch_id, spec | {"bytes": size})
-    except AgentBatchError as error:
-        errors = [{"code": "agent_refused", "message": str(error), "line": None}]
-        await keeper.change(batch_id, ("validating",), status="failed", failed_at=time.time(),
-                            errors=errors, message=str(error))  # fmt: skip
-        return
-    await keeper.change(batch_id, ("validating",), status="in_progress",
-                        in_progress_at=time.time(), expires_at=expires_at,
-                        job_id=answer.get("job_id"))  # fmt: skip
+    size = await agent.send_input(row["id"], chunks, keeper.settings.transfer_chunk_bytes)
+    return await agent.submit(row["id"], spec | {"bytes": size})
