@@ -39,6 +39,9 @@ PROXIED = (
     "messages",
     "rerank",
     "score",
+    "audio/transcriptions",
+    "audio/translations",
+    "audio/speech",
 )
 
 

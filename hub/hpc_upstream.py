@@ -194,7 +194,7 @@ class HpcUpstream:
         self, index: int, request: UpstreamRequest, stack: AsyncExitStack
     ) -> HopResponse:
         """The response of one site; HopUnavailable when it cannot take the request."""
-        headers = [("content-type", "application/json"), ("x-request-id", request.request_id)]
+        headers = [("content-type", request.content_type), ("x-request-id", request.request_id)]
         site, client = self._config.sites[index], self._clients[index]
         opened = client.stream(
             request.model,

@@ -92,6 +92,8 @@ class OpenAIUpstream:
     @asynccontextmanager
     async def stream(self, request: UpstreamRequest) -> AsyncIterator[UpstreamResponse]:
         headers = [*self._header_list, ("x-request-id", request.request_id)]
+        if request.content_type != "application/json":  # a multipart upload (audio)
+            headers = [(k, request.content_type if k == "content-type" else v) for k, v in headers]
         timeouts = self._config.timeouts
         opened = self._client.stream(
             request.method, self._url(request.path), headers, request.body, timeouts.connect

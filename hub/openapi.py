@@ -39,6 +39,9 @@ _FIELDS: dict[str, dict[str, Any]] = {
     },
     "rerank": {"query": {"type": "string"}, "documents": _TEXTS},
     "score": {"text_1": _TEXTS, "text_2": _TEXTS},
+    "audio/transcriptions": {"file": {"type": "string", "format": "binary"}},
+    "audio/translations": {"file": {"type": "string", "format": "binary"}},
+    "audio/speech": {"input": {"type": "string"}},
     "tokenize": {"prompt": {"type": "string"}},
     "detokenize": {"tokens": {"type": "array", "items": {"type": "integer"}}},
 }
@@ -75,9 +78,15 @@ def proxied_operation(endpoint: str) -> dict[str, Any]:
         "tags": ["openai"],
         "summary": f"{endpoint} (passed to the model's upstream)",
         "operationId": f"proxied_{endpoint.replace('/', '_')}",
-        "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
+        "requestBody": {"required": True, "content": {_media(endpoint): {"schema": body}}},
         "responses": {"200": answer, "4XX": error, "5XX": error},
     }
+
+
+def _media(endpoint: str) -> str:
+    """Audio uploads are multipart forms (model and file fields); the rest JSON."""
+    multipart = endpoint in ("audio/transcriptions", "audio/translations")
+    return "multipart/form-data" if multipart else "application/json"
 
 
 def add_proxied_paths(schema: dict[str, Any], paths: dict[str, str]) -> None:

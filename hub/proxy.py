@@ -28,14 +28,16 @@ from hub.auth import Principal
 from hub.config import ModelConfig
 from hub.endpoints import endpoint_name
 from hub.errors import ApiError, failure_answer
+from hub.multipart_body import model_field, renamed
 from hub.outcome import Outcome, finish
-from hub.request_body import parse_request, read_body, rewrite
+from hub.request_body import UpstreamBody, parse_request, read_body, rewrite
 from hub.services import HubServices
 from hub.upstream import Upstream, UpstreamError, UpstreamRequest
 
 log = logging.getLogger(__name__)
 
 UNAVAILABLE_RETRY_AFTER = 5  # seconds, when no upstream site is reachable
+AUDIO = ("audio/transcriptions", "audio/translations")  # multipart uploads
 
 
 async def serve_proxied(
@@ -92,12 +94,8 @@ async def handle(services: HubServices, request: Request, endpoint: str) -> Resp
     with tracing.phase("hub.auth"):
         principal = await services.auth.authenticate(headers, client, started_at)
     priority = request_class(request.headers)
-    raw = await read_body(request, services.config.max_body_bytes)
-    payload = parse_request(raw)
-    model = await resolve_model(services, principal, payload["model"])
-    check_endpoint(model, endpoint)
+    model, upstream_body, content_type = await _prepare(services, principal, request, endpoint)
     upstream = services.upstreams[model.upstream]
-    upstream_body = rewrite(payload, raw, model, endpoint, upstream.usage_per_chunk)
     outcome = Outcome(
         endpoint,
         model.id,
@@ -118,7 +116,28 @@ async def handle(services: HubServices, request: Request, endpoint: str) -> Resp
         services.metrics.rejected.labels("rate_limit").inc()
         finish(services, outcome)
         raise
-    return await _forward(services, upstream, outcome, upstream_body.body, limit_headers, priority)
+    body = upstream_body.body
+    return await _forward(services, upstream, outcome, body, limit_headers, priority, content_type)
+
+
+async def _prepare(
+    services: HubServices, principal: Principal, request: Request, endpoint: str
+) -> tuple[ModelConfig, UpstreamBody, str]:
+    """The model, the upstream's body and its content type. An audio upload is multipart:
+    only its `model` field is read (and renamed for an alias); the rest passes as sent."""
+    raw = await read_body(request, services.config.max_body_bytes)
+    if endpoint in AUDIO:
+        content_type = request.headers.get("content-type", "")
+        model_id, where = model_field(raw, content_type)
+        model = await resolve_model(services, principal, model_id)
+        check_endpoint(model, endpoint)
+        body = raw if model.target == model.id else renamed(raw, where, model.target)
+        return model, UpstreamBody(body, False, "none"), content_type
+    payload = parse_request(raw)
+    model = await resolve_model(services, principal, payload["model"])
+    check_endpoint(model, endpoint)
+    per_chunk = services.upstreams[model.upstream].usage_per_chunk
+    return model, rewrite(payload, raw, model, endpoint, per_chunk), "application/json"
 
 
 def _hold(services: HubServices, outcome: Outcome, limit_headers: dict[str, str]) -> AsyncExitStack:
@@ -145,6 +164,7 @@ async def _forward(
     body: bytes,
     limit_headers: dict[str, str],
     priority: str = "",
+    content_type: str = "application/json",
 ) -> Response:
     headers = {**limit_headers, "x-request-id": outcome.request_id}
     stack = _hold(services, outcome, limit_headers)
@@ -154,7 +174,7 @@ async def _forward(
         who = outcome.principal
         request = UpstreamRequest(
             "POST", path, body, outcome.target, outcome.request_id,
-            who.user or "", who.key_id or "", who.group or "", priority,
+            who.user or "", who.key_id or "", who.group or "", priority, content_type,
         )  # fmt: skip
         trace = tracing.upstream(stack, outcome.model, upstream.name)
         with trace.connect():

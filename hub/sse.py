@@ -50,7 +50,9 @@ def usage_of(payload: Any) -> Usage | None:
         usage = inner.get("usage") if isinstance(inner, dict) else None
         if not isinstance(usage, dict):
             return None
-    if "prompt_tokens" in usage:
+    if usage.get("type") == "duration":  # a transcription: seconds of audio, as prompt
+        prompt, completion = usage.get("seconds"), 0
+    elif "prompt_tokens" in usage:
         prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
     else:
         prompt, completion = _input_tokens(usage), usage.get("output_tokens", 0)

@@ -24,6 +24,7 @@ class UpstreamRequest:
     key_id: str = ""
     group: str = ""
     priority: str = ""  # "" (interactive) or "batch"
+    content_type: str = "application/json"  # multipart/form-data (with its boundary): audio
 
 
 @dataclass(frozen=True)

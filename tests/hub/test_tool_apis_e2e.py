@@ -19,6 +19,7 @@ import pytest
 import yaml
 from sqlalchemy import select
 
+from hpc.standin.shapes import AUDIO_BYTES_PER_SECOND
 from hub.storage import open_engine, usage
 from saia.sandbox.slurm import SlurmSandbox
 from tests.faults.chain import ChainError, FaultChain
@@ -29,6 +30,7 @@ FAST = ["--token-delay", "0.001"]
 SERVICES: list[dict[str, Any]] = [
     {"name": "coder", "server_args": FAST},
     {"name": "ranker", "server_args": FAST, "vllm": {"task": "score"}},
+    {"name": "listener", "server_args": FAST, "vllm": {"task": "transcription"}},
 ]
 ROW_WAIT = 10.0  # the hub writes usage every 0.2 s
 
@@ -151,6 +153,20 @@ async def test_rerank_and_score_with_httpx(chain: FaultChain) -> None:
     assert counts(row) == (score.json()["usage"]["prompt_tokens"], 0) == (11, 0)
 
 
+async def test_audio_transcription_with_the_openai_sdk(chain: FaultChain) -> None:
+    client = openai.AsyncOpenAI(base_url=f"{chain.hub_url}/v1", api_key=chain.keys[0])
+    audio = b"RIFF" + bytes(2 * AUDIO_BYTES_PER_SECOND)  # two seconds of 16 kHz PCM
+    raw = await client.audio.transcriptions.with_raw_response.create(
+        model="listener", file=("speech.wav", audio, "audio/wav")
+    )
+    assert raw.parse().text == f"transcribed {len(audio)} bytes of audio"
+    row = await usage_row(chain, raw.headers["x-request-id"])
+    # vLLM reports a transcription's usage as seconds of audio: counted as prompt tokens.
+    assert counts(row) == (2, 0) and row["endpoint"] == "audio/transcriptions"
+    with pytest.raises(openai.NotFoundError, match="does not serve /v1/audio/transcriptions"):
+        await client.audio.transcriptions.create(model="coder", file=("a.wav", audio))
+
+
 async def test_an_endpoint_a_service_does_not_serve_is_a_clear_404(chain: FaultChain) -> None:
     headers = {"authorization": f"Bearer {chain.keys[0]}"}
     async with httpx.AsyncClient(base_url=chain.hub_url, headers=headers, timeout=30) as http:
@@ -168,6 +184,7 @@ async def test_an_endpoint_a_service_does_not_serve_is_a_clear_404(chain: FaultC
     assert served == {
         "coder": ["chat", "completions", "responses", "messages", "tokenize"],
         "ranker": ["rerank", "score", "tokenize"],
+        "listener": ["transcriptions", "translations"],
     }
 
 
