@@ -42,7 +42,7 @@ class WindowBook:
         self._shared: dict[str, dict[Window, Shared]] = {}
         self._pending: dict[Slot, int] = {}
         self._sending: dict[Slot, int] = {}
-        self._used: dict[str, float] = {}  # subject -> last request (monotonic seconds)
+        self._used: dict[str, float] = {}  # subject -> its last request (epoch seconds)
 
     def known(self, subject: str) -> bool:
         return subject in self._shared

@@ -63,7 +63,7 @@ class CounterSync:
     async def sync(self) -> bool:
         """One sync; False (logged, counts kept) if the database failed."""
         now = time.time()
-        rows = self.book.take(window_starts(now), time.monotonic())
+        rows = self.book.take(window_starts(now), now)
         for first in range(0, len(rows), BATCH_ROWS):
             batch = rows[first : first + BATCH_ROWS]
             try:

@@ -212,3 +212,24 @@ def test_health_says_when_the_counters_are_not_shared() -> None:
     )
     status, body = health_report(None, "", writer, 1.0, 100.0, SyncStatus(False, 0, None, None))
     assert status == 503 and body["reason"] == "rate counter sync stopped"
+
+
+async def test_a_sync_forgets_idle_subjects_and_reads_the_others(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'hub.db'}"
+    engine = open_engine(url)
+    await upgrade(engine)
+    store = await CounterStore.open(url)
+    try:
+        now = time.time()
+        starts = window_starts(now)
+        await store.bump([("key:busy", w, starts[w], 7, 0) for w in WINDOWS])  # elsewhere
+        book = WindowBook(idle_after=60)
+        book.install(await store.bump([("key:idle", "minute", starts["minute"], 0, 0)]), now - 61)
+        book.install(await store.bump([("key:busy", "minute", starts["minute"], 0, 0)]), now)
+        book.add("key:busy", starts, now)
+        assert await CounterSync(book, store, BY_HAND).sync()
+        assert not book.known("key:idle") and book.known("key:busy")
+        assert book.counts("key:busy", starts).requests["hour"] == 9  # 7 + 1 + this one
+    finally:
+        await store.aclose()
+        await engine.dispose()
