@@ -120,7 +120,7 @@ class BackendRegistry:
             state.arrivals.popleft()
         return ServiceLoad(
             in_flight=sum(b.in_flight for b in state.backends.values()),
-            queued=state.queued,
+            queued=self.queued(service),  # the router's queue too: demand that scales up
             rate_per_s=len(state.arrivals) / RATE_WINDOW,
         )
 

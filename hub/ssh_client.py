@@ -35,6 +35,7 @@ from hub.hop_link import (
     connect,
 )
 from saia.base import protocol as wire
+from saia.base.handover import RETIRING_HEADER
 from saia.base.mux import Lost, StreamClosed, StreamState
 
 __all__ = [
@@ -97,6 +98,10 @@ class HopClient:
         self._supervisors: list[asyncio.Task[None]] = []
         self._changed = asyncio.Event()
         self._last_error = "not connected yet"
+        # A link whose agent is handing over to a new one (saia/base/handover.py): set when
+        # it retires, so its slot connects anew while it finishes its streams (_draining).
+        self._retired: dict[Link, tuple[float, asyncio.Event]] = {}
+        self._draining: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> HopClient:
         for slot in range(len(self._links)):
@@ -109,9 +114,10 @@ class HopClient:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        for task in self._supervisors:
+        tasks = [*self._supervisors, *self._draining]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._supervisors, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._supervisors.clear()
 
     # -- connections ------------------------------------------------------------------
@@ -144,17 +150,28 @@ class HopClient:
                 await asyncio.sleep(_backoff(failures))
 
     async def _serve(self, slot: int, link: Link) -> float:
-        """Serve requests on `link` until it ends; how long it lived."""
+        """Serve requests on `link` until it ends or retires; how long it lived."""
         self._links[slot] = link
         self._changed.set()
         started = time.monotonic()
+        retired = asyncio.Event()
+        self._retired[link] = (started, retired)
+        run = asyncio.create_task(self._run(link))
+        waiter = asyncio.create_task(retired.wait())
         try:
-            await link.run()
-        except Exception:  # a bug in the frame pump: reconnect rather than go silent
-            log.exception("hop connection to %s failed", self.target.host)
+            await asyncio.wait((run, waiter), return_when=asyncio.FIRST_COMPLETED)
         finally:
+            waiter.cancel()
             self._links[slot] = None
-            await link.close()
+            if retired.is_set():  # its agent restarts: it finishes its streams meanwhile
+                self._draining.add(run)
+                run.add_done_callback(self._draining.discard)
+            else:
+                run.cancel()
+                await asyncio.gather(run, return_exceptions=True)
+        if retired.is_set():
+            log.info("the agent on %s is restarting: connecting to the next one", self.target.host)
+            return STABLE_AFTER + 1  # at once, no back-off
         lived = time.monotonic() - started
         self._last_error = "the connection was lost; reconnecting"
         log.warning(
@@ -164,6 +181,24 @@ class HopClient:
             lived,
         )
         return lived
+
+    async def _run(self, link: Link) -> None:
+        try:
+            await link.run()
+        except Exception:  # a bug in the frame pump: reconnect rather than go silent
+            log.exception("hop connection to %s failed", self.target.host)
+        finally:
+            self._retired.pop(link, None)
+            await link.close()
+
+    def _retire(self, link: Link) -> None:
+        """The agent behind `link` hands over: no new streams on it, nor on the links
+        made before it (one login node, one agent); each slot connects anew."""
+        since = self._retired.get(link, (0.0, None))[0]
+        for other, (started, event) in list(self._retired.items()):
+            if started <= since and not event.is_set():
+                event.set()
+                self._links = [None if k is other else k for k in self._links]
 
     def _pick(self) -> Link | None:
         if len(self._links) == 1:  # the usual case
@@ -228,6 +263,9 @@ class HopClient:
         if item.type != wire.RESPONSE:
             raise HopError(f"the agent answered with {wire.describe(item)}")
         parsed = wire.parse_response(item.payload)
+        if parsed.status == 503 and any(name == RETIRING_HEADER for name, _ in parsed.headers):
+            self._retire(link)
+            raise HopLost("the agent is restarting")  # sent again on the new connection
         return HopResponse(parsed.status, parsed.headers, link, state)
 
     async def services(self) -> list[dict[str, Any]]:

@@ -39,6 +39,7 @@ from saia.base.mux import Channel
 log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT = 10.0
+RETIRE_POLL = 0.1  # how often a retiring router looks for idle connections
 MODELS_PATH = "/v1/models"
 SERVICES_PATH = "/saia/services"
 
@@ -58,6 +59,8 @@ class Router:
         self._closing = False
         self.max_streams = MAX_STREAMS  # per connection (tests lower these two)
         self.min_budget = MIN_BODY_BUDGET
+        self.retiring = False  # stopping: finish the streams in flight, refuse new ones
+        self._channels: dict[asyncio.Task[Any], Channel] = {}
 
     @property
     def config(self) -> AgentConfig:
@@ -67,7 +70,7 @@ class Router:
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
-        channel = Channel(reader, writer)
+        channel = self._channels[task] = Channel(reader, writer)
         try:
             async with asyncio.timeout(HELLO_TIMEOUT):
                 version = await channel.read_hello()
@@ -88,6 +91,21 @@ class Router:
         finally:
             channel.close()
             self._connections.discard(task)
+            self._channels.pop(task, None)
+
+    async def retire(self, grace: float) -> None:
+        """Hand over to the next agent: refuse new streams (the hub sends them again on a
+        new connection, to the next agent), close each connection once its streams are
+        done, and return when none is left or after `grace` seconds."""
+        self.retiring = self._closing = True
+        deadline = time.monotonic() + grace
+        while self._connections and time.monotonic() < deadline:
+            for task in list(self._connections):
+                if not self._channels[task].streams:
+                    task.cancel()  # idle: a request racing this is retried by the hub
+            await asyncio.sleep(RETIRE_POLL)
+        if self._connections:
+            log.warning("cutting %d connection(s) after %.0f s", len(self._connections), grace)
 
     async def close(self) -> None:
         self._closing = True
@@ -152,6 +170,13 @@ class Router:
         }
 
 
+def unlink_if_ours(path: Path, inode: int) -> None:
+    """Remove the socket file only if it is still the one this process bound."""
+    with contextlib.suppress(OSError):
+        if path.stat().st_ino == inode:
+            path.unlink()
+
+
 async def _listen(router: Router, path: Path) -> asyncio.AbstractServer:
     """Bind under a temporary name, restrict it to the owner, then move it in place."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -167,9 +192,12 @@ async def _listen(router: Router, path: Path) -> asyncio.AbstractServer:
 
 
 async def serve_requests(
-    config: AgentConfig | Callable[[], AgentConfig], registry: BackendRegistry
+    config: AgentConfig | Callable[[], AgentConfig],
+    registry: BackendRegistry,
+    retire_grace: float = 0.0,
 ) -> None:
-    """Serve hop channels on `<state_dir>/agent.sock` until cancelled.
+    """Serve hop channels on `<state_dir>/agent.sock` until cancelled; then, with
+    `retire_grace`, finish the streams in flight (`Router.retire`) before closing.
 
     `config` may be a function returning the current config (the agent's, which a reload
     replaces); the socket path and `router` settings are read once, at start.
@@ -182,11 +210,15 @@ async def serve_requests(
     ) as http:
         router = Router(current, registry, Forwarder(http, registry, start.router))
         server = await _listen(router, path)
+        ours = path.stat().st_ino
         log.info("router listening on %s", path)
         try:
             await asyncio.Event().wait()
         finally:
             server.close()
-            await router.close()
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+            unlink_if_ours(path, ours)  # the next agent may have bound it already
+            try:
+                if retire_grace:
+                    await router.retire(retire_grace)
+            finally:
+                await router.close()

@@ -17,6 +17,7 @@ from hpc.config import AgentConfig
 from hpc.router.forwarding import Rejection, error_body
 from saia.base import mux
 from saia.base import protocol as wire
+from saia.base.handover import RETIRING_HEADER
 from saia.base.mux import Channel, StreamClosed, StreamState
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class Answerer(Protocol):
 
     max_streams: int
     min_budget: int
+    retiring: bool  # the agent is stopping: new streams go to the next agent
 
     @property
     def config(self) -> AgentConfig: ...
@@ -163,6 +165,10 @@ class Session:
         if stream <= self.last_id:
             raise wire.ProtocolError(f"stream id {stream} reused")
         self.last_id = stream
+        if self.router.retiring:
+            retry = [(RETIRING_HEADER, "1")]  # the hub resends it on a new connection
+            self.refuse(stream, "agent_restarting", "the agent is restarting", retry)
+            return
         if len(self.channel.streams) >= self.router.max_streams:
             self.refuse(stream, "too_many_streams", "too many concurrent requests")
             return
@@ -179,9 +185,11 @@ class Session:
         self.held += cost
         self.incoming[stream] = Incoming(self.channel.open(stream), head, cost)
 
-    def refuse(self, stream: int, code: str, message: str) -> None:
+    def refuse(
+        self, stream: int, code: str, message: str, extra: list[tuple[str, str]] | None = None
+    ) -> None:
         """A retryable 503 for a stream never opened (no state kept; counted by the mux)."""
-        headers = [*JSON_HEADERS, ("retry-after", "1")]
+        headers = [*JSON_HEADERS, ("retry-after", "1"), *(extra or [])]
         body = error_body(message, "service_unavailable", code)
         self.channel.answer(
             wire.encode_response(stream, wire.ResponseHead(503, headers))

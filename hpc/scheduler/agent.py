@@ -23,6 +23,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -32,6 +33,7 @@ from hpc.jobs.system import JobInfo, JobSystem, JobTag, Submission, private_dir
 from hpc.registry import Backend, BackendRegistry
 from hpc.router.server import serve_requests
 from hpc.scheduler.episode import Episode
+from hpc.scheduler.handover import hand_over
 from hpc.scheduler.health import HealthMonitor, ProbeTarget
 from hpc.scheduler.leader import LOCK_FILE, LeaderLock
 from hpc.scheduler.live import LiveState
@@ -50,13 +52,14 @@ from hpc.scheduler.policy import (
     after_failure,
     decide,
 )
-from hpc.scheduler.state import AgentState, JobRecord, StateError, agent_id, load_state
+from hpc.scheduler.state import AgentState, JobRecord, agent_id, restore_state
 from hpc.scheduler.status import AgentStatus, build_status, write_status
 
 log = logging.getLogger(__name__)
 
 Render = Callable[[ServiceConfig], Submission]
 JobSystemFactory = Callable[[AgentConfig, JobTag], JobSystem]
+HANDOVER_GRACE = 900.0  # at most this long for the streams in flight when stopping
 IMMEDIATE_STEPS = 3  # re-decide at once after acting, but never spin
 EXIT_DRAIN_WAIT = 60.0  # --drain-on-exit: how long to wait for cancelled jobs to end
 
@@ -87,6 +90,7 @@ class Agent:
         self._slurm_outage = Episode(log, "Slurm answers again after %.0f s")
         self._write_outage = Episode(log, "the agent's state is written again after %.0f s")
         self._wake = asyncio.Event()
+        self._handed_over = False
 
     @property
     def config(self) -> AgentConfig:
@@ -94,8 +98,10 @@ class Agent:
         return self.live.config
 
     # -- lifetime -------------------------------------------------------------------
-    async def run(self) -> None:
-        """Until cancelled: the scheduler loop, health probes, wake-ups and the router."""
+    async def run(self, hand_over: Callable[[], None] | None = None) -> None:
+        """Until cancelled: the scheduler loop, health probes, wake-ups and the router.
+        Then `hand_over()` at once, and the router finishes its streams (HANDOVER_GRACE)."""
+        grace = HANDOVER_GRACE if hand_over else 0.0
         limits = httpx.Limits(max_keepalive_connections=64, keepalive_expiry=30)
         async with (
             httpx.AsyncClient(limits=limits, trust_env=False) as client,
@@ -103,8 +109,15 @@ class Agent:
         ):
             group.create_task(self.health_monitor().run(client), name="health")
             group.create_task(self._forward_wakeups(), name="wakeups")
-            group.create_task(serve_requests(lambda: self.config, self.registry), name="router")
-            await self._schedule_loop()
+            router = serve_requests(lambda: self.config, self.registry, grace)
+            group.create_task(router, name="router")
+            try:
+                await self._schedule_loop()
+            finally:
+                if hand_over is not None:
+                    self._save(self.clock(), stopped=True)
+                    self._handed_over = True  # the next agent writes the state from now on
+                    hand_over()
 
     async def _schedule_loop(self) -> None:
         streak = 0
@@ -136,7 +149,8 @@ class Agent:
                 if not record.cancelled:
                     await self._cancel(Cancel(record.service, job_id, "agent exit with drain"))
             await self._wait_gone(EXIT_DRAIN_WAIT)
-        self._save(self.clock(), stopped=True)
+        if not self._handed_over:
+            self._save(self.clock(), stopped=True)
 
     async def _wait_gone(self, limit_s: float) -> None:
         """Wait (bounded) until the job system lists none of our jobs any more."""
@@ -330,15 +344,6 @@ def default_render(service: ServiceConfig, config: AgentConfig, tag: JobTag) -> 
     return render_job(service, config, tag)
 
 
-def restore_state(config: AgentConfig, ident: str) -> AgentState:
-    """The saved state; a corrupt file is reported and the state rebuilt from Slurm."""
-    try:
-        return load_state(config.state_dir, ident)
-    except StateError as error:
-        log.error("%s; rebuilding from Slurm", error)
-        return AgentState(agent_id=ident)
-
-
 async def run_agent(
     config: AgentConfig,
     *,
@@ -354,7 +359,7 @@ async def run_agent(
     `config_path` is the file a reload (SIGHUP, `saia hpc reload`) re-reads.
     """
     private_dir(config.state_dir)  # keys, endpoints and the socket: ours alone
-    async with LeaderLock(config.state_dir / LOCK_FILE, standby_poll):
+    async with LeaderLock(config.state_dir / LOCK_FILE, standby_poll) as lock:
         ident = agent_id(config.state_dir)
         tag = JobTag(config.job_prefix, ident)
         render_with = render or default_render
@@ -363,14 +368,15 @@ async def run_agent(
             config,
             jobs,
             registry or BackendRegistry(),
-            restore_state(config, ident),
+            restore_state(config.state_dir, ident),
             render=lambda service: render_with(service, agent.config, tag),
             config_path=config_path,
         )
         log.info("agent %s leads in %s (pid %d)", ident, config.state_dir, os.getpid())
         try:
             with operator_signals(config.state_dir, agent.wake):
-                await agent.run()
+                # Stopping (not draining): the next agent may lead while our streams finish.
+                await agent.run(None if drain_on_exit else partial(hand_over, config, lock))
         finally:
             await agent.shutdown(drain_on_exit)
             await jobs.aclose()

@@ -13,6 +13,7 @@ corrupt state file must not lose it, or the next agent could not adopt its jobs.
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +21,8 @@ from typing import Any
 
 from hpc.jobs.system import write_atomic
 from hpc.scheduler.policy import Backoff, LoadSample
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "agent-state.json"
 AGENT_ID_FILE = "agent-id"
@@ -131,6 +134,15 @@ def load_state(state_dir: Path, expected_id: str) -> AgentState:
     if state.agent_id != expected_id:
         raise StateError(f"{path}: agent id {state.agent_id} does not match {expected_id}")
     return state
+
+
+def restore_state(state_dir: Path, ident: str) -> AgentState:
+    """The saved state; a corrupt file is reported and the state rebuilt from Slurm."""
+    try:
+        return load_state(state_dir, ident)
+    except StateError as error:
+        log.error("%s; rebuilding from Slurm", error)
+        return AgentState(agent_id=ident)
 
 
 def save_state(state_dir: Path, state: AgentState) -> None:

@@ -56,3 +56,28 @@ def test_load_samples_survive_the_state_file_and_old_files_have_none(tmp_path: P
     assert load_state(tmp_path, "abc") == state
     old = (tmp_path / STATE_FILE).read_text().replace('"loads"', '"unused"')
     assert AgentState.from_json(old).loads == {}
+
+
+class Waiting:
+    """The router's queue as the registry reads it (hpc/router/slots.py attaches one)."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def oldest_arrival(self) -> float | None:
+        return 0.0 if self.count else None
+
+
+def test_requests_in_the_routers_queue_are_load_that_scales_up() -> None:
+    # Since the router queues requests for a backend slot, the waiting ones were missing
+    # from the scaling signal: 6 clients at target_concurrency 2 never got a 2nd instance.
+    import time
+
+    from hpc.registry import BackendRegistry
+
+    registry = BackendRegistry()
+    registry.attach_queue(SERVICE, Waiting(4), lambda: None)
+    assert registry.load(SERVICE, time.monotonic()).queued == 4
