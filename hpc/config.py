@@ -140,9 +140,7 @@ class VllmOptions(Strict):
     enable_auto_tool_choice: bool = False
     """--enable-auto-tool-choice (needs tool_call_parser)"""
     task: Literal["generate", "embed", "score", "transcription"] = "generate"
-    """generate: chat, completions, Responses and Messages; embed: /v1/embeddings; score: a
-    reranker (/v1/rerank, /v1/score; both pooling: --runner pooling); transcription: a
-    speech-to-text model (/v1/audio/transcriptions and translations)"""
+    """what the server does; sets the default endpoints (embed and score: --runner pooling)"""
     enforce_eager: bool = False
     """--enforce-eager: no CUDA graphs (faster start, slower decoding)"""
     scheduling_policy: Literal["fcfs", "priority"] | None = None
@@ -222,9 +220,7 @@ class ServiceConfig(Strict):
     output: list[str] = Field(default_factory=lambda: ["text"])
     """output modalities announced in /v1/models, e.g. [text, thought]"""
     endpoints: list[Endpoint] | None = None
-    """endpoints served (chat, completions, embeddings, responses, messages, rerank, score,
-    transcriptions, translations, speech, tokenize), published in /v1/models and enforced by
-    the router; None: those of vllm.task"""
+    """endpoints served, published in /v1/models and enforced by the router; None: vllm.task's"""
 
     @field_validator("name")
     @classmethod

@@ -182,8 +182,7 @@ class ModelConfig(Strict):
     output: list[str] | None = None
     """output modalities in /v1/models, e.g. [text, thought]; None: the agent's, else [text]"""
     endpoints: list[Endpoint] | None = None
-    """endpoints served, announced in /v1/models and refused (404) otherwise; None: what the
-    agent says (an hpc upstream), else chat, completions, embeddings, responses"""
+    """endpoints served (others: 404), in /v1/models; None: the agent's, else DEFAULT_ENDPOINTS"""
     hooks: HooksConfig = Field(default_factory=HooksConfig)
     """request rewriting for this model"""
 
