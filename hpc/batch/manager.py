@@ -34,6 +34,7 @@ PREFIX = "/saia/batches/"
 CHUNK = 256 * 1024
 LOG_TAIL = 16 * 1024
 JSON = [("content-type", "application/json")]
+LIST_TTL = 1.0  # seconds one squeue answers every status question
 
 
 class Sink(Protocol):
@@ -91,6 +92,7 @@ class BatchManager:
         self._config = config
         self._make_jobs = jobs
         self._jobs: JobSystem | None = None
+        self._list: tuple[float, dict[str, Any]] | None = None  # (when, job id -> JobInfo)
 
     @property
     def config(self) -> AgentConfig:
@@ -190,6 +192,7 @@ class BatchManager:
         except JobScriptError as error:
             raise BatchError(400, "bad_service", str(error)) from None
         job_id = await self._submit(submission)
+        self._list = None  # the next status sees the new job
         record = {
             **spec, "job_id": job_id, "service": service.name, "submitted_at": time.time(),
             "time_limit_s": plan.time_limit_s, "account": plan.account, "qos": plan.qos,
@@ -221,11 +224,7 @@ class BatchManager:
         if spec is None:
             raise BatchError(404, "batch_not_found", f"no batch {batch_id} here")
         folder, job_id = self.folder(batch_id), str(spec["job_id"])
-        try:
-            listed = {job.job_id: job for job in await self.jobs().list_jobs()}
-        except Exception as error:
-            raise BatchError(503, "slurm_unavailable", f"Slurm did not answer: {error}") from None
-        job = listed.get(job_id)
+        job = (await self._listed()).get(job_id)
         state = batch_state(
             job.state if job else None, _exit_code(folder), (folder / "cancel").exists()
         )
@@ -233,11 +232,25 @@ class BatchManager:
         return {"state": state.state, "message": state.message, "job_id": job_id,
                 "completed": done, "total": spec.get("requests")}  # fmt: skip
 
+    async def _listed(self) -> dict[str, Any]:
+        """Slurm's list of our batch jobs, one squeue per LIST_TTL however many batches the
+        hub asks about (the hub polls each batch in turn)."""
+        now = time.monotonic()
+        if self._list is not None and now - self._list[0] < LIST_TTL:
+            return self._list[1]
+        try:
+            listed = {job.job_id: job for job in await self.jobs().list_jobs()}
+        except Exception as error:
+            raise BatchError(503, "slurm_unavailable", f"Slurm did not answer: {error}") from None
+        self._list = (now, listed)
+        return listed
+
     async def cancel(self, batch_id: str) -> dict[str, Any]:
         spec = self._spec(batch_id)
         if spec is None:
             raise BatchError(404, "batch_not_found", f"no batch {batch_id} here")
         write_atomic(self.folder(batch_id) / "cancel", "1\n")
+        self._list = None
         try:
             await self.jobs().cancel(str(spec["job_id"]))
         except Exception as error:
