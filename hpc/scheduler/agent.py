@@ -33,7 +33,7 @@ from hpc.jobs.system import JobInfo, JobSystem, JobTag, Submission, private_dir
 from hpc.registry import Backend, BackendRegistry
 from hpc.router.server import serve_requests
 from hpc.scheduler.episode import Episode
-from hpc.scheduler.handover import hand_over
+from hpc.scheduler.handover import HANDOVER_GRACE, hand_over
 from hpc.scheduler.health import HealthMonitor, ProbeTarget
 from hpc.scheduler.leader import LOCK_FILE, LeaderLock
 from hpc.scheduler.live import LiveState
@@ -59,7 +59,6 @@ log = logging.getLogger(__name__)
 
 Render = Callable[[ServiceConfig], Submission]
 JobSystemFactory = Callable[[AgentConfig, JobTag], JobSystem]
-HANDOVER_GRACE = 900.0  # at most this long for the streams in flight when stopping
 IMMEDIATE_STEPS = 3  # re-decide at once after acting, but never spin
 EXIT_DRAIN_WAIT = 60.0  # --drain-on-exit: how long to wait for cancelled jobs to end
 
@@ -99,9 +98,8 @@ class Agent:
 
     # -- lifetime -------------------------------------------------------------------
     async def run(self, hand_over: Callable[[], None] | None = None) -> None:
-        """Until cancelled: the scheduler loop, health probes, wake-ups and the router.
-        Then `hand_over()` at once, and the router finishes its streams (HANDOVER_GRACE)."""
-        grace = HANDOVER_GRACE if hand_over else 0.0
+        """Until cancelled: the scheduler loop, health probes, wake-ups and the router;
+        then `hand_over()` at once while the router finishes its streams (HANDOVER_GRACE)."""
         limits = httpx.Limits(max_keepalive_connections=64, keepalive_expiry=30)
         async with (
             httpx.AsyncClient(limits=limits, trust_env=False) as client,
@@ -109,8 +107,8 @@ class Agent:
         ):
             group.create_task(self.health_monitor().run(client), name="health")
             group.create_task(self._forward_wakeups(), name="wakeups")
-            router = serve_requests(lambda: self.config, self.registry, grace)
-            group.create_task(router, name="router")
+            grace = HANDOVER_GRACE if hand_over else 0.0
+            group.create_task(serve_requests(lambda: self.config, self.registry, grace))
             try:
                 await self._schedule_loop()
             finally:
@@ -375,7 +373,6 @@ async def run_agent(
         log.info("agent %s leads in %s (pid %d)", ident, config.state_dir, os.getpid())
         try:
             with operator_signals(config.state_dir, agent.wake):
-                # Stopping (not draining): the next agent may lead while our streams finish.
                 await agent.run(None if drain_on_exit else partial(hand_over, config, lock))
         finally:
             await agent.shutdown(drain_on_exit)

@@ -16,10 +16,12 @@ from hpc.scheduler.leader import LeaderLock
 from hpc.scheduler.operator_requests import remove_pid
 
 log = logging.getLogger(__name__)
+HANDOVER_GRACE = 900.0  # at most this long for the streams in flight when stopping
 
 
 def hand_over(config: AgentConfig, lock: LeaderLock) -> None:
-    """Let the next agent lead now; this one only finishes its streams from here on."""
+    """Let the next agent lead now; this one only finishes its streams from here on (not
+    when draining on exit: then the jobs go, and the streams with them)."""
     remove_pid(config.state_dir)
     lock.release()
     log.info("stopping: the next agent may lead; finishing the streams in flight")

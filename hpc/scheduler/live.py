@@ -210,6 +210,16 @@ class LiveState:
         if record is not None and record.operator_drain != OPERATOR_NOW:
             self._saved.jobs[job_id] = replace(record, operator_drain=how)
 
+    def withdraw_drain(self, job_id: str) -> list[str]:
+        """Clear a job's operator drain; its replacements not ready yet become ordinary
+        jobs (the scaling rules keep or cancel them). Returns their ids."""
+        jobs = self._saved.jobs
+        jobs[job_id] = replace(jobs[job_id], operator_drain="")
+        freed = [i for i, r in jobs.items() if r.replaces == job_id and r.ready_since is None]
+        for successor in freed:
+            jobs[successor] = replace(jobs[successor], replaces=None)
+        return freed
+
     def reload_failed(self, at: float, message: str) -> None:
         self._reloaded_at, self._reload_error = at, message
 

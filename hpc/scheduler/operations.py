@@ -48,6 +48,9 @@ def handle_requests(live: LiveState, reload: bool, config_path: Path | None, now
 
 def mark_drain(live: LiveState, request: DrainRequest) -> None:
     how = OPERATOR_NOW if request.now else OPERATOR_REPLACE
+    if request.withdraw:
+        withdraw_drain(live, request.job_id or "")
+        return
     if request.job_id is not None:
         record = live.jobs.get(request.job_id)
         if record is None or record.cancelled:
@@ -71,6 +74,19 @@ def mark_drain(live: LiveState, request: DrainRequest) -> None:
     for job_id in marked:
         live.operator_drain(job_id, how)
     log.info("operator drain of service %s (%s): jobs %s", service.name, how, marked)
+
+
+def withdraw_drain(live: LiveState, job_id: str) -> None:
+    """Take back a drain that has not started: the job serves on; a replacement that is
+    not ready is left to the scaling rules (surplus: cancelled, as a scale-down)."""
+    record = live.jobs.get(job_id)
+    if record is None or not record.operator_drain:
+        log.error("drain withdrawal: job %s has no drain requested", job_id)
+    elif record.draining or record.cancelled:
+        log.error("drain withdrawal: job %s is draining already", job_id)
+    else:
+        freed = live.withdraw_drain(job_id)
+        log.info("operator drain of job %s withdrawn; replacement(s) %s unlinked", job_id, freed)
 
 
 def reload_config(live: LiveState, path: Path | None, now: float) -> None:

@@ -46,6 +46,7 @@ class DrainRequest:
     job_id: str | None = None
     service: str | None = None
     now: bool = False
+    withdraw: bool = False  # take back a drain of `job_id` that has not started draining
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ def write_drain(state_dir: Path, request: DrainRequest) -> Path:
     """Write the drain request file; the agent picks it up at its next loop."""
     if request.job_id is not None:
         name = f"drain-{check_job_id(request.job_id)}.json"
-        body = {"job": request.job_id, "now": request.now}
+        body = {"job": request.job_id, "now": request.now, "withdraw": request.withdraw}
     elif request.service:
         digest = hashlib.sha256(request.service.encode()).hexdigest()[:16]
         name = f"drain-service-{digest}.json"  # service names may hold '/' or ':'
@@ -98,9 +99,11 @@ def parse_request(text: str) -> OperatorRequest:
     now = data.get("now", False)
     if not isinstance(now, bool):
         raise ValueError("'now' must be true or false")
-    job, service = data.get("job"), data.get("service")
+    job, service, withdraw = data.get("job"), data.get("service"), data.get("withdraw", False)
+    if not isinstance(withdraw, bool):
+        raise ValueError("'withdraw' must be true or false")
     if isinstance(job, str) and service is None:
-        return DrainRequest(job_id=check_job_id(job), now=now)
+        return DrainRequest(job_id=check_job_id(job), now=now, withdraw=withdraw)
     if isinstance(service, str) and service and job is None:
         return DrainRequest(service=service, now=now)
     raise ValueError("a drain request names one job or one service")

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from hpc.scheduler.live import LiveState
 
 STATUS_FILE = "status.json"
+DRAIN_WAIT_WARN = 60.0  # seconds a drain's replacement may pend before status says so
 VERSION = 1
 
 
@@ -263,8 +264,32 @@ def _job_status(live: LiveState, job_id: str) -> JobStatus | None:
     )
 
 
+def drain_waits(live: LiveState, service: str, now: float) -> list[str]:
+    """Operator drains whose replacement has been pending for DRAIN_WAIT_WARN: the
+    hand-over waits for it however long Slurm takes (a full partition), so say so."""
+    found = []
+    for job_id, record in live.jobs.items():
+        if record.replaces is None or live.jobs.get(record.replaces) is None:
+            continue
+        old, info = live.jobs[record.replaces], live.info(job_id)
+        waited = now - record.first_seen
+        pending = info is not None and not info.running and waited >= DRAIN_WAIT_WARN
+        if record.service == service and old.operator_drain and pending:
+            assert info is not None
+            found.append(
+                f"drain of job {record.replaces} waits for its replacement {job_id}, "
+                f"pending for {waited:.0f}s ({info.reason or 'no reason given'}); "
+                f"withdraw it with saia hpc drain {record.replaces} --cancel"
+            )
+    return found
+
+
 def _service_status(
-    live: LiveState, registry: BackendRegistry, service: ServiceConfig, jobs: list[JobStatus]
+    live: LiveState,
+    registry: BackendRegistry,
+    service: ServiceConfig,
+    jobs: list[JobStatus],
+    now: float,
 ) -> ServiceStatus:
     mine = [j for j in jobs if j.service == service.name and not j.cancelled]
     load = registry.load(service.name, time.monotonic())
@@ -281,7 +306,7 @@ def _service_status(
         rate_per_s=load.rate_per_s,
         min_instances=service.min_instances,
         max_instances=service.max_instances,
-        warnings=list(live.warnings(service.name)),
+        warnings=[*live.warnings(service.name), *drain_waits(live, service.name, now)],
         running=sum(j.running or 0 for j in mine),
         waiting=sum(j.waiting or 0 for j in mine),
         kv_cache_usage=sum(kv) / len(kv) if kv else None,
@@ -296,7 +321,7 @@ def build_status(
     """What `saia hpc status` shows, read from the agent's live state and the router's
     counts (nothing here changes either)."""
     jobs = [j for j in (_job_status(live, job_id) for job_id in live.jobs) if j]
-    services = [_service_status(live, registry, s, jobs) for s in live.config.services]
+    services = [_service_status(live, registry, s, jobs, now) for s in live.config.services]
     return AgentStatus(
         agent_id=live.agent_id,
         pid=os.getpid(),
