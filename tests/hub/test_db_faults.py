@@ -56,6 +56,7 @@ def flusher_alive() -> bool:
     return any(task.get_name() == "usage-flusher" for task in asyncio.all_tasks())
 
 
+@pytest.mark.faults
 async def test_a_lock_during_the_counter_prune_does_not_kill_accounting(
     tmp_path: Path,
     standin_server: str,
@@ -237,6 +238,7 @@ async def after_outage_checks(
     assert hub.services.recorder.status().dropped == 0
 
 
+@pytest.mark.faults
 async def test_a_locked_sqlite_gives_503_and_loses_no_usage(
     tmp_path: Path, standin_server: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -269,6 +271,7 @@ def own_postgres() -> Iterator[PostgresSandbox]:
 
 
 @pytest.mark.postgres
+@pytest.mark.faults
 async def test_a_stopped_postgresql_gives_503_and_loses_no_usage(
     tmp_path: Path,
     standin_server: str,

@@ -90,6 +90,7 @@ def upstream_config(sshd: SshdSandbox) -> HpcUpstreamConfig:
     return HpcUpstreamConfig(kind="hpc", sites=[site], timeouts=timeouts, services_ttl=0)
 
 
+@pytest.mark.faults
 async def test_a_killed_session_is_replaced_and_serves(
     sshd: SshdSandbox, standin_factory: Callable[..., StandinProcess]
 ) -> None:
@@ -109,6 +110,7 @@ async def test_a_killed_session_is_replaced_and_serves(
         await until(lambda: len(relays(sshd.state_dir)) == 1, 10, "the old relay still runs")
 
 
+@pytest.mark.faults
 async def test_requests_not_yet_answered_are_sent_again_after_a_drop(
     sshd: SshdSandbox, standin_factory: Callable[..., StandinProcess]
 ) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from sqlalchemy import func, select
 
 from hub.config import LimitsConfig
@@ -77,6 +78,7 @@ def start_hub(config: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
         )
 
 
+@pytest.mark.faults
 async def test_sigterm_mid_stream_writes_the_usage_once_and_exits(
     tmp_path: Path, standin_factory: Any
 ) -> None:
