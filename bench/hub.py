@@ -150,9 +150,10 @@ async def measure_sequential(
     """Sequential chats, alternating direct and each key in slices of 20."""
     times: dict[str, list[float]] = {name: [] for name in ("direct", *keys)}
     cpu = dict.fromkeys(keys, 0.0)
-    for _ in range(args.sequential // 20):
+    for slice_ in range(args.sequential // 20):
         times["direct"] += await sequential(client, urls["direct"], 20)
-        for name, key in keys.items():
+        order = list(keys.items())
+        for name, key in order if slice_ % 2 else reversed(order):  # neither always first
             before = cpu_seconds(hub_pid)
             times[name] += await sequential(client, urls["hub"], 20, key)
             cpu[name] += cpu_seconds(hub_pid) - before
