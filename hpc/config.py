@@ -221,6 +221,8 @@ class ServiceConfig(Strict):
     """output modalities announced in /v1/models, e.g. [text, thought]"""
     endpoints: list[Endpoint] | None = None
     """endpoints served, published in /v1/models and enforced by the router; None: vllm.task's"""
+    adapters: dict[str, str] = Field(default_factory=dict)
+    """LoRA adapters (model id -> path) the service's jobs load, each its own model id"""
 
     @field_validator("name")
     @classmethod
@@ -228,6 +230,11 @@ class ServiceConfig(Strict):
         if not SERVICE_NAME.match(value):
             raise ValueError("use letters, digits and . _ : / - (at most 128, no leading symbol)")
         return value
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapters(cls, value: dict[str, str]) -> dict[str, str]:
+        return {cls._name(name): path for name, path in value.items()}
 
     @field_validator("environment")
     @classmethod
@@ -369,7 +376,7 @@ class AgentConfig(Strict):
     def _unique(self) -> AgentConfig:
         seen: set[str] = set()
         for service in self.services:
-            for key in {service.name, service.model_id}:
+            for key in [*{service.name, service.model_id}, *service.adapters]:
                 if key in seen:
                     raise ValueError(f"service name {key!r} is used twice")
                 seen.add(key)
@@ -377,8 +384,8 @@ class AgentConfig(Strict):
 
     def service(self, name: str) -> ServiceConfig | None:
         for service in self.services:
-            if name in (service.name, service.model_id):
-                return service
+            if name in (service.name, service.model_id) or name in service.adapters:
+                return service  # an adapter's requests go to its base service's backends
         return None
 
 

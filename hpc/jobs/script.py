@@ -21,7 +21,7 @@ from pathlib import Path
 
 from hpc.config import AgentConfig, ServiceConfig
 from hpc.jobs.system import JobTag, Submission
-from hpc.jobs.vllm_args import build_vllm_args, container_binds
+from hpc.jobs.vllm_args import build_vllm_args, container_binds, lora_args
 from saia.base.durations import format_slurm_time
 
 TEMPLATE_PACKAGE = "slurm"
@@ -41,7 +41,7 @@ class JobScriptError(ValueError):
 
 
 def standin_args(service: ServiceConfig, config: AgentConfig) -> list[str]:
-    return list(service.server_args)
+    return [*lora_args(service), *service.server_args]  # the stand-in takes vLLM's LoRA flags
 
 
 # Per template: the server's own arguments (after host/port/model, which the body sets).

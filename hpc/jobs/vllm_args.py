@@ -9,6 +9,8 @@ keeps it out of `ps`.
 
 from __future__ import annotations
 
+import json
+
 from hpc.config import AgentConfig, ServiceConfig, VllmOptions
 
 
@@ -54,6 +56,19 @@ def option_args(options: VllmOptions) -> list[str]:
     return args
 
 
+def lora_args(service: ServiceConfig) -> list[str]:
+    """The service's LoRA adapters, each served under its own model id. JSON entries, as
+    vLLM 0.32's `--lora-modules` reads them: a path may hold `=` or `,`, which its older
+    `name=path` form would split. All may be active in one batch (`--max-loras`)."""
+    if not service.adapters:
+        return []
+    modules = [
+        json.dumps({"name": name, "path": path, "base_model_name": service.model_id})
+        for name, path in service.adapters.items()
+    ]
+    return ["--enable-lora", "--max-loras", str(len(modules)), "--lora-modules", *modules]
+
+
 def build_vllm_args(service: ServiceConfig, config: AgentConfig) -> list[str]:
     """Options after `vllm serve MODEL --host H --port P`, for the job script."""
     return [
@@ -61,6 +76,7 @@ def build_vllm_args(service: ServiceConfig, config: AgentConfig) -> list[str]:
         service.model_id,
         *parallel_args(service),
         *option_args(service.vllm),
+        *lora_args(service),
         *service.server_args,
     ]
 

@@ -140,7 +140,21 @@ class Router:
             if service is None:
                 raise Rejection(404, "model_not_found", f"model {only[:200]!r} is not served")
             services = [service]
-        return json.dumps({"object": "list", "data": [self.describe(s) for s in services]}).encode()
+        data = [entry for s in services for entry in self.entries(s)]
+        if only:
+            data = [entry for entry in data if entry["id"] == only] or data[:1]
+        return json.dumps({"object": "list", "data": data}).encode()
+
+    def entries(self, service: Any) -> list[dict[str, Any]]:
+        """The service's model, then each of its LoRA adapters as its own model id (with
+        the base's state: the same backends serve it), `parent` naming the base as vLLM's
+        own listing does."""
+        base = self.describe(service)
+        adapters = [
+            {**base, "id": name, "name": name, "parent": service.model_id}
+            for name in service.adapters
+        ]
+        return [base, *adapters]
 
     def describe(self, service: Any) -> dict[str, Any]:
         registry, name = self.registry, service.name

@@ -109,22 +109,23 @@ class Apis:
                     "type": "message",
                     "role": "assistant",
                     "content": [{"type": "text", "text": " ".join(tokens)}],
-                    "model": self.standin.model_name,
+                    "model": body.model,
                     "stop_reason": stop,
                     "usage": anthropic_usage(prompt_tokens, len(tokens)),
                 }
             )
-        chunks = self._message_events(ident, tokens, stop, prompt_tokens)
+        chunks = self._message_events((ident, body.model), tokens, stop, prompt_tokens)
         return StreamingResponse(chunks, media_type="text/event-stream")
 
     async def _message_events(
-        self, ident: str, tokens: list[str], stop: str, prompt_tokens: int
+        self, named: tuple[str, str], tokens: list[str], stop: str, prompt_tokens: int
     ) -> AsyncIterator[bytes]:
         """vLLM's order: message_start (prompt usage), one text block, message_delta (the
-        final usage), message_stop; `event:` lines name each."""
+        final usage), message_stop; `event:` lines name each. named: (id, model)."""
+        ident, model = named
         message: dict[str, Any] = {
             "id": ident, "type": "message", "role": "assistant", "content": [],
-            "model": self.standin.model_name, "stop_reason": None, "stop_sequence": None,
+            "model": model, "stop_reason": None, "stop_sequence": None,
             "usage": anthropic_usage(prompt_tokens, 0),
         }  # fmt: skip
         yield event("message_start", {"type": "message_start", "message": message})
@@ -159,9 +160,7 @@ class Apis:
         self.standin.prompt_tokens_total += tokens
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         ident = f"rerank-{uuid.uuid4().hex}"
-        return JSONResponse(
-            {"id": ident, "model": self.standin.model_name, "usage": usage, "results": results}
-        )
+        return JSONResponse({"id": ident, "model": body.model, "usage": usage, "results": results})
 
     async def score(self, request: Request) -> Response:
         body = ScoreRequest.model_validate(await self.json_body(request))
@@ -178,7 +177,7 @@ class Apis:
                 "id": f"score-{uuid.uuid4().hex}",
                 "object": "list",
                 "created": int(time.time()),
-                "model": self.standin.model_name,
+                "model": body.model,
                 "data": data,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0},
             }

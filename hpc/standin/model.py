@@ -5,6 +5,7 @@ One token per word; the answer echoes the prompt, so tests can predict every rep
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -159,3 +160,15 @@ class StreamShape:
 def sse(data: dict[str, Any] | str) -> bytes:
     text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
     return f"data: {text}\n\n".encode()
+
+
+def lora_module(text: str) -> tuple[str, str]:
+    """One `--lora-modules` entry as vLLM 0.32 reads it: JSON, else `name=path`."""
+    if "=" in text and "," not in text:
+        name, path = text.split("=", 1)
+        return name, path
+    try:
+        entry = json.loads(text)
+        return str(entry["name"]), str(entry["path"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise argparse.ArgumentTypeError(f"not name=path nor JSON: {text!r}") from error

@@ -49,6 +49,7 @@ from hpc.standin.model import (
     TokenizeRequest,
     chat_prompt,
     embedding,
+    lora_module,
     reply_tokens,
     sse,
     token_id,
@@ -77,8 +78,10 @@ class Standin:
         token_delay: float = 0.0,
         max_tokens_default: int = 64,
         max_running: int = 0,
+        adapters: dict[str, str] | None = None,
     ) -> None:
         self.model_name = model_name
+        self.adapters = adapters or {}  # LoRA adapters: answered under their own name
         self.api_key = api_key
         self.token_delay = token_delay
         self.max_tokens_default = max_tokens_default
@@ -107,7 +110,7 @@ class Standin:
                 self._slots.release()
 
     def check_model(self, model: str) -> None:
-        if model != self.model_name:
+        if model != self.model_name and model not in self.adapters:
             raise ApiError(404, f"The model `{model}` does not exist.", "model")
 
     def max_tokens(self, request: GenerationRequest) -> int:
@@ -127,7 +130,11 @@ class Standin:
             "parent": None,
             "max_model_len": MAX_MODEL_LEN,
         }
-        return JSONResponse({"object": "list", "data": [card]})
+        loras = [  # as vLLM lists an adapter: its path as root, the base model as parent
+            {**card, "id": name, "root": path, "parent": self.model_name}
+            for name, path in self.adapters.items()
+        ]
+        return JSONResponse({"object": "list", "data": [card, *loras]})
 
     async def metrics(self, request: Request) -> Response:
         label = json.dumps(self.model_name)
@@ -170,7 +177,7 @@ class Standin:
         return JSONResponse(
             {
                 "object": "list",
-                "model": self.model_name,
+                "model": body.model,
                 "data": data,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             }
@@ -204,7 +211,7 @@ class Standin:
             include_usage = bool(options and options.include_usage)
             continuous = bool(include_usage and options and options.continuous_usage_stats)
             created = int(time.time())
-            shape = StreamShape(ident, self.model_name, chat, include_usage, created, continuous)
+            shape = StreamShape(ident, body.model, chat, include_usage, created, continuous)
             chunks = self.stream(shape, tokens, finish, prompt_tokens)
             return StreamingResponse(chunks, media_type="text/event-stream")
         async with self.slot():
@@ -223,7 +230,7 @@ class Standin:
                 "id": ident,
                 "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()),
-                "model": self.model_name,
+                "model": body.model,
                 "choices": [choice],
                 "usage": usage(prompt_tokens, len(tokens)),
             }
@@ -346,6 +353,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--token-delay", type=float, default=0.0, help="seconds per token")
     parser.add_argument("--max-tokens-default", type=int, default=64)
     parser.add_argument("--max-running", type=int, default=0, help="0: no limit")
+    # vLLM's LoRA options: adapters as `name=path` or JSON ({"name": .., "path": ..}).
+    parser.add_argument("--lora-modules", nargs="+", default=[], type=lora_module)
+    parser.add_argument("--enable-lora", action="store_true")
+    parser.add_argument("--max-loras", type=int, default=1)
     parser.add_argument(
         "--middleware",
         action="append",
@@ -366,6 +377,7 @@ def main(argv: list[str] | None = None) -> None:
         token_delay=args.token_delay,
         max_tokens_default=args.max_tokens_default,
         max_running=args.max_running,
+        adapters=dict(args.lora_modules),
     )
     config = uvicorn.Config(
         build_app(standin, args.middleware),

@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slurm, pytest.mark.ssh]
 
 FAST = ["--token-delay", "0.001"]
 SERVICES: list[dict[str, Any]] = [
-    {"name": "coder", "server_args": FAST},
+    {"name": "coder", "server_args": FAST, "adapters": {"coder-sql": "/adapters/sql"}},
     {"name": "ranker", "server_args": FAST, "vllm": {"task": "score"}},
     {"name": "listener", "server_args": FAST, "vllm": {"task": "transcription"}},
 ]
@@ -183,6 +183,7 @@ async def test_an_endpoint_a_service_does_not_serve_is_a_clear_404(chain: FaultC
     served = {m["id"]: m["endpoints"] for m in models}
     assert served == {
         "coder": ["chat", "completions", "responses", "messages", "tokenize"],
+        "coder-sql": ["chat", "completions", "responses", "messages", "tokenize"],
         "ranker": ["rerank", "score", "tokenize"],
         "listener": ["transcriptions", "translations"],
     }
@@ -220,7 +221,7 @@ async def test_a_service_added_by_reload_is_served_without_a_hub_change(
     """Added to the agent's config and reloaded: the hub lists it within one observation
     cycle (poll_interval 0.5 s) and serves it under its own name; removed: it leaves."""
     hub_config = (chain.root / "hub.yaml").read_bytes()
-    added = {**chain.services[0], "name": "newcomer", "model": "newcomer"}
+    added = {**chain.services[0], "name": "newcomer", "model": "newcomer", "adapters": {}}
     headers = {"authorization": f"Bearer {chain.keys[0]}"}
     async with httpx.AsyncClient(base_url=chain.hub_url, headers=headers, timeout=30) as http:
         assert "newcomer" not in await listed(http)
@@ -241,3 +242,21 @@ async def test_a_service_added_by_reload_is_served_without_a_hub_change(
         gone = await http.post("/v1/chat/completions", json=body)
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
     assert (chain.root / "hub.yaml").read_bytes() == hub_config
+
+
+async def test_a_lora_adapter_is_its_own_model_served_by_its_base(chain: FaultChain) -> None:
+    """`coder-sql`, an adapter of `coder`: listed by the hub, answered by coder's job under
+    the adapter's name (the stand-in loads it from --lora-modules as vLLM does), and its
+    usage row is its own."""
+    client = openai.AsyncOpenAI(base_url=f"{chain.hub_url}/v1", api_key=chain.keys[0])
+    assert {"coder", "coder-sql"} <= {model.id async for model in client.models.list()}
+    raw = await client.chat.completions.with_raw_response.create(
+        model="coder-sql", messages=[{"role": "user", "content": "select all"}], max_tokens=2
+    )
+    answer = raw.parse()
+    assert answer.model == "coder-sql" and answer.usage is not None
+    assert answer.choices[0].message.content == "echo: select"
+    row = await usage_row(chain, raw.headers["x-request-id"])
+    assert (row["model"], *counts(row)) == ("coder-sql", answer.usage.prompt_tokens, 2)
+    jobs = {job.service for job in await chain.jobs()}
+    assert "coder-sql" not in jobs  # no job of its own: the base's serve it
