@@ -28,7 +28,7 @@ from hub.auth import Principal
 from hub.config import ModelConfig
 from hub.endpoints import endpoint_name
 from hub.errors import ApiError, failure_answer
-from hub.multipart_body import model_field, renamed
+from hub.multipart_body import read_model, read_rest, renamed, too_large
 from hub.outcome import Outcome, finish
 from hub.request_body import UpstreamBody, parse_request, read_body, rewrite
 from hub.services import HubServices
@@ -123,21 +123,36 @@ async def handle(services: HubServices, request: Request, endpoint: str) -> Resp
 async def _prepare(
     services: HubServices, principal: Principal, request: Request, endpoint: str
 ) -> tuple[ModelConfig, UpstreamBody, str]:
-    """The model, the upstream's body and its content type. An audio upload is multipart:
-    only its `model` field is read (and renamed for an alias); the rest passes as sent."""
-    raw = await read_body(request, services.config.max_body_bytes)
+    """The model, the upstream's body and its content type."""
     if endpoint in AUDIO:
-        content_type = request.headers.get("content-type", "")
-        model_id, where = model_field(raw, content_type)
-        model = await resolve_model(services, principal, model_id)
-        check_endpoint(model, endpoint)
-        body = raw if model.target == model.id else renamed(raw, where, model.target)
-        return model, UpstreamBody(body, False, "none"), content_type
+        return await _prepare_audio(services, principal, request, endpoint)
+    raw = await read_body(request, services.config.max_body_bytes)
     payload = parse_request(raw)
     model = await resolve_model(services, principal, payload["model"])
     check_endpoint(model, endpoint)
     per_chunk = services.upstreams[model.upstream].usage_per_chunk
     return model, rewrite(payload, raw, model, endpoint, per_chunk), "application/json"
+
+
+async def _prepare_audio(
+    services: HubServices, principal: Principal, request: Request, endpoint: str
+) -> tuple[ModelConfig, UpstreamBody, str]:
+    """An audio upload (multipart): read up to the end of its `model` field, so a client
+    that sends it first is refused before its upload is read; the model is renamed for an
+    alias, the rest passes as sent (read whole, bounded: the upstreams take bytes)."""
+    content_type, limit = request.headers.get("content-type", ""), services.config.max_body_bytes
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise too_large(limit)
+    chunks = request.stream()
+    model_id, where, pieces = await read_model(chunks, content_type, limit)
+    model = await resolve_model(services, principal, model_id)
+    check_endpoint(model, endpoint)
+    head = b"".join(pieces)
+    rest = await read_rest(chunks, len(head), limit)
+    if model.target != model.id:
+        head = renamed(head, where, model.target)
+    return model, UpstreamBody(head + rest, False, "none"), content_type
 
 
 def _hold(services: HubServices, outcome: Outcome, limit_headers: dict[str, str]) -> AsyncExitStack:
