@@ -13,11 +13,12 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from cloud_interface.relay import SOCKET_NAME
-from hpc.config import AgentConfig, RouterConfig, ServiceConfig
+from hpc.config import AgentConfig, FairnessConfig, RouterConfig, ServiceConfig
 from hpc.registry import Backend, BackendRegistry
 from hpc.router.server import serve_requests
 from hub.ssh_client import HopClient, HopError, HopTarget
@@ -81,7 +82,7 @@ async def running_router(config: AgentConfig, registry: BackendRegistry) -> Asyn
 
 
 @asynccontextmanager
-async def hop_chain(sshd: SshdSandbox, **router: float) -> AsyncIterator[Hop]:
+async def hop_chain(sshd: SshdSandbox, **router: Any) -> AsyncIterator[Hop]:
     config = AgentConfig(
         state_dir=sshd.state_dir,
         services=[ServiceConfig(name=MODEL, model=MODEL, display_name="Hop model")],
@@ -137,7 +138,9 @@ async def test_services_and_models_are_answered_by_the_agent(
 async def test_500_concurrent_streams_over_one_connection(
     sshd: SshdSandbox, standin_factory: Callable[..., StandinProcess]
 ) -> None:
-    async with hop_chain(sshd) as hop:
+    # One caller's 500 streams: transport capacity, not queue limits (defaults 256, 128).
+    fairness = FairnessConfig(max_queue_per_user=500)
+    async with hop_chain(sshd, max_queue=500, fairness=fairness) as hop:
         hop.publish(standin_factory(MODEL, token_delay=0.01))
 
         async def one() -> tuple[int, bytes]:
@@ -145,7 +148,8 @@ async def test_500_concurrent_streams_over_one_connection(
 
         async with asyncio.timeout(50):
             results = await asyncio.gather(*(one() for _ in range(500)))
-        assert [status for status, _ in results] == [200] * 500
+        bad = [body[:300] for status, body in results if status != 200][:3]
+        assert [status for status, _ in results] == [200] * 500, bad
         assert all(body.rstrip().endswith(b"[DONE]") for _, body in results)
         assert all(b'"object":"error"' not in body for _, body in results)
         assert "MaxSessions" not in sshd.config_path.read_text()
