@@ -22,7 +22,7 @@ from saia.base.mux import Channel, StreamClosed, StreamState
 
 log = logging.getLogger(__name__)
 
-MAX_STREAMS = 4096  # concurrent streams per channel
+MAX_STREAMS = 8192  # concurrent streams per channel (5000 long streams on one: issue 16)
 MIN_BODY_BUDGET = 64 * 1024 * 1024  # request bytes (heads and bodies) one connection may hold
 # Charged per stream on top of its head's bytes: the parsed objects (measured: a header
 # pair costs a tuple and two str objects, about 160 bytes even when both are empty).
