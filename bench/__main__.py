@@ -55,6 +55,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     add("--soak-tokens", type=int, default=2)
     add("--tiny", action="store_true", help="tiny sizes: a check of the wiring, not figures")
     add("--output", type=Path, default=RESULTS / "latest.json")
+    add("--keep", type=Path, help="run in this directory and keep it (logs, configs)")
     args = parser.parse_args(argv)
     if args.tiny:
         args.sequential, args.requests, args.rounds, args.streams = 20, 64, 1, 5
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{command}  (cores {os.cpu_count()}, open files {files}, load {load_average()})")
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="saia-bench-") as tmp:
-        chain = Chain(Path(tmp)).start()
+        chain = Chain(args.keep or Path(tmp)).start()
         try:
             with asyncio.Runner(loop_factory=new_loop()) as runner:
                 figures = runner.run(measure(chain, args))

@@ -53,6 +53,15 @@ def chat_body(model: str, tokens: int, stream: bool) -> bytes:
 Send = Callable[[Path, bytes], Awaitable[Answer]]
 
 
+def error_code(body: bytes) -> str:
+    """The `code` (else `type`) of an OpenAI error body, to tell refusals apart."""
+    try:
+        error = json.loads(body)["error"]
+        return str(error.get("code") or error.get("type"))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return body[:60].decode(errors="replace")
+
+
 class SaiaClient:
     """saia/base/http11.py's client (the one the router and the hub use)."""
 
@@ -63,17 +72,18 @@ class SaiaClient:
 
     async def send(self, path: Path, body: bytes) -> Answer:
         start = time.perf_counter()
-        first, events = 0.0, 0
+        first, events, last = 0.0, 0, b""
         try:
             url = f"{path.base_url}/v1/chat/completions"
             async with self.http.stream("POST", url, path.headers(), body) as response:
                 async for chunk in response.chunks(IDLE):
                     first = first or time.perf_counter() - start
                     events += chunk.count(b"data: ")
+                    last = chunk
         except (ConnectFailed, ResponseBroken, TimeoutError, OSError) as error:
             return Answer(False, time.perf_counter() - start, error=type(error).__name__)
         ok = response.status == 200
-        failure = "" if ok else f"HTTP {response.status}"
+        failure = "" if ok else f"HTTP {response.status} {error_code(last)}"
         return Answer(ok, time.perf_counter() - start, first, events, failure)
 
     async def aclose(self) -> None:
