@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -172,7 +172,10 @@ class HpcUpstream:
         A site whose connection broke after the request went out but before any of the
         answer came back (HopLost) is tried once more, after the other sites: its client
         reconnects at once, and the client saw nothing of the answer, so it loses nothing.
+        A streamed body (an upload) is sent once: once a piece of it went out, no retry.
         """
+        if not isinstance(request.body, bytes):
+            request = replace(request, body=_OnePass(request.body))
         failures: list[str] = []
         now = asyncio.get_running_loop().time()
         queue = deque(site_order(self._failed_at, now, FAILED_SITE_COOLDOWN))
@@ -184,6 +187,8 @@ class HpcUpstream:
             except HopUnavailable as error:
                 self._failed_at[index] = asyncio.get_running_loop().time()
                 failures.append(f"{self._config.sites[index].host}: {error}")
+                if isinstance(request.body, _OnePass) and request.body.started:
+                    break
                 if isinstance(error, HopLost) and index not in retried:
                     retried.add(index)
                     queue.append(index)
@@ -246,3 +251,16 @@ class HpcUpstream:
             return []
         self._failed_at[index] = None
         return services
+
+
+class _OnePass:
+    """A body that streams in, which can be sent once: `started` when a piece was asked."""
+
+    __slots__ = ("_pieces", "started")
+
+    def __init__(self, pieces: AsyncIterable[bytes]) -> None:
+        self._pieces, self.started = pieces, False
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        self.started = True
+        return aiter(self._pieces)

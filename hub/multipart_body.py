@@ -139,13 +139,14 @@ def too_large(limit: int) -> ApiError:
     return ApiError(413, f"request body larger than {limit} bytes", code="body_too_large")
 
 
-async def read_rest(chunks: AsyncIterator[bytes], size: int, limit: int) -> bytes:
-    """The rest of the body after `size` bytes read, up to `limit` bytes in all (the
-    upstreams take a body whole)."""
-    pieces: list[bytes] = []
+async def whole_body(
+    head: bytes, size: int, chunks: AsyncIterator[bytes], limit: int
+) -> AsyncIterator[bytes]:
+    """The body as it streams on: the (renamed) head, then the pieces still to come; up to
+    `limit` bytes received in all, `size` of them already (a rename changes no bound)."""
+    yield head
     async for chunk in chunks:
         size += len(chunk)
         if size > limit:
             raise too_large(limit)
-        pieces.append(chunk)
-    return b"".join(pieces)
+        yield chunk

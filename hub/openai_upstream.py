@@ -95,8 +95,11 @@ class OpenAIUpstream:
         if request.content_type != "application/json":  # a multipart upload (audio)
             headers = [(k, request.content_type if k == "content-type" else v) for k, v in headers]
         timeouts = self._config.timeouts
+        body = request.body
+        if not isinstance(body, bytes):  # an upload: saia/base/http11.py sends bytes
+            body = b"".join([piece async for piece in body])
         opened = self._client.stream(
-            request.method, self._url(request.path), headers, request.body, timeouts.connect
+            request.method, self._url(request.path), headers, body, timeouts.connect
         )
         async with AsyncExitStack() as stack:
             try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import AsyncIterable
 from contextlib import AsyncExitStack
 
 from starlette.requests import ClientDisconnect, Request
@@ -28,7 +29,7 @@ from hub.auth import Principal
 from hub.config import ModelConfig
 from hub.endpoints import endpoint_name
 from hub.errors import ApiError, failure_answer
-from hub.multipart_body import read_model, read_rest, renamed, too_large
+from hub.multipart_body import read_model, renamed, too_large, whole_body
 from hub.outcome import Outcome, finish
 from hub.request_body import UpstreamBody, parse_request, read_body, rewrite
 from hub.services import HubServices
@@ -139,7 +140,7 @@ async def _prepare_audio(
 ) -> tuple[ModelConfig, UpstreamBody, str]:
     """An audio upload (multipart): read up to the end of its `model` field, so a client
     that sends it first is refused before its upload is read; the model is renamed for an
-    alias, the rest passes as sent (read whole, bounded: the upstreams take bytes)."""
+    alias, and the rest streams on to the upstream as the client sends it (bounded)."""
     content_type, limit = request.headers.get("content-type", ""), services.config.max_body_bytes
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
@@ -149,10 +150,10 @@ async def _prepare_audio(
     model = await resolve_model(services, principal, model_id)
     check_endpoint(model, endpoint)
     head = b"".join(pieces)
-    rest = await read_rest(chunks, len(head), limit)
+    size = len(head)
     if model.target != model.id:
         head = renamed(head, where, model.target)
-    return model, UpstreamBody(head + rest, False, "none"), content_type
+    return model, UpstreamBody(whole_body(head, size, chunks, limit), False, "none"), content_type
 
 
 def _hold(services: HubServices, outcome: Outcome, limit_headers: dict[str, str]) -> AsyncExitStack:
@@ -176,7 +177,7 @@ async def _forward(
     services: HubServices,
     upstream: Upstream,
     outcome: Outcome,
-    body: bytes,
+    body: bytes | AsyncIterable[bytes],
     limit_headers: dict[str, str],
     priority: str = "",
     content_type: str = "application/json",

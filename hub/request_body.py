@@ -9,6 +9,7 @@ that read them as false would let a stream pass unmetered), so anything but a JS
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,7 @@ USAGE_OPTION_STREAMS = ("chat/completions", "completions")
 
 @dataclass(frozen=True)
 class UpstreamBody:
-    body: bytes
+    body: bytes | AsyncIterable[bytes]  # pieces: an upload that streams on (audio)
     stream: bool
     usage_wish: UsageWish
 

@@ -21,7 +21,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from types import TracebackType
 from typing import Any
 
@@ -36,7 +36,7 @@ from hub.hop_link import (
 )
 from saia.base import protocol as wire
 from saia.base.handover import RETIRING_HEADER
-from saia.base.mux import Lost, StreamClosed, StreamState
+from saia.base.mux import Channel, Lost, StreamClosed, StreamState
 
 __all__ = [
     "HopClient",
@@ -229,7 +229,7 @@ class HopClient:
         method: str,
         path: str,
         headers: list[tuple[str, str]],
-        body: bytes,
+        body: bytes | AsyncIterable[bytes],
         *,
         first_byte_timeout: float,
         caller: wire.Caller | None = None,
@@ -237,18 +237,27 @@ class HopClient:
     ) -> HopStream:
         """`async with client.stream(...) as response`: one request stream; `caller` (who
         sent it, its class) and `traceparent` (the hub's span) go in the head, where only
-        the hub can set them."""
+        the hub can set them. `body`: bytes, or pieces that stream in (an upload), each sent
+        as the agent's credit allows; the first byte is waited for once all are sent."""
         who = caller or wire.Caller()
         head = wire.RequestHead(service, method, path, list(headers), who, traceparent)
         return HopStream(self, head, body, first_byte_timeout)
 
     async def _exchange(
-        self, link: Link, state: StreamState, head: wire.RequestHead, body: bytes
+        self,
+        link: Link,
+        state: StreamState,
+        head: wire.RequestHead,
+        body: bytes | AsyncIterable[bytes],
+        budget: asyncio.Timeout,
     ) -> HopResponse:
         channel = link.channel
         try:
             channel.send(wire.encode_request(state.id, head))
-            await channel.send_data(state, body)
+            if isinstance(body, bytes):
+                await channel.send_data(state, body)
+            else:
+                await _send_pieces(channel, state, body, budget)
             channel.send(wire.encode_end(state.id))
         except StreamClosed:
             raise HopLost("the connection to the login node was lost") from None
@@ -299,7 +308,11 @@ class HopStream:
     __slots__ = ("_body", "_client", "_head", "_link", "_response", "_state", "_timeout")
 
     def __init__(
-        self, client: HopClient, head: wire.RequestHead, body: bytes, first_byte_timeout: float
+        self,
+        client: HopClient,
+        head: wire.RequestHead,
+        body: bytes | AsyncIterable[bytes],
+        first_byte_timeout: float,
     ) -> None:
         self._client, self._head, self._body = client, head, body
         self._timeout = first_byte_timeout
@@ -315,8 +328,9 @@ class HopStream:
             raise HopLost("the connection to the login node was lost") from None
         try:
             try:
-                async with asyncio.timeout(self._timeout):
-                    response = await self._client._exchange(link, state, self._head, self._body)
+                async with asyncio.timeout(self._timeout) as budget:
+                    exchange = self._client._exchange(link, state, self._head, self._body, budget)
+                    response = await exchange
             except TimeoutError:
                 raise HopTimeout(f"no response within {self._timeout:.0f} s") from None
         except BaseException:
@@ -336,6 +350,22 @@ class HopStream:
         if response is None or not response.finished:
             link.channel.send(wire.encode_frame(wire.CANCEL, state.id))
         link.channel.discard(state)
+
+
+async def _send_pieces(
+    channel: Channel, state: StreamState, body: AsyncIterable[bytes], budget: asyncio.Timeout
+) -> None:
+    """A body that streams in: the hub holds one piece at a time (the mux's flow control
+    paces it to the agent). The client's pace is bounded by the hub server's body timeouts,
+    so the first-byte timeout is held while sending and starts anew after the last piece."""
+    loop = asyncio.get_running_loop()
+    deadline = budget.when()
+    limit = None if deadline is None else deadline - loop.time()
+    budget.reschedule(None)
+    async for piece in body:
+        if piece:
+            await channel.send_data(state, piece)
+    budget.reschedule(None if limit is None else loop.time() + limit)
 
 
 def _backoff(failures: int) -> float:

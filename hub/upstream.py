@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -15,7 +15,7 @@ ModelStatus = Literal["ready", "loading", "offline"]
 class UpstreamRequest:
     method: str
     path: str  # e.g. /v1/chat/completions (or /tokenize)
-    body: bytes
+    body: bytes | AsyncIterable[bytes]  # pieces: an upload streamed on (sent only once)
     model: str  # the upstream's name for the model
     request_id: str
     # Who asks (from the hub's authentication) and the request class: an HPC upstream

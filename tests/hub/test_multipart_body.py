@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from hub.errors import ApiError
-from hub.multipart_body import ModelPart, read_model, read_rest, renamed
+from hub.multipart_body import ModelPart, read_model, renamed, whole_body
 
 BOUNDARY = "b0undary-xyz"
 CONTENT_TYPE = f"multipart/form-data; boundary={BOUNDARY}"
@@ -71,9 +71,17 @@ async def test_reading_stops_at_the_model_when_it_comes_first() -> None:
     chunks = chunks_of(body, 1000, pulled)
     model, where, head = await read_model(chunks, CONTENT_TYPE, limit=1_000_000)
     assert model == "whisper-1" and sum(pulled) <= 1000
-    rest = await read_rest(chunks, sum(map(len, head)), limit=1_000_000)
-    assert b"".join(head) + rest == body
+    start = b"".join(head)
+    streamed = [piece async for piece in whole_body(start, len(start), chunks, 1_000_000)]
+    assert b"".join(streamed) == body and len(streamed) > 50  # piece by piece, not whole
     assert body[where] == b"whisper-1"
+    pulled.clear()
+    chunks = chunks_of(body, 1000, pulled)
+    _model, _where, head = await read_model(chunks, CONTENT_TYPE, limit=50_000)
+    with pytest.raises(ApiError) as refused:
+        async for _piece in whole_body(head[0], len(head[0]), chunks, 50_000):
+            pass
+    assert refused.value.status == 413 and sum(pulled) <= 51_000  # stops at the bound
 
 
 @pytest.mark.parametrize(
