@@ -53,6 +53,45 @@ HEAD_TOO_LARGE = _error_answer(
 )
 
 
+class CoalescingTransport:
+    """The connection's transport, with the writes of one loop iteration sent as one.
+
+    uvicorn writes an answer's head and its body separately: two sends, and on loopback or
+    a proxy two wake-ups of the reader, where one does (python -m bench: the send of the
+    head alone was a sixth of the hub's CPU at 64 concurrent requests). The writes go out
+    at the end of the iteration they were made in (`call_soon`), in order; `close()` sends
+    what waits first. Everything else is the transport's.
+    """
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._waiting: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._waiting:
+            self._loop.call_soon(self.flush)
+        self._waiting.append(data)
+
+    def flush(self) -> None:
+        waiting = self._waiting
+        if waiting:
+            data = waiting[0] if len(waiting) == 1 else b"".join(waiting)
+            waiting.clear()
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class BoundedHttpProtocol(HttpToolsProtocol):
     """One connection. The phase deadlines are plain numbers set as the request arrives; one
     timer per connection checks them when it fires and is re-armed only then (a timer per
@@ -72,7 +111,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._chunk_size = 0  # of the data being parsed
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        coalescing = CoalescingTransport(transport, self.loop)
+        super().connection_made(coalescing)  # type: ignore[arg-type]
         self._head_begins()  # the first head counts from the opening
 
     def connection_lost(self, exc: Exception | None) -> None:
