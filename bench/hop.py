@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hpc.config import AgentConfig, RouterConfig, ServiceConfig
 from hpc.registry import Backend, BackendRegistry
 from hpc.router.server import SOCKET_NAME, serve_requests
-from hub.ssh_client import HopClient, HopTarget
+from hub.upstreams.hop_client import HopClient, HopTarget
 from saia.base.http11 import HttpClient
 from saia.sandbox.process import free_port, stop_process
 from saia.sandbox.sshd import SshdSandbox

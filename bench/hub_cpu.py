@@ -29,10 +29,10 @@ from typing import Any
 # bench/hub.py would shadow the `hub` package when this runs as a script: repo root first.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hub import tracing
 from hub.app import create_app
 from hub.config import parse_config
-from hub.upstream import ModelState, UpstreamRequest, UpstreamResponse
+from hub.upstreams import tracing
+from hub.upstreams.base import ModelState, UpstreamRequest, UpstreamResponse
 from saia.base.tracing import TracingConfig
 from saia.sandbox.otlp import OtlpCollector, read_spans
 

@@ -12,14 +12,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from hub.accounting import GroupBy, parse_moment, usage_summary
 from hub.auth import Principal
-from hub.budgets import group_budgets
 from hub.config import LimitsConfig, ModelConfig
 from hub.errors import ApiError
 from hub.services import HubServices
-from hub.upstream import ModelState
-from hub.usage_series import Bucket, SeriesBy, usage_series
+from hub.upstreams.base import ModelState
+from hub.usage.accounting import GroupBy, parse_moment, usage_summary
+from hub.usage.budgets import group_budgets
+from hub.usage.series import Bucket, SeriesBy, usage_series
 
 
 class KeyCreate(BaseModel):

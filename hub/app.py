@@ -17,14 +17,14 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
-from hub.anthropic_api import MESSAGES, anthropic_answer
 from hub.config import ModelConfig
 from hub.endpoints import DEFAULT_ENDPOINTS
 from hub.errors import ApiError, failure_answer
-from hub.openapi import add_proxied_paths
-from hub.proxy import serve_proxied
+from hub.proxy.anthropic_api import MESSAGES, anthropic_answer
+from hub.proxy.openapi import add_proxied_paths
+from hub.proxy.serve import serve_proxied
 from hub.services import HubServices, check_environment, open_services
-from hub.upstream import ModelState
+from hub.upstreams.base import ModelState
 
 log = logging.getLogger(__name__)
 
@@ -210,11 +210,11 @@ def create_app(
     _add_openai_routes(app)
     _add_operations_routes(app)
     from hub.admin import admin_router
-    from hub.pages import add_pages
+    from hub.web.pages import add_pages
 
     app.include_router(admin_router())
-    from hub.batches import batches_router
-    from hub.files import files_router
+    from hub.batches.api import batches_router
+    from hub.batches.files import files_router
 
     app.include_router(files_router())  # /v1/files and /v1/batches (issue 14)
     app.include_router(batches_router())

@@ -13,7 +13,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from hub.batch_cli import batches
+from hub.batches.cli import batches
 from hub.config import ConfigError, HubConfig, LimitsConfig, load_config
 
 T = TypeVar("T")
@@ -86,9 +86,9 @@ def serve(config_path: Path, host: str | None, port: int | None) -> None:
     """Run the gateway (FastAPI on uvicorn)."""
     import uvicorn
 
-    from hub import tracing
     from hub.app import create_app
     from hub.server import uvicorn_config
+    from hub.upstreams import tracing
 
     config = _load(config_path)
     try:
@@ -106,7 +106,7 @@ def serve(config_path: Path, host: str | None, port: int | None) -> None:
         tracing.stop()
 
 
-hub.add_command(batches)  # saia hub batches list|show|cancel (hub/batch_cli.py)
+hub.add_command(batches)  # saia hub batches list|show|cancel (hub/batches/cli.py)
 
 
 @hub.group()
@@ -297,7 +297,7 @@ def keys_revoke(config_path: Path, key_id: str) -> None:
 def usage(config_path: Path, since: str | None, until: str | None, by: str, as_csv: bool) -> None:
     """Requests and tokens per user, key, model, group or upstream since a day; `--by group`
     without --since: each group's current windows against its budget (auth.group_limits)."""
-    from hub.accounting import parse_moment, usage_summary
+    from hub.usage.accounting import parse_moment, usage_summary
 
     config = _load(config_path)
     if since is None and by == "group":
@@ -332,7 +332,7 @@ def _print_rows(columns: list[str], rows: list[dict[str, Any]], as_csv: bool) ->
 
 def _group_budgets(config: HubConfig, as_csv: bool) -> None:
     """Each group's use of its current windows next to its limits (`-`: no limit)."""
-    from hub.budgets import COLUMNS, group_budgets
+    from hub.usage.budgets import COLUMNS, group_budgets
 
     if not config.auth.group_limits:
         fail("no group budgets are configured (auth.group_limits)")

@@ -12,22 +12,22 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from hub.accounting import UsageRecorder, WriterStatus
-from hub.admission import Admission
 from hub.auth import Authenticator, metrics_token
-from hub.batch_service import Batches
-from hub.catalog import catalog, discovered_models, discovering
+from hub.batches.service import Batches
 from hub.config import ConfigError, HpcUpstreamConfig, HubConfig, ModelConfig
-from hub.counters import CounterStore
 from hub.db_health import DatabaseHealth
 from hub.key_store import KeyCache, KeyStore
 from hub.metrics import HubMetrics
-from hub.openai_upstream import OpenAIUpstream, shared_client
 from hub.sessions import SessionStore
 from hub.storage import open_engine, upgrade
-from hub.upstream import ModelState, Upstream
-from hub.window_book import WindowBook
-from hub.window_sync import CounterSync, SyncStatus
+from hub.upstreams.base import ModelState, Upstream
+from hub.upstreams.catalog import catalog, discovered_models, discovering
+from hub.upstreams.openai import OpenAIUpstream, shared_client
+from hub.usage.accounting import UsageRecorder, WriterStatus
+from hub.usage.admission import Admission
+from hub.usage.counters import CounterStore
+from hub.usage.window_book import WindowBook
+from hub.usage.window_sync import CounterSync, SyncStatus
 from saia.base.http11 import HttpClient
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ class HubServices:
 
     async def catalog(self) -> tuple[list[ModelConfig], dict[str, dict[str, ModelState]]]:
         """The models (configured, then discovered from the agents) and the states asked
-        for them (`hub.catalog`)."""
+        for them (`hub.upstreams.catalog`)."""
         names = {model.upstream for model in self.config.models} | discovering(self.config)
         states = await self.model_states(names)
         return catalog(self.config, states), states
@@ -154,7 +154,7 @@ async def _open_upstreams(
     for name, upstream in config.upstreams.items():
         if isinstance(upstream, HpcUpstreamConfig):
             # Imported here: the SSH side is only loaded by hubs that use it.
-            from hub.hpc_upstream import HpcUpstream
+            from hub.upstreams.hpc import HpcUpstream
 
             upstreams[name] = await stack.enter_async_context(HpcUpstream(name, upstream))
         else:

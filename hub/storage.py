@@ -1,7 +1,8 @@
 """The hub's database: keys, rate-limit counters and usage, via SQLAlchemy 2 async.
 
 SQLite (aiosqlite) by default, PostgreSQL (asyncpg) by URL; the schema is created and
-upgraded by alembic (`hub/migrations`). Rate counters (`hub/counters.py`) live in the same database.
+upgraded by alembic (`hub/migrations`). Rate counters (`hub/usage/counters.py`) live in the
+same database.
 """
 
 from __future__ import annotations

@@ -224,7 +224,7 @@ async def test_relay_runs_on_python_3_8(tmp_path: Path) -> None:
     interpreter = python38()
     if interpreter is None:
         pytest.skip("no python3.8 on this machine")
-    from hub.ssh_client import HopClient, HopTarget
+    from hub.upstreams.hop_client import HopClient, HopTarget
 
     with SshdSandbox(tmp_path / "ssh", tmp_path / "state", python=interpreter) as sshd:
         assert f"{interpreter} -I -S" in sshd.authorized_keys.read_text()

@@ -21,7 +21,7 @@ from cloud_interface.relay import SOCKET_NAME
 from hpc.config import AgentConfig, FairnessConfig, RouterConfig, ServiceConfig
 from hpc.registry import Backend, BackendRegistry
 from hpc.router.server import serve_requests
-from hub.ssh_client import HopClient, HopError, HopTarget
+from hub.upstreams.hop_client import HopClient, HopError, HopTarget
 from saia.sandbox.sshd import SshdSandbox
 from tests.fixtures.standin import StandinProcess
 

@@ -1,6 +1,6 @@
 """The real vLLM 0.32 (SmolLM2 in a Slurm job, `smollm2_job`) answers the Responses API and
 Anthropic's Messages API through the agent's router, streamed and not, and the hub's usage
-reader (hub/sse.py, what fills the usage rows) gets exactly the tokens vLLM reports.
+reader (hub/proxy/sse.py, what fills the usage rows) gets exactly the tokens vLLM reports.
 
 vLLM 0.32 serves both in `vllm serve` itself (vllm/entrypoints/openai/responses and
 vllm/entrypoints/anthropic). Greedy decoding keeps the answers the same from run to run.
@@ -21,7 +21,7 @@ from cloud_interface.relay import SOCKET_NAME
 from hpc.config import AgentConfig, ServiceConfig
 from hpc.registry import Backend, BackendRegistry
 from hpc.router.server import serve_requests
-from hub.sse import Usage, UsageTap, usage_from_body
+from hub.proxy.sse import Usage, UsageTap, usage_from_body
 from saia.base import protocol as wire
 from saia.base.mux import Channel
 from tests.fixtures.vllm import VllmJob

@@ -16,7 +16,7 @@ import openai
 import pytest
 from sqlalchemy import func, select
 
-from hub.batch_tables import batches, files
+from hub.batches.tables import batches, files
 from hub.config import parse_config
 from tests.hub.helpers import RunningHub, running_hub
 

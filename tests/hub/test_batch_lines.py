@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from hub.batch_lines import (
+from hub.batches.lines import (
     LineChecker,
     LineError,
     final_status,

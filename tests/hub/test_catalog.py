@@ -1,11 +1,11 @@
-"""The live catalog (hub/catalog.py, pure): configured models first, then the services the
+"""The live catalog (hub/upstreams/catalog.py, pure): configured models first, then the services the
 agents report that no configured model names."""
 
 from __future__ import annotations
 
-from hub.catalog import catalog
 from hub.config import parse_config
-from hub.upstream import ModelState
+from hub.upstreams.base import ModelState
+from hub.upstreams.catalog import catalog
 
 SITE = {"socket": "/tmp/agent.sock"}
 

@@ -20,13 +20,13 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from hub.accounting import UsageRecorder, WriterStatus
 from hub.config import HubConfig, LimitsConfig
-from hub.counters import CounterStore
-from hub.limits import window_bounds
 from hub.services import health_report
 from hub.storage import open_engine, rate_counters, upgrade, usage
-from hub.usage_records import MAX_COUNT, UsageRecord
+from hub.usage.accounting import UsageRecorder, WriterStatus
+from hub.usage.counters import CounterStore
+from hub.usage.limits import window_bounds
+from hub.usage.records import MAX_COUNT, UsageRecord
 from saia.sandbox.postgres import PostgresSandbox, find_bin_dir
 from tests.fixtures.standin import STANDIN_MODEL
 from tests.hpc.helpers import until, wait_healthy
@@ -63,7 +63,7 @@ async def test_a_lock_during_the_counter_prune_does_not_kill_accounting(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    monkeypatch.setattr("hub.accounting.PRUNE_INTERVAL", 0.0)  # prune after every flush
+    monkeypatch.setattr("hub.usage.accounting.PRUNE_INTERVAL", 0.0)  # prune after every flush
     config = hub_config(tmp_path, standin_server, STANDIN_MODEL)
     async with running_hub(config) as hub:
         key = await hub.create_key(limits=LimitsConfig(requests_per_minute=100))
@@ -297,7 +297,7 @@ async def test_a_stopped_postgresql_gives_503_and_loses_no_usage(
 async def test_a_backlog_is_written_in_bounded_batches(
     engine: AsyncEngine, counters: CounterStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("hub.accounting.MAX_BATCH", 3)
+    monkeypatch.setattr("hub.usage.accounting.MAX_BATCH", 3)
     recorder = UsageRecorder(engine, counters, interval=60)
     for index in range(10):
         recorder.record(usage_record(f"r{index}"), ("key:x",))

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from hub.admission import Admission
 from hub.auth import Principal
 from hub.config import LimitsConfig, parse_config
-from hub.counters import CounterStore
 from hub.errors import ApiError
+from hub.usage.admission import Admission
+from hub.usage.counters import CounterStore
 
 BUDGET = LimitsConfig(requests_per_day=3, tokens_per_month=10_000)
 NOON = 1_800_000_000.0 - 1_800_000_000.0 % 86400 + 43200  # a UTC noon

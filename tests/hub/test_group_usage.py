@@ -12,10 +12,10 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from hub.budgets import budget_rows
 from hub.cli import hub as hub_cli
 from hub.config import LimitsConfig, load_config
-from hub.limits import window_bounds
+from hub.usage.budgets import budget_rows
+from hub.usage.limits import window_bounds
 from tests.fixtures.standin import STANDIN_MODEL
 from tests.hub.helpers import ADMIN_TOKEN, running_hub
 

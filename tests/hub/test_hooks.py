@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from hub.config import HooksConfig
-from hub.hooks import apply_hooks
+from hub.proxy.hooks import apply_hooks
 
 
 def test_system_prompt_cap_and_defaults() -> None:

@@ -21,9 +21,9 @@ from hpc.config import AgentConfig, ServiceConfig
 from hpc.registry import Backend, BackendRegistry
 from hpc.router.server import serve_requests
 from hub.config import HpcSite, HpcUpstreamConfig, TimeoutsConfig
-from hub.hpc_upstream import HpcUpstream
-from hub.ssh_client import HopClient, HopTarget
-from hub.upstream import UpstreamError, UpstreamRequest
+from hub.upstreams.base import UpstreamError, UpstreamRequest
+from hub.upstreams.hop_client import HopClient, HopTarget
+from hub.upstreams.hpc import HpcUpstream
 from saia.sandbox.sshd import SshdSandbox
 from tests.fixtures.standin import StandinProcess
 from tests.hpc.helpers import until

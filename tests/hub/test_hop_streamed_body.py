@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from hub.ssh_client import HopClient
+from hub.upstreams.hop_client import HopClient
 from saia.sandbox.sshd import SshdSandbox
 from tests.fixtures.standin import StandinProcess
 from tests.hub.test_ssh_client import CHAT, JSON, MODEL, agent_router, chat, target

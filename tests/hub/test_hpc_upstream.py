@@ -15,8 +15,8 @@ import pytest
 from hpc.config import AgentConfig, ServiceConfig
 from hpc.registry import Backend, BackendRegistry
 from hub.config import parse_config
-from hub.hpc_upstream import merge_states, site_order, sites_to_ask
-from hub.upstream import ModelState
+from hub.upstreams.base import ModelState
+from hub.upstreams.hpc import merge_states, site_order, sites_to_ask
 from saia.sandbox.process import free_port
 from saia.sandbox.sshd import SshdSandbox
 from tests.fixtures.standin import StandinProcess

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from hub.config import LimitsConfig
-from hub.limits import Counts, concurrency_allows, decide, needs_counting, window_bounds
+from hub.usage.limits import Counts, concurrency_allows, decide, needs_counting, window_bounds
 
 NOW = datetime(2026, 12, 31, 23, 59, 30, tzinfo=UTC).timestamp()
 

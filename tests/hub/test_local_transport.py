@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hpc.registry import Backend
-from hub.ssh_client import HopClient, HopTarget
+from hub.upstreams.hop_client import HopClient, HopTarget
 from tests.fixtures.standin import StandinProcess
 from tests.hpc.test_router import MODEL, router
 

@@ -1,5 +1,5 @@
 """The `model` field of an audio upload, found by the form's part headers while the body
-streams in (hub/multipart_body.py): pure, on bodies as the OpenAI SDK and curl send them."""
+streams in (hub/proxy/multipart_body.py): pure, on bodies as the OpenAI SDK and curl send them."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from hub.errors import ApiError
-from hub.multipart_body import ModelPart, read_model, renamed, whole_body
+from hub.proxy.multipart_body import ModelPart, read_model, renamed, whole_body
 
 BOUNDARY = "b0undary-xyz"
 CONTENT_TYPE = f"multipart/form-data; boundary={BOUNDARY}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hub.config import ConfigError, OpenAIUpstreamConfig
-from hub.openai_upstream import OpenAIUpstream, shared_client
+from hub.upstreams.openai import OpenAIUpstream, shared_client
 
 
 async def test_plain_and_azure_urls_and_key_headers() -> None:

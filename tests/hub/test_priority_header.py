@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from hub.admission import request_class
 from hub.errors import ApiError
+from hub.usage.admission import request_class
 
 
 def test_a_client_asks_for_a_class_with_a_header() -> None:

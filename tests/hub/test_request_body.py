@@ -11,7 +11,7 @@ import pytest
 
 from hub.config import ModelConfig
 from hub.errors import ApiError
-from hub.request_body import ask_for_usage, parse_request, rewrite
+from hub.proxy.request_body import ask_for_usage, parse_request, rewrite
 
 PLAIN = ModelConfig.model_validate({"id": "m", "upstream": "u"})
 

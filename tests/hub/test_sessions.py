@@ -10,17 +10,17 @@ from pathlib import Path
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from hub.accounting import UsageRecord
 from hub.config import ConfigError, load_config, parse_config
 from hub.db_health import DatabaseHealth
 from hub.errors import ApiError
 from hub.key_store import KeyStore
-from hub.oidc import check_secrets, claim_groups, session_of
 from hub.oidc_config import OidcConfig
 from hub.sessions import COOKIE, SessionStore, WebSession, session_cookie
 from hub.storage import open_engine, upgrade, usage
-from hub.usage_records import sanitized
-from hub.usage_series import usage_series, user_totals
+from hub.usage.accounting import UsageRecord
+from hub.usage.records import sanitized
+from hub.usage.series import usage_series, user_totals
+from hub.web.oidc import check_secrets, claim_groups, session_of
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hub.sse import Usage, UsageTap, may_matter, usage_from_body
+from hub.proxy.sse import Usage, UsageTap, may_matter, usage_from_body
 
 
 def event(payload: object) -> bytes:

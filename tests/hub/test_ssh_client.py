@@ -16,7 +16,7 @@ import pytest
 from hpc.config import AgentConfig, ServiceConfig
 from hpc.registry import Backend, BackendRegistry
 from hpc.router.server import SOCKET_NAME, serve_requests
-from hub.ssh_client import HopClient, HopTarget, HopTimeout, HopUnavailable
+from hub.upstreams.hop_client import HopClient, HopTarget, HopTimeout, HopUnavailable
 from saia.sandbox.sshd import SshdSandbox
 from tests.fixtures.standin import StandinProcess
 

@@ -12,12 +12,12 @@ import pytest
 from sqlalchemy import inspect, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from hub.accounting import UsageRecord, UsageRecorder, usage_summary
 from hub.config import LimitsConfig
-from hub.counters import CounterStore
 from hub.key_store import KeyCache, KeyStore
-from hub.limits import window_bounds
 from hub.storage import open_engine, rate_counters, upgrade, usage
+from hub.usage.accounting import UsageRecord, UsageRecorder, usage_summary
+from hub.usage.counters import CounterStore
+from hub.usage.limits import window_bounds
 from tests.fixtures.standin import STANDIN_MODEL
 from tests.hub.helpers import hub_config, running_hub
 

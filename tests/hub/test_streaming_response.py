@@ -14,7 +14,7 @@ import pytest
 from starlette.background import BackgroundTask
 from starlette.responses import StreamingResponse
 
-from hub.answers import UpstreamStreamingResponse
+from hub.proxy.answers import UpstreamStreamingResponse
 
 
 class Probe:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from hub.config import LimitsConfig
-from hub.counters import CounterRow
-from hub.limits import Shared, Window, decide, local_counts, window_starts
-from hub.window_book import WindowBook
+from hub.usage.counters import CounterRow
+from hub.usage.limits import Shared, Window, decide, local_counts, window_starts
+from hub.usage.window_book import WindowBook
 
 NOW = datetime(2026, 12, 31, 23, 59, 30, tzinfo=UTC).timestamp()
 STARTS = window_starts(NOW)

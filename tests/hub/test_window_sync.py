@@ -19,14 +19,14 @@ from sqlalchemy import select
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from hub.accounting import WriterStatus
 from hub.config import HubConfig, LimitsConfig
-from hub.counters import CounterStore
-from hub.limits import WINDOWS, window_bounds, window_starts
 from hub.services import health_report
 from hub.storage import open_engine, rate_counters, upgrade
-from hub.window_book import WindowBook
-from hub.window_sync import CounterSync, SyncStatus
+from hub.usage.accounting import WriterStatus
+from hub.usage.counters import CounterStore
+from hub.usage.limits import WINDOWS, window_bounds, window_starts
+from hub.usage.window_book import WindowBook
+from hub.usage.window_sync import CounterSync, SyncStatus
 from tests.fixtures.standin import STANDIN_MODEL
 from tests.hpc.helpers import until, wait_healthy
 from tests.hub.helpers import RunningHub, hub_config, running_hub

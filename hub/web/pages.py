@@ -11,10 +11,10 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from hub.config import HubConfig
-from hub.selfservice import selfservice_router
 from hub.services import HubServices
+from hub.web.selfservice import selfservice_router
 
-STATIC = Path(__file__).parent / "static"
+STATIC = Path(__file__).parent.parent / "static"  # hub/static/
 
 
 def add_pages(app: FastAPI, config: HubConfig, environ: Mapping[str, str]) -> None:
@@ -24,7 +24,7 @@ def add_pages(app: FastAPI, config: HubConfig, environ: Mapping[str, str]) -> No
 
     app.include_router(selfservice_router())
     if config.oidc.enabled:
-        from hub.oidc import login_app  # Authlib is loaded only by hubs that log people in
+        from hub.web.oidc import login_app  # Authlib is loaded only by hubs that log people in
 
         app.mount("/auth", login_app(config, environ, services), name="auth")
     for page in ("account", "dashboard"):

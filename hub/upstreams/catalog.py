@@ -10,7 +10,7 @@ Pure: the config and the upstreams' reported states in, the models out.
 from __future__ import annotations
 
 from hub.config import MODEL_ID, HpcUpstreamConfig, HubConfig, ModelConfig
-from hub.upstream import ModelState
+from hub.upstreams.base import ModelState
 
 
 def discovering(config: HubConfig) -> set[str]:

@@ -17,8 +17,8 @@ from starlette.requests import Request
 
 from hub.config import ModelConfig
 from hub.errors import ApiError
-from hub.hooks import apply_hooks
-from hub.sse import UsageWish
+from hub.proxy.hooks import apply_hooks
+from hub.proxy.sse import UsageWish
 
 _USAGE_OPTIONS = ("include_usage", "continuous_usage_stats")
 NESTED_TOO_DEEPLY = "the request body is nested too deeply"

@@ -17,27 +17,27 @@ from typing import Any, Protocol
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from hub.accounting import UsageRecorder
 from hub.batch_config import BatchesConfig
-from hub.batch_hop import AgentBatches
-from hub.batch_lines import (
+from hub.batches.file_store import FileStore, StoreWriter
+from hub.batches.hop import AgentBatches
+from hub.batches.lines import (
     custom_id_of,
     final_status,
     missing_line,
     read_output_line,
     renamed_line,
 )
-from hub.batch_tables import files
+from hub.batches.tables import files
 from hub.config import HubConfig
-from hub.file_store import FileStore, StoreWriter
-from hub.usage_records import UsageRecord
+from hub.usage.accounting import UsageRecorder
+from hub.usage.records import UsageRecord
 
 log = logging.getLogger(__name__)
 MAX_OUTPUT_LINE = 64 * 1024 * 1024  # one answer line held at most (an embedding is large)
 
 
 class Keeper(Protocol):
-    """What finishing needs of `hub.batch_service.Batches`."""
+    """What finishing needs of `hub.batches.service.Batches`."""
 
     config: HubConfig
     settings: BatchesConfig

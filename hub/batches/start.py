@@ -1,6 +1,6 @@
 """A new batch's input sent to its agent in pieces, then its job submitted.
 
-Runs as a task of `hub.batch_service.Batches` (`launch`), so POST /v1/batches answers at
+Runs as a task of `hub.batches.service.Batches` (`launch`), so POST /v1/batches answers at
 once with `validating`; the batch becomes `in_progress` once the agent submitted the job,
 or `failed` with the agent's reason. A hub stopped meanwhile leaves it `validating`, which
 the poller fails after VALIDATING_STALE.
@@ -12,9 +12,9 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from hub.batch_finish import Keeper, lines
-from hub.batch_hop import AgentBatchError
-from hub.batch_lines import renamed_line
+from hub.batches.finish import Keeper, lines
+from hub.batches.hop import AgentBatchError
+from hub.batches.lines import renamed_line
 
 
 async def _renamed(chunks: AsyncIterator[bytes], old: str, new: str) -> AsyncIterator[bytes]:

@@ -14,8 +14,8 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from hub.config import LimitsConfig
-from hub.limits import TOKEN_WINDOWS, WINDOWS, request_limit, token_limit, window_bounds
 from hub.storage import rate_counters
+from hub.usage.limits import TOKEN_WINDOWS, WINDOWS, request_limit, token_limit, window_bounds
 
 Use = Mapping[tuple[str, str], tuple[int, int]]  # (group, window) -> (requests, tokens)
 COLUMNS = (

@@ -1,7 +1,7 @@
 """/v1/files: OpenAI's Files API for batch input and the batches' output and error files.
 
-An upload is checked line by line while it streams into the store (`hub/upload.py`,
-`hub/batch_lines.py`); only a file that passed is committed and gets its row, so a refused
+An upload is checked line by line while it streams into the store (`hub/batches/upload.py`,
+`hub/batches/lines.py`); only a file that passed is committed and gets its row, so a refused
 upload leaves nothing. Files belong to the key's owner (the user, else the key itself).
 """
 
@@ -18,11 +18,11 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import ColumnElement, Table, and_, delete, insert, or_, select
 
 from hub.auth import Principal
-from hub.batch_lines import LineChecker, LineError
-from hub.batch_service import Batches
-from hub.batch_tables import files
+from hub.batches.lines import LineChecker, LineError
+from hub.batches.service import Batches
+from hub.batches.tables import files
+from hub.batches.upload import FormUpload
 from hub.errors import ApiError
-from hub.upload import FormUpload
 
 PURPOSES = ("batch", "batch_output")
 UPLOAD_SLACK = 64 * 1024  # form framing around the file in Content-Length

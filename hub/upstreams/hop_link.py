@@ -2,7 +2,7 @@
 
 `connect(target, ...)` opens an SSH connection (or, for the demo's fallback, the agent's
 local socket), starts the forced command's relay channel and exchanges HELLO; `Link.run()`
-delivers the agent's frames to their streams until the channel ends. `hub/ssh_client.py`
+delivers the agent's frames to their streams until the channel ends. `hub/upstreams/hop_client.py`
 keeps these links up and runs requests over them.
 
 asyncssh reports a lost connection with its own exceptions (`ConnectionLost`, ...) where

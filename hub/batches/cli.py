@@ -17,7 +17,7 @@ import click
 from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from hub.batch_tables import batches as table
+from hub.batches.tables import batches as table
 from hub.config import ConfigError, HubConfig, load_config
 
 ACTIVE = ("validating", "in_progress")

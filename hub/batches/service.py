@@ -2,7 +2,7 @@
 
 One `Batches` per hub, opened by the services with the app's lifespan. The poller asks
 the agent of every running batch for its progress each `batches.poll_interval`, updates
-`request_counts`, and once the job ended pulls the output (`hub/batch_finish.py`).
+`request_counts`, and once the job ended pulls the output (`hub/batches/finish.py`).
 A batch is changed only by conditional updates (`WHERE status = ...`), so two hub
 replicas polling the same batch do not finish it twice.
 """
@@ -19,15 +19,15 @@ from typing import Any, Protocol, runtime_checkable
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from hub.accounting import UsageRecorder
-from hub.batch_finish import finish
-from hub.batch_hop import AgentBatchError, AgentBatches
-from hub.batch_start import start_batch
-from hub.batch_tables import batches
+from hub.batches.file_store import FileStore, LocalFileStore
+from hub.batches.finish import finish
+from hub.batches.hop import AgentBatchError, AgentBatches
+from hub.batches.start import start_batch
+from hub.batches.tables import batches
 from hub.config import HubConfig
-from hub.file_store import FileStore, LocalFileStore
-from hub.ssh_client import HopClient
-from hub.upstream import Upstream
+from hub.upstreams.base import Upstream
+from hub.upstreams.hop_client import HopClient
+from hub.usage.accounting import UsageRecorder
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ VALIDATING_STALE = 3600.0  # a batch left `validating` (its hub died meanwhile):
 
 @runtime_checkable
 class SiteUpstream(Protocol):
-    """An upstream whose sites run batches (`hub.hpc_upstream.HpcUpstream`)."""
+    """An upstream whose sites run batches (`hub.upstreams.hpc.HpcUpstream`)."""
 
     def site_client(self, index: int) -> HopClient: ...
 

@@ -3,7 +3,7 @@
 The cap is checked before the request is counted: a request the cap refuses does not use up
 its request windows. Windows are counted one of two ways:
 
-- in memory (a `WindowBook`, synced by `hub/window_sync.py`): a request is decided against
+- in memory (a `WindowBook`, synced by `hub/usage/window_sync.py`): a request is decided against
   the last shared totals plus this replica's unsynced counts, without awaiting anything; a
   subject the book does not know yet (first request, restart, idle for a while) is read from
   the database first. During a database outage known subjects are still enforced, each
@@ -18,10 +18,10 @@ from collections.abc import Callable, Mapping, Sequence
 
 from hub.auth import Principal
 from hub.config import LimitsConfig
-from hub.counters import CounterStore, Row
 from hub.db_health import DatabaseHealth
 from hub.errors import ApiError
-from hub.limits import (
+from hub.usage.counters import CounterStore, Row
+from hub.usage.limits import (
     WINDOWS,
     Counts,
     Decision,
@@ -31,7 +31,7 @@ from hub.limits import (
     needs_counting,
     window_starts,
 )
-from hub.window_book import WindowBook
+from hub.usage.window_book import WindowBook
 
 Counted = list[tuple[str, LimitsConfig]]
 

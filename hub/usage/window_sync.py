@@ -20,11 +20,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from hub.counters import CounterStore
 from hub.db_health import DatabaseHealth, describe, is_outage
-from hub.limits import window_starts
-from hub.usage_records import retry_delay
-from hub.window_book import WindowBook
+from hub.usage.counters import CounterStore
+from hub.usage.limits import window_starts
+from hub.usage.records import retry_delay
+from hub.usage.window_book import WindowBook
 
 log = logging.getLogger(__name__)
 

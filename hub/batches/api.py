@@ -1,9 +1,9 @@
 """/v1/batches: OpenAI's Batches API, run by the agent as a Slurm job of its own.
 
 Creating a batch answers `validating` and sends its input file to the model's agent in
-pieces over the hop in the background (`hub/batch_start.py`): `in_progress` once the agent
+pieces over the hop in the background (`hub/batches/start.py`): `in_progress` once the agent
 submitted the job, `failed` with the agent's reason otherwise; the poller
-(`hub/batch_service.py`) follows it from there. Batches
+(`hub/batches/service.py`) follows it from there. Batches
 belong to the key's owner like files, and use no interactive rate limit.
 """
 
@@ -17,11 +17,11 @@ from fastapi import APIRouter, Request
 from sqlalchemy import insert, select
 
 from hub.auth import Principal
-from hub.batch_hop import AgentBatchError
-from hub.batch_service import Batches
-from hub.batch_tables import batches
+from hub.batches.files import before, caller, new_id, owned_file, owner_of
+from hub.batches.hop import AgentBatchError
+from hub.batches.service import Batches
+from hub.batches.tables import batches
 from hub.errors import ApiError
-from hub.files import before, caller, new_id, owned_file, owner_of
 
 _TIMES = ("created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at",
           "failed_at", "expired_at", "cancelling_at", "cancelled_at")  # fmt: skip

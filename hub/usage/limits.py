@@ -3,7 +3,7 @@
 Fixed windows aligned to UTC (minute, hour, day, calendar month) are counted in the
 database, so that several hub replicas share one budget. Either every request is counted
 there (`counter_sync_interval: 0`) or a replica counts in memory and shares its counts in
-batches (`hub/window_book.py`, `hub/window_sync.py`): `local_counts` then says what a
+batches (`hub/usage/window_book.py`, `hub/usage/window_sync.py`): `local_counts` then says what a
 request sees. Nothing in this module awaits, reads a clock or touches storage.
 """
 

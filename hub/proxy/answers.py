@@ -21,9 +21,9 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from hub.errors import NOSNIFF, ApiError, sse_error
-from hub.outcome import Outcome
-from hub.sse import UsageTap, usage_from_body
-from hub.upstream import UpstreamError, UpstreamResponse
+from hub.proxy.outcome import Outcome
+from hub.proxy.sse import UsageTap, usage_from_body
+from hub.upstreams.base import UpstreamError, UpstreamResponse
 
 log = logging.getLogger(__name__)
 

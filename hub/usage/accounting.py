@@ -29,11 +29,11 @@ from sqlalchemy import case, delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from hub.counters import CounterStore, Row, merge_rows
 from hub.db_health import DATABASE_ERRORS, DatabaseHealth, describe, is_outage
-from hub.limits import TOKEN_WINDOWS, window_bounds
 from hub.storage import rate_counters, usage
-from hub.usage_records import UsageRecord, retry_delay, sanitized
+from hub.usage.counters import CounterStore, Row, merge_rows
+from hub.usage.limits import TOKEN_WINDOWS, window_bounds
+from hub.usage.records import UsageRecord, retry_delay, sanitized
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Counts are added to every window of every limited subject with ONE statement,
 `INSERT ... ON CONFLICT DO UPDATE ... RETURNING` (valid on SQLite 3.35+ and PostgreSQL),
 which is atomic, so several hub replicas on one PostgreSQL share their counts exactly: per
-request (`counter_sync_interval: 0`), or per batch from the sync task (`hub/window_sync.py`).
+request (`counter_sync_interval: 0`), or per batch from the sync task (`hub/usage/window_sync.py`).
 This call goes to the database driver directly (asyncpg's pool, or one aiosqlite
 connection: SQLite has one writer at a time anyway) without SQLAlchemy's per-statement
 work; the batched token updates join the usage writer's SQLAlchemy transaction instead.

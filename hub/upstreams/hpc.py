@@ -20,18 +20,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from hub import tracing
 from hub.config import HpcSite, HpcUpstreamConfig
-from hub.ssh_client import (
-    HopClient,
-    HopError,
-    HopLost,
-    HopResponse,
-    HopTarget,
-    HopTimeout,
-    HopUnavailable,
-)
-from hub.upstream import (
+from hub.upstreams import tracing
+from hub.upstreams.base import (
     ModelState,
     ModelStatus,
     UpstreamError,
@@ -40,6 +31,15 @@ from hub.upstream import (
     UpstreamTimeout,
     UpstreamUnavailable,
     idle_limited,
+)
+from hub.upstreams.hop_client import (
+    HopClient,
+    HopError,
+    HopLost,
+    HopResponse,
+    HopTarget,
+    HopTimeout,
+    HopUnavailable,
 )
 from saia.base.protocol import Caller
 

@@ -4,11 +4,11 @@ Per subject (key, user, group) and window it holds the totals the database last 
 (`Shared`: every replica's synced requests, this one's included, and the tokens the usage
 writers added) and this replica's requests not yet in them: `pending` (counted here since
 the last sync began) and `sending` (in the statement a sync has in flight). A request is
-decided against shared + sending + pending + itself (`hub.limits.local_counts`), so with a
+decided against shared + sending + pending + itself (`hub.usage.limits.local_counts`), so with a
 single replica the count is exact; other replicas' requests arrive with each sync.
 
 Only the event loop touches a book: admission reads and adds, the sync task takes and
-settles (`hub/window_sync.py`). A subject the book does not know is read from the database
+settles (`hub/usage/window_sync.py`). A subject the book does not know is read from the database
 first (`Admission`), so a new or restarted replica starts from the shared totals.
 """
 
@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import cast
 
-from hub.counters import CounterRow, Row
-from hub.limits import Counts, Shared, Window, local_counts
+from hub.usage.counters import CounterRow, Row
+from hub.usage.limits import Counts, Shared, Window, local_counts
 
 Slot = tuple[str, Window, int]  # subject, window, start
 IDLE_AFTER = 120.0  # seconds without a request before a subject is forgotten (and re-read)

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from hub.ssh_client import HopClient, HopError
+from hub.upstreams.hop_client import HopClient, HopError
 
 PREFIX = "/saia/batches/"
 JSON = [("content-type", "application/json")]

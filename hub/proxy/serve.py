@@ -21,19 +21,19 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from hub import tracing
-from hub.admission import request_class
-from hub.answers import is_event_stream, stream_answer, whole_answer
-from hub.anthropic_api import MESSAGES, anthropic_answer, with_api_key
 from hub.auth import Principal
 from hub.config import ModelConfig
 from hub.endpoints import endpoint_name
 from hub.errors import ApiError, failure_answer
-from hub.multipart_body import read_model, renamed, too_large, whole_body
-from hub.outcome import Outcome, finish
-from hub.request_body import UpstreamBody, parse_request, read_body, rewrite
+from hub.proxy.answers import is_event_stream, stream_answer, whole_answer
+from hub.proxy.anthropic_api import MESSAGES, anthropic_answer, with_api_key
+from hub.proxy.multipart_body import read_model, renamed, too_large, whole_body
+from hub.proxy.outcome import Outcome, finish
+from hub.proxy.request_body import UpstreamBody, parse_request, read_body, rewrite
 from hub.services import HubServices
-from hub.upstream import Upstream, UpstreamError, UpstreamRequest
+from hub.upstreams import tracing
+from hub.upstreams.base import Upstream, UpstreamError, UpstreamRequest
+from hub.usage.admission import request_class
 
 log = logging.getLogger(__name__)
 

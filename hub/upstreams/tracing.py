@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractContextManager, AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
-from hub.upstream import UpstreamResponse
+from hub.upstreams.base import UpstreamResponse
 from saia.base.tracing import TracingConfig, format_traceparent, make_provider
 
 if TYPE_CHECKING:

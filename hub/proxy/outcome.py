@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from hub.accounting import UsageRecord
 from hub.auth import Principal
+from hub.proxy.sse import Usage, UsageWish
 from hub.services import HubServices
-from hub.sse import Usage, UsageWish
+from hub.usage.accounting import UsageRecord
 
 CLIENT_GONE = 499
 

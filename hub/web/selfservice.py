@@ -16,9 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from hub.auth import Principal, merge_limits
 from hub.errors import ApiError
-from hub.limits import window_bounds
 from hub.services import HubServices
-from hub.usage_series import usage_series, user_totals
+from hub.usage.limits import window_bounds
+from hub.usage.series import usage_series, user_totals
 
 
 class OwnKeyCreate(BaseModel):

@@ -2,7 +2,7 @@
 
 `HopClient` keeps `target.connections` SSH connections to the login node, each with one
 long-lived exec channel running the forced command (the relay), which speaks
-`saia.base.protocol` with the agent's router (one connection: `hub/hop_link.py`). Every
+`saia.base.protocol` with the agent's router (one connection: `hub/upstreams/hop_link.py`). Every
 request is one stream on such a channel, so hundreds run concurrently over one connection
 (OpenSSH's MaxSessions does not apply). The host key is checked against the pinned
 known_hosts file. A lost connection is re-established at once, then with exponential
@@ -25,7 +25,7 @@ from collections.abc import AsyncIterable, AsyncIterator
 from types import TracebackType
 from typing import Any
 
-from hub.hop_link import (
+from hub.upstreams.hop_link import (
     HopError,
     HopLost,
     HopTarget,

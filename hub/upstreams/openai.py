@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from hub.config import ConfigError, OpenAIUpstreamConfig
-from hub.upstream import (
+from hub.upstreams.base import (
     ModelState,
     ModelStatus,
     UpstreamError,
