@@ -35,6 +35,9 @@ def agent_config(
         "renewal_lead": "5m",
         "startup_timeout": "2m",
         "display_name": "Demo model (stand-in server)",
+        # The stand-in answers chat and embeddings alike (the demo shows both); a vLLM
+        # service serves what its task gives (the default below).
+        "endpoints": ["chat", "completions", "embeddings", "responses", "messages", "tokenize"],
     }
     if vllm is not None:
         service |= {
@@ -47,6 +50,7 @@ def agent_config(
             "environment": {"VLLM_CPU_KVCACHE_SPACE": "1"},
             "vllm": {"max_model_len": 2048, "dtype": "float32", "enforce_eager": True},
             "display_name": smollm2.DISPLAY_NAME,
+            "endpoints": None,
         }
     config: dict[str, Any] = {
         "state_dir": str(root / "agent-state"),
