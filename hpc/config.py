@@ -263,7 +263,6 @@ class ServiceConfig(Strict):
         return TASK_ENDPOINTS[self.vllm.task]
 
 
-
 class FairnessConfig(Strict):
     """How the router shares a busy service's backend slots among users (docs/architecture.md)."""
 
