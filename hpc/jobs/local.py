@@ -21,7 +21,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -237,6 +237,10 @@ class LocalJobSystem:
             return  # already gone
         if not job.stopping:
             self._spawn(self._stop(job, "cancelled"))
+
+    async def expected_starts(self, job_ids: Sequence[str]) -> dict[str, float | None]:
+        """None pending: a local job starts when it is submitted."""
+        return {}
 
     async def aclose(self) -> None:
         """Stop watching; the jobs keep running and a new LocalJobSystem adopts them."""

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -82,6 +83,11 @@ class JobSystem(Protocol):
 
     async def cancel(self, job_id: str) -> None:
         """Ask the job to stop (SIGTERM first, through its --signal handler)."""
+        ...
+
+    async def expected_starts(self, job_ids: Sequence[str]) -> dict[str, float | None]:
+        """When each of these pending jobs should start (epoch s), as the scheduler
+        estimates it; None for a job without an estimate, absent for one no longer pending."""
         ...
 
     async def aclose(self) -> None: ...

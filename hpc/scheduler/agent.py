@@ -38,7 +38,7 @@ from hpc.scheduler.health import HealthMonitor, ProbeTarget
 from hpc.scheduler.leader import LOCK_FILE, LeaderLock
 from hpc.scheduler.live import LiveState
 from hpc.scheduler.metrics_file import write_metrics
-from hpc.scheduler.observation import observe
+from hpc.scheduler.observation import observe, probe_targets
 from hpc.scheduler.operations import handle_requests, operator_signals
 from hpc.scheduler.operator_requests import RELOAD_SIGNAL, WAKE_SIGNAL
 from hpc.scheduler.policy import (
@@ -52,6 +52,7 @@ from hpc.scheduler.policy import (
     after_failure,
     decide,
 )
+from hpc.scheduler.start_estimates import StartEstimates
 from hpc.scheduler.state import AgentState, JobRecord, agent_id, restore_state
 from hpc.scheduler.status import AgentStatus, build_status, write_status
 
@@ -88,6 +89,7 @@ class Agent:
         # Logged once when they start and once when they end, not on every loop.
         self._slurm_outage = Episode(log, "Slurm answers again after %.0f s")
         self._write_outage = Episode(log, "the agent's state is written again after %.0f s")
+        self._starts = StartEstimates()  # Slurm's estimates for pending jobs, logged once
         self._wake = asyncio.Event()
         self._handed_over = False
 
@@ -177,6 +179,7 @@ class Agent:
             self._save(now)
             return False
         self._slurm_outage.ok(now)
+        await self._starts.read(self.jobs, infos, self.config.slurm_timeout + 5, now)
         decision = decide(self.observe(infos, now), now)
         acted = await self.act(decision, now)
         self.publish()
@@ -185,7 +188,7 @@ class Agent:
 
     def observe(self, infos: list[JobInfo], now: float) -> Snapshot:
         """The policy's snapshot (hpc/scheduler/observation.py); updates the live state."""
-        return observe(self.live, self.registry, infos, now)
+        return observe(self.live, self.registry, infos, now, self._starts.last)
 
     async def act(self, decision: Decision, now: float) -> bool:
         self.live.start_decision(decision.backoff)
@@ -309,21 +312,7 @@ class Agent:
 
     def probe_targets(self) -> list[ProbeTarget]:
         """Every job with an endpoint that is not cancelled, with its key and readiness."""
-        live, targets = self.live, []
-        for job_id, endpoint in live.endpoints.items():
-            record = live.jobs.get(job_id)
-            if record is None or record.cancelled or record.service not in live.services:
-                continue
-            targets.append(
-                ProbeTarget(
-                    job_id=job_id,
-                    url=endpoint.url,
-                    model_id=live.services[record.service].model_id,
-                    api_key=live.key(job_id),
-                    ready=live.health.get(job_id).ready_since is not None,
-                )
-            )
-        return targets
+        return probe_targets(self.live)
 
 
 def make_job_system(config: AgentConfig, tag: JobTag) -> JobSystem:

@@ -10,19 +10,26 @@ the jobs write (endpoint.json, api_key).
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 from hpc.config import ServiceConfig
 from hpc.jobs.system import JobInfo, read_endpoint
 from hpc.registry import BackendRegistry
-from hpc.scheduler.health import read_backend_key
+from hpc.scheduler.health import ProbeTarget, read_backend_key
 from hpc.scheduler.live import LiveState
 from hpc.scheduler.policy import Backoff, JobView, LoadSample, ServiceSnapshot, Snapshot
 
 
 def observe(
-    live: LiveState, registry: BackendRegistry, infos: list[JobInfo], now: float
+    live: LiveState,
+    registry: BackendRegistry,
+    infos: list[JobInfo],
+    now: float,
+    starts: Mapping[str, float | None] | None = None,
 ) -> Snapshot:
-    """Take in the job list and return what the policy needs to decide now."""
+    """Take in the job list (and Slurm's expected starts of the pending jobs, where known)
+    and return what the policy needs to decide now."""
+    starts = starts or {}
     lost = live.take_job_list(infos, now)
     _read_endpoints(live, infos)
     for service in live.services.values():
@@ -30,7 +37,7 @@ def observe(
     snapshots = tuple(
         ServiceSnapshot(
             config=service,
-            jobs=tuple(_view(live, registry, i) for i in infos if i.service == name),
+            jobs=tuple(_view(live, registry, i, starts) for i in infos if i.service == name),
             lost=tuple(lost.get(name, ())),
             load=tuple(live.loads(name)),
             demand_since=registry.demand_since(name),
@@ -38,7 +45,9 @@ def observe(
         )
         for name, service in live.services.items()
     )
-    orphans = tuple(_view(live, registry, i) for i in infos if i.service not in live.services)
+    orphans = tuple(
+        _view(live, registry, i, starts) for i in infos if i.service not in live.services
+    )
     return Snapshot(
         services=snapshots,
         health_failures=live.config.health_failures,
@@ -77,7 +86,9 @@ def _load_sample(
     return LoadSample(now, load.in_flight + load.queued, in_backends(live, service.name))
 
 
-def _view(live: LiveState, registry: BackendRegistry, info: JobInfo) -> JobView:
+def _view(
+    live: LiveState, registry: BackendRegistry, info: JobInfo, starts: Mapping[str, float | None]
+) -> JobView:
     record = live.jobs[info.job_id]
     health = live.health.get(info.job_id)
     return JobView(
@@ -91,4 +102,24 @@ def _view(live: LiveState, registry: BackendRegistry, info: JobInfo) -> JobView:
         replaces=record.replaces,
         in_flight=registry.in_flight_of(info.service, info.job_id),
         operator_drain=record.operator_drain,
+        expected_start=starts.get(info.job_id) if info.state == "PENDING" else None,
     )
+
+
+def probe_targets(live: LiveState) -> list[ProbeTarget]:
+    """Every job with an endpoint that is not cancelled, with its key and readiness."""
+    targets = []
+    for job_id, endpoint in live.endpoints.items():
+        record = live.jobs.get(job_id)
+        if record is None or record.cancelled or record.service not in live.services:
+            continue
+        targets.append(
+            ProbeTarget(
+                job_id=job_id,
+                url=endpoint.url,
+                model_id=live.services[record.service].model_id,
+                api_key=live.key(job_id),
+                ready=live.health.get(job_id).ready_since is not None,
+            )
+        )
+    return targets

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -38,6 +38,9 @@ class MemoryJobSystem:
         self.fail_submit: Exception | None = None
         self.fail_list: Exception | None = None
         self.fail_cancel: Exception | None = None
+        self.fail_starts: Exception | None = None
+        self.starts: dict[str, float | None] = {}  # Slurm's estimates, set by the test
+        self.start_queries: list[list[str]] = []
         self.closed = False
         self._ids = itertools.count(1001)
 
@@ -60,6 +63,13 @@ class MemoryJobSystem:
             raise self.fail_cancel
         self.cancelled.append(job_id)
         self.jobs.pop(job_id, None)  # gone at once: Slurm's COMPLETING is not modelled
+
+    async def expected_starts(self, job_ids: Sequence[str]) -> dict[str, float | None]:
+        self.start_queries.append(list(job_ids))
+        if self.fail_starts is not None:
+            raise self.fail_starts
+        pending = [i for i in job_ids if i in self.jobs and self.jobs[i].state == "PENDING"]
+        return {job_id: self.starts.get(job_id) for job_id in pending}
 
     async def aclose(self) -> None:
         self.closed = True

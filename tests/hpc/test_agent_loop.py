@@ -286,6 +286,42 @@ async def test_slurm_errors_are_logged_and_shown_and_the_loop_goes_on(
     assert r.slurm.cancelled == [job]
 
 
+async def test_pending_jobs_get_slurms_expected_start_once_per_loop(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only pending jobs are asked about, once per loop; a failing `squeue --start` leaves
+    the estimates unknown, is logged once per outage, and the loop acts on."""
+    caplog.set_level(logging.WARNING, logger="hpc")
+    r = rig(tmp_path, service(min_instances=2, max_instances=2))
+    assert await r.step() is True
+    first, second = sorted(r.slurm.jobs)
+    r.slurm.starts = {first: START + 500.0}
+    r.slurm.start(second, r.state_dir)
+    r.slurm.start_queries.clear()
+    await r.step()
+    assert r.slurm.start_queries == [[first]]  # the running job is not asked about
+    views = {
+        v.job_id: v for v in r.agent.observe(await r.slurm.list_jobs(), r.clock()).services[0].jobs
+    }
+    assert views[first].expected_start == START + 500.0
+    assert views[second].expected_start is None
+    r.slurm.fail_starts = RuntimeError("squeue: error: Invalid user")
+    await r.step()
+    await r.step()
+    assert caplog.text.count("cannot read start estimates: squeue: error: Invalid user") == 1
+    views = {
+        v.job_id: v for v in r.agent.observe(await r.slurm.list_jobs(), r.clock()).services[0].jobs
+    }
+    assert views[first].expected_start is None and r.status().error == ""
+    r.slurm.fail_starts = None
+    await r.step()
+    assert "start estimates are back" in caplog.text
+    r.slurm.start(first, r.state_dir)
+    r.slurm.start_queries.clear()
+    await r.step()
+    assert r.slurm.start_queries == []  # nothing pending: no call at all
+
+
 async def test_the_running_loop_survives_slurm_failures(tmp_path: Path) -> None:
     """The real loop (with its prober and router tasks): a failing job list shows in
     status.json, and once Slurm answers again the agent submits its job."""
