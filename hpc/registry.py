@@ -60,6 +60,10 @@ class _ServiceState:
     arrivals: deque[float] = field(default_factory=deque)
     demand_since: float | None = None
     starting: int = 0
+    # The scheduler's predicted wait until a first instance serves (None: unknown), and the
+    # router's monotonic time it was published at: it shrinks as time passes.
+    predicted_wait: float | None = None
+    predicted_at: float = 0.0
     queue: QueueView | None = None
     listeners: list[Callable[[], None]] = field(default_factory=list)
 
@@ -109,6 +113,12 @@ class BackendRegistry:
             _notify(state)
         else:  # caps may have grown: waiting requests may go now
             _call(state)
+
+    def publish_wait(self, service: str, seconds: float | None, now: float) -> None:
+        """The scheduler's predicted wait for the service's first instance, as of `now`
+        (monotonic); None when it has no estimate."""
+        state = self._state(service)
+        state.predicted_wait, state.predicted_at = seconds, now
 
     def in_flight_of(self, service: str, job_id: str) -> int:
         backend = self._state(service).backends.get(job_id)
@@ -192,6 +202,13 @@ class BackendRegistry:
         state = self._state(service)
         state.queue = queue
         state.listeners.append(listener)
+
+    def predicted_wait(self, service: str, now: float) -> float | None:
+        """Seconds until the service should serve, as last published, less the time since."""
+        state = self._state(service)
+        if state.predicted_wait is None:
+            return None
+        return max(0.0, state.predicted_wait - (now - state.predicted_at))
 
     def starting(self, service: str) -> int:
         """Jobs of the service pending or starting, as last published."""

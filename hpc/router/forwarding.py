@@ -281,11 +281,21 @@ class Forwarder:
             message = f"no instance of {name} answered within {waited}, retry later"
             return Rejection(503, "backend_unavailable", message, RETRY_AFTER_NOT_READY)
         if not ready:
-            message = f"{name} is starting: no instance became ready within {waited}, retry later"
-            return Rejection(503, "model_loading", message, RETRY_AFTER_NOT_READY)
+            return self._loading(name, waited)
         wait = retry_after(slots.expected_wait(time.monotonic()))
         message = f"{name} is busy: no slot became free within {waited}; retry in about {wait} s"
         return Rejection(503, "model_busy", message, str(wait))
+
+    def _loading(self, name: str, waited: str) -> Rejection:
+        """No instance yet: Retry-After from the scheduler's predicted wait (Slurm's
+        expected start plus the load time), the constant when it has none."""
+        predicted = self._registry.predicted_wait(name, time.monotonic())
+        message = f"{name} is starting: no instance became ready within {waited}"
+        if predicted is None:
+            return Rejection(503, "model_loading", f"{message}, retry later", RETRY_AFTER_NOT_READY)
+        wait = retry_after(predicted)
+        message = f"{message}, retry later: an instance is expected in about {wait} s"
+        return Rejection(503, "model_loading", message, str(wait))
 
     async def _exchange(
         self,

@@ -166,7 +166,7 @@ class Router:
             demand_waiting=registry.demand_since(name) is not None,
             target_concurrency=service.target_concurrency,
         )
-        return {
+        entry = {
             "id": service.model_id,
             "object": "model",
             "created": self.created,
@@ -182,6 +182,10 @@ class Router:
             "output": list(service.output),
             "endpoints": list(service.served_endpoints),
         }
+        predicted = registry.predicted_wait(name, time.monotonic())
+        if entry["status"] == "loading" and predicted is not None:
+            entry["predicted_wait"] = round(predicted)  # seconds until an instance serves
+        return entry
 
 
 def unlink_if_ours(path: Path, inode: int) -> None:

@@ -52,7 +52,7 @@ from hpc.scheduler.policy import (
     after_failure,
     decide,
 )
-from hpc.scheduler.start_estimates import StartEstimates
+from hpc.scheduler.start_estimates import StartEstimates, publish_waits
 from hpc.scheduler.state import AgentState, JobRecord, agent_id, restore_state
 from hpc.scheduler.status import AgentStatus, build_status, write_status
 
@@ -180,9 +180,11 @@ class Agent:
             return False
         self._slurm_outage.ok(now)
         await self._starts.read(self.jobs, infos, self.config.slurm_timeout + 5, now)
-        decision = decide(self.observe(infos, now), now)
+        snapshot = self.observe(infos, now)
+        decision = decide(snapshot, now)
         acted = await self.act(decision, now)
         self.publish()
+        publish_waits(self.registry, snapshot, now)
         self._save(now)
         return acted
 

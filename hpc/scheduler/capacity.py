@@ -1,8 +1,9 @@
 """Slurm-aware capacity: when a cold service will have an instance, from what Slurm says.
 
-Pure: a `ServiceSnapshot` and `now` in, seconds out. The router can answer a request it
-cannot place with this as Retry-After instead of a bare 503 (the wiring of Slurm's
-`squeue --start` estimates into the snapshot, `JobView.expected_start`, is still to come).
+Pure: a `ServiceSnapshot` and `now` in, seconds out. The agent reads Slurm's `squeue
+--start` estimates into the snapshot (`JobView.expected_start`) and publishes the predicted
+wait per service; the router answers a request it could not place with it as Retry-After
+and lists it in /v1/models.
 """
 
 from __future__ import annotations
@@ -29,3 +30,18 @@ def predicted_wait(service: ServiceSnapshot, now: float, load_time: float) -> fl
     estimates = [ready_estimate(job, now, load_time) for job in service.jobs]
     known = [at for at in estimates if at is not None]
     return min(known) - now if known else None
+
+
+# Model load time assumed until one of the service's jobs has shown its own (vLLM loading
+# a mid-sized model from a parallel file system).
+DEFAULT_LOAD_TIME = 180.0
+
+
+def load_time(service: ServiceSnapshot) -> float:
+    """The longest start-to-ready time of the service's jobs in view, else the default."""
+    seen = [
+        job.ready_since - job.running_since
+        for job in service.jobs
+        if job.ready_since is not None and job.running_since is not None
+    ]
+    return max(seen, default=DEFAULT_LOAD_TIME)

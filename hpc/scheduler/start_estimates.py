@@ -3,16 +3,21 @@ poll in the observe step.
 
 The estimates only sharpen decisions and the predicted wait a client is told: when the
 call fails or is slow, the loop goes on with them unknown (None), and the failure is
-logged once per outage, not on every loop.
+logged once per outage, not on every loop. From them and the jobs' state, each service's
+predicted wait for its first instance goes to the router (`publish_waits`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from hpc.jobs.system import JobInfo, JobSystem
+from hpc.registry import BackendRegistry
+from hpc.scheduler.capacity import load_time, predicted_wait
 from hpc.scheduler.episode import Episode
+from hpc.scheduler.policy import Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -41,3 +46,12 @@ class StartEstimates:
             return self.last
         self._outage.ok(now)
         return self.last
+
+
+def publish_waits(registry: BackendRegistry, snapshot: Snapshot, now: float) -> None:
+    """Each service's predicted wait (capacity.py) for the router: Retry-After of a cold
+    service's 503, and `predicted_wait` in /v1/models."""
+    at = time.monotonic()  # the registry keeps the router's clock
+    for service in snapshot.services:
+        wait = predicted_wait(service, now, load_time(service))
+        registry.publish_wait(service.config.name, wait, at)

@@ -322,6 +322,21 @@ async def test_pending_jobs_get_slurms_expected_start_once_per_loop(
     assert r.slurm.start_queries == []  # nothing pending: no call at all
 
 
+async def test_the_predicted_wait_of_a_cold_service_is_published_for_the_router(
+    tmp_path: Path,
+) -> None:
+    r = rig(tmp_path)
+    assert await r.step() is True
+    [job] = r.slurm.live(SERVICE)
+    assert r.registry.predicted_wait(SERVICE, time.monotonic()) is None  # no estimate yet
+    r.slurm.starts = {job: START + 500.0}
+    await r.step()  # at START + 2: Slurm's start, then the default load time (180 s)
+    wait = r.registry.predicted_wait(SERVICE, time.monotonic())
+    assert wait is not None and 677 < wait <= 678
+    await r.serve(job)
+    assert r.registry.predicted_wait(SERVICE, time.monotonic()) == 0.0
+
+
 async def test_the_running_loop_survives_slurm_failures(tmp_path: Path) -> None:
     """The real loop (with its prober and router tasks): a failing job list shows in
     status.json, and once Slurm answers again the agent submits its job."""

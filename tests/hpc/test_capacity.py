@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from hpc.config import ServiceConfig
 from hpc.jobs.system import JobInfo
-from hpc.scheduler.capacity import predicted_wait
+from hpc.scheduler.capacity import DEFAULT_LOAD_TIME, load_time, predicted_wait
 from hpc.scheduler.policy import JobView, LoadSample, ServiceSnapshot, Snapshot, Submit, decide
 
 CONFIG = ServiceConfig(name="m", model="x", min_instances=1, max_instances=8, target_concurrency=4)
@@ -46,3 +46,11 @@ def test_a_burst_counts_pending_jobs_instead_of_flooding() -> None:
     eight = [job(str(i)) for i in range(8)]
     again = decide(Snapshot(services=(service(*eight, load=100),)), 105.0)
     assert not any(isinstance(a, Submit) for a in again.actions)
+
+
+def test_load_time_is_the_longest_seen_else_the_default() -> None:
+    assert load_time(service(job("1"))) == DEFAULT_LOAD_TIME
+    quick = job("2", "RUNNING", running_since=0.0, ready_since=40.0)
+    slow = job("3", "RUNNING", running_since=10.0, ready_since=310.0)
+    assert load_time(service(job("1"), quick)) == 40.0
+    assert load_time(service(quick, slow)) == 300.0
