@@ -8,7 +8,7 @@ and lists it in /v1/models.
 
 from __future__ import annotations
 
-from hpc.scheduler.policy import JobView, ServiceSnapshot
+from hpc.scheduler.snapshot import JobView, ServiceSnapshot
 
 
 def ready_estimate(job: JobView, now: float, load_time: float) -> float | None:
@@ -45,3 +45,15 @@ def load_time(service: ServiceSnapshot) -> float:
         if job.ready_since is not None and job.running_since is not None
     ]
     return max(seen, default=DEFAULT_LOAD_TIME)
+
+
+def queued_behind(service: ServiceSnapshot, now: float) -> bool:
+    """True when Slurm expects a pending job of the service to start only after its
+    startup_timeout: the cluster has no room soon, and a further job of the same shape
+    would queue behind it instead of serving sooner (so a burst submits no flood)."""
+    horizon = now + service.config.startup_timeout
+    return any(
+        job.expected_start is not None and job.expected_start > horizon
+        for job in service.jobs
+        if not job.info.running and not job.cancelled
+    )

@@ -18,93 +18,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from hpc.config import ServiceConfig
-from hpc.jobs.system import JobInfo
+from hpc.scheduler.capacity import queued_behind
+from hpc.scheduler.snapshot import Backoff as Backoff
+from hpc.scheduler.snapshot import JobView as JobView
+from hpc.scheduler.snapshot import LoadSample as LoadSample
+from hpc.scheduler.snapshot import LostJob as LostJob
+from hpc.scheduler.snapshot import ServiceSnapshot as ServiceSnapshot
+from hpc.scheduler.snapshot import Snapshot as Snapshot
 
 # A draining job this close to its limit is cancelled even with requests in flight:
 # Slurm is about to kill it anyway, and a clean SIGTERM lets the server finish cleanly.
 DRAIN_DEADLINE_S = 5
 OPERATOR_REPLACE = "replace"  # JobView.operator_drain: hand over to a replacement first
 OPERATOR_NOW = "now"  # drain at once
-
-
-@dataclass(frozen=True)
-class JobView:
-    """One of the agent's jobs as the policy sees it."""
-
-    info: JobInfo
-    first_seen: float
-    running_since: float | None = None
-    ready_since: float | None = None
-    health_failures: int = 0
-    draining: bool = False
-    cancelled: bool = False
-    replaces: str | None = None
-    in_flight: int = 0
-    operator_drain: str = ""  # "", OPERATOR_REPLACE or OPERATOR_NOW
-    expected_start: float | None = None  # a pending job's start as Slurm estimates it
-
-    @property
-    def job_id(self) -> str:
-        return self.info.job_id
-
-    @property
-    def ready(self) -> bool:
-        return self.ready_since is not None
-
-
-@dataclass(frozen=True)
-class LostJob:
-    """A job Slurm no longer lists (finished, killed, cancelled)."""
-
-    job_id: str
-    was_ready: bool
-    cancelled: bool
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Consecutive failed starts of a service and when the next submission may happen."""
-
-    failures: int = 0
-    last_failure: float | None = None
-    not_before: float | None = None
-
-    def blocks(self, now: float) -> bool:
-        return self.not_before is not None and now < self.not_before
-
-
-@dataclass(frozen=True)
-class LoadSample:
-    """A service's load at one moment, as the router and as its backends count it."""
-
-    at: float
-    routed: int  # the router's requests in flight plus those queued for a backend
-    in_backends: int = 0  # the backends' own running plus waiting requests (vLLM /metrics)
-
-    @property
-    def load(self) -> int:
-        """The scaling signal. The larger count, not the sum: a routed request is also
-        running or waiting in a backend. The backends also see requests that came by
-        other paths and requests queued inside them."""
-        return max(self.routed, self.in_backends)
-
-
-@dataclass(frozen=True)
-class ServiceSnapshot:
-    config: ServiceConfig
-    jobs: tuple[JobView, ...] = ()
-    lost: tuple[LostJob, ...] = ()
-    load: tuple[LoadSample, ...] = ()
-    demand_since: float | None = None
-    backoff: Backoff = field(default_factory=Backoff)
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    services: tuple[ServiceSnapshot, ...]
-    health_failures: int = 3
-    max_total_gpus: int | None = None
-    orphans: tuple[JobView, ...] = ()  # our jobs of services no longer configured
 
 
 @dataclass(frozen=True)
@@ -302,6 +228,8 @@ def _scale(plan: _Plan, instances: list[JobView], renewing: set[str]) -> None:
     config = plan.service.config
     want = desired_instances(plan.service, plan.now)
     have = len(instances)
+    if have < want and queued_behind(plan.service, plan.now):
+        want = max(have, config.min_instances)  # more would only queue behind the pending
     for number in range(have, want):
         below_min = number < config.min_instances
         reason = "min_instances" if below_min else "load"

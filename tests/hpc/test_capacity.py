@@ -54,3 +54,21 @@ def test_load_time_is_the_longest_seen_else_the_default() -> None:
     slow = job("3", "RUNNING", running_since=10.0, ready_since=310.0)
     assert load_time(service(job("1"), quick)) == 40.0
     assert load_time(service(quick, slow)) == 300.0
+
+
+def test_a_burst_waits_while_slurm_expects_the_pending_jobs_late() -> None:
+    # the pending jobs start after startup_timeout (900 s): more would queue behind them
+    late = [job(str(i), expected_start=100.0 + 3600) for i in range(3)]
+    held = decide(Snapshot(services=(service(*late, load=100),)), 100.0)
+    assert not any(isinstance(a, Submit) for a in held.actions)
+    soon = [job(str(i), expected_start=160.0) for i in range(3)]
+    more = decide(Snapshot(services=(service(*soon, load=100),)), 100.0)
+    assert sum(isinstance(a, Submit) for a in more.actions) == 5
+
+
+def test_min_instances_are_submitted_even_behind_a_late_job() -> None:
+    config = CONFIG.model_copy(update={"min_instances": 3})
+    late = job("1", expected_start=100.0 + 3600)
+    snapshot = ServiceSnapshot(config=config, jobs=(late,), load=(LoadSample(100.0, 100),))
+    actions = decide(Snapshot(services=(snapshot,)), 100.0).actions
+    assert [a.reason for a in actions if isinstance(a, Submit)] == ["min_instances"] * 2
