@@ -111,7 +111,7 @@ def model_entry(
 ) -> dict[str, Any]:
     state = states.get(model.upstream, {}).get(model.target)
     default = services.upstreams[model.upstream].default_status
-    return {
+    entry: dict[str, Any] = {
         "id": model.id,
         "object": "model",
         "created": model.created,
@@ -125,6 +125,9 @@ def model_entry(
         "queued": state.queued if state is not None else 0,
         "oldest_wait": state.oldest_wait if state is not None else 0.0,
     }
+    if state is not None and state.status == "loading" and state.predicted_wait is not None:
+        entry["predicted_wait"] = state.predicted_wait  # the agents' estimate, in seconds
+    return entry
 
 
 def endpoints_of(model: ModelConfig, state: ModelState | None) -> list[str]:

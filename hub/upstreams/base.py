@@ -46,6 +46,7 @@ class ModelState:
     output: tuple[str, ...] | None = None
     instances: int = 0  # ready backends, summed over sites (the agents' listings)
     starting: int = 0  # their jobs that are starting
+    predicted_wait: float | None = None  # s until a loading model serves (soonest site)
 
 
 class UpstreamError(Exception):

@@ -52,9 +52,10 @@ _RANK: dict[str, int] = {"ready": 2, "loading": 1, "offline": 0}
 
 def merge_states(reports: list[list[dict[str, Any]]]) -> dict[str, ModelState]:
     """Per service id, the best status over sites and the lowest demand at that status;
-    instances and starting jobs are summed over sites."""
+    instances and starting jobs are summed over sites; the predicted wait is the soonest."""
     merged: dict[str, ModelState] = {}
     counts: dict[str, tuple[int, int]] = {}
+    waits: dict[str, float] = {}
     for report in reports:
         for entry in report:
             service, status = entry.get("id"), entry.get("status")
@@ -75,6 +76,9 @@ def merge_states(reports: list[list[dict[str, Any]]]) -> dict[str, ModelState]:
                 _names(entry.get("input")),
                 _names(entry.get("output")),
             )
+            wait = _seconds(entry.get("predicted_wait"))
+            if wait is not None:
+                waits[service] = min(wait, waits.get(service, wait))
             ready, starting = counts.get(service, (0, 0))
             counts[service] = (
                 ready + _count(entry, "instances"),
@@ -83,7 +87,17 @@ def merge_states(reports: list[list[dict[str, Any]]]) -> dict[str, ModelState]:
             old = merged.get(service)
             if old is None or (_RANK[status], -state.demand) > (_RANK[old.status], -old.demand):
                 merged[service] = state
-    return {k: replace(v, instances=counts[k][0], starting=counts[k][1]) for k, v in merged.items()}
+    return {
+        k: replace(v, instances=counts[k][0], starting=counts[k][1], predicted_wait=waits.get(k))
+        for k, v in merged.items()
+    }
+
+
+def _seconds(value: Any) -> float | None:
+    """A predicted wait from an agent's listing; None when absent or not a duration."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    return None
 
 
 def _count(entry: dict[str, Any], key: str) -> int:

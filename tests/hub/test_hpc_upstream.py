@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,22 @@ def test_merge_states_sums_instances_over_sites() -> None:
     ]
     state = merge_states(reports)["a"]
     assert (state.status, state.instances, state.starting) == ("ready", 2, 1)
+
+
+def test_merge_states_takes_the_soonest_predicted_wait() -> None:
+    reports = [
+        [{"id": "a", "status": "loading", "predicted_wait": 600}],
+        [{"id": "a", "status": "loading", "predicted_wait": 95.0}],
+        [
+            {"id": "a", "status": "loading", "predicted_wait": True},
+            {"id": "b", "status": "loading"},
+        ],
+    ]
+    states = merge_states(reports)
+    assert states["a"].predicted_wait == 95.0
+    assert states["b"].predicted_wait is None  # no agent has an estimate
+    bad = merge_states([[{"id": "a", "status": "loading", "predicted_wait": -5}]])
+    assert bad["a"].predicted_wait is None
 
 
 def test_sites_that_failed_recently_go_last() -> None:
@@ -94,6 +111,10 @@ async def test_hpc_models_chat_and_stream_with_failover(
         async with hub.client(key) as http:
             models = (await http.get("/v1/models")).json()["data"]
             assert [(m["id"], m["status"]) for m in models] == [("public-name", "offline")]
+            registry.publish(MODEL, [], starting=1)  # a job pending, Slurm's start known
+            registry.publish_wait(MODEL, 300.0, time.monotonic())
+            [loading] = (await http.get("/v1/models")).json()["data"]
+            assert loading["status"] == "loading" and 290 <= loading["predicted_wait"] <= 300
             server = standin_factory(MODEL)
             registry.publish(MODEL, [Backend(MODEL, "job-1", server.url)])
             models = (await http.get("/v1/models")).json()["data"]
