@@ -36,7 +36,7 @@ from hub.storage import open_engine, usage
 from saia.sandbox.process import free_port, stop_process
 from saia.sandbox.slurm import SlurmSandbox
 from saia.sandbox.sshd import SshdSandbox
-from tests.hpc.test_agent_slurm import cluster_settings
+from tests.hpc.scheduler.test_agent_slurm import cluster_settings
 
 BASE_SERVICE: dict[str, Any] = {
     "template": "standin",

@@ -23,7 +23,7 @@ from hpc.router.server import serve_requests
 from hpc.standin.model import lora_module
 from saia.base import protocol as wire
 from tests.fixtures.standin import StandinProcess
-from tests.hpc.test_router import channel, frames_until_end, request
+from tests.hpc.router.test_router import channel, frames_until_end, request
 
 ADAPTERS = {"sql-lora": "/adapters/sql", "odd.lora": "/adapters/a=b,c"}
 
@@ -100,7 +100,7 @@ def chat(model: str) -> bytes:
 async def test_the_router_lists_and_routes_an_adapter_to_its_base_backends(
     tmp_path: Path, standin_factory: Callable[..., StandinProcess]
 ) -> None:
-    """`router-model` (tests/hpc/test_router.py) with one adapter, on a stand-in that loads
+    """`router-model` (tests/hpc/router/test_router.py) with one adapter, on a stand-in that loads
     it: the listing has both ids, and a request for the adapter reaches the base's backend,
     which answers under the adapter's name."""
     server = standin_factory("router-model", extra_args=["--lora-modules", "sql-lora=/a"])

@@ -15,7 +15,7 @@ import pytest
 from hub.config import parse_config
 from saia.sandbox.slurm import SlurmSandbox
 from saia.sandbox.sshd import SshdSandbox
-from tests.hpc.test_agent_slurm import SERVICE, agent_config, running_agent
+from tests.hpc.scheduler.test_agent_slurm import SERVICE, agent_config, running_agent
 from tests.hub.helpers import running_hub
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slurm, pytest.mark.ssh]

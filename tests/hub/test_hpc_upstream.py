@@ -21,7 +21,7 @@ from hub.upstreams.hpc import merge_states, site_order, sites_to_ask
 from saia.sandbox.process import free_port
 from saia.sandbox.sshd import SshdSandbox
 from tests.fixtures.standin import StandinProcess
-from tests.hpc.test_router_ssh import running_router
+from tests.hpc.router.test_router_ssh import running_router
 from tests.hub.helpers import ADMIN_TOKEN, running_hub
 
 MODEL = "hpc-model"

@@ -11,7 +11,7 @@ from pathlib import Path
 from hpc.registry import Backend
 from hub.upstreams.hop_client import HopClient, HopTarget
 from tests.fixtures.standin import StandinProcess
-from tests.hpc.test_router import MODEL, router
+from tests.hpc.router.test_router import MODEL, router
 
 
 async def test_stream_over_the_agent_socket(

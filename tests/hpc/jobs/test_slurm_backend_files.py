@@ -17,7 +17,7 @@ import pytest
 from hpc.jobs.script import log_path
 from hpc.jobs.system import job_dir
 from saia.sandbox.slurm import SlurmSandbox
-from tests.hpc.test_agent_slurm import agent_config, prefix, ready, running_agent, until
+from tests.hpc.scheduler.test_agent_slurm import agent_config, prefix, ready, running_agent, until
 from tests.hpc.test_vllm_slurm import router_client
 
 pytestmark = pytest.mark.slurm

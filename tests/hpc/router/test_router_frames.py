@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from hpc.router import server
 from saia.base import protocol as wire
-from tests.hpc.test_router_hostile import Hub, Recording, connect, data, make_router, request
+from tests.hpc.router.test_router_hostile import Hub, Recording, connect, data, make_router, request
 
 PROBE = 1_000_000  # a stream id above every id the examples use
 BUDGET = 128 * 1024  # bytes of heads and bodies a connection may hold (4 x max_body_bytes)

@@ -4,7 +4,7 @@ restart (issue 18), decided on hand-made snapshots."""
 from __future__ import annotations
 
 from hpc.scheduler.policy import Cancel, Drain, decide
-from tests.hpc.test_policy import NOW, job, service, snap
+from tests.hpc.scheduler.test_policy import NOW, job, service, snap
 
 
 def test_scale_down_takes_the_job_marked_for_an_operator_drain() -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from hpc.scheduler.vllm_metrics import parse_sample, parse_vllm_metrics
 
-RECORDED = Path(__file__).parent / "data" / "vllm-0.32-metrics.txt"
+RECORDED = Path(__file__).parents[1] / "data" / "vllm-0.32-metrics.txt"
 
 
 def test_recorded_vllm_output_gives_the_tiny_models_load() -> None:

@@ -6,7 +6,7 @@ and environment and act like the real ones where the script depends on it (appta
 the command after the image, srun runs its command, ray blocks until SIGTERM). Everything
 else (the prologue, traps, key file, endpoint, waits) is the real rendered script.
 
-`python -m tests.hpc.test_vllm_templates` rewrites docs/examples/*.sh after a deliberate
+`python -m tests.hpc.jobs.test_vllm_templates` rewrites docs/examples/*.sh after a deliberate
 template change.
 """
 
@@ -31,7 +31,7 @@ from hpc.config import AgentConfig, load_config, parse_config
 from hpc.jobs.script import render_job, template_file
 from hpc.jobs.system import JobTag
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples"
+EXAMPLES = Path(__file__).resolve().parents[3] / "docs" / "examples"
 EXAMPLE_TAG = JobTag(prefix="saia", agent_id="login1")
 WAIT = 20.0
 
@@ -49,7 +49,8 @@ def example_configs() -> list[Path]:
 def test_documented_example_is_what_the_renderer_makes(config_path: Path) -> None:
     script = config_path.with_suffix(".sh").read_text(encoding="utf-8")
     assert script == render_example(config_path), (
-        f"{config_path.with_suffix('.sh')} is stale: run `python -m tests.hpc.test_vllm_templates`"
+        f"{config_path.with_suffix('.sh')} is stale: "
+        "run `python -m tests.hpc.jobs.test_vllm_templates`"
     )
     checked = subprocess.run(["bash", "-n"], input=script, text=True, timeout=10, check=False)
     assert checked.returncode == 0

@@ -20,7 +20,7 @@ from saia.base import protocol as wire
 from saia.base.http11 import HttpClient
 from saia.base.protocol import Caller, RequestHead
 from tests.hpc.helpers import until
-from tests.hpc.test_router_waits import ANSWER, BODY, MODEL, Sink
+from tests.hpc.router.test_router_waits import ANSWER, BODY, MODEL, Sink
 
 SERVICE = ServiceConfig(name=MODEL, model=MODEL, target_concurrency=2)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from hpc.scheduler.status import read_status
-from tests.hpc.test_agent_loop import rig
+from tests.hpc.scheduler.test_agent_loop import rig
 
 
 async def test_a_slurm_outage_is_logged_once_and_its_end_too(

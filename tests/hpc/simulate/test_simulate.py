@@ -195,7 +195,7 @@ def test_a_burst_never_holds_more_than_the_gpu_cap() -> None:
 
 
 def test_the_documented_tuned_config_is_valid() -> None:
-    path = Path(__file__).parents[2] / "docs" / "simulator-tuned.yaml"
+    path = Path(__file__).parents[3] / "docs" / "simulator-tuned.yaml"
     config = load_sim_config(path)
     assert config.max_queue == 4096
     assert config.services[0].target_concurrency == 12

@@ -10,7 +10,7 @@ from hpc.registry import BackendRegistry
 from hpc.scheduler.agent import Agent
 from hpc.scheduler.backend_load import BackendLoad, LoadReading
 from hpc.scheduler.state import load_state
-from tests.hpc.test_agent_loop import SERVICE, render, rig, service, settings
+from tests.hpc.scheduler.test_agent_loop import SERVICE, render, rig, service, settings
 
 
 async def test_a_restarted_agent_holds_capacity_through_the_scale_down_delay(

@@ -18,7 +18,7 @@ from hpc.jobs.squeue import (
 )
 from hpc.jobs.system import JobTag
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"  # tests/hpc/data
 TAG = JobTag(prefix="saia", agent_id="a1")
 
 

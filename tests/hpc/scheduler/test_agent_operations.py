@@ -24,7 +24,7 @@ from hpc.config import AgentConfig, load_config
 from saia.base import protocol as wire
 from saia.base.mux import Channel
 from saia.sandbox.slurm import SlurmSandbox
-from tests.hpc.test_agent_slurm import (
+from tests.hpc.scheduler.test_agent_slurm import (
     cluster_settings,
     our_jobs,
     published,

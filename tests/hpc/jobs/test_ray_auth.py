@@ -1,7 +1,7 @@
 """The multi-node job's Ray cluster wants a per-job token (issue 9 item 7).
 
 The rendered `vllm-multinode` script run by bash with the stand-in `ray`, `srun`,
-`scontrol` and `vllm` of tests/hpc/test_vllm_templates.py (no Ray or second node here):
+`scontrol` and `vllm` of tests/hpc/jobs/test_vllm_templates.py (no Ray or second node here):
 with Ray 2.52+ every Ray process and vLLM get RAY_AUTH_MODE=token and the path of a 0600
 token file, never the token; an older Ray is refused unless the operator accepts it.
 """
@@ -12,7 +12,7 @@ import stat
 import time
 from pathlib import Path
 
-from tests.hpc.test_vllm_templates import (
+from tests.hpc.jobs.test_vllm_templates import (
     WAIT,
     RunningJob,
     fake_bin,

@@ -4,7 +4,7 @@ requests (a preempted server: Slurm's SIGTERM closed its port, its open requests
 from __future__ import annotations
 
 from hpc.scheduler.policy import Cancel, Drain, Submit, decide
-from tests.hpc.test_policy import NOW, job, snap
+from tests.hpc.scheduler.test_policy import NOW, job, snap
 
 REASON = "unhealthy: 3 failed health checks in a row"
 

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from hpc.scheduler.backend_load import BackendLoad, LoadReading
 from hpc.scheduler.metrics_file import SERVICE_GAUGES, render, write_metrics
 from hpc.scheduler.status import AgentStatus
-from tests.hpc.test_agent_loop import SERVICE, rig, service, settings
+from tests.hpc.scheduler.test_agent_loop import SERVICE, rig, service, settings
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -12,8 +12,8 @@ from typing import Any
 from hpc.batch.manager import BatchManager
 from hpc.config import parse_config
 from saia.base import protocol as wire
+from tests.hpc.batch.test_vllm_batch import Collected
 from tests.hpc.fakes import MemoryJobSystem
-from tests.hpc.test_vllm_batch import Collected
 
 BATCH = "batch-0123456789abcdef01234567"
 

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from hpc.cli import hpc
 from hpc.scheduler.operator_requests import DrainRequest, parse_request, write_drain
 from hpc.scheduler.status import serving
-from tests.hpc.test_agent_loop import SERVICE, rig
+from tests.hpc.scheduler.test_agent_loop import SERVICE, rig
 
 
 async def test_a_pending_replacement_is_reported_and_the_drain_withdrawn(tmp_path: Path) -> None:

@@ -1,0 +1,1 @@
+"""Tests of hpc/batch/ (the agent's batch jobs)."""
