@@ -135,7 +135,12 @@ class _Sqlite:
     @classmethod
     async def open(cls, path: Path) -> _Sqlite:
         path.parent.mkdir(parents=True, exist_ok=True)
-        connection = await aiosqlite.connect(path, timeout=SQLITE_BUSY, isolation_level=None)
+        connection = await aiosqlite.connect(
+            path,
+            timeout=SQLITE_BUSY,
+            isolation_level=None,
+            cached_statements=16,  # one statement per batch size: see hub/storage.py
+        )
         await connection.execute("PRAGMA journal_mode=WAL")
         await connection.execute("PRAGMA synchronous=NORMAL")
         return cls(connection)
