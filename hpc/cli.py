@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import shutil
@@ -104,6 +105,7 @@ def agent(config_path: Path, drain_on_exit: bool, log_level: str) -> None:
     try:
         # uvloop (installed with uvicorn[standard]) where it is, as the hub: the router's
         # CPU per forwarded request is lower on it (python -m bench).
+        gc.freeze()  # the imports' objects, out of every full collection's walk (hub/cli.py)
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.run(
                 run_until_signal(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import gc
 import json
 import sys
 import time
@@ -100,6 +101,10 @@ def serve(config_path: Path, host: str | None, port: int | None) -> None:
     port = port if port is not None else config.port
     served = uvicorn_config(app, host or config.host, port, client_timeouts=config.client_timeouts)
     tracing.start(config.tracing)  # outside the event loop: stop() may block on the flush
+    # What exists now lives as long as the process: out of the collector's way, a full
+    # collection no longer walks the ~130k objects of the imports (76 ms each time, a stall
+    # of every request in flight: the p99 at 64 concurrent in python -m bench).
+    gc.freeze()
     try:
         uvicorn.Server(served).run()
     finally:
