@@ -77,7 +77,10 @@ async def lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 async def finish(keeper: Keeper, row: Any, state: dict[str, Any], now: float) -> None:
     """Pull, split and record the output, then give the batch its last status."""
     claimed = ("in_progress", "cancelling", "finalizing")
-    if not await keeper.change(row.id, claimed, status="finalizing", finalizing_at=now):
+    # A cancelled batch stays `cancelling` until `cancelled` (OpenAI's statuses: `finalizing`
+    # is for a finished one), which also keeps the cancel if this hub stops half-way.
+    interim = "cancelling" if row.status == "cancelling" else "finalizing"
+    if not await keeper.change(row.id, claimed, status=interim, finalizing_at=now):
         return
     final = final_status(
         str(state.get("state")), row.status == "cancelling",
@@ -95,7 +98,7 @@ async def finish(keeper: Keeper, row: Any, state: dict[str, Any], now: float) ->
         values["errors"] = [{"code": "batch_failed", "message": message, "line": None}]
     if final == "expired" or final == "cancelled":
         values["total"] = max(row.total, tally.completed + tally.failed)
-    await keeper.change(row.id, ("finalizing",), **values)
+    await keeper.change(row.id, (interim,), **values)
     log.info("batch %s %s: %d answered, %d failed", row.id, final, tally.completed, tally.failed)
     await keeper.agent(row.upstream, row.site).forget(row.id)
 
