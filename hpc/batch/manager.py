@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import shutil
 import time
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from hpc.batch.plan import BATCH_ID, batch_state, plan_job, progress
 from hpc.batch.script import render_batch
 from hpc.config import AgentConfig
 from hpc.jobs.script import JobScriptError
-from hpc.jobs.system import JobSystem, JobTag, private_dir, write_atomic
+from hpc.jobs.system import JobSystem, JobTag, private_dir, stable_token, write_atomic
 from saia.base import protocol as wire
 
 log = logging.getLogger(__name__)
@@ -65,16 +64,7 @@ def make_jobs(config: AgentConfig, tag: JobTag) -> JobSystem:
 
 def batch_tag(state_dir: Path) -> str:
     """This state dir's batch job tag, made once (stable across agent restarts)."""
-    path = private_dir(state_dir / "batches") / "tag"
-    try:
-        existing = path.read_text(encoding="ascii").strip()
-    except FileNotFoundError:
-        existing = ""
-    if existing.isalnum():
-        return existing
-    new = "b" + secrets.token_hex(6)
-    write_atomic(path, new + "\n")
-    return new
+    return stable_token(private_dir(state_dir / "batches") / "tag", prefix="b")
 
 
 async def reply(sink: Sink, status: int, data: dict[str, Any]) -> None:

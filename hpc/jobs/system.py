@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -176,3 +177,17 @@ def write_atomic(path: Path, text: str, mode: int = 0o600) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def stable_token(path: Path, prefix: str = "") -> str:
+    """The token kept in `path`, made (prefix + 12 hex digits) and written on first use, so
+    it stays the same across restarts; a file that holds no plain token is replaced."""
+    try:
+        existing = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        existing = ""
+    if existing.isalnum():
+        return existing
+    new = prefix + secrets.token_hex(6)
+    write_atomic(path, new + "\n")
+    return new

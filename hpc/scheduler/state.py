@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hpc.jobs.system import write_atomic
+from hpc.jobs.system import stable_token, write_atomic
 from hpc.scheduler.policy import Backoff, LoadSample
 
 log = logging.getLogger(__name__)
@@ -106,16 +105,7 @@ def _fields(value: Any) -> dict[str, Any]:
 
 def agent_id(state_dir: Path) -> str:
     """This state dir's agent id, created on first use (stable across restarts)."""
-    path = state_dir / AGENT_ID_FILE
-    try:
-        existing = path.read_text(encoding="ascii").strip()
-    except FileNotFoundError:
-        existing = ""
-    if existing.isalnum():
-        return existing
-    new_id = secrets.token_hex(6)
-    write_atomic(path, new_id + "\n")
-    return new_id
+    return stable_token(state_dir / AGENT_ID_FILE)
 
 
 def load_state(state_dir: Path, expected_id: str) -> AgentState:
