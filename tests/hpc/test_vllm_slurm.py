@@ -35,7 +35,7 @@ from saia.base import protocol as wire
 from saia.base.mux import Channel
 from saia.sandbox.slurm import SlurmSandbox
 from saia.sandbox.vllm import VllmInstall
-from tests.hpc.helpers import until, wait_endpoint, wait_healthy
+from tests.hpc.helpers import job_processes, until, wait_endpoint, wait_healthy
 from tests.saia.mux_helpers import next_frame
 
 pytestmark = pytest.mark.vllm
@@ -83,24 +83,6 @@ def prefix(slurm_cluster: SlurmSandbox) -> Any:
     name = "v" + uuid.uuid4().hex[:8]
     yield name
     slurm_cluster.run(["scancel", f"--name={name}-{SERVICE}"])
-
-
-def job_processes(state_dir: Path, job_id: str) -> list[str]:
-    """Command lines of live processes of the job: SAIA_JOB_DIR (exported by the prologue)
-    in their environment. Not SLURM_JOB_ID: other sandbox clusters on this machine reuse ids.
-    """
-    marker = f"SAIA_JOB_DIR={job_dir(state_dir, job_id)}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
-            if marker in environ:
-                found.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode())
-        except OSError:
-            continue  # gone meanwhile, or a kernel thread
-    return found
 
 
 async def gone_from_slurm(config: AgentConfig, tag: JobTag, job_id: str) -> None:
