@@ -15,9 +15,17 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from hpc.config import ServiceConfig
+from hpc.simulate.client import ClientModel
 from saia.base.config_file import NO_FILE, ConfigError, Duration, Strict, read_yaml, validate
 
-__all__ = ["ConfigError", "InstanceModel", "QueueModel", "SimConfig", "load_sim_config"]
+__all__ = [
+    "ClientModel",
+    "ConfigError",
+    "InstanceModel",
+    "QueueModel",
+    "SimConfig",
+    "load_sim_config",
+]
 
 DEFAULT_SERVICE = "sim-model"
 
@@ -69,6 +77,8 @@ class SimConfig(Strict):
     health_failures: int = Field(3, ge=1)
     queue_timeout: Duration = Field(300.0, ge=0, description="router: longest wait for a slot")
     max_queue: int = Field(256, ge=0, description="router: requests waiting per service")
+    client: ClientModel = Field(default_factory=ClientModel)
+    """how clients retry a 503 (hpc/simulate/client.py)"""
 
     def service_names(self) -> list[str]:
         return [s.name for s in self.services]

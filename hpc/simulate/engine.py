@@ -14,10 +14,13 @@ import itertools
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from hpc.router.policy import expected_wait
+from hpc.scheduler.capacity import load_time, predicted_wait
 from hpc.scheduler.policy import Cancel, Decision, Drain, Snapshot, Submit, gpus_per_job
+from hpc.simulate.client import next_attempt, retry_after
 from hpc.simulate.config import SimConfig
 from hpc.simulate.trace import Request
 from hpc.simulate.world import Flight, ServiceWorld, SimJob, snapshot
@@ -25,6 +28,8 @@ from hpc.simulate.world import Flight, ServiceWorld, SimJob, snapshot
 DecideFn = Callable[[Snapshot, float], Decision]
 # After the last arrival the run goes on this long, so queued requests finish or time out.
 GRACE_S = 600.0
+# The agent's router's Retry-After for a cold service with no estimate (RETRY_AFTER_NOT_READY).
+RETRY_AFTER_UNKNOWN_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,7 @@ class Policy:
     cold_reject_after: float | None = (
         None  # reject a request that waited this long for a first instance
     )
+    sends_retry_after: bool = True  # its router's 503 carries Retry-After
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,7 @@ class Run:
     flights: list[Flight]
     jobs: list[SimJob]
     ticks: list[Tick] = field(default_factory=list)
+    give_up: float = 600.0  # the clients' give_up: a given-up request's felt wait
 
 
 class Simulator:
@@ -66,6 +73,7 @@ class Simulator:
         self.services = {s.name: ServiceWorld(s) for s in config.services}
         self.queue_rng = random.Random(f"queue:{seed}")
         self.preempt_rng = random.Random(f"preempt:{seed}")
+        self.client_rng = random.Random(f"client:{seed}")
         self.events: list[tuple[float, int, str, Any]] = []
         self.counter = itertools.count()
         self.flights: list[Flight] = []
@@ -80,7 +88,7 @@ class Simulator:
         self.warm_start()
         for request in trace:
             if request.service in self.services:
-                self.push(request.at, "arrive", request)
+                self.push(request.at, "arrive", Flight(request))
         horizon = duration + GRACE_S
         for step in range(math.ceil(horizon / self.config.poll_interval) + 1):
             self.push(step * self.config.poll_interval, "tick", True)
@@ -88,15 +96,15 @@ class Simulator:
             self.now, _, kind, payload = heapq.heappop(self.events)
             getattr(self, f"on_{kind}")(payload)
         jobs = [job for s in self.services.values() for job in s.jobs]
-        return Run(self.policy.name, horizon, self.flights, jobs, self.ticks)
+        give_up = self.config.client.give_up
+        return Run(self.policy.name, horizon, self.flights, jobs, self.ticks, give_up)
 
     # -- requests ---------------------------------------------------------------------
-    def on_arrive(self, request: Request) -> None:
-        world = self.services[request.service]
-        flight = Flight(request)
+    def on_arrive(self, flight: Flight) -> None:
+        world = self.services[flight.request.service]
         self.flights.append(flight)
         if world.queued() >= self.config.max_queue:
-            self.finish(flight, "rejected")
+            self.reject(flight)
             return
         world.queue.append(flight)
         cold = not any(job.routable for job in world.jobs)
@@ -111,7 +119,38 @@ class Simulator:
 
     def on_timeout(self, flight: Flight) -> None:
         if not flight.outcome and flight.job is None:
-            self.finish(flight, "rejected")
+            self.reject(flight)
+
+    def reject(self, flight: Flight) -> None:
+        """A 503: the client retries after the Retry-After (or its own back-off), or gives up."""
+        self.finish(flight, "rejected")
+        wait = self.retry_after(self.services[flight.request.service])
+        at = next_attempt(
+            self.config.client,
+            self.client_rng,
+            origin=flight.origin,
+            now=self.now,
+            attempt=flight.attempt,
+            retry_after_s=wait,
+        )
+        if at is None:
+            flight.gave_up = True
+            return
+        again = Flight(replace(flight.request, at=at), origin=flight.origin)
+        again.attempt = flight.attempt + 1
+        self.push(at, "arrive", again)
+
+    def retry_after(self, world: ServiceWorld) -> float | None:
+        """The Retry-After the policy's router sends, as hpc/router/forwarding.py computes
+        it: a cold service's predicted wait (Slurm's estimate + load time), else the
+        queue's expected wait at the recent dispatch rate."""
+        if not self.policy.sends_retry_after:
+            return None
+        if not any(job.routable for job in world.jobs):
+            view = world.snapshot(self.now, consume=False)
+            predicted = predicted_wait(view, self.now, load_time(view))
+            return RETRY_AFTER_UNKNOWN_S if predicted is None else retry_after(predicted)
+        return retry_after(expected_wait(world.queued() + 1, list(world.dispatched), self.now))
 
     def on_done(self, flight: Flight) -> None:
         job = flight.job
@@ -142,6 +181,7 @@ class Simulator:
         request = flight.request
         flight.job, flight.started = job, self.now
         job.flights.append(flight)
+        self.services[job.service].note_dispatch(self.now)
         prefill = request.prompt_tokens / model.prefill_tokens_per_s
         flight.first_token = self.now + prefill
         self.push(flight.first_token + request.output_tokens / model.tokens_per_s, "done", flight)

@@ -11,7 +11,10 @@ from hpc.simulate.engine import Policy, Run, simulate
 from hpc.simulate.trace import DEFAULT_DURATION, GENERATORS, Request, generate, read_csv
 
 POLICY = Policy("policy", decide)
-BASELINE = Policy("baseline", baseline_decide, cold_reject_after=COLD_REJECT_AFTER_S)
+# The reference system's 503 carries no Retry-After: its clients use their own back-off.
+BASELINE = Policy(
+    "baseline", baseline_decide, cold_reject_after=COLD_REJECT_AFTER_S, sends_retry_after=False
+)
 
 
 def compare(config: SimConfig, trace: list[Request], seed: int, duration: float) -> list[Run]:

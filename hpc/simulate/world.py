@@ -24,6 +24,8 @@ from hpc.simulate.trace import Request
 
 # The baseline averages the load over this window; the history keeps at least this much.
 BASELINE_WINDOW_S = 60.0
+# The router's expected wait counts the dispatches of the last minute (hpc.router.policy).
+DISPATCH_WINDOW_S = 60.0
 
 
 @dataclass
@@ -80,7 +82,9 @@ class SimJob:
 
 @dataclass
 class Flight:
-    """One request on its way: queued, then on a job, then done, rejected or cut off."""
+    """One attempt of a request on its way: queued, then on a job, then done, rejected or
+    cut off. A client's retry of a rejected request is a new attempt (a new Flight) whose
+    `request.at` is the retry's arrival; `origin` is the first attempt's."""
 
     request: Request
     job: SimJob | None = None
@@ -88,6 +92,13 @@ class Flight:
     first_token: float | None = None
     finished: float | None = None
     outcome: str = ""  # "", "done", "rejected", "interrupted"
+    origin: float = -1.0  # the first attempt's arrival (-1: this is the first)
+    attempt: int = 0  # 0 for the first, n for the n-th retry
+    gave_up: bool = False  # rejected and not retried: the client gave up
+
+    def __post_init__(self) -> None:
+        if self.origin < 0:
+            self.origin = self.request.at
 
 
 @dataclass
@@ -99,6 +110,7 @@ class ServiceWorld:
     loads: deque[LoadSample] = field(default_factory=deque)
     demand_since: float | None = None
     backoff: Backoff = field(default_factory=Backoff)
+    dispatched: deque[float] = field(default_factory=deque)  # the router's recent dispatches
 
     @property
     def name(self) -> str:
@@ -139,9 +151,18 @@ class ServiceWorld:
             expected_start=job.planned_start if job.started is None else None,
         )
 
-    def snapshot(self, now: float) -> ServiceSnapshot:
-        """What the agent's observe step would hand the policy; lost jobs are reported once."""
-        lost, self.lost = tuple(self.lost), []
+    def note_dispatch(self, now: float) -> None:
+        """A request got a slot; the router's expected wait reads the last minute of them."""
+        self.dispatched.append(now)
+        while self.dispatched and self.dispatched[0] < now - DISPATCH_WINDOW_S:
+            self.dispatched.popleft()
+
+    def snapshot(self, now: float, consume: bool = True) -> ServiceSnapshot:
+        """What the agent's observe step would hand the policy; lost jobs are reported once
+        (unless `consume` is false: a look that is not an agent step)."""
+        lost = tuple(self.lost)
+        if consume:
+            self.lost = []
         live = self.live_jobs()
         alive = {job.job_id for job in live}
         return ServiceSnapshot(

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from hpc.cli import hpc
 
-KEYS = ("wait_p50_s", "wait_p95_s", "wait_p99_s", "rejected", "gpu_hours")
+KEYS = ("wait_p50_s", "wait_p95_s", "wait_p99_s", "rejected", "gpu_hours", "felt_p95_s", "failed")
 
 
 def test_csv_trace_json_line_and_plot(tmp_path: Path) -> None:
