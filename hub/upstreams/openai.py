@@ -16,7 +16,14 @@ from hub.upstreams.base import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from saia.base.http11 import ConnectFailed, HttpClient, HttpResponse, ResponseBroken, parse_url
+from saia.base.http11 import (
+    BodyStream,
+    ConnectFailed,
+    HttpClient,
+    HttpResponse,
+    ResponseBroken,
+    parse_url,
+)
 
 
 def shared_client(max_connections: int) -> HttpClient:
@@ -96,10 +103,10 @@ class OpenAIUpstream:
             headers = [(k, request.content_type if k == "content-type" else v) for k, v in headers]
         timeouts = self._config.timeouts
         body = request.body
-        if not isinstance(body, bytes):  # an upload: saia/base/http11.py sends bytes
-            body = b"".join([piece async for piece in body])
+        # An upload is sent chunked as it arrives, not held whole.
+        sent = body if isinstance(body, bytes) else BodyStream(body)
         opened = self._client.stream(
-            request.method, self._url(request.path), headers, body, timeouts.connect
+            request.method, self._url(request.path), headers, sent, timeouts.connect
         )
         async with AsyncExitStack() as stack:
             try:

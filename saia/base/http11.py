@@ -7,12 +7,14 @@ directly) and ~0.1 ms through this client, and httpx's pool collapsed to 150-350
 requests/s at 64 concurrent requests where this client does >1200/s. Both the router and
 the hub forward every request, so the client must be cheap. What it does: one pool of idle
 connections per origin, TLS for https (certifi's CA bundle, as httpx), the request head and
-body in one write, the response parsed by httptools (llhttp, C; installed with
-uvicorn[standard]) and handed on chunk by chunk as it arrives. Optionally at most
-`max_connections` connections are open (a request waits for one). A pooled connection that
-the server closed meanwhile (nothing came back on it) is dropped and the request tries the
-next pooled one, then a new one, which is never retried. No total timeout: the caller
-times the first byte and each gap between chunks.
+a bytes body in one write (a streamed body, `BodyStream`, piece by piece: an upload passed
+on as it arrives), the response parsed by httptools (llhttp, C; installed with
+uvicorn[standard]) and handed on chunk by chunk as it arrives (messages and parsing:
+`saia.base.http11_messages`). Optionally at most `max_connections` connections are open (a
+request waits for one). A pooled connection that the server closed meanwhile (nothing came
+back on it) is dropped and a bytes request tries the next pooled one, then a new one, which
+is never retried; a streamed body is sent once, on a new connection. No total timeout: the
+caller times the first byte and each gap between chunks.
 
 Requests are built from values the caller has validated: method, path (from an allow-list
 or configuration), header names (HTTP tokens) and values (no CR/LF/NUL).
@@ -26,178 +28,38 @@ import time
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from functools import cached_property
 from itertools import chain
-from urllib.parse import urlsplit
 
 import certifi
-import httptools
 
-READ_SIZE = 256 * 1024
-MAX_HEAD = 256 * 1024  # bytes before the end of the response head
-_DEFAULT_PORTS = {"http": 80, "https": 443}
+from saia.base.http11_messages import (
+    READ_SIZE,
+    Body,
+    BodyMismatch,
+    BodyStream,
+    ConnectFailed,
+    Connection,
+    HttpResponse,
+    NoResponse,
+    ResponseBroken,
+    Target,
+    encode_request,
+    parse_url,
+)
 
-
-class ConnectFailed(Exception):
-    """No connection to the server (refused, unreachable, TLS, bad URL): nothing was sent."""
-
-
-class ResponseBroken(Exception):
-    """The exchange broke after the request was sent (reset, closed, invalid HTTP)."""
-
-
-class NoResponse(ResponseBroken):
-    """The exchange broke before the response head arrived: no answer came back."""
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where a URL points: the connection's origin and the request line's target."""
-
-    scheme: str
-    host: str
-    port: int
-    path: str  # path and query, e.g. /v1/chat/completions?x=1
-
-    @cached_property  # both read per request: computed once per (cached) Target
-    def origin(self) -> tuple[str, str, int]:
-        return (self.scheme, self.host, self.port)
-
-    @cached_property
-    def host_header(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return host if self.port == _DEFAULT_PORTS[self.scheme] else f"{host}:{self.port}"
-
-
-def parse_url(url: str) -> Target:
-    parts = urlsplit(url)
-    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
-        raise ValueError(f"not an http(s) URL: {url!r}")
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return Target(parts.scheme, parts.hostname, parts.port or _DEFAULT_PORTS[parts.scheme], path)
-
-
-def encode_request(
-    method: str,
-    path: str,
-    host: str,
-    headers: list[tuple[str, str]],
-    body: bytes,
-    encoding: str = "latin-1",
-) -> bytes:
-    lines = [f"{method} {path} HTTP/1.1", f"host: {host}", f"content-length: {len(body)}"]
-    lines += [f"{name}: {value}" for name, value in headers]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode(encoding) + body
-
-
-class _Connection:
-    """One TCP (or TLS) connection and the parser state of its current response."""
-
-    def __init__(
-        self,
-        origin: tuple[str, str, int],
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-    ) -> None:
-        self.origin = origin
-        self.reader = reader
-        self.writer = writer
-        self.idle_since = 0.0
-        self.reused = False
-        self.reset()
-
-    def reset(self) -> None:
-        self.parser = httptools.HttpResponseParser(self)
-        self.headers: list[tuple[str, str]] = []
-        self.body: deque[bytes] = deque()
-        self.received = 0
-        self.head_done = False
-        self.keep_alive = False
-        self.complete = False
-        self.until_eof = True  # no content-length and not chunked: the body ends at EOF
-
-    # httptools callbacks
-    def on_header(self, name: bytes, value: bytes) -> None:
-        lower = name.decode("latin-1").lower()
-        if lower in ("content-length", "transfer-encoding"):
-            self.until_eof = False
-        self.headers.append((lower, value.decode("latin-1")))
-
-    def on_headers_complete(self) -> None:
-        self.head_done = True
-        self.keep_alive = self.parser.should_keep_alive()  # only valid during the callbacks
-
-    def on_body(self, body: bytes) -> None:
-        self.body.append(body)
-
-    def on_message_complete(self) -> None:
-        self.complete = True
-
-    async def receive(self) -> None:
-        """Read and parse the next piece of the response."""
-        broken = ResponseBroken if self.head_done else NoResponse
-        try:
-            data = await self.reader.read(READ_SIZE)
-        except OSError as error:
-            raise broken(f"{type(error).__name__}: {error}") from None
-        if not data:
-            if self.head_done and self.until_eof and not self.complete:
-                self.complete, self.keep_alive = True, False
-                return
-            raise broken("the server closed the connection")
-        self.received += len(data)
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as error:
-            raise broken(f"invalid HTTP: {error}") from None
-        if not self.head_done and self.received > MAX_HEAD:
-            raise NoResponse("the response head is too large")
-
-    def reusable(self) -> bool:
-        return self.complete and self.keep_alive and not self.body and not self.reader.at_eof()
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-class HttpResponse:
-    """The response head; the body via `chunks()` or `received()` + `receive()`."""
-
-    def __init__(self, connection: _Connection) -> None:
-        self.status = connection.parser.get_status_code()
-        self.headers = connection.headers  # names in lower case
-        self.connection = connection
-        self.released = False
-
-    @property
-    def complete(self) -> bool:
-        return self.connection.complete
-
-    def received(self) -> list[bytes]:
-        """The body pieces that have arrived and were not taken yet."""
-        body = self.connection.body
-        if not body:
-            return []
-        pieces = list(body)
-        body.clear()
-        return pieces
-
-    async def receive(self) -> None:
-        """Wait for more of the body; raises ResponseBroken if it breaks off."""
-        await self.connection.receive()
-
-    async def chunks(self, idle: float | None = None) -> AsyncIterator[bytes]:
-        """The (de-chunked) body as it arrives. Raises ResponseBroken if it breaks off,
-        TimeoutError if nothing arrives for `idle` seconds (timed only while waiting)."""
-        connection = self.connection
-        while True:
-            while connection.body:
-                yield connection.body.popleft()
-            if connection.complete:
-                return
-            async with asyncio.timeout(idle):
-                await connection.receive()
+__all__ = [
+    "Body",
+    "BodyMismatch",
+    "BodyStream",
+    "ConnectFailed",
+    "HttpClient",
+    "HttpResponse",
+    "NoResponse",
+    "ResponseBroken",
+    "Target",
+    "encode_request",
+    "parse_url",
+]
 
 
 class HttpClient:
@@ -223,9 +85,9 @@ class HttpClient:
         self._connect_timeout = connect_timeout
         self._max_idle_per_origin = max_idle_per_origin
         self._encoding = header_encoding
-        self._idle: defaultdict[tuple[str, str, int], deque[_Connection]] = defaultdict(deque)
+        self._idle: defaultdict[tuple[str, str, int], deque[Connection]] = defaultdict(deque)
         self._idle_count = 0
-        self._busy: set[_Connection] = set()
+        self._busy: set[Connection] = set()
         self._targets: dict[str, Target] = {}
         self._tls = tls
 
@@ -265,15 +127,17 @@ class HttpClient:
         method: str,
         path: str,
         headers: list[tuple[str, str]],
-        body: bytes,
+        body: Body,
         connect_timeout: float | None = None,
     ) -> HttpResponse:
         """Send the request to `path` on `base_url`'s origin and return the response head;
-        the caller must `release()` it. Raises ConnectFailed, NoResponse, or TimeoutError
-        (waiting for a free connection, as long as `connect_timeout`)."""
+        the caller must `release()` it. Raises ConnectFailed, NoResponse, TimeoutError
+        (waiting for a free connection, as long as `connect_timeout`), and for a
+        `BodyStream` what its pieces raise and BodyMismatch."""
         target = self.target(base_url)
         data = encode_request(method, path, target.host_header, headers, body, self._encoding)
-        return await self._send(target, data, connect_timeout or self._connect_timeout)
+        stream = None if isinstance(body, bytes) else body
+        return await self._send(target, data, stream, connect_timeout or self._connect_timeout)
 
     @asynccontextmanager
     async def stream(
@@ -281,17 +145,14 @@ class HttpClient:
         method: str,
         url: str,
         headers: list[tuple[str, str]],
-        body: bytes,
+        body: Body,
         connect_timeout: float | None = None,
     ) -> AsyncIterator[HttpResponse]:
         """Send the request to `url`; the response head on enter; the connection is pooled
         again on exit if the body was read to its end, closed otherwise (error,
         cancellation). Raises as `send`, and ResponseBroken while reading the body."""
         target = self.target(url)
-        data = encode_request(
-            method, target.path, target.host_header, headers, body, self._encoding
-        )
-        response = await self._send(target, data, connect_timeout or self._connect_timeout)
+        response = await self.send(url, method, target.path, headers, body, connect_timeout)
         try:
             yield response
         except BaseException:
@@ -308,7 +169,9 @@ class HttpClient:
         if self._slots is not None:
             self._slots.release()
 
-    async def _send(self, target: Target, data: bytes, connect_timeout: float) -> HttpResponse:
+    async def _send(
+        self, target: Target, data: bytes, body: BodyStream | None, connect_timeout: float
+    ) -> HttpResponse:
         if self._slots is not None:
             if self._slots.locked():  # all connections busy: wait, as long as for a connect
                 async with asyncio.timeout(connect_timeout):
@@ -316,33 +179,38 @@ class HttpClient:
             else:
                 await self._slots.acquire()
             try:
-                return HttpResponse(await self._exchange(target, data, connect_timeout))
+                return HttpResponse(await self._exchange(target, data, body, connect_timeout))
             except BaseException:
                 self._slots.release()
                 raise
-        return HttpResponse(await self._exchange(target, data, connect_timeout))
+        return HttpResponse(await self._exchange(target, data, body, connect_timeout))
 
-    async def _exchange(self, target: Target, data: bytes, connect_timeout: float) -> _Connection:
-        """A connection whose response head has arrived."""
+    async def _exchange(
+        self, target: Target, data: bytes, body: BodyStream | None, connect_timeout: float
+    ) -> Connection:
+        """A connection whose response head has arrived. A streamed body goes on a new
+        connection: a pooled one the server is closing would fail it half-sent."""
         while True:
-            connection = await self._acquire(target, connect_timeout)
+            connection = await self._acquire(target, connect_timeout, fresh=body is not None)
             self._busy.add(connection)
             try:
                 connection.writer.write(data)
+                if body is not None:
+                    await body.write(connection.writer)
                 while not connection.head_done:
                     await connection.receive()
                 return connection
             except BaseException as error:
                 self._busy.discard(connection)
                 connection.close()
-                stale = connection.reused and connection.received == 0
+                stale = connection.reused and connection.received == 0 and body is None
                 if stale and isinstance(error, ResponseBroken | OSError):
                     continue  # the server closed the idle connection: a new one
                 if isinstance(error, OSError):
                     raise NoResponse(f"{type(error).__name__}: {error}") from None
                 raise
 
-    def _pool(self, connection: _Connection, reuse: bool) -> None:
+    def _pool(self, connection: Connection, reuse: bool) -> None:
         self._busy.discard(connection)
         pool = self._idle[connection.origin]
         if (
@@ -359,8 +227,8 @@ class HttpClient:
         pool.append(connection)
         self._idle_count += 1
 
-    async def _acquire(self, target: Target, connect_timeout: float) -> _Connection:
-        pool = self._idle.get(target.origin)
+    async def _acquire(self, target: Target, connect_timeout: float, fresh: bool) -> Connection:
+        pool = None if fresh else self._idle.get(target.origin)
         now = time.monotonic()
         while pool:
             connection = pool.pop()
@@ -378,7 +246,7 @@ class HttpClient:
         oldest.popleft().close()
         self._idle_count -= 1
 
-    async def _connect(self, target: Target, connect_timeout: float) -> _Connection:
+    async def _connect(self, target: Target, connect_timeout: float) -> Connection:
         tls = self._tls_context() if target.scheme == "https" else None
         try:
             async with asyncio.timeout(connect_timeout):
@@ -391,7 +259,7 @@ class HttpClient:
                 )
         except (OSError, ssl.SSLError) as error:
             raise ConnectFailed(f"{type(error).__name__}: {error}") from None
-        return _Connection(target.origin, reader, writer)
+        return Connection(target.origin, reader, writer)
 
     def _tls_context(self) -> ssl.SSLContext:
         if self._tls is None:
