@@ -120,7 +120,7 @@ class UpstreamStreamingResponse(StreamingResponse):
 
     Starlette's HTTP behaviour is kept (the stream stops when the client disconnects; the
     background task runs after it), on an asyncio TaskGroup instead of Starlette's anyio
-    task group, which costs ~0.1 ms more per stream (tests/hub/test_streaming_response.py
+    task group, which costs ~0.1 ms more per stream (tests/hub/proxy/test_streaming_response.py
     holds this class to Starlette's behaviour).
     """
 

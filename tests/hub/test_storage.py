@@ -116,7 +116,7 @@ async def test_two_replicas_share_one_limit(
     tmp_path: Path, database_url: str, standin_server: str
 ) -> None:
     # Exact mode: every request counted in the database (the batched mode's bound is
-    # tested in tests/hub/test_window_sync.py).
+    # tested in tests/hub/usage/test_window_sync.py).
     config = hub_config(
         tmp_path, standin_server, STANDIN_MODEL, database_url, counter_sync_interval=0
     )

@@ -29,7 +29,7 @@ from playwright.async_api import Browser, BrowserContext, Page
 
 from saia.sandbox.process import free_port, stop_process
 from tests.fixtures.standin import start_standin
-from tests.hub.test_chat_page import CHROMIUM, UI_TIMEOUT_MS, browser, saia
+from tests.hub.web.test_chat_page import CHROMIUM, UI_TIMEOUT_MS, browser, saia
 
 pytestmark = pytest.mark.e2e
 __all__ = ["browser"]  # the fixture, shared with the chat page's tests

@@ -1,5 +1,5 @@
 """The client's body as the upstream gets it (pure; the real-hub tests are in
-test_proxy_faults.py and test_api.py)."""
+test_proxy_faults.py and tests/hub/test_api.py)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ import json
 
 from playwright.async_api import Browser
 
-from tests.hub.test_chat_page import HubProcess, browser, hub, open_page  # noqa: F401
+from tests.hub.web.test_chat_page import HubProcess, browser, hub, open_page  # noqa: F401
 
 BUSY = {
     "error": {

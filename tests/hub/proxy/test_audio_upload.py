@@ -1,8 +1,8 @@
 """Audio uploads through a real hub (uvicorn, openai upstream) to a stand-in: the form's
 `model` field found by its part headers in either order, renamed for an alias at its exact
-place, the upload passed as sent (streamed on: tests/hub/test_hop_streamed_body.py for the hop);
-an unknown or missing model refused (before the upload is read when the model comes first:
-tests/hub/test_multipart_body.py)."""
+place, the upload passed as sent (streamed on for the hop:
+tests/hub/upstreams/test_hop_streamed_body.py); an unknown or missing model refused (before
+the upload is read when the model comes first: tests/hub/proxy/test_multipart_body.py)."""
 
 from __future__ import annotations
 

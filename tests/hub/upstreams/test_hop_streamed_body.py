@@ -14,7 +14,7 @@ import pytest
 from hub.upstreams.hop_client import HopClient
 from saia.sandbox.sshd import SshdSandbox
 from tests.fixtures.standin import StandinProcess
-from tests.hub.test_ssh_client import CHAT, JSON, MODEL, agent_router, chat, target
+from tests.hub.upstreams.test_ssh_client import CHAT, JSON, MODEL, agent_router, chat, target
 
 pytestmark = pytest.mark.ssh
 WORDS = 60_000  # a body of about 500 kB: several windows of the agent's credit
