@@ -12,6 +12,12 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from hpc.config_slurm import (
+    Placement,
+    SlurmResources,
+    placement_problem,
+    resolve_placements,
+)
 from saia.base.config_file import (
     NO_FILE,
     ConfigError,
@@ -20,7 +26,6 @@ from saia.base.config_file import (
     read_yaml,
     validate,
 )
-from saia.base.durations import parse_slurm_time
 from saia.base.tracing import TracingConfig
 
 __all__ = [
@@ -28,6 +33,7 @@ __all__ = [
     "BatchConfig",
     "ConfigError",
     "FairnessConfig",
+    "Placement",
     "RouterConfig",
     "ServiceConfig",
     "SlurmResources",
@@ -58,68 +64,6 @@ TASK_ENDPOINTS: dict[str, tuple[Endpoint, ...]] = {
     "transcription": ("transcriptions", "translations"),
 }
 SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
-# Slurm options the agent owns: an operator setting them in extra_sbatch would break
-# job recognition, logging or the graceful stop.
-RESERVED_SBATCH = (
-    "--job-name",
-    "-J",
-    "--comment",
-    "--output",
-    "-o",
-    "--error",
-    "-e",
-    "--signal",
-    "--parsable",
-    "--wrap",
-    "--requeue",
-)
-
-
-class SlurmResources(Strict):
-    """What one job of a service asks Slurm for."""
-
-    partition: str | None = None
-    """Slurm partition (--partition); None uses the cluster's default"""
-    nodes: int = Field(1, ge=1, le=64)
-    """nodes per job; above 1 the vllm template runs a Ray cluster across them"""
-    gpus: int = Field(1, ge=0, le=16, description="GPUs per node")
-    cpus: int = Field(4, ge=1, le=1024, description="CPUs per task")
-    memory: str = Field("32G", pattern=r"^[0-9]+[KMGT]?$")
-    """memory per node (--mem), e.g. 64G"""
-    time_limit: str = "1:00:00"
-    """job time limit (--time): MM, H:MM:SS or D-HH:MM:SS; jobs are renewed before it"""
-    account: str | None = None
-    """Slurm account to charge (--account)"""
-    qos: str | None = None
-    """quality of service (--qos)"""
-    constraint: str | None = None
-    """node features (--constraint), e.g. a100"""
-    extra_sbatch: list[str] = Field(default_factory=list)
-    """further sbatch options, each starting with -; the agent's own are refused"""
-
-    @field_validator("time_limit")
-    @classmethod
-    def _time_limit(cls, value: str) -> str:
-        seconds = parse_slurm_time(value)
-        if seconds is None:
-            raise ValueError("a model service needs a finite time limit, not UNLIMITED")
-        return value
-
-    @field_validator("extra_sbatch")
-    @classmethod
-    def _extra(cls, value: list[str]) -> list[str]:
-        for option in value:
-            if not option.startswith("-") or "\n" in option:
-                raise ValueError(f"{option!r} is not an sbatch option (it must start with -)")
-            if option.split("=", 1)[0] in RESERVED_SBATCH:
-                raise ValueError(f"{option.split('=', 1)[0]} is set by the agent itself")
-        return value
-
-    @property
-    def time_limit_seconds(self) -> int:
-        seconds = parse_slurm_time(self.time_limit)
-        assert seconds is not None  # validated above
-        return seconds
 
 
 class VllmOptions(Strict):
@@ -171,6 +115,10 @@ class ServiceConfig(Strict):
     """job template in slurm/: vllm, vllm-multinode or standin"""
     resources: SlurmResources = Field(default_factory=SlurmResources)
     """what each job asks Slurm for"""
+    placements: list[Placement] = Field(default_factory=list)
+    """where jobs may queue; each goes where Slurm predicts the soonest start; empty: resources'"""
+    replace_pending_gain: Duration = Field(600.0, gt=0)
+    """move a pending job (once) to another placement predicted to start this much sooner"""
     min_instances: int = Field(1, ge=0, le=64)
     """jobs kept running even without load (0 allows scale to zero)"""
     max_instances: int = Field(1, ge=0, le=64)
@@ -248,9 +196,34 @@ class ServiceConfig(Strict):
     def _bounds(self) -> ServiceConfig:
         if self.max_instances < self.min_instances:
             raise ValueError("max_instances must be >= min_instances")
-        if self.renewal_lead >= self.resources.time_limit_seconds:
-            raise ValueError("renewal_lead must be shorter than resources.time_limit")
+        if self.renewal_lead >= self.resources.time_min_seconds:
+            which = "time_min" if self.resources.time_min else "time_limit"
+            raise ValueError(f"renewal_lead must be shorter than resources.{which}")
+        problem = placement_problem(self.candidates, self.min_instances)
+        if problem:
+            raise ValueError(problem)
         return self
+
+    @property
+    def candidates(self) -> tuple[Placement, ...]:
+        """The placements with every field resolved (one named "" without a list)."""
+        return resolve_placements(self.placements, self.resources)
+
+    def placed(self, name: str) -> ServiceConfig:
+        """This service with the placement's partition/QOS/reservation in its resources
+        (what a job submitted there asks for); "" is the service as configured."""
+        if not name:
+            return self
+        for placement in self.candidates:
+            if placement.name == name:
+                update = {
+                    "partition": placement.partition,
+                    "qos": placement.qos,
+                    "reservation": placement.reservation,
+                }
+                resources = self.resources.model_copy(update=update)
+                return self.model_copy(update={"resources": resources})
+        raise ValueError(f"service {self.name!r} has no placement {name!r}")
 
     @property
     def model_id(self) -> str:
@@ -353,6 +326,8 @@ class AgentConfig(Strict):
     """cap on GPUs held by all services together"""
     slurm_timeout: Duration = Field(30.0, gt=0)
     """per Slurm command"""
+    placement_probe_interval: Duration = Field(60.0, gt=0)
+    """ask Slurm (sbatch --test-only) where a service's next job would start at most this often"""
     python: str | None = Field(
         None, description="python on the compute nodes; default: the agent's"
     )

@@ -85,12 +85,19 @@ def sbatch_lines(service: ServiceConfig, config: AgentConfig, tag: JobTag) -> li
         options.append(f"--gres=gpu:{res.gpus}")
     options += [f"--cpus-per-task={res.cpus}", f"--mem={res.memory}"]
     options.append(f"--time={format_slurm_time(limit)}")
-    for flag, value in (("account", res.account), ("qos", res.qos), ("constraint", res.constraint)):
+    if res.time_min is not None:  # backfill may grant less; renewal follows squeue's time left
+        options.append(f"--time-min={format_slurm_time(res.time_min_seconds)}")
+    for flag, value in (
+        ("account", res.account),
+        ("qos", res.qos),
+        ("reservation", res.reservation),
+        ("constraint", res.constraint),
+    ):
         if value:
             options.append(f"--{flag}={shlex.quote(value)}")
     options += [
         f"--output={shlex.quote(str(log_path(config.state_dir)))}",
-        f"--signal=B:TERM@{stop_warning(limit)}",
+        f"--signal=B:TERM@{stop_warning(res.time_min_seconds)}",
         "--no-requeue",
     ]
     options += [shlex.quote(option) for option in res.extra_sbatch]
@@ -122,7 +129,7 @@ def job_variables(service: ServiceConfig, config: AgentConfig) -> list[str]:
         "SAIA_NODES": str(service.resources.nodes),
         "SAIA_CONTAINER": service.container or "",
         "SAIA_PYTHON": config.python or sys.executable,
-        "SAIA_STOP_TIMEOUT": str(stop_warning(service.resources.time_limit_seconds)),
+        "SAIA_STOP_TIMEOUT": str(stop_warning(service.resources.time_min_seconds)),
         "SAIA_MAKE_API_KEY": "1" if service.api_key else "",
         "SAIA_HF_HOME": service.hf_home or "",
         "SAIA_RAY_PORT": str(service.vllm.ray_port or ""),

@@ -51,6 +51,11 @@ class JobInfo:
     submit_time: float | None
     nodes: tuple[str, ...]
     reason: str
+    # Where Slurm queued it ("" when none or not known): which of the service's placements
+    # the job is in, also for a job an earlier agent submitted.
+    partition: str = ""
+    qos: str = ""
+    reservation: str = ""
 
     @property
     def active(self) -> bool:
@@ -69,6 +74,10 @@ class Submission:
     comment: str
     log_path: Path
     environment: dict[str, str]
+    placement: str = ""  # the service's placement it is for (ServiceConfig.candidates)
+    partition: str = ""  # what the script asks Slurm for ("" when nothing)
+    qos: str = ""
+    reservation: str = ""
 
 
 class JobSystem(Protocol):

@@ -23,6 +23,7 @@ from hpc.scheduler.snapshot import Backoff as Backoff
 from hpc.scheduler.snapshot import JobView as JobView
 from hpc.scheduler.snapshot import LoadSample as LoadSample
 from hpc.scheduler.snapshot import LostJob as LostJob
+from hpc.scheduler.snapshot import PlacementStart as PlacementStart
 from hpc.scheduler.snapshot import ServiceSnapshot as ServiceSnapshot
 from hpc.scheduler.snapshot import Snapshot as Snapshot
 
@@ -35,9 +36,15 @@ OPERATOR_NOW = "now"  # drain at once
 
 @dataclass(frozen=True)
 class Submit:
+    """Queue one job of the service in `placement` (a name of ServiceConfig.candidates; ""
+    for a service without placements). With `moves`, the new job takes the place of that
+    pending job, which the next action cancels (the agent keeps it if this submit fails)."""
+
     service: str
     reason: str
     replaces: str | None = None
+    placement: str = ""
+    moves: str | None = None
 
 
 @dataclass(frozen=True)

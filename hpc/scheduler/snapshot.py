@@ -28,6 +28,8 @@ class JobView:
     in_flight: int = 0
     operator_drain: str = ""  # "", OPERATOR_REPLACE or OPERATOR_NOW
     expected_start: float | None = None  # a pending job's start as Slurm estimates it
+    placement: str | None = None  # the service's placement it was queued in; None: unknown
+    moved_from: str | None = None  # the pending job it replaced on a sooner placement
 
     @property
     def job_id(self) -> str:
@@ -76,6 +78,16 @@ class LoadSample:
 
 
 @dataclass(frozen=True)
+class PlacementStart:
+    """When Slurm predicted a new job of the service would start in one of its placements
+    (`sbatch --test-only`), and when it was asked."""
+
+    placement: str  # the placement's name (ServiceConfig.candidates)
+    start: float | None  # epoch s; None: Slurm gave no prediction (failed, no answer)
+    observed_at: float
+
+
+@dataclass(frozen=True)
 class ServiceSnapshot:
     config: ServiceConfig
     jobs: tuple[JobView, ...] = ()
@@ -83,6 +95,7 @@ class ServiceSnapshot:
     load: tuple[LoadSample, ...] = ()
     demand_since: float | None = None
     backoff: Backoff = field(default_factory=Backoff)
+    placement_starts: tuple[PlacementStart, ...] = ()  # latest per placement; may be absent
 
 
 @dataclass(frozen=True)
