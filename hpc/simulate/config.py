@@ -19,6 +19,7 @@ from hpc.simulate.client import ClientModel
 from saia.base.config_file import NO_FILE, ConfigError, Duration, Strict, read_yaml, validate
 
 __all__ = [
+    "BaselineModel",
     "ClientModel",
     "ConfigError",
     "InstanceModel",
@@ -60,6 +61,23 @@ class InstanceModel(Strict):
     prefill_tokens_per_s: float = Field(4000.0, gt=0, description="prompt tokens/s (first token)")
 
 
+class BaselineModel(Strict):
+    """The baseline's own knobs where they differ from the services' (`baseline:`): the
+    reference system run as its operators would run it while the agent's policy is tuned,
+    or the other way round. Unset: the service's own value."""
+
+    min_instances: int | None = Field(None, ge=0, le=64)
+    target_concurrency: int | None = Field(None, ge=1, description="its per-instance capacity")
+
+    def apply(self, service: ServiceConfig) -> ServiceConfig:
+        update = {k: v for k, v in self.model_dump().items() if v is not None}
+        if not update:
+            return service
+        data = {**service.model_dump(), **update}
+        data["max_instances"] = max(data["max_instances"], data["min_instances"])
+        return ServiceConfig.model_validate(data)
+
+
 class SimConfig(Strict):
     """The whole simulated world."""
 
@@ -79,6 +97,13 @@ class SimConfig(Strict):
     max_queue: int = Field(256, ge=0, description="router: requests waiting per service")
     client: ClientModel = Field(default_factory=ClientModel)
     """how clients retry a 503 (hpc/simulate/client.py)"""
+    baseline: BaselineModel = Field(default_factory=BaselineModel)
+    """the baseline's own min_instances / target_concurrency (default: the services')"""
+
+    def for_baseline(self) -> SimConfig:
+        """This world with the baseline's own knobs in its services."""
+        services = [self.baseline.apply(service) for service in self.services]
+        return self.model_copy(update={"services": services})
 
     def service_names(self) -> list[str]:
         return [s.name for s in self.services]

@@ -19,7 +19,10 @@ BASELINE = Policy(
 
 def compare(config: SimConfig, trace: list[Request], seed: int, duration: float) -> list[Run]:
     """The agent's policy and the baseline on the same trace and the same random streams."""
-    return [simulate(config, trace, policy, seed, duration) for policy in (POLICY, BASELINE)]
+    return [
+        simulate(config, trace, POLICY, seed, duration),
+        simulate(config.for_baseline(), trace, BASELINE, seed, duration),
+    ]
 
 
 def trace_duration(spec: str, trace: list[Request], asked: float | None) -> float:

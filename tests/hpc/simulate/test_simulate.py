@@ -202,3 +202,13 @@ def test_the_documented_tuned_config_is_valid() -> None:
     config = load_sim_config(path)
     assert config.max_queue == 4096
     assert config.services[0].target_concurrency == 12
+
+
+def test_the_baseline_runs_with_its_own_knobs() -> None:
+    config = world(service(min_instances=2), baseline={"min_instances": 0, "target_concurrency": 9})
+    assert config.for_baseline().services[0].min_instances == 0
+    assert config.for_baseline().services[0].target_concurrency == 9
+    assert config.services[0].min_instances == 2  # the policy's own
+    policy, baseline = compare(config, [], seed=1, duration=60)
+    assert len(policy.jobs) == 2  # warm start: min_instances
+    assert baseline.jobs == []
