@@ -32,10 +32,14 @@ DEFAULT_SERVICE = "sim-model"
 
 
 class QueueModel(Strict):
-    """How long Slurm keeps a job of one partition (or partition/QOS) pending: log-normal."""
+    """How long Slurm keeps a job of one partition (or partition/QOS) pending: log-normal;
+    optionally how many GPUs our jobs may hold in it at once, and its own preemption rate."""
 
     median: Duration = Field(120.0, ge=0, description="median start wait")
     p95: Duration = Field(600.0, ge=0, description="95th percentile of the start wait")
+    gpus: int | None = Field(None, ge=0, description="GPUs ours may hold at once; None: any")
+    preemptions_per_gpu_hour: float | None = Field(None, ge=0)
+    """this queue's rate (a preemptible partition or QOS); None: the world's"""
 
     @model_validator(mode="after")
     def _order(self) -> QueueModel:
@@ -95,6 +99,10 @@ class SimConfig(Strict):
     health_failures: int = Field(3, ge=1)
     queue_timeout: Duration = Field(300.0, ge=0, description="router: longest wait for a slot")
     max_queue: int = Field(256, ge=0, description="router: requests waiting per service")
+    estimate_error: float = Field(0.5, ge=0, le=3)
+    """sigma of the log-normal error of Slurm's predicted starts (0: exact)"""
+    placement_probe_interval: Duration = Field(60.0, gt=0)
+    """the agent asks sbatch --test-only this often; an answer predicts the next job's wait"""
     client: ClientModel = Field(default_factory=ClientModel)
     """how clients retry a 503 (hpc/simulate/client.py)"""
     baseline: BaselineModel = Field(default_factory=BaselineModel)
@@ -111,12 +119,17 @@ class SimConfig(Strict):
     def instance_of(self, service: str) -> InstanceModel:
         return self.instance.get(service, InstanceModel())
 
-    def queue_of(self, service: ServiceConfig) -> QueueModel:
-        res = service.resources
-        for key in (f"{res.partition}/{res.qos}", f"{res.partition}", "default"):
+    def queue_for(self, partition: str | None, qos: str | None) -> tuple[str, QueueModel]:
+        """The queue a job asking for `partition` and `qos` waits in, and its key:
+        `partition/qos`, else `partition`, else `default`, else the built-in model."""
+        for key in (f"{partition}/{qos}", f"{partition}", "default"):
             if key in self.queues:
-                return self.queues[key]
-        return QueueModel()
+                return key, self.queues[key]
+        return "", QueueModel()
+
+    def preemption_rate(self, queue: QueueModel) -> float:
+        rate = queue.preemptions_per_gpu_hour
+        return self.preemptions_per_gpu_hour if rate is None else rate
 
 
 def default_service(name: str = DEFAULT_SERVICE) -> ServiceConfig:

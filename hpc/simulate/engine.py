@@ -22,6 +22,7 @@ from hpc.scheduler.capacity import load_time, predicted_wait
 from hpc.scheduler.policy import Cancel, Decision, Drain, Snapshot, Submit, gpus_per_job
 from hpc.simulate.client import next_attempt, retry_after
 from hpc.simulate.config import SimConfig
+from hpc.simulate.partitions import Partitions
 from hpc.simulate.trace import Request
 from hpc.simulate.world import Flight, ServiceWorld, SimJob, snapshot
 
@@ -71,7 +72,7 @@ class Simulator:
     def __init__(self, config: SimConfig, policy: Policy, seed: int) -> None:
         self.config, self.policy = config, policy
         self.services = {s.name: ServiceWorld(s) for s in config.services}
-        self.queue_rng = random.Random(f"queue:{seed}")
+        self.partitions = Partitions(config, seed)
         self.preempt_rng = random.Random(f"preempt:{seed}")
         self.client_rng = random.Random(f"client:{seed}")
         self.events: list[tuple[float, int, str, Any]] = []
@@ -191,12 +192,19 @@ class Simulator:
         """A run starts as an agent that has been up for a while: min_instances jobs ready."""
         for world in self.services.values():
             for _ in range(world.config.min_instances):
-                self.on_start(self.submit(world.name, None, start=False))
-                world.jobs[-1].ready_at = 0.0
+                job = self.submit(world.name, None, start=False)
+                if self.partitions.try_start(job):  # else: behind the queue's GPU limit
+                    self.begin(job)
+                    job.ready_at = 0.0
 
-    def submit(self, service: str, replaces: str | None, start: bool = True) -> SimJob:
+    def submit(
+        self, service: str, replaces: str | None, start: bool = True, placement: str = ""
+    ) -> SimJob:
+        """Queue a job of the service in Slurm (the queue of its resources' partition and
+        QOS); it starts after the queue's wait, or at once (`start=False`: warm start)."""
         world = self.services[service]
         config = world.config
+        queue = self.partitions.of(config.resources.partition, config.resources.qos)
         job = SimJob(
             job_id=str(next(self.job_numbers)),
             service=service,
@@ -204,20 +212,25 @@ class Simulator:
             submitted=self.now,
             time_limit_s=float(config.resources.time_limit_seconds),
             replaces=replaces,
+            placement=placement,
+            queue_key=queue.key,
         )
         world.jobs.append(job)
         if start:
-            job.planned_start = self.now + self.config.queue_of(config).sample(self.queue_rng)
-            self.push(job.planned_start, "start", job)
+            self.push(self.partitions.plan(job, queue, self.now), "start", job)
         return job
 
     def on_start(self, job: SimJob) -> None:
-        if job.ended is not None:
-            return  # cancelled while pending
+        """The job waited out its queue: it runs if its partition has a GPU free for it."""
+        if job.ended is None and self.partitions.try_start(job):
+            self.begin(job)
+
+    def begin(self, job: SimJob) -> None:
         job.started = self.now
         self.push(self.now + self.config.instance_of(job.service).load_time, "ready", job)
         self.push(self.now + job.time_limit_s, "end", (job, "time limit"))
-        rate = self.config.preemptions_per_gpu_hour * job.gpus / 3600
+        queue = self.partitions.queues[job.queue_key].model
+        rate = self.config.preemption_rate(queue) * job.gpus / 3600
         if rate > 0:
             self.push(self.now + self.preempt_rng.expovariate(rate), "end", (job, "preempted"))
 
@@ -241,6 +254,8 @@ class Simulator:
             self.finish(flight, "interrupted")
         job.flights.clear()
         self.services[job.service].end_job(job, self.now, reason)
+        for starting in self.partitions.release(job):  # its GPUs go to one waiting for them
+            self.begin(starting)
 
     # -- the agent ----------------------------------------------------------------------
     def on_tick(self, regular: bool) -> None:

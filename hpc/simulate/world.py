@@ -36,7 +36,9 @@ class SimJob:
     submitted: float
     time_limit_s: float
     replaces: str | None = None
-    planned_start: float | None = None  # Slurm's estimate, here exact
+    planned_start: float | None = None  # Slurm's estimate (hpc/simulate/partitions.py)
+    placement: str = ""  # the service's placement it was submitted to
+    queue_key: str = ""  # the queue it waits in (SimConfig.queue_for)
     started: float | None = None
     ready_at: float | None = None
     ended: float | None = None

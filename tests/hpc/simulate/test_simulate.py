@@ -44,6 +44,7 @@ def world(svc: ServiceConfig, **overrides: object) -> SimConfig:
         "queues": {"gpu": {"median": "60s", "p95": "60s"}},  # every job waits exactly 60 s
         "instance": {svc.name: {"load_time": "30s", "concurrency": 4, "tokens_per_s": 10}},
         "preemptions_per_gpu_hour": 0,
+        "estimate_error": 0,  # Slurm's predictions exact unless a test says otherwise
     }
     data.update(overrides)
     return parse_sim_config(data)

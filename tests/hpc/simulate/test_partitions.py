@@ -1,0 +1,84 @@
+"""Slurm's queues in the simulated world: GPU limits, predictions and their error."""
+
+from __future__ import annotations
+
+import math
+
+from hpc.simulate.engine import simulate
+from hpc.simulate.partitions import Partitions
+from hpc.simulate.report import summarize
+from hpc.simulate.run import POLICY
+from hpc.simulate.world import SimJob
+from tests.hpc.simulate.test_simulate import requests, service, world
+
+
+def job(number: int, gpus: int = 1) -> SimJob:
+    return SimJob(str(number), "m", gpus, submitted=0.0, time_limit_s=3600.0)
+
+
+def queues(**overrides: object) -> Partitions:
+    return Partitions(world(service(), **overrides), seed=1)
+
+
+def test_queues_are_found_by_partition_qos_then_partition_then_default() -> None:
+    parts = queues(
+        queues={
+            "gpu/short": {"median": "10s", "p95": "10s"},
+            "gpu": {"median": "1m", "p95": "1m"},
+            "default": {"median": "1h", "p95": "1h"},
+        }
+    )
+    assert parts.of("gpu", "short").key == "gpu/short"
+    assert parts.of("gpu", "long").key == "gpu"
+    assert parts.of("big", None).key == "default"
+    assert parts.of("gpu", None) is parts.of("gpu", "other")  # one queue, one GPU count
+
+
+def test_a_full_partition_starts_the_next_job_when_one_of_ours_ends() -> None:
+    parts = queues(queues={"gpu": {"median": "1m", "p95": "1m", "gpus": 1}})
+    queue = parts.of("gpu", None)
+    first, second = job(1), job(2)
+    assert parts.plan(first, queue, 0.0) == 60.0
+    assert parts.try_start(first)
+    first.started = 60.0
+    assert parts.plan(second, queue, 100.0) == 160.0  # its own queue wait...
+    assert second.planned_start == 60.0 + 3600.0  # ...but Slurm plans it after first's limit
+    assert not parts.try_start(second)
+    assert parts.predict(queue, 1, 200.0) == 3660.0  # --test-only: behind ours too
+    assert parts.release(first) == [second]  # first ended: second gets its GPU
+    assert queue.running == [second]
+
+
+def test_a_prediction_is_the_next_jobs_wait_with_the_error() -> None:
+    exact = queues(queues={"gpu": {"median": "1m", "p95": "10m"}})
+    queue = exact.of("gpu", None)
+    predicted = exact.predict(queue, 1, 0.0)
+    assert exact.plan(job(1), queue, 30.0) == predicted + 30.0  # the same wait, exactly
+    rough = queues(queues={"gpu": {"median": "1m", "p95": "10m"}}, estimate_error=0.5)
+    queue = rough.of("gpu", None)
+    ratios = []
+    for number in range(400):
+        predicted = rough.predict(queue, 1, 0.0)
+        started = rough.plan(job(number), queue, 0.0)
+        ratios.append(predicted / started)
+    logs = sorted(math.log(r) for r in ratios)
+    assert 0.35 < logs[300] - logs[100] < 0.8  # interquartile of N(0, 0.5): 0.67
+    assert abs(logs[200]) < 0.1  # unbiased: the median error is 1
+
+
+def test_a_stale_prediction_does_not_bind_the_next_job() -> None:
+    parts = queues(queues={"gpu": {"median": "1m", "p95": "1h"}}, placement_probe_interval=60)
+    queue = parts.of("gpu", None)
+    predicted = parts.predict(queue, 1, 0.0)
+    assert queue.next_wait is not None
+    assert parts.plan(job(1), queue, 120.0) != 120.0 + predicted  # asked 2 min ago: a new draw
+    assert queue.next_wait is None
+
+
+def test_a_preemptible_queue_has_its_own_rate() -> None:
+    config = world(
+        service(),
+        queues={"gpu": {"median": "0s", "p95": "0s", "preemptions_per_gpu_hour": 100}},
+    )
+    run = simulate(config, requests([10.0]), POLICY, seed=1, duration=3600)
+    assert summarize(run).preempted >= 1  # the world's rate is 0
