@@ -26,6 +26,7 @@ from saia.base.config_file import (
     read_yaml,
     validate,
 )
+from saia.base.endpoints import Endpoint
 from saia.base.tracing import TracingConfig
 
 __all__ = [
@@ -42,21 +43,7 @@ __all__ = [
     "parse_config",
 ]
 
-# The endpoints a service may serve (the router's allow-list maps each path to one), and
-# those a service serves by default, from what its server does (`vllm.task`).
-Endpoint = Literal[
-    "chat",
-    "completions",
-    "embeddings",
-    "responses",
-    "messages",
-    "rerank",
-    "score",
-    "transcriptions",
-    "translations",
-    "speech",
-    "tokenize",
-]
+# The endpoints a service serves by default, from what its server does (`vllm.task`).
 TASK_ENDPOINTS: dict[str, tuple[Endpoint, ...]] = {
     "generate": ("chat", "completions", "responses", "messages", "tokenize"),
     "embed": ("embeddings", "tokenize"),

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
 from hub.config import ModelConfig
-from hub.endpoints import DEFAULT_ENDPOINTS
+from hub.endpoints import DEFAULT_ENDPOINTS, ROUTES
 from hub.errors import ApiError, failure_answer
 from hub.proxy.anthropic_api import MESSAGES, anthropic_answer
 from hub.proxy.openapi import add_proxied_paths
@@ -29,20 +29,6 @@ from hub.upstreams.base import ModelState
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
-# Passed to the model's upstream at /v1/<endpoint> (vLLM's paths; audio/speech only where a
-# backend serves it, vLLM 0.32 does not).
-PROXIED = (
-    "chat/completions",
-    "completions",
-    "embeddings",
-    "responses",
-    "messages",
-    "rerank",
-    "score",
-    "audio/transcriptions",
-    "audio/translations",
-    "audio/speech",
-)
 
 
 class HubApp(FastAPI):
@@ -50,7 +36,7 @@ class HubApp(FastAPI):
     its middleware, routing and dependency machinery (~0.1 ms per request), the one way into
     the proxy. They are described in the OpenAPI document all the same."""
 
-    proxied_paths: dict[str, str] = {}  # path -> endpoint, set by create_app
+    proxied_paths: dict[str, str] = {}  # path -> route (hub.endpoints.ROUTES), set by create_app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -71,7 +57,7 @@ class HubApp(FastAPI):
     def openapi(self) -> dict[str, Any]:
         if self.openapi_schema is None:
             schema = super().openapi()
-            add_proxied_paths(schema, proxied_paths())
+            add_proxied_paths(schema, ROUTES)
         return self.openapi_schema or {}
 
 
@@ -160,14 +146,6 @@ def _add_openai_routes(app: FastAPI) -> None:
     app.add_api_route("/v1/models/{model_id:path}", get_model, methods=["GET"], tags=["openai"])
 
 
-def proxied_paths() -> dict[str, str]:
-    """Endpoint -> path of every route passed through to the upstreams."""
-    return {
-        endpoint: f"/v1/{endpoint}" if endpoint in PROXIED else f"/{endpoint}"
-        for endpoint in (*PROXIED, "tokenize", "detokenize")
-    }
-
-
 def _add_operations_routes(app: FastAPI) -> None:
     async def health(request: Request) -> Response:
         status, body = services_of(request).health()  # 503 + reason: database, usage writer
@@ -205,7 +183,7 @@ def create_app(
             yield
 
     app = HubApp(title="saia hub", version="1", lifespan=lifespan, **config.docs_urls())
-    app.proxied_paths = {path: endpoint for endpoint, path in proxied_paths().items()}
+    app.proxied_paths = {path: route for route, path in ROUTES.items()}
     app.add_exception_handler(ApiError, _failure)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -1,32 +1,23 @@
-"""The names of the endpoints a model serves, as the agent's config and /v1/models spell
-them (the same names as `hpc.config.Endpoint`; the hub does not import the agent)."""
+"""The hub's view of the endpoints a model serves (saia/base/endpoints.py): its proxied
+routes, named as its usage records and error messages name them, and the endpoints an
+openai upstream's model serves by default."""
 
 from __future__ import annotations
 
-from typing import Literal
+from saia.base.endpoints import ENDPOINT_PATHS, Endpoint
 
-Endpoint = Literal[
-    "chat",
-    "completions",
-    "embeddings",
-    "responses",
-    "messages",
-    "rerank",
-    "score",
-    "transcriptions",
-    "translations",
-    "speech",
-    "tokenize",
-]
+__all__ = ["DEFAULT_ENDPOINTS", "ROUTES", "Endpoint", "endpoint_name"]
+
 # What a model of an openai upstream is taken to serve when the config does not say.
 DEFAULT_ENDPOINTS: tuple[Endpoint, ...] = ("chat", "completions", "embeddings", "responses")
+# Route -> path of every proxied path; a route is the path without its /v1/ (chat/completions,
+# audio/transcriptions, detokenize), the `endpoint` of a usage record.
+ROUTES: dict[str, str] = {
+    path.removeprefix("/v1/").removeprefix("/"): path for path in ENDPOINT_PATHS
+}
 
 
-def endpoint_name(endpoint: str) -> str:
-    """The name of a proxied endpoint (its path after /v1/): chat/completions is chat,
+def endpoint_name(route: str) -> Endpoint:
+    """The endpoint a proxied route belongs to: chat/completions is chat,
     audio/transcriptions is transcriptions, detokenize is tokenize."""
-    if endpoint == "chat/completions":
-        return "chat"
-    if endpoint == "detokenize":
-        return "tokenize"
-    return endpoint.rsplit("/", 1)[-1]
+    return ENDPOINT_PATHS[ROUTES[route]]

@@ -104,7 +104,7 @@ class JobSystem(Protocol):
 
 
 @dataclass(frozen=True)
-class Endpoint:
+class Rendezvous:
     """The rendezvous record a job writes once its server listens."""
 
     job_id: str
@@ -156,7 +156,7 @@ def read_private(path: Path) -> str | None:
             return None
 
 
-def read_endpoint(state_dir: Path, job_id: str) -> Endpoint | None:
+def read_endpoint(state_dir: Path, job_id: str) -> Rendezvous | None:
     """The job's endpoint file, or None while it has not written one (or wrote garbage,
     or the file is not 0600 and ours: see `read_private`)."""
     text = read_private(job_dir(state_dir, job_id) / "endpoint.json")
@@ -169,7 +169,7 @@ def read_endpoint(state_dir: Path, job_id: str) -> Endpoint | None:
         return None
     if not host or not 0 < port < 65536:
         return None
-    return Endpoint(job_id=job_id, host=host, port=port)
+    return Rendezvous(job_id=job_id, host=host, port=port)
 
 
 def write_atomic(path: Path, text: str, mode: int = 0o600) -> None:

@@ -22,6 +22,7 @@ from hpc.registry import Backend, BackendRegistry
 from hpc.router.fair_queue import Class, FairQueue, Ticket
 from hpc.router.policy import queue_is_full, retry_delay
 from hpc.router.slots import ServiceSlots, Waiter
+from saia.base.endpoints import ENDPOINT_PATHS, Endpoint
 from saia.base.http11 import ConnectFailed, HttpClient, HttpResponse, NoResponse, ResponseBroken
 from saia.base.protocol import Caller, RequestHead
 
@@ -52,20 +53,9 @@ CLIENT_ONLY = frozenset(
 TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz")
 RETRY_AFTER_NOT_READY = "30"
 # The allow-list: the only (method, path) pairs forwarded to a backend, each an endpoint
-# name of `hpc.config.ENDPOINTS` (a service serves those it declares).
-FORWARDED_ENDPOINTS: dict[tuple[str, str], str] = {
-    ("POST", "/v1/chat/completions"): "chat",
-    ("POST", "/v1/completions"): "completions",
-    ("POST", "/v1/embeddings"): "embeddings",
-    ("POST", "/v1/responses"): "responses",
-    ("POST", "/v1/messages"): "messages",
-    ("POST", "/v1/rerank"): "rerank",
-    ("POST", "/v1/score"): "score",
-    ("POST", "/v1/audio/transcriptions"): "transcriptions",
-    ("POST", "/v1/audio/translations"): "translations",
-    ("POST", "/v1/audio/speech"): "speech",
-    ("POST", "/tokenize"): "tokenize",
-    ("POST", "/detokenize"): "tokenize",
+# (a service serves those it declares).
+FORWARDED_ENDPOINTS: dict[tuple[str, str], Endpoint] = {
+    ("POST", path): endpoint for path, endpoint in ENDPOINT_PATHS.items()
 }
 FORWARDED = frozenset(FORWARDED_ENDPOINTS)
 BATCH_PRIORITY = 1  # vLLM's priority field: lower runs first, 0 is the default

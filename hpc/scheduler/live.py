@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from hpc.config import AgentConfig, ServiceConfig
-from hpc.jobs.system import Endpoint, JobInfo
+from hpc.jobs.system import JobInfo, Rendezvous
 from hpc.scheduler.health import HealthBook
 from hpc.scheduler.policy import OPERATOR_NOW, Backoff, LoadSample, LostJob, Warn
 from hpc.scheduler.state import AgentState, JobRecord, save_state
@@ -37,7 +37,7 @@ class LiveState:
         self._services = {service.name: service for service in config.services}
         self._saved = saved
         self._health = HealthBook(config.health_failures)
-        self._endpoints: dict[str, Endpoint] = {}
+        self._endpoints: dict[str, Rendezvous] = {}
         self._keys: dict[str, str | None] = {}
         self._infos: dict[str, JobInfo] = {}
         # Seeded from the saved samples: a restart keeps the scaling window (and so the
@@ -79,7 +79,7 @@ class LiveState:
         return self._health
 
     @property
-    def endpoints(self) -> Mapping[str, Endpoint]:
+    def endpoints(self) -> Mapping[str, Rendezvous]:
         return self._endpoints
 
     def key(self, job_id: str) -> str | None:
@@ -160,7 +160,7 @@ class LiveState:
             record = replace(record, ready_since=ready_since)
         self._saved.jobs[info.job_id] = record
 
-    def found_endpoint(self, job_id: str, endpoint: Endpoint, key: str | None) -> None:
+    def found_endpoint(self, job_id: str, endpoint: Rendezvous, key: str | None) -> None:
         """The job wrote its endpoint.json (and perhaps its api_key)."""
         if job_id in self._saved.jobs:
             self._endpoints[job_id], self._keys[job_id] = endpoint, key

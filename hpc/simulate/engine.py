@@ -19,15 +19,7 @@ from typing import Any
 
 from hpc.router.policy import expected_wait
 from hpc.scheduler.capacity import load_time, predicted_wait
-from hpc.scheduler.policy import (
-    Cancel,
-    Decision,
-    Drain,
-    PlacementStart,
-    Snapshot,
-    Submit,
-    gpus_per_job,
-)
+from hpc.scheduler.policy import Cancel, Decision, Drain, Snapshot, Submit, gpus_per_job
 from hpc.simulate.client import next_attempt, retry_after
 from hpc.simulate.config import SimConfig
 from hpc.simulate.partitions import Partitions
@@ -208,12 +200,11 @@ class Simulator:
     def submit(
         self, service: str, replaces: str | None, start: bool = True, placement: str = ""
     ) -> SimJob:
-        """Queue a job of the service in Slurm (the queue of the placement's partition and
+        """Queue a job of the service in Slurm (the queue of its resources' partition and
         QOS); it starts after the queue's wait, or at once (`start=False`: warm start)."""
         world = self.services[service]
         config = world.config
-        placed = config.placed(placement).resources
-        queue = self.partitions.of(placed.partition, placed.qos)
+        queue = self.partitions.of(config.resources.partition, config.resources.qos)
         job = SimJob(
             job_id=str(next(self.job_numbers)),
             service=service,
@@ -272,7 +263,6 @@ class Simulator:
         if regular:
             for world in worlds:
                 world.sample_load(self.now)
-                self.probe_placements(world)
             self.record()
         decision = self.policy.decide(
             snapshot(worlds, self.now, self.config.max_total_gpus), self.now
@@ -282,27 +272,9 @@ class Simulator:
         for action in decision.actions:
             self.act(action)
 
-    def probe_placements(self, world: ServiceWorld) -> None:
-        """What the agent's `sbatch --test-only` of each placement would answer, asked
-        again once the last answer is `placement_probe_interval` old; only for a service
-        with placements to choose from."""
-        config = world.config
-        if not config.placements:
-            return
-        every = self.config.placement_probe_interval
-        for candidate in config.candidates:
-            name = candidate.name or ""
-            last = world.starts.get(name)
-            if last is not None and self.now - last.observed_at < every:
-                continue
-            queue = self.partitions.of(candidate.partition, candidate.qos)
-            start = self.partitions.predict(queue, gpus_per_job(config), self.now)
-            world.starts[name] = PlacementStart(name, start, self.now)
-
     def act(self, action: object) -> None:
         if isinstance(action, Submit):
-            new = self.submit(action.service, action.replaces, placement=action.placement)
-            new.moved_from = action.moves  # the policy's next action cancels that one
+            self.submit(action.service, action.replaces)
             return
         if not isinstance(action, Cancel | Drain):
             return  # warnings only show in the real agent's status

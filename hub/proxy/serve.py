@@ -23,7 +23,7 @@ from starlette.types import Receive, Scope, Send
 
 from hub.auth import Principal
 from hub.config import ModelConfig
-from hub.endpoints import endpoint_name
+from hub.endpoints import ROUTES, endpoint_name
 from hub.errors import ApiError, failure_answer
 from hub.proxy.answers import is_event_stream, stream_answer, whole_answer
 from hub.proxy.anthropic_api import MESSAGES, anthropic_answer, with_api_key
@@ -186,7 +186,7 @@ async def _forward(
     stack = _hold(services, outcome, limit_headers)
     handed_over = False
     try:
-        path = _path(outcome.endpoint)
+        path = ROUTES[outcome.endpoint]
         who = outcome.principal
         request = UpstreamRequest(
             "POST", path, body, outcome.target, outcome.request_id,
@@ -209,7 +209,3 @@ async def _forward(
     finally:
         if not handed_over:
             await stack.aclose()
-
-
-def _path(endpoint: str) -> str:
-    return f"/{endpoint}" if endpoint in ("tokenize", "detokenize") else f"/v1/{endpoint}"

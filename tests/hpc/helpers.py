@@ -10,7 +10,7 @@ from typing import TypeVar
 import httpx
 import pytest
 
-from hpc.jobs.system import Endpoint, job_dir, read_endpoint
+from hpc.jobs.system import Rendezvous, job_dir, read_endpoint
 
 T = TypeVar("T")
 
@@ -26,7 +26,7 @@ async def until(check: Callable[[], T], limit_s: float, what: str, poll_s: float
     return value
 
 
-async def wait_endpoint(state_dir: Path, job_id: str, limit_s: float = 60.0) -> Endpoint:
+async def wait_endpoint(state_dir: Path, job_id: str, limit_s: float = 60.0) -> Rendezvous:
     """The job's endpoint.json, once it has written it."""
     endpoint = await until(
         lambda: read_endpoint(state_dir, job_id), limit_s, "no endpoint.json", poll_s=0.1

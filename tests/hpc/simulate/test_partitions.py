@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import math
 
-from hpc.scheduler.policy import Cancel, Decision, Snapshot, Submit
-from hpc.simulate.engine import Policy, simulate
+from hpc.simulate.engine import simulate
 from hpc.simulate.partitions import Partitions
 from hpc.simulate.report import summarize
 from hpc.simulate.run import POLICY
@@ -83,58 +82,3 @@ def test_a_preemptible_queue_has_its_own_rate() -> None:
     )
     run = simulate(config, requests([10.0]), POLICY, seed=1, duration=3600)
     assert summarize(run).preempted >= 1  # the world's rate is 0
-
-
-TWO = {
-    "big": {"median": "10m", "p95": "10m"},
-    "small": {"median": "10s", "p95": "10s", "gpus": 1},
-}
-PLACEMENTS = [{"name": "big", "partition": "big"}, {"name": "small", "partition": "small"}]
-
-
-def soonest(snapshot: Snapshot, now: float) -> Decision:
-    """A stand-in policy at the seam: one job, where Slurm predicts the soonest start."""
-    service = snapshot.services[0]
-    if service.jobs or not service.placement_starts:
-        return Decision(actions=(), backoff={})
-    best = min(service.placement_starts, key=lambda p: p.start or float("inf"))
-    return Decision(actions=(Submit("m", "test", placement=best.placement),), backoff={})
-
-
-def test_the_world_answers_test_only_per_placement_and_starts_the_job_where_placed() -> None:
-    config = world(service(min_instances=0, placements=PLACEMENTS), queues=TWO)
-    seen: list[Snapshot] = []
-
-    def record(snapshot: Snapshot, now: float) -> Decision:
-        seen.append(snapshot)
-        return soonest(snapshot, now)
-
-    run = simulate(config, requests([10.0]), Policy("t", record), seed=1, duration=120)
-    first = seen[0].services[0].placement_starts
-    starts = {p.placement: (p.start or 0.0) - p.observed_at for p in first}
-    assert starts == {"big": 600.0, "small": 10.0}  # each queue's own wait, exact here
-    (job,) = run.jobs
-    assert job.placement == "small" and job.queue_key == "small"
-    assert job.started == job.submitted + 10.0
-    assert summarize(run).served == 1
-    views = [s.services[0].jobs for s in seen if s.services[0].jobs]
-    assert views[0][0].placement == "small"
-
-
-def test_a_move_names_the_pending_job_it_replaces() -> None:
-    config = world(service(min_instances=0, placements=PLACEMENTS), queues=TWO)
-    moved: list[bool] = []
-
-    def move(snapshot: Snapshot, now: float) -> Decision:
-        jobs = snapshot.services[0].jobs
-        if not jobs:
-            return Decision(actions=(Submit("m", "first", placement="big"),), backoff={})
-        if len(jobs) == 1 and jobs[0].placement == "big":
-            submit = Submit("m", "moved", placement="small", moves=jobs[0].job_id)
-            return Decision(actions=(submit, Cancel("m", jobs[0].job_id, "moved")), backoff={})
-        moved.append(jobs[0].moved_from == "1")
-        return Decision(actions=(), backoff={})
-
-    run = simulate(config, requests([10.0]), Policy("t", move), seed=1, duration=120)
-    assert [j.end_reason for j in run.jobs] == ["cancelled", ""]
-    assert run.jobs[1].placement == "small" and moved and all(moved)
