@@ -31,6 +31,7 @@ class Partition:
     key: str
     model: QueueModel
     running: list[SimJob] = field(default_factory=list)
+    waiting: list[SimJob] = field(default_factory=list)  # ours submitted here, not started
     blocked: deque[SimJob] = field(default_factory=deque)  # waited out, no GPU free
     next_wait: tuple[float, float, float] | None = None  # (asked at, true wait, error factor)
 
@@ -41,8 +42,18 @@ class Partition:
         limit = self.model.gpus
         return limit is None or self.gpus_used() + gpus <= limit
 
+    def room_after_ours(self, gpus: int) -> bool:
+        """Room for one more job once our jobs already queued here have started: Slurm's
+        plan puts a new job behind those (same priority, submitted earlier)."""
+        limit = self.model.gpus
+        queued = sum(job.gpus for job in self.waiting)
+        return limit is None or self.gpus_used() + queued + gpus <= limit
+
     def earliest_end(self) -> float | None:
+        """When Slurm plans a GPU of ours here to be free: the soonest time limit of our
+        jobs running or queued here (a queued one from its planned start)."""
         ends = [job.started + job.time_limit_s for job in self.running if job.started is not None]
+        ends += [j.planned_start + j.time_limit_s for j in self.waiting if j.planned_start]
         return min(ends, default=None)
 
 
@@ -73,7 +84,7 @@ class Partitions:
             queue.next_wait = fresh
         start = now + fresh[1] * fresh[2]
         end = queue.earliest_end()
-        if not queue.has_room(gpus) and end is not None:
+        if not queue.room_after_ours(gpus) and end is not None:
             start = max(start, end)
         return start
 
@@ -89,14 +100,17 @@ class Partitions:
         job.queue_key = queue.key
         job.planned_start = now + wait * error
         end = queue.earliest_end()
-        if not queue.has_room(job.gpus) and end is not None:
+        if not queue.room_after_ours(job.gpus) and end is not None:
             job.planned_start = max(job.planned_start, end)
+        queue.waiting.append(job)
         return now + wait
 
     def try_start(self, job: SimJob) -> bool:
         """The job waited out the queue: it starts if its partition has a GPU free, else it
         waits (FIFO) for one of ours there to end."""
         queue = self.queues[job.queue_key]
+        if job in queue.waiting:
+            queue.waiting.remove(job)
         if queue.blocked or not queue.has_room(job.gpus):
             queue.blocked.append(job)
             job.planned_start = queue.earliest_end() or job.planned_start  # Slurm's new plan
@@ -109,10 +123,9 @@ class Partitions:
         queue = self.queues.get(job.queue_key)
         if queue is None:
             return []
-        if job in queue.running:
-            queue.running.remove(job)
-        elif job in queue.blocked:
-            queue.blocked.remove(job)
+        for jobs in (queue.running, queue.waiting, queue.blocked):
+            if job in jobs:
+                jobs.remove(job)
         starting: list[SimJob] = []
         while queue.blocked and queue.has_room(queue.blocked[0].gpus):
             starting.append(queue.blocked.popleft())

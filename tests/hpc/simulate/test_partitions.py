@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 
-from hpc.simulate.engine import simulate
+from hpc.scheduler.policy import Cancel, Decision, Snapshot, Submit
+from hpc.simulate.engine import Policy, simulate
 from hpc.simulate.partitions import Partitions
 from hpc.simulate.report import summarize
 from hpc.simulate.run import POLICY
@@ -49,6 +50,14 @@ def test_a_full_partition_starts_the_next_job_when_one_of_ours_ends() -> None:
     assert queue.running == [second]
 
 
+def test_slurm_plans_a_new_job_behind_ours_already_queued_in_a_full_partition() -> None:
+    parts = queues(queues={"small": {"median": "10s", "p95": "10s", "gpus": 1}})
+    queue = parts.of("small", None)
+    assert parts.predict(queue, 1, 0.0) == 10.0  # free: its own wait
+    parts.plan(job(1), queue, 0.0)  # ours, starting at 10 s for up to an hour
+    assert parts.predict(queue, 1, 100.0) == 3610.0  # behind it, though nothing runs yet
+
+
 def test_a_prediction_is_the_next_jobs_wait_with_the_error() -> None:
     exact = queues(queues={"gpu": {"median": "1m", "p95": "10m"}})
     queue = exact.of("gpu", None)
@@ -82,3 +91,58 @@ def test_a_preemptible_queue_has_its_own_rate() -> None:
     )
     run = simulate(config, requests([10.0]), POLICY, seed=1, duration=3600)
     assert summarize(run).preempted >= 1  # the world's rate is 0
+
+
+TWO = {
+    "big": {"median": "10m", "p95": "10m"},
+    "small": {"median": "10s", "p95": "10s", "gpus": 1},
+}
+PLACEMENTS = [{"name": "big", "partition": "big"}, {"name": "small", "partition": "small"}]
+
+
+def soonest(snapshot: Snapshot, now: float) -> Decision:
+    """A stand-in policy at the seam: one job, where Slurm predicts the soonest start."""
+    service = snapshot.services[0]
+    if service.jobs or not service.placement_starts:
+        return Decision(actions=(), backoff={})
+    best = min(service.placement_starts, key=lambda p: p.start or float("inf"))
+    return Decision(actions=(Submit("m", "test", placement=best.placement),), backoff={})
+
+
+def test_the_world_answers_test_only_per_placement_and_starts_the_job_where_placed() -> None:
+    config = world(service(min_instances=0, placements=PLACEMENTS), queues=TWO)
+    seen: list[Snapshot] = []
+
+    def record(snapshot: Snapshot, now: float) -> Decision:
+        seen.append(snapshot)
+        return soonest(snapshot, now)
+
+    run = simulate(config, requests([10.0]), Policy("t", record), seed=1, duration=120)
+    first = seen[0].services[0].placement_starts
+    starts = {p.placement: (p.start or 0.0) - p.observed_at for p in first}
+    assert starts == {"big": 600.0, "small": 10.0}  # each queue's own wait, exact here
+    (job,) = run.jobs
+    assert job.placement == "small" and job.queue_key == "small"
+    assert job.started == job.submitted + 10.0
+    assert summarize(run).served == 1
+    views = [s.services[0].jobs for s in seen if s.services[0].jobs]
+    assert views[0][0].placement == "small"
+
+
+def test_a_move_names_the_pending_job_it_replaces() -> None:
+    config = world(service(min_instances=0, placements=PLACEMENTS), queues=TWO)
+    moved: list[bool] = []
+
+    def move(snapshot: Snapshot, now: float) -> Decision:
+        jobs = snapshot.services[0].jobs
+        if not jobs:
+            return Decision(actions=(Submit("m", "first", placement="big"),), backoff={})
+        if len(jobs) == 1 and jobs[0].placement == "big":
+            submit = Submit("m", "moved", placement="small", moves=jobs[0].job_id)
+            return Decision(actions=(submit, Cancel("m", jobs[0].job_id, "moved")), backoff={})
+        moved.append(jobs[0].moved_from == "1")
+        return Decision(actions=(), backoff={})
+
+    run = simulate(config, requests([10.0]), Policy("t", move), seed=1, duration=120)
+    assert [j.end_reason for j in run.jobs] == ["cancelled", ""]
+    assert run.jobs[1].placement == "small" and moved and all(moved)
