@@ -20,33 +20,14 @@ from typing import TYPE_CHECKING
 
 from hpc.router.forwarding import Rejection, ResponseSink
 from saia.base.protocol import RequestHead
-from saia.base.tracing import TracingConfig, make_provider, parse_traceparent
+from saia.base.tracing import Tracing, parse_traceparent
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
-    from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
     from opentelemetry.trace import Span, Tracer
 
-DEFAULT_NAME = "saia-agent"
-_provider: TracerProvider | None = None
-_tracer: Tracer | None = None
-
-
-def start(config: TracingConfig | None, processor: SpanProcessor | None = None) -> None:
-    """Trace from now on if `config` says so (`processor`: where spans go, in tests)."""
-    global _provider, _tracer
-    if config is None:
-        return
-    _provider = make_provider(config, DEFAULT_NAME, processor)
-    _tracer = _provider.get_tracer("saia.agent")
-
-
-def stop() -> None:
-    """Export what is queued (bounded by the export timeout) and trace no more."""
-    global _provider, _tracer
-    provider, _provider, _tracer = _provider, None, None
-    if provider is not None:
-        provider.shutdown()
+_tracing = Tracing("saia-agent", "saia.agent")
+start, stop = _tracing.start, _tracing.stop
 
 
 class _Untraced:
@@ -64,9 +45,10 @@ class _Untraced:
 
 def request(head: RequestHead, sink: ResponseSink) -> _Untraced | TracedRequest:
     """`with request(head, sink) as sink:` around forwarding one request."""
-    if _tracer is None:
+    tracer = _tracing.tracer
+    if tracer is None:
         return _Untraced(sink)
-    return TracedRequest(_tracer, head, sink)
+    return TracedRequest(tracer, head, sink)
 
 
 def _parent(head: RequestHead) -> Context | None:

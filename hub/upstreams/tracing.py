@@ -22,53 +22,36 @@ from contextlib import AbstractContextManager, AsyncExitStack
 from typing import TYPE_CHECKING, Any
 
 from hub.upstreams.base import UpstreamResponse
-from saia.base.tracing import TracingConfig, format_traceparent, make_provider
+from saia.base.tracing import Tracing, format_traceparent
 
 if TYPE_CHECKING:
-    from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
     from opentelemetry.trace import Span, Tracer
 
-DEFAULT_NAME = "saia-hub"
 _NULL: AbstractContextManager[None] = contextlib.nullcontext()
-_provider: TracerProvider | None = None
-_tracer: Tracer | None = None
-
-
-def start(config: TracingConfig | None, processor: SpanProcessor | None = None) -> None:
-    """Trace from now on if `config` says so (`processor`: where spans go, in tests)."""
-    global _provider, _tracer
-    if config is None:
-        return
-    _provider = make_provider(config, DEFAULT_NAME, processor)
-    _tracer = _provider.get_tracer("saia.hub")
-
-
-def stop() -> None:
-    """Export what is queued (bounded by the export timeout) and trace no more."""
-    global _provider, _tracer
-    provider, _provider, _tracer = _provider, None, None
-    if provider is not None:
-        provider.shutdown()
+_tracing = Tracing("saia-hub", "saia.hub")
+start, stop = _tracing.start, _tracing.stop
 
 
 def request_span(endpoint: str) -> AbstractContextManager[Any]:
     """The request's root span, current while the request is handled and answered."""
-    if _tracer is None:
+    tracer = _tracing.tracer
+    if tracer is None:
         return _NULL
     from opentelemetry.trace import SpanKind
 
     attributes = {"http.request.method": "POST", "saia.endpoint": endpoint}
-    return _tracer.start_as_current_span("hub.request", kind=SpanKind.SERVER, attributes=attributes)
+    return tracer.start_as_current_span("hub.request", kind=SpanKind.SERVER, attributes=attributes)
 
 
 def phase(name: str) -> AbstractContextManager[Any]:
     """A child span of the current one around one phase (auth, admission)."""
-    return _NULL if _tracer is None else _tracer.start_as_current_span(name)
+    tracer = _tracing.tracer
+    return _NULL if tracer is None else tracer.start_as_current_span(name)
 
 
 def note_status(status: int) -> None:
     """The answer's status on the request's span (an error from 500 on)."""
-    if _tracer is None:
+    if _tracing.tracer is None:
         return
     from opentelemetry.trace import StatusCode, get_current_span
 
@@ -80,7 +63,7 @@ def note_status(status: int) -> None:
 
 def traceparent() -> str:
     """The W3C traceparent of the current span, for the hop's request head ("" when off)."""
-    if _tracer is None:
+    if _tracing.tracer is None:
         return ""
     from opentelemetry.trace import get_current_span
 
@@ -146,11 +129,12 @@ _NO_TRACE = _NoTrace()
 
 def upstream(stack: AsyncExitStack, model: str, upstream_name: str) -> UpstreamTrace | _NoTrace:
     """The upstream exchange's span, ended when `stack` closes (stream end or failure)."""
-    if _tracer is None:
+    tracer = _tracing.tracer
+    if tracer is None:
         return _NO_TRACE
     from opentelemetry.trace import SpanKind
 
     attributes = {"saia.model": model, "saia.upstream": upstream_name}
-    span = _tracer.start_span("hub.upstream", kind=SpanKind.CLIENT, attributes=attributes)
+    span = tracer.start_span("hub.upstream", kind=SpanKind.CLIENT, attributes=attributes)
     stack.callback(span.end)
-    return UpstreamTrace(_tracer, span)
+    return UpstreamTrace(tracer, span)

@@ -22,7 +22,7 @@ from saia.base.config_file import Duration, Strict
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
-    from opentelemetry.trace import SpanContext
+    from opentelemetry.trace import SpanContext, Tracer
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,32 @@ def make_provider(
     provider.add_span_processor(processor or _otlp_processor(config))
     log.info("tracing to %s as %s", config.otlp_endpoint, config.service_name or default_name)
     return provider
+
+
+class Tracing:
+    """One side's tracer (hub or agent): None until `start` and again after `stop`.
+
+    `start()` and `stop()` run outside the event loop (around asyncio.run or uvicorn):
+    `stop()` flushes the exporter, which may block up to the export timeout.
+    """
+
+    def __init__(self, default_name: str, tracer_name: str) -> None:
+        self._default_name, self._tracer_name = default_name, tracer_name
+        self._provider: TracerProvider | None = None
+        self.tracer: Tracer | None = None
+
+    def start(self, config: TracingConfig | None, processor: SpanProcessor | None = None) -> None:
+        """Trace from now on if `config` says so (`processor`: where spans go, in tests)."""
+        if config is None:
+            return
+        self._provider = make_provider(config, self._default_name, processor)
+        self.tracer = self._provider.get_tracer(self._tracer_name)
+
+    def stop(self) -> None:
+        """Export what is queued (bounded by the export timeout) and trace no more."""
+        provider, self._provider, self.tracer = self._provider, None, None
+        if provider is not None:
+            provider.shutdown()
 
 
 def _otlp_processor(config: TracingConfig) -> SpanProcessor:

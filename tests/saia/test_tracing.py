@@ -1,15 +1,22 @@
-"""The trace context on the hop: the traceparent field of the request head (issue 15)."""
+"""The trace context on the hop: the traceparent field of the request head (issue 15); the
+one tracer setup (`saia.base.tracing.Tracing`) both sides start and stop."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from hpc.router import tracing as agent_tracing
+from hub.upstreams import tracing as hub_tracing
 from saia.base import protocol as wire
-from saia.base.tracing import format_traceparent, parse_traceparent
+from saia.base.tracing import Tracing, TracingConfig, format_traceparent, parse_traceparent
 
 PARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+# Never contacted: the spans go to the in-memory processor each test passes.
+CONFIG = TracingConfig(otlp_endpoint="http://127.0.0.1:9/v1/traces")
 
 
 def head_payload(**fields: object) -> bytes:
@@ -51,3 +58,64 @@ def test_a_malformed_traceparent_is_a_protocol_error(value: object) -> None:
 
 def test_an_all_zero_trace_id_is_no_parent() -> None:
     assert parse_traceparent("00-" + "0" * 32 + "-00f067aa0ba902b7-01") is None
+
+
+class Sink:
+    """The agent's response sink, recording what reaches it."""
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.body = b""
+        self.finished = False
+
+    def start(self, status: int, headers: list[tuple[str, str]]) -> None:
+        self.status = status
+
+    async def send(self, data: bytes) -> None:
+        self.body += data
+
+    def finish(self) -> None:
+        self.finished = True
+
+    def fail(self, status: int, code: str, message: str) -> None:
+        self.status = status
+
+
+def test_a_side_traces_between_start_and_stop_only() -> None:
+    exporter = InMemorySpanExporter()
+    side = Tracing("saia-test", "saia.test")
+    side.start(None)  # no tracing section: off
+    assert side.tracer is None
+    side.start(CONFIG, SimpleSpanProcessor(exporter))
+    assert side.tracer is not None
+    side.tracer.start_span("one").end()
+    side.stop()
+    assert side.tracer is None
+    side.stop()  # a second stop is harmless
+    (span,) = exporter.get_finished_spans()
+    assert span.name == "one" and span.resource.attributes["service.name"] == "saia-test"
+
+
+def test_the_agents_request_span_is_a_child_of_the_hubs_span() -> None:
+    exporter = InMemorySpanExporter()
+    hub_tracing.start(CONFIG, SimpleSpanProcessor(exporter))
+    agent_tracing.start(CONFIG, SimpleSpanProcessor(exporter))
+    try:
+        with hub_tracing.request_span("chat/completions"):
+            parent = hub_tracing.traceparent()
+        head = wire.RequestHead("m", "POST", "/v1/chat/completions", [], wire.Caller(), parent)
+        sink = Sink()
+        with agent_tracing.request(head, sink) as traced:
+            traced.start(200, [])
+            traced.finish()
+    finally:
+        hub_tracing.stop()
+        agent_tracing.stop()
+    assert sink.status == 200 and sink.finished
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    hub, agent = spans["hub.request"], spans["agent.request"]
+    assert agent.parent is not None and agent.parent.span_id == hub.context.span_id
+    assert agent.context.trace_id == hub.context.trace_id
+    assert hub.resource.attributes["service.name"] == "saia-hub"
+    assert agent.resource.attributes["service.name"] == "saia-agent"
+    assert hub_tracing.traceparent() == ""  # stopped: off again
