@@ -19,7 +19,15 @@ from typing import Any
 
 from hpc.router.policy import expected_wait
 from hpc.scheduler.capacity import load_time, predicted_wait
-from hpc.scheduler.policy import Cancel, Decision, Drain, Snapshot, Submit, gpus_per_job
+from hpc.scheduler.policy import (
+    Cancel,
+    Decision,
+    Drain,
+    PlacementStart,
+    Snapshot,
+    Submit,
+    gpus_per_job,
+)
 from hpc.simulate.client import next_attempt, retry_after
 from hpc.simulate.config import SimConfig
 from hpc.simulate.partitions import Partitions
@@ -191,8 +199,9 @@ class Simulator:
     def warm_start(self) -> None:
         """A run starts as an agent that has been up for a while: min_instances jobs ready."""
         for world in self.services.values():
+            floor = [p.name or "" for p in world.config.candidates if not p.preemptible]
             for _ in range(world.config.min_instances):
-                job = self.submit(world.name, None, start=False)
+                job = self.submit(world.name, None, start=False, placement=floor[0])
                 if self.partitions.try_start(job):  # else: behind the queue's GPU limit
                     self.begin(job)
                     job.ready_at = 0.0
@@ -200,11 +209,12 @@ class Simulator:
     def submit(
         self, service: str, replaces: str | None, start: bool = True, placement: str = ""
     ) -> SimJob:
-        """Queue a job of the service in Slurm (the queue of its resources' partition and
+        """Queue a job of the service in Slurm (the queue of the placement's partition and
         QOS); it starts after the queue's wait, or at once (`start=False`: warm start)."""
         world = self.services[service]
         config = world.config
-        queue = self.partitions.of(config.resources.partition, config.resources.qos)
+        placed = config.placed(placement).resources
+        queue = self.partitions.of(placed.partition, placed.qos)
         job = SimJob(
             job_id=str(next(self.job_numbers)),
             service=service,
@@ -235,8 +245,8 @@ class Simulator:
             self.push(self.now + self.preempt_rng.expovariate(rate), "end", (job, "preempted"))
 
     def on_ready(self, job: SimJob) -> None:
-        if job.ended is not None:
-            return
+        if job.ended is not None or job.ready_at is not None:
+            return  # ended, or ready since the warm start
         job.ready_at = self.now
         world = self.services[job.service]
         world.demand_since = None
@@ -263,6 +273,7 @@ class Simulator:
         if regular:
             for world in worlds:
                 world.sample_load(self.now)
+                self.probe_placements(world)
             self.record()
         decision = self.policy.decide(
             snapshot(worlds, self.now, self.config.max_total_gpus), self.now
@@ -272,9 +283,27 @@ class Simulator:
         for action in decision.actions:
             self.act(action)
 
+    def probe_placements(self, world: ServiceWorld) -> None:
+        """What the agent's `sbatch --test-only` of each placement would answer, asked
+        again once the last answer is `placement_probe_interval` old; only for a service
+        with placements to choose from."""
+        config = world.config
+        if len(config.candidates) < 2:
+            return
+        every = self.config.placement_probe_interval
+        for candidate in config.candidates:
+            name = candidate.name or ""
+            last = world.starts.get(name)
+            if last is not None and self.now - last.observed_at < every:
+                continue
+            queue = self.partitions.of(candidate.partition, candidate.qos)
+            start = self.partitions.predict(queue, gpus_per_job(config), self.now)
+            world.starts[name] = PlacementStart(name, start, self.now)
+
     def act(self, action: object) -> None:
         if isinstance(action, Submit):
-            self.submit(action.service, action.replaces)
+            new = self.submit(action.service, action.replaces, placement=action.placement)
+            new.moved_from = action.moves  # the policy's next action cancels that one
             return
         if not isinstance(action, Cancel | Drain):
             return  # warnings only show in the real agent's status

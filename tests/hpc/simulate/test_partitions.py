@@ -146,3 +146,11 @@ def test_a_move_names_the_pending_job_it_replaces() -> None:
     run = simulate(config, requests([10.0]), Policy("t", move), seed=1, duration=120)
     assert [j.end_reason for j in run.jobs] == ["cancelled", ""]
     assert run.jobs[1].placement == "small" and moved and all(moved)
+
+
+def test_the_warm_floor_sits_on_a_placement_that_is_not_preemptible() -> None:
+    placements = [{"name": "spot", "partition": "small", "preemptible": True}, PLACEMENTS[0]]
+    config = world(service(placements=placements), queues=TWO)
+    run = simulate(config, [], POLICY, seed=1, duration=600)
+    (job,) = run.jobs  # the real policy keeps it: it holds the floor
+    assert job.placement == "big" and job.ended is None
