@@ -8,6 +8,7 @@ import pytest
 
 from hpc.simulate.client import ClientModel, next_attempt
 from hpc.simulate.engine import simulate
+from hpc.simulate.plot import wait_p95_by_bin
 from hpc.simulate.report import summarize
 from hpc.simulate.run import BASELINE, POLICY
 from tests.hpc.simulate.test_simulate import requests, service, world
@@ -70,3 +71,11 @@ def test_policy_router_sends_the_predicted_wait_as_retry_after() -> None:
     assert [f.request.at for f in run.flights] == [10.0, 250.0]
     assert summary.felt_p50_s == pytest.approx(240.0)
     assert summary.wait_p50_s == 0.0
+
+
+def test_the_plot_bins_felt_waits_by_the_first_attempt() -> None:
+    config = world(service(min_instances=0), client={"jitter": 0})
+    run = simulate(config, requests([10.0]), BASELINE, seed=1, duration=60)
+    at, waits, rejected, felt = wait_p95_by_bin(run)
+    assert at[0] == 0.0 and felt[0] >= 90.0  # the request first sent in the first 5 minutes
+    assert max(waits) < 5.0 and sum(rejected) == summarize(run).rejected
