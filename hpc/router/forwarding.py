@@ -5,7 +5,8 @@ The router hands over a validated request and a `ResponseSink`; this module pick
 request to a backend that dies before answering: the request waits (bounded by
 `queue_timeout`) for a ready backend, e.g. the dead one's replacement, and is sent there.
 A break after the response started ends with an OpenAI-style error event, never a silent
-truncation.
+truncation. An upload (`hpc.router.upload.Upload`) streams into the backend request as it
+arrives; once a byte of it was sent, a failed backend is not retried (the body is gone).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import functools
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Protocol
 
 from hpc.config import FairnessConfig, RouterConfig, ServiceConfig
@@ -22,8 +24,17 @@ from hpc.registry import Backend, BackendRegistry
 from hpc.router.fair_queue import Class, FairQueue, Ticket
 from hpc.router.policy import queue_is_full, retry_delay
 from hpc.router.slots import ServiceSlots, Waiter
+from hpc.router.upload import Upload
 from saia.base.endpoints import ENDPOINT_PATHS, Endpoint
-from saia.base.http11 import ConnectFailed, HttpClient, HttpResponse, NoResponse, ResponseBroken
+from saia.base.http11 import (
+    Body,
+    BodyStream,
+    ConnectFailed,
+    HttpClient,
+    HttpResponse,
+    NoResponse,
+    ResponseBroken,
+)
 from saia.base.protocol import Caller, RequestHead
 
 log = logging.getLogger(__name__)
@@ -83,6 +94,16 @@ class Rejection(Exception):
 
 class Unreachable(Exception):
     """The backend failed before sending any response byte: another one may take it."""
+
+
+def _upload_failed(backend: Backend, name: str, error: Exception) -> Rejection:
+    """A backend failed while an upload streamed into it: the bytes sent are gone, so no
+    other backend can take the request; the client may send it again."""
+    log.warning(
+        "backend %s of %s failed while receiving an upload: %s", backend.job_id, name, error
+    )
+    message = "the model server failed while receiving the upload; send it again"
+    return Rejection(502, "upload_failed", message)
 
 
 def error_body(message: str, kind: str, code: str | int, param: str | None = None) -> bytes:
@@ -207,7 +228,7 @@ class Forwarder:
         return slots
 
     async def forward(
-        self, sink: ResponseSink, service: ServiceConfig, head: RequestHead, body: bytes
+        self, sink: ResponseSink, service: ServiceConfig, head: RequestHead, body: bytes | Upload
     ) -> None:
         """Forward to a backend with a free slot; until one answers, wait in the fair queue
         (up to `queue_timeout` from arrival) and, after a failed attempt, try again.
@@ -220,7 +241,8 @@ class Forwarder:
         arrival = time.monotonic()
         self._registry.note_arrival(name, arrival)
         ticket = ticket_of(head.caller, self._config.fairness, arrival)
-        body = with_priority(body, ticket.klass, service)
+        if isinstance(body, bytes):  # an upload is multipart, passed on as it is
+            body = with_priority(body, ticket.klass, service)
         slots = self.slots(service)
         self._check_room(slots, ticket)
         deadline = arrival + self._config.queue_timeout
@@ -233,14 +255,16 @@ class Forwarder:
                 headers = with_key(common, backend.api_key)  # each its own key
                 complete = await self._exchange(sink, backend, head, headers, body)
             except Unreachable as error:
+                retry_at = time.monotonic() + retry_delay(backend.failures + 1)
+                self._registry.note_failure(backend, retry_at)
+                if isinstance(body, Upload) and body.started:
+                    raise _upload_failed(backend, name, error) from None
                 log.warning(
                     "backend %s of %s failed before answering (retrying): %s",
                     backend.job_id,
                     name,
                     error,
                 )
-                retry_at = time.monotonic() + retry_delay(backend.failures + 1)
-                self._registry.note_failure(backend, retry_at)
                 failed = True
                 continue
             finally:
@@ -293,12 +317,15 @@ class Forwarder:
         backend: Backend,
         head: RequestHead,
         headers: list[tuple[str, str]],
-        body: bytes,
+        body: bytes | Upload,
     ) -> bool:
         """Pass the backend's answer on; True if it arrived whole."""
         try:
-            async with asyncio.timeout(self._config.first_byte_timeout):
-                response = await self._http.send(backend.url, head.method, head.path, headers, body)
+            async with asyncio.timeout(self._config.first_byte_timeout) as budget:
+                sent: Body = (
+                    body if isinstance(body, bytes) else BodyStream(self._paced(body, budget))
+                )
+                response = await self._http.send(backend.url, head.method, head.path, headers, sent)
         except (ConnectFailed, NoResponse) as error:
             raise Unreachable(str(error)) from error
         except TimeoutError:
@@ -310,6 +337,16 @@ class Forwarder:
             return await self._pass_body(sink, response, event_stream)
         finally:
             self._http.release(response)
+
+    async def _paced(self, upload: Upload, budget: asyncio.Timeout) -> AsyncIterator[bytes]:
+        """An upload's pieces as they arrive. The first-byte timeout starts after the last
+        piece; until then the next piece must come, and the backend take the last one,
+        within `idle_timeout` (a stalled upload or backend ends the request)."""
+        loop = asyncio.get_running_loop()
+        async for piece in upload.pieces():
+            budget.reschedule(loop.time() + self._config.idle_timeout)
+            yield piece
+        budget.reschedule(loop.time() + self._config.first_byte_timeout)
 
     async def _pass_body(
         self, sink: ResponseSink, response: HttpResponse, event_stream: bool

@@ -32,6 +32,7 @@ from hpc.router import tracing
 from hpc.router.forwarding import FORWARDED, Forwarder, Rejection
 from hpc.router.policy import ServiceCounts, service_demand, service_status
 from hpc.router.session import JSON_HEADERS, MAX_STREAMS, MIN_BODY_BUDGET, Session, StreamSink
+from hpc.router.upload import Upload
 from saia.base import protocol as wire
 from saia.base.http11 import HttpClient
 from saia.base.mux import Channel
@@ -113,9 +114,9 @@ class Router:
             task.cancel()
         await asyncio.gather(*self._connections, return_exceptions=True)
 
-    async def answer(self, sink: StreamSink, head: wire.RequestHead, body: bytes) -> None:
+    async def answer(self, sink: StreamSink, head: wire.RequestHead, body: bytes | Upload) -> None:
         path, method = head.path, head.method
-        if path.startswith(BATCH_PREFIX) and not head.service:
+        if path.startswith(BATCH_PREFIX) and not head.service and isinstance(body, bytes):
             await self.batches.answer(sink, head, body)
             return
         if path in (MODELS_PATH, SERVICES_PATH):

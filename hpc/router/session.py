@@ -5,16 +5,21 @@ What one connection may make the agent hold, whatever the hub sends: at most
 budget, max(MIN_BODY_BUDGET, 4 * router.max_body_bytes), where a head counts its bytes
 plus HEAD_COST plus PAIR_COST per header. The excess is refused per stream with a
 retryable 503. Answers the hub does not read are bounded by `saia.base.mux` (CONTROL_QUEUE).
+An upload (`hpc.router.upload`) is not held whole: its request starts at the head and
+takes the body as it arrives, credit returned as the backend takes it (at most the
+stream's window waits here).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Protocol
 
 from hpc.config import AgentConfig
 from hpc.router.forwarding import Rejection, error_body
+from hpc.router.upload import Upload, streams_in
 from saia.base import mux
 from saia.base import protocol as wire
 from saia.base.handover import RETIRING_HEADER
@@ -41,7 +46,9 @@ class Answerer(Protocol):
     @property
     def config(self) -> AgentConfig: ...
 
-    async def answer(self, sink: StreamSink, head: wire.RequestHead, body: bytes) -> None: ...
+    async def answer(
+        self, sink: StreamSink, head: wire.RequestHead, body: bytes | Upload
+    ) -> None: ...
 
 
 class StreamSink:
@@ -86,13 +93,14 @@ async def answer_rejection(sink: StreamSink, rejection: Rejection) -> None:
 class Incoming:
     """A request stream whose body is still arriving."""
 
-    __slots__ = ("body", "cost", "head", "refusal", "state")
+    __slots__ = ("body", "cost", "head", "refusal", "state", "upload")
 
     def __init__(self, state: StreamState, head: wire.RequestHead | None, cost: int) -> None:
         self.state, self.head = state, head
         self.body: bytes | bytearray = b""  # a one-frame body is kept as is (no copies)
         self.cost = cost  # bytes charged to the session's budget (head and body)
         self.refusal: Rejection | None = None  # answered at END; the body is not kept
+        self.upload: Upload | None = None  # a body passed on as it arrives
 
 
 class Session:
@@ -109,7 +117,8 @@ class Session:
 
     def __init__(self, router: Answerer, channel: Channel) -> None:
         self.router, self.channel = router, channel
-        self.incoming: dict[int, Incoming] = {}
+        self.incoming: dict[int, Incoming] = {}  # buffered bodies still arriving
+        self.uploads: dict[int, Incoming] = {}  # streamed bodies still arriving
         self.last_id = 0
         self.tasks: asyncio.TaskGroup | None = None
         self.budget = max(router.min_budget, 4 * router.config.router.max_body_bytes)
@@ -146,12 +155,14 @@ class Session:
         if stream > self.last_id:
             raise wire.ProtocolError(f"{wire.describe(frame)} on a stream never opened")
         state = self.channel.streams.get(stream)
-        if state is None:
-            return  # answered, refused or cancelled: late frames are harmless
+        if state is None:  # answered, refused or cancelled: late frames are harmless,
+            if kind == wire.DATA:  # but a sender waiting for credit would hang: grant it
+                self.channel.answer(wire.encode_window(stream, len(frame.payload)))
+            return
         if kind == wire.CANCEL:
             if state.task is not None:
                 state.task.cancel()
-            cancelled = self.incoming.pop(stream, None)
+            cancelled = self.incoming.pop(stream, None) or self.uploads.pop(stream, None)
             if cancelled is not None:
                 self.release(cancelled)
             self.channel.discard(state)
@@ -183,7 +194,14 @@ class Session:
             self.refuse(stream, "agent_busy", "the agent holds too many request bodies")
             return
         self.held += cost
-        self.incoming[stream] = Incoming(self.channel.open(stream), head, cost)
+        incoming = Incoming(self.channel.open(stream), head, cost)
+        if streams_in(head):  # an upload: its request starts now, the body follows
+            incoming.upload = Upload(functools.partial(self.taken, incoming))
+            self.uploads[stream] = incoming
+            assert self.tasks is not None
+            incoming.state.task = self.tasks.create_task(self.serve(incoming))
+        else:
+            self.incoming[stream] = incoming
 
     def refuse(
         self, stream: int, code: str, message: str, extra: list[tuple[str, str]] | None = None
@@ -200,7 +218,11 @@ class Session:
     def receive(self, state: StreamState, data: bytes) -> None:
         incoming = self.incoming.get(state.id)
         if incoming is None:
-            raise wire.ProtocolError(f"DATA after END on stream {state.id}")
+            upload = self.uploads.get(state.id)
+            if upload is None or upload.upload is None:
+                raise wire.ProtocolError(f"DATA after END on stream {state.id}")
+            self.stream_in(upload, upload.upload, data)
+            return
         size = len(data)
         if incoming.refusal is None:
             if len(incoming.body) + size > self.router.config.router.max_body_bytes:
@@ -226,6 +248,37 @@ class Session:
             self.channel.consumed(state, size)
         else:  # let the sender wait rather than pass the budget
             self.withheld[state] = self.withheld.get(state, 0) + size
+
+    def stream_in(self, incoming: Incoming, upload: Upload, data: bytes) -> None:
+        """An upload's DATA, passed on as the backend request takes it (`taken`); the 413
+        limit and the budget apply as to a buffered body, the refusal raised by the pull."""
+        size, limit = len(data), self.router.config.router.max_body_bytes
+        if incoming.refusal is None:
+            if upload.received + size > limit:
+                message = f"the body exceeds {limit} bytes"
+                self.refuse_upload(incoming, upload, Rejection(413, "request_too_large", message))
+            elif self.held + size > self.budget:
+                busy = "the agent holds too many request bodies"
+                self.refuse_upload(incoming, upload, Rejection(503, "agent_busy", busy, "1"))
+        if incoming.refusal is not None:
+            self.channel.consumed(incoming.state, size)  # discarded at once
+            return
+        upload.put(data)
+        incoming.cost += size
+        self.held += size
+
+    def refuse_upload(self, incoming: Incoming, upload: Upload, refusal: Rejection) -> None:
+        incoming.refusal = refusal
+        dropped = upload.fail(refusal)
+        incoming.cost -= dropped
+        self.held -= dropped
+        self.channel.consumed(incoming.state, dropped)  # let the sender finish
+
+    def taken(self, incoming: Incoming, size: int) -> None:
+        """The backend request took `size` bytes of an upload: credit back to the hub."""
+        incoming.cost -= size
+        self.held -= size
+        self.channel.consumed(incoming.state, size)
 
     def drop(self, incoming: Incoming, refusal: Rejection) -> None:
         """Keep no more of this body; answer `refusal` at END."""
@@ -261,7 +314,11 @@ class Session:
     def start(self, stream: int) -> None:
         incoming = self.incoming.pop(stream, None)
         if incoming is None:
-            raise wire.ProtocolError(f"second END on stream {stream}")
+            upload = self.uploads.pop(stream, None)
+            if upload is None or upload.upload is None:
+                raise wire.ProtocolError(f"second END on stream {stream}")
+            upload.upload.end()  # its request runs since the head
+            return
         if self.withheld:
             self.withheld.pop(incoming.state, None)  # no more DATA may come
             self.regrant()  # a new oldest upload
@@ -287,10 +344,28 @@ class Session:
         finally:
             self.release(incoming)
             self.channel.discard(incoming.state)
+            if incoming.upload is not None:
+                self.finish_upload(incoming, incoming.upload)
+
+    def finish_upload(self, incoming: Incoming, upload: Upload) -> None:
+        """An upload's request ended (maybe before its body did: DATA that still comes
+        gets credit, unread, in `dispatch`)."""
+        if self.uploads.get(incoming.state.id) is incoming:
+            del self.uploads[incoming.state.id]
+        upload.fail(asyncio.CancelledError())  # nothing more is kept
+        log.info(
+            "upload on stream %d: %d bytes received, at most %d held at once",
+            incoming.state.id,
+            upload.received,
+            upload.peak,
+        )
 
     async def checked_answer(self, sink: StreamSink, incoming: Incoming) -> None:
         if incoming.head is None:
             raise Rejection(400, "bad_request", "the request head is not valid")
+        if incoming.upload is not None:
+            await self.router.answer(sink, incoming.head, incoming.upload)
+            return
         if incoming.refusal is not None:
             raise incoming.refusal
         body = incoming.body
