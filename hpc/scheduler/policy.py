@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from hpc.config import ServiceConfig
 from hpc.scheduler.capacity import queued_behind
+from hpc.scheduler.placement import choose, floor_count, pending_moves, preemptible
 from hpc.scheduler.snapshot import Backoff as Backoff
 from hpc.scheduler.snapshot import JobView as JobView
 from hpc.scheduler.snapshot import LoadSample as LoadSample
@@ -226,7 +227,8 @@ def _renew(plan: _Plan, live: list[JobView]) -> tuple[list[JobView], set[str]]:
         due = left is not None and left <= plan.service.config.renewal_lead
         if job.ready and successor is None and (due or job.job_id == turn):
             why = "renewal" if due else "operator drain"
-            plan.submits.append((0, Submit(plan.name, why, replaces=job.job_id)))
+            where = choose(plan.service, floor=not preemptible(plan.service, job))
+            plan.submits.append((0, Submit(plan.name, why, job.job_id, where)))
     renewal = set(renewing) | {job.job_id for job in renewing.values()}
     return instances, {job_id for job_id in renewal if job_id is not None}
 
@@ -237,19 +239,63 @@ def _scale(plan: _Plan, instances: list[JobView], renewing: set[str]) -> None:
     have = len(instances)
     if have < want and queued_behind(plan.service, plan.now):
         want = max(have, config.min_instances)  # more would only queue behind the pending
-    for number in range(have, want):
-        below_min = number < config.min_instances
-        reason = "min_instances" if below_min else "load"
-        plan.submits.append((0 if below_min else 1, Submit(plan.name, reason)))
+    # The floor is held by instances that are not preemptible; without placements, all.
+    floor = floor_count(plan.service, instances)
+    missing = max(0, config.min_instances - floor)
+    for _ in range(missing):
+        where = choose(plan.service, floor=True)
+        plan.submits.append((0, Submit(plan.name, "min_instances", placement=where)))
+    for _ in range(max(0, want - have - missing)):
+        where = choose(plan.service, floor=False)
+        plan.submits.append((1, Submit(plan.name, "load", placement=where)))
     if have <= want:
         return
-    for job in _victims(plan.service.jobs, instances, renewing)[: have - want]:
+    _scale_down(plan, instances, renewing, have - want, floor)
+
+
+def _scale_down(
+    plan: _Plan, instances: list[JobView], renewing: set[str], excess: int, floor: int
+) -> None:
+    """Stop `excess` instances, least useful first, keeping min_instances on the floor."""
+    spare = max(0, floor - plan.service.config.min_instances)  # floor ones it may take
+    victims: list[JobView] = []
+    for job in _victims(plan.service.jobs, instances, renewing):
+        if len(victims) == excess:
+            break
+        if not preemptible(plan.service, job):
+            if spare == 0:
+                continue
+            spare -= 1
+        victims.append(job)
+    for job in victims:
         stop = Drain if job.ready else Cancel
         plan.actions.append(stop(plan.name, job.job_id, "scale down"))
         plan.submits = [(p, sub) for p, sub in plan.submits if sub.replaces != job.job_id]
         for successor in plan.service.jobs:  # an operator hand-over that scale-down ends
             if successor.replaces == job.job_id and not (successor.cancelled or successor.ready):
                 plan.cancel(successor, f"scale down: {job.job_id} drains instead")
+
+
+def _move_pending(plan: _Plan, live: list[JobView]) -> None:
+    """Pending jobs Slurm expects much later than another placement would start a new
+    one: submit there (once per job) and cancel the pending one once that is queued."""
+    stopped = {a.job_id for a in plan.actions if isinstance(a, Cancel | Drain)}
+    jobs = [job for job in live if job.job_id not in stopped]
+    floors = sorted((j for j in jobs if not preemptible(plan.service, j)), key=_is_running)
+    spare = max(0, len(floors) - plan.service.config.min_instances)  # pending ones first
+    floor = {job.job_id for job in floors[spare:]}
+    for move in pending_moves(plan.service, jobs, floor):
+        job, expected = move.job, move.job.expected_start or move.start
+        reason = (
+            f"moved from {job.job_id}: predicted start in {move.placement} "
+            f"{expected - move.start:.0f}s sooner"
+        )
+        submit = Submit(plan.name, reason, job.replaces, move.placement, moves=job.job_id)
+        plan.submits.append((0, submit))
+
+
+def _is_running(job: JobView) -> bool:
+    return job.info.running
 
 
 def _victims(jobs: Sequence[JobView], instances: list[JobView], renew: set[str]) -> list[JobView]:
@@ -272,6 +318,7 @@ def _plan_service(service: ServiceSnapshot, now: float, threshold: int) -> _Plan
     live = _triage(plan, threshold)
     instances, renewing = _renew(plan, live)
     _scale(plan, instances, renewing)
+    _move_pending(plan, live)
     if plan.submits and plan.backoff.blocks(now):
         until = plan.backoff.not_before or now
         plan.warn(
@@ -301,10 +348,15 @@ def _admit(snapshot: Snapshot, plans: Sequence[_Plan]) -> list[Action]:
         need = gpus_per_job(plans[index].service.config)
         cap = snapshot.max_total_gpus
         if cap is not None and used + need > cap:
-            admitted.append(Warn(submit.service, f"max_total_gpus {cap} reached: not submitted"))
+            if submit.moves is None:  # a move is an option, not a need: no warning
+                warning = f"max_total_gpus {cap} reached: not submitted"
+                admitted.append(Warn(submit.service, warning))
             continue
         used += need
         admitted.append(submit)
+        if submit.moves is not None:  # the moved job's GPUs count until it is gone
+            reason = f"moved to {submit.placement}"
+            admitted.append(Cancel(submit.service, submit.moves, reason))
     return admitted
 
 
