@@ -27,7 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from hpc.config import AgentConfig
-from hpc.jobs.system import JobInfo, JobTag, Submission, job_dir, private_dir, write_atomic
+from hpc.jobs.system import (
+    JobInfo,
+    JobTag,
+    StartEstimate,
+    Submission,
+    job_dir,
+    private_dir,
+    write_atomic,
+)
 from saia.base.durations import parse_slurm_time
 
 log = logging.getLogger(__name__)
@@ -241,6 +249,10 @@ class LocalJobSystem:
     async def expected_starts(self, job_ids: Sequence[str]) -> dict[str, float | None]:
         """None pending: a local job starts when it is submitted."""
         return {}
+
+    async def test_start(self, submission: Submission) -> StartEstimate:
+        """Now, on this machine: a local job starts when it is submitted."""
+        return StartEstimate(time.time(), (socket.gethostname(),), submission.partition)
 
     async def aclose(self) -> None:
         """Stop watching; the jobs keep running and a new LocalJobSystem adopts them."""

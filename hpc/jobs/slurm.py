@@ -20,7 +20,6 @@ from hpc.jobs.squeue import (
     SQUEUE_FORMAT,
     START_FORMAT,
     ParseError,
-    StartEstimate,
     first_error_line,
     parse_sbatch_parsable,
     parse_squeue,
@@ -29,7 +28,7 @@ from hpc.jobs.squeue import (
     service_of,
     tagged_jobs,
 )
-from hpc.jobs.system import JobInfo, JobTag, Submission, private_dir
+from hpc.jobs.system import JobInfo, JobTag, StartEstimate, Submission, private_dir
 
 log = logging.getLogger(__name__)
 

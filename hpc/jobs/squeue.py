@@ -12,14 +12,15 @@ import re
 import time
 from dataclasses import dataclass
 
-from hpc.jobs.system import JobInfo, JobTag
+from hpc.jobs.system import JobInfo, JobTag, StartEstimate
 from saia.base.durations import parse_slurm_time
 
 SEPARATOR = "|"
-# job id, name, state, time limit, time left, start, submit, node list, reason, comment
-SQUEUE_FIELDS = ("%i", "%j", "%T", "%l", "%L", "%S", "%V", "%N", "%r", "%k")
+# job id, name, state, time limit, time left, start, submit, node list, reason, partition,
+# QOS, reservation, comment
+SQUEUE_FIELDS = ("%i", "%j", "%T", "%l", "%L", "%S", "%V", "%N", "%r", "%P", "%q", "%v", "%k")
 SQUEUE_FORMAT = SEPARATOR.join(SQUEUE_FIELDS)
-_NO_VALUE = {"", "N/A", "NONE", "(null)", "UNKNOWN", "INVALID"}
+_NO_VALUE = {"", "N/A", "NONE", "(NULL)", "UNKNOWN", "INVALID"}  # compared upper-case
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
 
 
@@ -40,6 +41,9 @@ class SqueueRow:
     submit_time: str
     nodelist: str
     reason: str
+    partition: str
+    qos: str
+    reservation: str
     comment: str
 
 
@@ -146,8 +150,16 @@ def job_info(row: SqueueRow, service: str) -> JobInfo:
         start_time=start,
         submit_time=parse_timestamp(row.submit_time),
         nodes=nodes,
-        reason="" if row.reason.upper() in _NO_VALUE else row.reason,
+        reason=_value(row.reason),
+        partition=_value(row.partition),
+        qos=_value(row.qos),
+        reservation=_value(row.reservation),
     )
+
+
+def _value(text: str) -> str:
+    """The field, or "" when Slurm prints one of its placeholders for nothing."""
+    return "" if text.upper() in _NO_VALUE else text
 
 
 def tagged_jobs(text: str, tag: JobTag) -> list[JobInfo]:
@@ -188,15 +200,6 @@ START_FORMAT = SEPARATOR.join(("%i", "%S"))
 _TEST_ONLY = re.compile(
     r"Job (\d+) to start at (\S+) using (\d+) processors on nodes (\S+) in partition (\S+)"
 )
-
-
-@dataclass(frozen=True)
-class StartEstimate:
-    """When Slurm would start a job of this shape, and where (`sbatch --test-only`)."""
-
-    start: float
-    nodes: tuple[str, ...]
-    partition: str
 
 
 def parse_start_estimates(text: str) -> dict[str, float | None]:

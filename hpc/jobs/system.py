@@ -80,6 +80,15 @@ class Submission:
     reservation: str = ""
 
 
+@dataclass(frozen=True)
+class StartEstimate:
+    """When Slurm would start a job of this shape, and where (`sbatch --test-only`)."""
+
+    start: float
+    nodes: tuple[str, ...]
+    partition: str
+
+
 class JobSystem(Protocol):
     """Submits, lists and cancels this agent's jobs; never touches anyone else's."""
 
@@ -98,6 +107,11 @@ class JobSystem(Protocol):
     async def expected_starts(self, job_ids: Sequence[str]) -> dict[str, float | None]:
         """When each of these pending jobs should start (epoch s), as the scheduler
         estimates it; None for a job without an estimate, absent for one no longer pending."""
+        ...
+
+    async def test_start(self, submission: Submission) -> StartEstimate:
+        """When (and where) the scheduler would start this job if it were submitted now;
+        nothing is queued. Raises when it cannot say."""
         ...
 
     async def aclose(self) -> None: ...

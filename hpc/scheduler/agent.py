@@ -41,6 +41,7 @@ from hpc.scheduler.metrics_file import write_metrics
 from hpc.scheduler.observation import observe, probe_targets
 from hpc.scheduler.operations import handle_requests, operator_signals
 from hpc.scheduler.operator_requests import RELOAD_SIGNAL, WAKE_SIGNAL
+from hpc.scheduler.placement_probes import PlacementProbes, placed_submission
 from hpc.scheduler.policy import (
     Backoff,
     Cancel,
@@ -90,6 +91,7 @@ class Agent:
         self._slurm_outage = Episode(log, "Slurm answers again after %.0f s")
         self._write_outage = Episode(log, "the agent's state is written again after %.0f s")
         self._starts = StartEstimates()  # Slurm's estimates for pending jobs, logged once
+        self._probes = PlacementProbes()  # and where a new job would start soonest
         self._wake = asyncio.Event()
         self._handed_over = False
 
@@ -181,6 +183,8 @@ class Agent:
         self._slurm_outage.ok(now)
         await self._starts.read(self.jobs, infos, self.config.slurm_timeout + 5, now)
         snapshot = self.observe(infos, now)
+        interval, limit = self.config.placement_probe_interval, self.config.slurm_timeout + 5
+        snapshot = await self._probes.update(snapshot, self.jobs, self.render, interval, limit, now)
         decision = decide(snapshot, now)
         acted = await self.act(decision, now)
         self.publish()
@@ -194,20 +198,21 @@ class Agent:
 
     async def act(self, decision: Decision, now: float) -> bool:
         self.live.start_decision(decision.backoff)
-        acted, refused = False, set()
+        acted, refused, kept = False, set[str](), set[str]()
         for action in decision.actions:
             if isinstance(action, Warn):
                 self.live.warn(action)
             elif isinstance(action, Drain):
                 self.live.start_draining(action.job_id, action.reason)
                 log.info("draining job %s (%s): %s", action.job_id, action.service, action.reason)
-            elif isinstance(action, Cancel):
+            elif isinstance(action, Cancel) and action.job_id not in kept:
                 acted = await self._cancel(action) or acted
-            elif isinstance(action, Submit) and action.service not in refused:
-                if await self._submit(action, now):
+            elif isinstance(action, Submit):
+                if action.service not in refused and await self._submit(action, now):
                     acted = True
                 else:  # one failure backs off; the service's other submissions wait too
                     refused.add(action.service)
+                    kept |= {action.moves} if action.moves else set()  # it keeps its place
         return acted
 
     async def _cancel(self, cancel: Cancel) -> bool:
@@ -226,7 +231,7 @@ class Agent:
     async def _submit(self, submit: Submit, now: float) -> bool:
         service = self.live.services[submit.service]
         try:
-            submission = self.render(service)
+            submission = placed_submission(self.render, service, submit.placement)
             async with asyncio.timeout(self.config.slurm_timeout + 5):
                 job_id = await self.jobs.submit(submission)
         except Exception as error:  # a failed submission backs off like a failed start
@@ -235,8 +240,10 @@ class Agent:
             self.live.submission_failed(service.name, message, backoff)
             log.error("%s: %s", service.name, message)
             return False
-        self.live.submitted(job_id, JobRecord(service.name, now, replaces=submit.replaces))
-        log.info("submitted job %s (%s): %s", job_id, service.name, submit.reason)
+        record = JobRecord(service.name, now, replaces=submit.replaces, moved_from=submit.moves)
+        self.live.submitted(job_id, record)
+        where = f" in {submit.placement}" if submit.placement else ""
+        log.info("submitted job %s (%s%s): %s", job_id, service.name, where, submit.reason)
         return True
 
     def publish(self) -> None:

@@ -17,6 +17,7 @@ from hpc.jobs.system import JobInfo, read_endpoint
 from hpc.registry import BackendRegistry
 from hpc.scheduler.health import ProbeTarget, read_backend_key
 from hpc.scheduler.live import LiveState
+from hpc.scheduler.placement import placement_of
 from hpc.scheduler.policy import Backoff, JobView, LoadSample, ServiceSnapshot, Snapshot
 
 
@@ -91,6 +92,7 @@ def _view(
 ) -> JobView:
     record = live.jobs[info.job_id]
     health = live.health.get(info.job_id)
+    service = live.services.get(info.service)
     return JobView(
         info=info,
         first_seen=record.first_seen,
@@ -103,6 +105,8 @@ def _view(
         in_flight=registry.in_flight_of(info.service, info.job_id),
         operator_drain=record.operator_drain,
         expected_start=starts.get(info.job_id) if info.state == "PENDING" else None,
+        placement=placement_of(service, info) if service is not None else None,
+        moved_from=record.moved_from,
     )
 
 

@@ -43,6 +43,7 @@ class JobRecord:
     replaces: str | None = None
     operator_drain: str = ""  # an operator asked to drain it: "", "replace" or "now"
     drain_reason: str = ""  # why it is draining (the policy's Drain reason)
+    moved_from: str | None = None  # the pending job it replaced elsewhere (moved only once)
 
 
 @dataclass

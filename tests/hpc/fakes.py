@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from hpc.jobs.system import JobInfo, Submission, job_dir, write_atomic
+from hpc.jobs.system import JobInfo, StartEstimate, Submission, job_dir, write_atomic
 
 
 @dataclass
@@ -25,6 +25,9 @@ class FakeJob:
     state: str = "PENDING"
     started_at: float | None = None
     reason: str = "Resources"
+    partition: str = ""
+    qos: str = ""
+    reservation: str = ""
 
 
 class MemoryJobSystem:
@@ -41,6 +44,11 @@ class MemoryJobSystem:
         self.fail_starts: Exception | None = None
         self.starts: dict[str, float | None] = {}  # Slurm's estimates, set by the test
         self.start_queries: list[list[str]] = []
+        # sbatch --test-only per placement name (Submission.placement), set by the test;
+        # a placement without an answer (or None) fails as Slurm's "no estimate" would
+        self.placement_starts: dict[str, float | None] = {}
+        self.start_tests: list[str] = []  # placement names asked, in order
+        self.fail_test_start: Exception | None = None
         self.closed = False
         self._ids = itertools.count(1001)
 
@@ -49,7 +57,14 @@ class MemoryJobSystem:
         if self.fail_submit is not None:
             raise self.fail_submit
         job_id = str(next(self._ids))
-        self.jobs[job_id] = FakeJob(submission.service, self.clock(), self.time_limit_s)
+        self.jobs[job_id] = FakeJob(
+            submission.service,
+            self.clock(),
+            self.time_limit_s,
+            partition=submission.partition,
+            qos=submission.qos,
+            reservation=submission.reservation,
+        )
         self.submissions.append(submission)
         return job_id
 
@@ -71,6 +86,15 @@ class MemoryJobSystem:
         pending = [i for i in job_ids if i in self.jobs and self.jobs[i].state == "PENDING"]
         return {job_id: self.starts.get(job_id) for job_id in pending}
 
+    async def test_start(self, submission: Submission) -> StartEstimate:
+        self.start_tests.append(submission.placement)
+        if self.fail_test_start is not None:
+            raise self.fail_test_start
+        start = self.placement_starts.get(submission.placement)
+        if start is None:
+            raise RuntimeError("sbatch: sbatch --test-only printed no start estimate")
+        return StartEstimate(start, ("node1",), submission.partition)
+
     async def aclose(self) -> None:
         self.closed = True
 
@@ -90,6 +114,9 @@ class MemoryJobSystem:
             submit_time=job.submitted_at,
             nodes=("node1",) if job.state == "RUNNING" else (),
             reason="None" if job.state == "RUNNING" else job.reason,
+            partition=job.partition,
+            qos=job.qos,
+            reservation=job.reservation,
         )
 
     def add(self, job_id: str, service: str, running: bool = False) -> None:

@@ -44,6 +44,9 @@ def test_mixed_queue_keeps_only_tagged_jobs() -> None:
     assert pending.submit_time == parse_timestamp("2026-11-22T20:07:48")
     assert pending.nodes == ()
     assert pending.reason == "Resources"
+    # where Slurm queued them: which of a service's placements each job is in
+    assert (pending.partition, pending.qos, pending.reservation) == ("gpu", "normal", "")
+    assert (running.partition, running.qos, running.reservation) == ("gpu", "burst", "maint")
 
 
 def test_foreign_comment_with_separator_stays_in_its_field() -> None:
@@ -73,7 +76,7 @@ def test_empty_output_is_no_jobs() -> None:
 
 
 def test_short_line_is_a_parse_error() -> None:
-    with pytest.raises(ParseError, match="expected 10 fields"):
+    with pytest.raises(ParseError, match="expected 13 fields"):
         parse_squeue("1|saia-x|RUNNING\n")
 
 
