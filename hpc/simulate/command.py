@@ -46,6 +46,12 @@ def _duration(value: str | None) -> float | None:
     help="PNG to write (default: simulate-<trace>.png)",
 )
 @click.option("--no-plot", is_flag=True, help="write no PNG")
+@click.option(
+    "--fixed",
+    "fixed",
+    metavar="PLACEMENT",
+    help="pin services to this one of their placements (compare with predicted-start choice)",
+)
 @click.option("--json", "as_json", is_flag=True, help="end with one JSON line of the figures")
 def simulate(
     spec: str,
@@ -54,6 +60,7 @@ def simulate(
     seed: int,
     plot_path: Path | None,
     no_plot: bool,
+    fixed: str | None,
     as_json: bool,
 ) -> None:
     """Simulate the agent's scaling policy and the baseline over a request trace.
@@ -68,6 +75,7 @@ def simulate(
 
     try:
         config = load_sim_config(config_path)
+        config = config.fixed(fixed) if fixed is not None else config
         trace = load_trace(spec, config, _duration(duration), seed)
     except (ConfigError, TraceError) as error:
         click.echo(f"error: {error}", err=True)
@@ -86,4 +94,4 @@ def simulate(
             sys.exit(1)
         click.echo(f"plot: {target}")
     if as_json:
-        click.echo(json_line(summaries, trace=name, seed=seed, duration_s=length))
+        click.echo(json_line(summaries, trace=name, seed=seed, duration_s=length, fixed=fixed))

@@ -108,6 +108,20 @@ class SimConfig(Strict):
     baseline: BaselineModel = Field(default_factory=BaselineModel)
     """the baseline's own min_instances / target_concurrency (default: the services')"""
 
+    def fixed(self, placement: str) -> SimConfig:
+        """This world with every service that has `placement` pinned to it (its only
+        place): the fixed-partition run to compare predicted-start placement with."""
+        services, found = [], False
+        for service in self.services:
+            if placement in {p.name for p in service.candidates}:
+                placed = service.placed(placement)
+                service = placed.model_copy(update={"placements": []})
+                found = True
+            services.append(service)
+        if not found:
+            raise ConfigError(f"--fixed {placement}: no service has a placement of that name")
+        return self.model_copy(update={"services": services})
+
     def for_baseline(self) -> SimConfig:
         """This world with the baseline's own knobs in its services."""
         services = [self.baseline.apply(service) for service in self.services]

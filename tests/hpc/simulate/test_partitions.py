@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from hpc.scheduler.policy import Cancel, Decision, Snapshot, Submit
+from hpc.simulate.config import ConfigError
 from hpc.simulate.engine import Policy, simulate
 from hpc.simulate.partitions import Partitions
 from hpc.simulate.report import summarize
@@ -154,3 +157,20 @@ def test_the_warm_floor_sits_on_a_placement_that_is_not_preemptible() -> None:
     run = simulate(config, [], POLICY, seed=1, duration=600)
     (job,) = run.jobs  # the real policy keeps it: it holds the floor
     assert job.placement == "big" and job.ended is None
+
+
+def test_the_real_policy_places_a_cold_start_where_slurm_predicts_it_sooner() -> None:
+    config = world(service(min_instances=0, placements=PLACEMENTS), queues=TWO)
+    placed = simulate(config, requests([10.0]), POLICY, seed=1, duration=60)
+    pinned = simulate(config.fixed("big"), requests([10.0]), POLICY, seed=1, duration=60)
+    assert [j.placement for j in placed.jobs] == ["small"]
+    assert summarize(placed).felt_p50_s == pytest.approx(40.0)  # 10 s queue + 30 s load
+    assert [j.queue_key for j in pinned.jobs] == ["big"]
+    # 10 min in the queue: the router's 503 after 300 s says 480 s more (+ the default load
+    # time), past the client's 10 minutes: it gave up
+    assert summarize(pinned).failed == 1
+
+
+def test_fixed_needs_a_placement_of_that_name() -> None:
+    with pytest.raises(ConfigError, match="no service has a placement"):
+        world(service(placements=PLACEMENTS), queues=TWO).fixed("nowhere")

@@ -54,3 +54,17 @@ def test_bad_trace_and_bad_config_are_one_line(tmp_path: Path) -> None:
 
 
 KEYS_CSV = "time,service,prompt_tokens,output_tokens"
+
+
+def test_fixed_placement_and_its_errors() -> None:
+    config = str(Path(__file__).parents[3] / "docs" / "simulator-two-partitions.yaml")
+    base = ["simulate", "-c", config, "--trace", "poisson", "--duration", "20m", "--no-plot"]
+    result = CliRunner().invoke(hpc, [*base, "--json", "--fixed", "short"])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.output.strip().splitlines()[-1])
+    assert figures["fixed"] == "short" and figures["policy"]["requests"] > 0
+    result = CliRunner().invoke(hpc, [*base, "--fixed", "nowhere"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "error: --fixed nowhere: no service has a placement of that name"
+    ]
