@@ -203,6 +203,12 @@ def test_the_documented_tuned_config_is_valid() -> None:
     config = load_sim_config(path)
     assert config.max_queue == 4096
     assert config.services[0].target_concurrency == 12
+    assert config.for_baseline().services[0].target_concurrency == 8
+    warm = load_sim_config(path.with_name("simulator-warm.yaml"))
+    assert warm.services[0].min_instances == 4
+    assert warm.for_baseline().services[0].min_instances == 1
+    two = load_sim_config(path.with_name("simulator-two-partitions.yaml"))
+    assert [p.name for p in two.services[0].candidates] == ["gpu", "short"]
 
 
 def test_the_baseline_runs_with_its_own_knobs() -> None:
