@@ -9,7 +9,11 @@ error (a cheap byte search decides), so ordinary token chunks are forwarded with
 or re-encoding. `"usage":null` (OpenAI's chunks with include_usage) is no usage.
 
 An upstream that never reports usage still costs: every content event counts one
-completion token (`UsageTap.estimate`).
+completion token (`UsageTap.estimate`). The Responses API's and Anthropic's streams report
+usage only at their start (Anthropic's message_start: the prompt) and end: a client that
+leaves mid-way pays one completion token per output delta event received since the last
+usage seen (`response.*.delta`, `content_block_delta`), by the same estimator, not one per
+event of any kind, and never nothing for a long answer.
 """
 
 from __future__ import annotations
@@ -112,6 +116,13 @@ def _event_json(event: bytes) -> Any:
         return None
 
 
+def _count_deltas(complete: bytes) -> int:
+    """Output delta events of the Responses API (`"type":"response.output_text.delta"`, and
+    reasoning or function-call argument deltas) and Anthropic's (`content_block_delta`).
+    The quoted names can only be JSON values: inside a string, the quotes are escaped."""
+    return complete.count(b'.delta"') + complete.count(b'"content_block_delta"')
+
+
 def _count_events(complete: bytes) -> int:
     """Data events in complete events, [DONE] aside (a newline inside JSON is escaped, so a
     line that starts with `data:` is always an event's)."""
@@ -128,11 +139,19 @@ class UsageTap:
         self.usage: Usage | None = None
         self.error: str | None = None
         self.events = 0
+        self.deltas = 0  # output delta events since the last usage seen
 
     @property
     def estimate(self) -> Usage:
-        """The usage reported last, else one completion token per event seen."""
-        return self.usage or Usage(0, self.events)
+        """The usage reported last plus one completion token per output delta event since
+        (a Responses or Messages stream cut before its final usage); with no usage at all,
+        one completion token per delta event, else per event seen."""
+        usage = self.usage
+        if usage is None:
+            return Usage(0, self.deltas or self.events)
+        if self.deltas:
+            return Usage(usage.prompt_tokens, usage.completion_tokens + self.deltas)
+        return usage
 
     def feed(self, data: bytes) -> bytes:
         buffer = self._pending + data if self._pending else data
@@ -144,6 +163,7 @@ class UsageTap:
         if self.usage is None:
             self.events += _count_events(complete)
         if not may_matter(complete):
+            self.deltas += _count_deltas(complete)
             return complete
         return self._scan(complete)
 
@@ -157,6 +177,7 @@ class UsageTap:
         pieces = _BOUNDARY.split(complete)
         separators = _BOUNDARY.findall(complete)
         for event, separator in zip(pieces, separators, strict=False):
+            self.deltas += _count_deltas(event)  # before its usage, which covers it
             kept = self._pass(event)
             if kept is not None:
                 out.append(kept + separator)
@@ -183,7 +204,7 @@ class UsageTap:
         if self.usage is not None and usage.prompt_tokens == 0:
             # Anthropic's message_delta may give output tokens only: the input stays.
             usage = Usage(self.usage.prompt_tokens, usage.completion_tokens)
-        self.usage = usage
+        self.usage, self.deltas = usage, 0
         if self._show == "all":
             return event
         if not payload.get("choices") and not payload.get("data"):
@@ -205,4 +226,5 @@ class UsageTap:
         if b"prompt_tokens" not in counts:
             return None
         self.usage = Usage(int(counts[b"prompt_tokens"]), int(counts.get(b"completion_tokens", 0)))
+        self.deltas = 0
         return event if self._show == "all" else event[: match.start()] + event[match.end() :]
