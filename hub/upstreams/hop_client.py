@@ -26,6 +26,8 @@ from types import TracebackType
 from typing import Any
 
 from hub.upstreams.hop_link import (
+    PROBE_AFTER,
+    PROBE_TIMEOUT,
     HopError,
     HopLost,
     HopTarget,
@@ -89,11 +91,17 @@ class HopClient:
     """Request streams to one login node; one per node, owned by the hub's lifespan."""
 
     def __init__(
-        self, target: HopTarget, *, connect_timeout: float = 10, keepalive_interval: float = 15
+        self,
+        target: HopTarget,
+        *,
+        connect_timeout: float = 10,
+        keepalive_interval: float = 15,
+        probe: tuple[float, float] = (PROBE_AFTER, PROBE_TIMEOUT),
     ) -> None:
         self.target = target
         self._connect_timeout = connect_timeout
         self._keepalive_interval = keepalive_interval
+        self._probe = probe  # silence with requests waiting before a PING; its answer time
         self._links: list[Link | None] = [None] * max(1, target.connections)
         self._supervisors: list[asyncio.Task[None]] = []
         self._changed = asyncio.Event()
@@ -183,13 +191,16 @@ class HopClient:
         return lived
 
     async def _run(self, link: Link) -> None:
+        watch = asyncio.create_task(link.watch(*self._probe))  # half-open: closed, not waited on
         try:
             await link.run()
         except Exception:  # a bug in the frame pump: reconnect rather than go silent
             log.exception("hop connection to %s failed", self.target.host)
         finally:
+            watch.cancel()
             self._retired.pop(link, None)
             await link.close()
+            await asyncio.gather(watch, return_exceptions=True)
 
     def _retire(self, link: Link) -> None:
         """The agent behind `link` hands over: no new streams on it, nor on the links

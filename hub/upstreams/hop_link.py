@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -30,6 +31,14 @@ SSH_WINDOW = 8 * 1024 * 1024
 # cheaper for sshd too. The hop sends thousands of packets per second.
 ENCRYPTION_ALGS = "^aes128-gcm@openssh.com,aes256-gcm@openssh.com"
 CLOSE_TIMEOUT = 5.0  # waiting for a closed connection to finish closing
+# A connection can die without either end noticing (a dead NAT entry, a stopped relay or
+# agent: sshd still answers SSH keepalives then). When requests wait on a link that sent
+# nothing for PROBE_AFTER seconds, it is PINGed; nothing back within PROBE_TIMEOUT closes
+# it, so its requests fail over (HopLost) and the slot reconnects, instead of hanging
+# until their own timeouts or until SSH keepalive gives up (3 x 15 s, and never while sshd
+# itself answers).
+PROBE_AFTER = 5.0
+PROBE_TIMEOUT = 10.0
 
 
 class HopError(Exception):
@@ -135,6 +144,32 @@ class Link:
         finally:
             self.channel.close()
             self.connection.close()
+
+    async def watch(self, after: float = PROBE_AFTER, answer_within: float = PROBE_TIMEOUT) -> None:
+        """Return when the link is closed, or after closing it because it went silent
+        while streams were open and did not answer a PING within `answer_within`."""
+        channel, tick = self.channel, min(after, answer_within) / 4
+        probed_at: float | None = None
+        while not channel.closed:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            if probed_at is not None and channel.last_read >= probed_at:
+                probed_at = None  # answered (a PONG, or anything else)
+            if probed_at is None:
+                if channel.streams and now - channel.last_read >= after:
+                    probed_at = now
+                    channel.send(wire.encode_frame(wire.PING, 0, bytes(8)))
+            elif now - probed_at >= answer_within:
+                log.warning(
+                    "the login node sent nothing for %.0f s while %d requests waited, nor "
+                    "answered a PING for %.0f s: closing the connection",
+                    now - channel.last_read,
+                    len(channel.streams),
+                    answer_within,
+                )
+                channel.close()
+                self.connection.close()
+                return
 
     async def close(self) -> None:
         """Close the connection and wait (bounded) until it is closed."""

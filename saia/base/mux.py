@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from typing import Protocol
 
@@ -138,6 +139,7 @@ class Channel:
         self.streams: dict[int, StreamState] = {}
         self.closed = False
         self.stalled = False  # reading paused until the peer reads our answers
+        self.last_read = time.monotonic()  # when the peer last sent anything (liveness)
 
     # -- sending ----------------------------------------------------------------------
     def send(self, frame: bytes) -> None:
@@ -266,6 +268,7 @@ class Channel:
         if not data:
             self._decoder.finish()
             return None
+        self.last_read = time.monotonic()
         return data
 
     async def wait_drained(self) -> None:

@@ -139,3 +139,31 @@ async def test_requests_not_yet_answered_are_sent_again_after_a_drop(
         answers = await asyncio.wait_for(asyncio.gather(*waiting), 60)
     assert [status for status, _ in answers] == [200] * 4
     assert all(b"[DONE]" in body for _, body in answers)
+
+
+@pytest.mark.faults
+async def test_a_stopped_relay_is_found_by_a_ping_and_its_link_replaced(
+    sshd: SshdSandbox, standin_factory: Callable[..., StandinProcess]
+) -> None:
+    """A relay that stops (SIGSTOP: the TCP connection and sshd stay up and answer SSH
+    keepalives, so only the hop's own PING sees it): the request waiting on it is asked
+    again on a new connection once the PING went unanswered, instead of hanging."""
+    registry = BackendRegistry()
+    registry.publish(MODEL, [Backend(MODEL, "job-1", standin_factory(MODEL).url)])
+    target = HopTarget(sshd.host, sshd.port, sshd.user, sshd.client_key, sshd.known_hosts)
+    probe = (1.0, 2.0)  # silence before the PING, time for its answer
+    async with router(sshd, registry), HopClient(target, probe=probe) as client:
+        assert len(await client.services()) == 1
+        first = client._links[0]
+        [stuck] = relays(sshd.state_dir)
+        os.kill(stuck, signal.SIGSTOP)
+        try:
+            stopped = time.monotonic()
+            waiting = asyncio.create_task(client.services())  # its stream waits on `first`
+            await until(lambda: client._links[0] not in (None, first), 20, "link kept", 0.01)
+            replaced = time.monotonic() - stopped
+            print(f"silent link replaced {replaced:.2f}s after its relay stopped")
+            assert replaced >= sum(probe)  # found by the unanswered PING, not by chance
+            assert (await asyncio.wait_for(waiting, 20))[0]["id"] == MODEL
+        finally:
+            os.kill(stuck, signal.SIGKILL)
