@@ -21,10 +21,12 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+import pytest
 import yaml
 from sqlalchemy import func, select
 
@@ -36,6 +38,7 @@ from hub.storage import open_engine, usage
 from saia.sandbox.process import free_port, stop_process
 from saia.sandbox.slurm import SlurmSandbox
 from saia.sandbox.sshd import SshdSandbox
+from tests.faults.load import Load
 from tests.hpc.scheduler.test_agent_slurm import cluster_settings
 
 BASE_SERVICE: dict[str, Any] = {
@@ -59,6 +62,24 @@ COMMAND_TIMEOUT = 30.0
 
 class ChainError(RuntimeError):
     """The chain did not come up; str() says which part and shows its log's tail."""
+
+
+Chain = TypeVar("Chain", bound="FaultChain")
+
+
+@contextlib.contextmanager
+def running(chain: Chain) -> Iterator[Chain]:
+    """`chain` started, for a fixture: a start that fails fails the test in one line; on
+    exit the chain is stopped and must have left nothing behind."""
+    try:
+        chain.start()
+    except ChainError as error:
+        pytest.fail(f"the chain did not start: {error}", pytrace=False)
+    try:
+        yield chain
+    finally:
+        left = chain.stop()
+    assert not left, f"the chain left behind: {left}"
 
 
 def _tail(path: Path, lines: int = 5) -> str:
@@ -97,6 +118,10 @@ class FaultChain:
     @property
     def names(self) -> list[str]:
         return [str(s["name"]) for s in self.services]
+
+    def load(self, model: str, **options: Any) -> Load:
+        """A load on `model` through this chain's hub, taking turns over its keys."""
+        return Load(self.hub_url, model, self.keys, **options)
 
     # -- lifetime -----------------------------------------------------------------------
     def start(self) -> FaultChain:
@@ -188,15 +213,19 @@ class FaultChain:
         The agent drains on exit (cancels its jobs and waits for them), so what remains
         afterwards (jobs, job processes, relays, agents) is a leak; it is then removed.
         """
+        self.stop_hub_and_agents()
+        if self.sshd is not None:
+            self.sshd.stop()
+            self.sshd = None
+        return self._remove_leftovers()
+
+    def stop_hub_and_agents(self) -> None:
+        """The hub first (else it reconnects and a relay starts an agent), then the agents."""
         if hub := self.processes.pop("hub", None):
             stop_process(hub, STOP_GRACE)
         if agent := self.processes.pop("agent", None):
             stop_process(agent, AGENT_STOP)
         self._stop_relay_started_agent()
-        if self.sshd is not None:
-            self.sshd.stop()
-            self.sshd = None
-        return self._remove_leftovers()
 
     def _stop_relay_started_agent(self) -> None:
         """The relay starts an agent if ours died (a fault may do that): stop it too."""

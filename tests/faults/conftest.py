@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from saia.sandbox.slurm import SlurmSandbox
-from tests.faults.chain import ChainError, FaultChain
+from tests.faults.chain import FaultChain, running
 
 HERE = Path(__file__).parent
 DEFAULT_SERVICES = [{"name": "faulty"}]
@@ -36,12 +36,5 @@ def fault_chain(
     services = getattr(request.module, "SERVICES", DEFAULT_SERVICES)
     router = getattr(request.module, "ROUTER", None)
     chain = FaultChain(tmp_path_factory.mktemp("chain"), slurm_cluster, services, router)
-    try:
-        chain.start()
-    except ChainError as error:
-        pytest.fail(f"the fault chain did not start: {error}", pytrace=False)
-    try:
+    with running(chain):
         yield chain
-    finally:
-        left = chain.stop()
-    assert not left, f"the chain left behind: {left}"

@@ -1,6 +1,7 @@
 """A bounded load generator for the fault tests: it classifies every request it sends.
 
-`run_load(Load(...))` runs `clients` concurrent clients against the hub's chat API, taking
+`run_load(Load(...))` (or `async with loaded(Load(...)) as result:` in the background) runs
+`clients` concurrent clients against the hub's chat API, taking
 turns over several API keys (users), streamed and non-streamed requests alternating, until
 `requests` were sent or `duration` seconds passed (at least one bound is required), each
 request under its own `timeout`. Every request ends as exactly one of:
@@ -15,14 +16,17 @@ request under its own `timeout`. Every request ends as exactly one of:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import httpx
+
+from tests.hpc.helpers import until
 
 Kind = Literal["ok", "before_first_byte", "mid_stream", "hung"]
 KINDS: tuple[Kind, ...] = ("ok", "before_first_byte", "mid_stream", "hung")
@@ -123,6 +127,30 @@ async def run_load(
             group.create_task(client_loop(client))
     result.outcomes.sort(key=lambda o: o.index)
     return result
+
+
+@contextlib.asynccontextmanager
+async def loaded(load: Load, stop: asyncio.Event | None = None) -> AsyncIterator[LoadResult]:
+    """Runs `load` in the background (until its bound, or `stop` is set); on exit waits
+    until all of its requests ended."""
+    result = LoadResult()
+    task = asyncio.create_task(run_load(load, result, stop))
+    try:
+        yield result
+        await task
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def streams_answering(result: LoadResult) -> int:
+    """Streamed requests of a running load whose answer has started and not ended."""
+    return sum(1 for o in result.pending(answered=True) if o.stream)
+
+
+async def streams_started(result: LoadResult, count: int = 2, limit_s: float = 30.0) -> None:
+    """Until `count` streams of the running load are being answered (for a fault to cut)."""
+    await until(lambda: streams_answering(result) >= count, limit_s, "no stream being answered")
 
 
 async def one_request(client: httpx.AsyncClient, load: Load, outcome: Outcome) -> None:

@@ -21,11 +21,10 @@ from typing import Any
 
 import pytest
 
-from saia.sandbox.process import stop_process
 from saia.sandbox.slurm import SlurmSandbox
-from tests.faults.chain import AGENT_STOP, STOP_GRACE, ChainError, FaultChain
-from tests.faults.load import Load, LoadResult, run_load
-from tests.faults.test_hop_faults import leader_pid, streams_answering
+from tests.faults.chain import FaultChain, running
+from tests.faults.load import loaded, streams_answering, streams_started
+from tests.faults.test_hop_faults import leader_pid
 from tests.hpc.helpers import until
 
 LOOK_BACK, DELAY = 10.0, 20.0
@@ -48,11 +47,7 @@ class ProductionChain(FaultChain):
     def stop(self) -> list[str]:
         """The hub (else it reconnects and a relay starts an agent), the agents, then
         what a drain on exit would have done: cancel the jobs."""
-        if hub := self.processes.pop("hub", None):
-            stop_process(hub, STOP_GRACE)
-        if agent := self.processes.pop("agent", None):
-            stop_process(agent, AGENT_STOP)
-        self._stop_relay_started_agent()
+        self.stop_hub_and_agents()
         self.cluster.run(["scancel", f"--name={self.prefix}-warm"])
         deadline = time.monotonic() + 30
         while (
@@ -70,15 +65,8 @@ def chain(
     slurm_cluster: SlurmSandbox, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ProductionChain]:
     chain = ProductionChain(tmp_path_factory.mktemp("restart"), slurm_cluster, [SERVICE])
-    try:
-        chain.start()
-    except ChainError as error:
-        pytest.fail(f"the chain did not start: {error}", pytrace=False)
-    try:
+    with running(chain):
         yield chain
-    finally:
-        left = chain.stop()
-    assert not left, f"the chain left behind: {left}"
 
 
 def status(chain: FaultChain) -> dict[str, Any]:
@@ -95,15 +83,11 @@ def serving(chain: FaultChain) -> tuple[int, list[str]]:
 
 
 async def test_restart_under_load_keeps_capacity_and_every_stream(chain: ProductionChain) -> None:
-    load = Load(
-        chain.hub_url, "warm", chain.keys, clients=6, duration=300, max_tokens=64, stream_every=1
-    )
-    result, stop = LoadResult(), asyncio.Event()
-    loop = asyncio.get_running_loop()
-    task = asyncio.create_task(run_load(load, result, stop))
-    try:
+    load = chain.load("warm", clients=6, duration=300, max_tokens=64, stream_every=1)
+    stop, loop = asyncio.Event(), asyncio.get_running_loop()
+    async with loaded(load, stop) as result:
         await until(lambda: serving(chain)[0] == 3, 120, "three instances under load")
-        await until(lambda: streams_answering(result) >= 4, 30, "streams in flight")
+        await streams_started(result, 4)
         old = chain.processes["agent"]
         in_flight = streams_answering(result)
         old.send_signal(signal.SIGTERM)
@@ -112,10 +96,6 @@ async def test_restart_under_load_keeps_capacity_and_every_stream(chain: Product
         took_over = loop.time() - restarted
         await asyncio.sleep(10)  # the load goes on through the new agent
         stop.set()
-        await task
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
     load_ended = max(o.ended or 0.0 for o in result.outcomes)
     failed = [o for o in result.outcomes if o.kind != "ok"]
     assert not failed, f"{len(failed)} of {len(result.outcomes)} failed: {result.summary()}"

@@ -11,13 +11,11 @@ there. Only streams whose own backend died may fail, and only mid-stream.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 
 import pytest
 
 from tests.faults.chain import FaultChain
-from tests.faults.load import Load, LoadResult, Outcome, run_load
+from tests.faults.load import LoadResult, Outcome, loaded, streams_started
 from tests.faults.report import build_report, check_targets, wait_steady
 from tests.hpc.helpers import until
 
@@ -27,19 +25,6 @@ SERVICES = [
     {"name": "queueing", "server_args": ["--token-delay", "0.05", "--max-running", "2"]},
 ]
 LOAD_S = 12.0  # the fault comes early; the replacement needs a few seconds of it
-
-
-@contextlib.asynccontextmanager
-async def loaded(load: Load) -> AsyncIterator[LoadResult]:
-    """Runs `load` in the background; on exit waits until all of its requests ended."""
-    result = LoadResult()
-    task = asyncio.create_task(run_load(load, result))
-    try:
-        yield result
-        await task
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 async def only_job(chain: FaultChain, service: str) -> str:
@@ -54,10 +39,6 @@ def spanning(result: LoadResult, moment: float) -> list[Outcome]:
     return [o for o in result.outcomes if o.started <= moment <= (o.ended or moment)]
 
 
-def streams_answering(result: LoadResult) -> int:
-    return sum(1 for o in result.pending(answered=True) if o.stream)
-
-
 def after(result: LoadResult, moment: float) -> list[Outcome]:
     return [o for o in result.outcomes if o.started > moment]
 
@@ -68,10 +49,10 @@ def longest_wait(outcomes: list[Outcome]) -> float:
 
 async def test_backend_killed_mid_stream(fault_chain: FaultChain) -> None:
     job = await only_job(fault_chain, "faulty")
-    load = Load(fault_chain.hub_url, "faulty", fault_chain.keys, clients=8, duration=LOAD_S)
+    load = fault_chain.load("faulty", clients=8, duration=LOAD_S)
     loop = asyncio.get_running_loop()
     async with loaded(load) as result:
-        await until(lambda: streams_answering(result) >= 2, 30, "no stream being answered")
+        await streams_started(result)
         fault_chain.kill_server(job)
         died_at = loop.time()
     report = await build_report(fault_chain, "a. backend SIGKILLed mid-stream", result, died_at)
@@ -85,8 +66,8 @@ async def test_backend_killed_mid_stream(fault_chain: FaultChain) -> None:
 
 async def test_backend_killed_while_requests_wait_in_it(fault_chain: FaultChain) -> None:
     job = await only_job(fault_chain, "queueing")
-    load = Load(
-        fault_chain.hub_url, "queueing", fault_chain.keys, clients=10, duration=LOAD_S,
+    load = fault_chain.load(
+        "queueing", clients=10, duration=LOAD_S,
         stream_every=0,
     )  # fmt: skip
     loop = asyncio.get_running_loop()
@@ -106,7 +87,7 @@ async def test_backend_killed_while_requests_wait_in_it(fault_chain: FaultChain)
 @pytest.mark.parametrize("how", ["cancelled", "preempted"])
 async def test_only_backend_replaced_requests_wait(fault_chain: FaultChain, how: str) -> None:
     job = await only_job(fault_chain, "faulty")
-    load = Load(fault_chain.hub_url, "faulty", fault_chain.keys, clients=8, duration=LOAD_S)
+    load = fault_chain.load("faulty", clients=8, duration=LOAD_S)
     loop = asyncio.get_running_loop()
     fault = fault_chain.scancel if how == "cancelled" else fault_chain.preempt
     async with loaded(load) as result:

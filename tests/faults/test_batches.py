@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 from hub.storage import open_engine, rate_counters, usage
 from saia.sandbox.process import stop_process
 from saia.sandbox.slurm import SlurmSandbox
-from tests.faults.chain import ChainError, FaultChain
+from tests.faults.chain import FaultChain, running
 
 # A service of its own; its batch jobs run the stand-in's run-batch (token pacing as set).
 SERVICES = [{"name": "bulk", "server_args": ["--token-delay", "0.01"]}]
@@ -55,15 +55,8 @@ def fault_chain(
     slurm_cluster: SlurmSandbox, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[FaultChain]:
     chain = BatchChain(tmp_path_factory.mktemp("chain"), slurm_cluster, SERVICES)
-    try:
-        chain.start()
-    except ChainError as error:
-        pytest.fail(f"the chain did not start: {error}", pytrace=False)
-    try:
+    with running(chain):
         yield chain
-    finally:
-        left = chain.stop()
-    assert not left, f"the chain left behind: {left}"
 
 
 def requests_file(count: int, words: int = 3, max_tokens: int = 8) -> bytes:

@@ -15,7 +15,7 @@ import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,8 +23,8 @@ import pytest
 from hpc.scheduler.state import AgentState, agent_id, load_state
 from hpc.scheduler.status import read_status
 from saia.sandbox.slurm import SlurmSandbox
-from tests.faults.chain import ChainError, FaultChain
-from tests.faults.load import Load, LoadResult, run_load
+from tests.faults.chain import FaultChain, running
+from tests.faults.load import loaded
 from tests.faults.report import build_report, check_targets, wait_steady
 from tests.hpc.helpers import until
 
@@ -59,15 +59,8 @@ def fault_chain(
     with tmpfs(root / "statefs", SIZE) as mounted:
         chain = FaultChain(root, slurm_cluster, [{"name": "faulty"}])
         chain.state_dir = mounted / "state"
-        try:
-            chain.start()
-        except ChainError as error:
-            pytest.fail(f"the fault chain did not start: {error}", pytrace=False)
-        try:
+        with running(chain):
             yield chain
-        finally:
-            left = chain.stop()
-        assert not left, f"the chain left behind: {left}"
 
 
 def fill(path: Path) -> None:
@@ -81,19 +74,6 @@ def fill(path: Path) -> None:
     finally:
         os.close(fd)
     assert os.statvfs(path.parent).f_bavail == 0
-
-
-@contextlib.asynccontextmanager
-async def loaded(load: Load) -> AsyncIterator[LoadResult]:
-    """Runs `load` in the background; on exit waits until all of its requests ended."""
-    result = LoadResult()
-    task = asyncio.create_task(run_load(load, result))
-    try:
-        yield result
-        await task
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 async def saia_status(chain: FaultChain) -> tuple[int, str]:
@@ -122,7 +102,7 @@ async def test_state_dir_full_serving_goes_on(fault_chain: FaultChain) -> None:
     (job,) = await fault_chain.running_jobs("faulty")
     state_dir, loop = fault_chain.state_dir, asyncio.get_running_loop()
     filler = state_dir.parent / "filler"
-    load = Load(fault_chain.hub_url, "faulty", fault_chain.keys, clients=6, duration=FULL_S + 12)
+    load = fault_chain.load("faulty", clients=6, duration=FULL_S + 12)
     async with loaded(load) as result:
         await until(lambda: len(result.pending(answered=True)) >= 2, 30, "no load in flight")
         fill(filler)

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from saia.sandbox.slurm import SlurmSandbox
-from tests.faults.chain import ChainError, FaultChain
+from tests.faults.chain import FaultChain, running
 from tests.faults.fairness_load import Scenario, describe, run_scenario
 
 RUNNING, TOKEN_DELAY, TOKENS = 4, 0.02, 10
@@ -31,15 +31,8 @@ def chain(
     slurm_cluster: SlurmSandbox, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[FaultChain]:
     chain = FaultChain(tmp_path_factory.mktemp("fair"), slurm_cluster, SERVICES, keys=5)
-    try:
-        chain.start()
-    except ChainError as error:
-        pytest.fail(f"the chain did not start: {error}", pytrace=False)
-    try:
+    with running(chain):
         yield chain
-    finally:
-        left = chain.stop()
-    assert not left, f"the chain left behind: {left}"
 
 
 def scenario(chain: FaultChain, model: str) -> Scenario:

@@ -25,29 +25,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from tests.faults.chain import FaultChain
-from tests.faults.load import Load, LoadResult, run_load
+from tests.faults.load import LoadResult, loaded, streams_started
 from tests.faults.report import build_report, check_targets, wait_steady
 from tests.hpc.helpers import until
 
 LOAD_S = 10.0
 RESTORE_LIMIT = 60.0
-
-
-@contextlib.asynccontextmanager
-async def loaded(load: Load) -> AsyncIterator[LoadResult]:
-    """Runs `load` in the background; on exit waits until all of its requests ended."""
-    result = LoadResult()
-    task = asyncio.create_task(run_load(load, result))
-    try:
-        yield result
-        await task
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-
-
-def streams_answering(result: LoadResult) -> int:
-    return sum(1 for o in result.pending(answered=True) if o.stream)
 
 
 def answered_again_after(result: LoadResult, moment: float) -> str:
@@ -131,11 +114,11 @@ async def own_agent_again(chain: FaultChain) -> None:
 
 async def test_agent_killed_relay_starts_a_new_one(fault_chain: FaultChain) -> None:
     job = await steady_job(fault_chain)
-    load = Load(fault_chain.hub_url, "faulty", fault_chain.keys, clients=8, duration=LOAD_S)
+    load = fault_chain.load("faulty", clients=8, duration=LOAD_S)
     loop = asyncio.get_running_loop()
     agent = fault_chain.processes["agent"]
     async with loaded(load) as result:
-        await until(lambda: streams_answering(result) >= 2, 30, "no stream being answered")
+        await streams_started(result)
         agent.send_signal(signal.SIGKILL)
         died_at = loop.time()
     report = await build_report(fault_chain, "c. agent SIGKILLed", result, died_at)
@@ -152,15 +135,15 @@ async def test_ssh_session_killed_after_sshd_restart(fault_chain: FaultChain) ->
     sshd = fault_chain.sshd
     assert sshd is not None
     await steady_job(fault_chain)
-    load = Load(fault_chain.hub_url, "faulty", fault_chain.keys, clients=8, duration=LOAD_S)
+    load = fault_chain.load("faulty", clients=8, duration=LOAD_S)
     loop = asyncio.get_running_loop()
     async with loaded(load) as result:
-        await until(lambda: streams_answering(result) >= 2, 30, "no stream being answered")
+        await streams_started(result)
         sessions = sshd.session_pids()  # the hub's connection: stays through the restart
         started = time.monotonic()
         sshd.restart()  # blocks the load's loop briefly (well under a second)
         print(f"  sshd restarted in {time.monotonic() - started:.2f}s")
-        await until(lambda: streams_answering(result) >= 2, 30, "no stream being answered")
+        await streams_started(result)
         for pid in sessions:
             os.kill(pid, signal.SIGKILL)
         dropped_at = loop.time()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 
 from tests.faults.chain import BASE_SERVICE, FaultChain
-from tests.faults.load import Load, LoadResult, run_load
+from tests.faults.load import LoadResult, run_load
 from tests.faults.report import build_report, check_targets, wait_steady
 
 SERVICES = [
@@ -35,7 +35,7 @@ async def test_renewals_under_steady_load_fail_no_request(fault_chain: FaultChai
     state, back = await wait_steady(fault_chain)
     assert back, state
     first = set(await fault_chain.running_jobs("renewing"))
-    load = Load(fault_chain.hub_url, "renewing", fault_chain.keys, clients=6, duration=LOAD_S)
+    load = fault_chain.load("renewing", clients=6, duration=LOAD_S)
     seen: set[str] = set()
     stop = asyncio.Event()
     async with asyncio.TaskGroup() as group:

@@ -9,30 +9,15 @@ every loop whatever the outage's length, so a 20 s outage shows what a 60 s one 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 
 from hpc.scheduler.status import read_status
 from tests.faults.chain import FaultChain
-from tests.faults.load import Load, LoadResult, run_load
+from tests.faults.load import loaded
 from tests.faults.report import build_report, check_targets, wait_steady
 from tests.hpc.helpers import until
 
 OUTAGE_S = 20.0
 CATCH_UP_LIMIT = 90.0
-
-
-@contextlib.asynccontextmanager
-async def loaded(load: Load) -> AsyncIterator[LoadResult]:
-    """Runs `load` in the background; on exit waits until all of its requests ended."""
-    result = LoadResult()
-    task = asyncio.create_task(run_load(load, result))
-    try:
-        yield result
-        await task
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 def status_error(chain: FaultChain) -> str | None:
@@ -57,7 +42,7 @@ async def test_slurmctld_down_the_job_serves_on(fault_chain: FaultChain) -> None
     log = fault_chain.root / "agent.log"
     logged = log.read_text(errors="replace").count("cannot list jobs")
     cluster, loop = fault_chain.cluster, asyncio.get_running_loop()
-    load = Load(fault_chain.hub_url, "faulty", fault_chain.keys, clients=6, duration=OUTAGE_S + 8)
+    load = fault_chain.load("faulty", clients=6, duration=OUTAGE_S + 8)
     async with loaded(load) as result:
         await until(lambda: len(result.pending(answered=True)) >= 2, 30, "no load in flight")
         cluster.stop_controller()

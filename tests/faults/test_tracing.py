@@ -20,7 +20,7 @@ import pytest
 
 from saia.sandbox.otlp import OtlpCollector, read_spans
 from saia.sandbox.slurm import SlurmSandbox
-from tests.faults.chain import ChainError, FaultChain
+from tests.faults.chain import FaultChain, running
 
 SPAN_WAIT = 20.0  # the exporters send every 0.5 s
 CLIENT_TRACEPARENT = "00-0123456789abcdef0123456789abcdef-0123456789abcdef-01"
@@ -48,15 +48,8 @@ def traced_chain(
     extra = {"agent": {"tracing": tracing}, "hub": {"tracing": tracing}}
     root = tmp_path_factory.mktemp("chain")
     chain = FaultChain(root, slurm_cluster, [{"name": "traced"}], extra=extra)
-    try:
-        chain.start()
-    except ChainError as error:
-        pytest.fail(f"the chain did not start: {error}", pytrace=False)
-    try:
+    with running(chain):
         yield chain
-    finally:
-        left = chain.stop()
-    assert not left, f"the chain left behind: {left}"
 
 
 def one_trace(out: Path, trace_id: str) -> list[dict[str, Any]]:
