@@ -14,6 +14,7 @@ its request windows. Windows are counted one of two ways:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping, Sequence
 
 from hub.auth import Principal
@@ -78,6 +79,7 @@ class Admission:
         self._health = health if health is not None else DatabaseHealth()
         self._book = book  # None: every request counted in the database
         self._in_flight: dict[str, int] = {}
+        self._reading: dict[str, asyncio.Future[None]] = {}  # subjects whose totals are read
 
     async def admit(self, principal: Principal, now: float) -> dict[str, str]:
         """Count the request in every window; 429 if over a limit or the concurrency cap,
@@ -98,10 +100,7 @@ class Admission:
         starts = window_starts(now)
         unknown = [subject for subject, _ in counted if not book.known(subject)]
         if unknown:
-            rows = [(s, w, starts[w], 0, 0) for s in unknown for w in WINDOWS]
-            with self._health.guard("rate counters"):
-                totals = await self._counters.bump(rows)
-            book.install(totals, now)
+            await self._learn(book, unknown, starts, now)
         decision = decide([(limits, book.counts(s, starts)) for s, limits in counted], now)
         if not decision.allowed:
             raise _refused(decision)
@@ -110,6 +109,38 @@ class Admission:
         for subject, _ in counted:
             book.add(subject, starts, now)
         return decision.headers
+
+    async def _learn(
+        self, book: WindowBook, unknown: list[str], starts: dict[Window, int], now: float
+    ) -> None:
+        """Read the shared totals of `unknown` subjects into the book, once per subject
+        however many requests ask at once: after a start under load, every request of a
+        busy user would otherwise read the same rows."""
+        while unknown:
+            mine = [s for s in unknown if s not in self._reading]
+            if mine:
+                await self._read(book, mine, starts, now)
+            others = {self._reading[s] for s in unknown if s in self._reading}
+            if others:  # wait() does not cancel them if this request is cancelled
+                await asyncio.wait(others)
+            # Subjects of a read that failed or was cancelled are still unknown: again.
+            unknown = [s for s in unknown if s not in mine and not book.known(s)]
+
+    async def _read(
+        self, book: WindowBook, subjects: list[str], starts: dict[Window, int], now: float
+    ) -> None:
+        done = asyncio.get_running_loop().create_future()
+        for subject in subjects:
+            self._reading[subject] = done
+        try:
+            rows = [(s, w, starts[w], 0, 0) for s in subjects for w in WINDOWS]
+            with self._health.guard("rate counters"):
+                totals = await self._counters.bump(rows)
+            book.install(totals, now)
+        finally:
+            for subject in subjects:
+                del self._reading[subject]
+            done.set_result(None)
 
     async def _admit_exact(
         self, principal: Principal, counted: Counted, now: float
