@@ -1,10 +1,15 @@
-"""Hub test fixtures: a database URL for SQLite and (marker `postgres`) PostgreSQL."""
+"""Hub test fixtures: a database URL for SQLite and (marker `postgres`) PostgreSQL, and an
+engine on it with the schema migrated."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from hub.storage import open_engine, upgrade
 
 
 @pytest.fixture(
@@ -15,3 +20,13 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite+aiosqlite:///{tmp_path / 'hub.db'}"
     url: str = request.getfixturevalue("postgres_url")
     return url
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = open_engine(database_url)
+    try:
+        await upgrade(engine)
+        yield engine
+    finally:
+        await engine.dispose()

@@ -84,16 +84,6 @@ async def test_a_lock_during_the_counter_prune_does_not_kill_accounting(
 
 
 @pytest.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = open_engine(database_url)
-    try:
-        await upgrade(engine)
-        yield engine
-    finally:
-        await engine.dispose()
-
-
-@pytest.fixture
 async def counters(engine: AsyncEngine, database_url: str) -> AsyncIterator[CounterStore]:
     store = await CounterStore.open(database_url)
     try:

@@ -4,14 +4,11 @@ arriving while its entry has expired shares one read (on SQLite and PostgreSQL).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
-import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from hub.config import LimitsConfig
 from hub.key_store import KeyCache, KeyRecord, KeyStore
-from hub.storage import open_engine, upgrade
 
 
 class CountingStore(KeyStore):
@@ -22,16 +19,6 @@ class CountingStore(KeyStore):
     async def get(self, key_id: str) -> KeyRecord | None:
         self.reads += 1
         return await super().get(key_id)
-
-
-@pytest.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = open_engine(database_url)
-    try:
-        await upgrade(engine)
-        yield engine
-    finally:
-        await engine.dispose()
 
 
 async def test_a_burst_after_expiry_shares_one_read(engine: AsyncEngine) -> None:

@@ -4,7 +4,6 @@ parts of the OpenID Connect login (claims to a session) and of the config."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -16,21 +15,11 @@ from hub.errors import ApiError
 from hub.key_store import KeyStore
 from hub.oidc_config import OidcConfig
 from hub.sessions import COOKIE, SessionStore, WebSession, session_cookie
-from hub.storage import open_engine, upgrade, usage
+from hub.storage import usage
 from hub.usage.accounting import UsageRecord
 from hub.usage.records import sanitized
 from hub.usage.series import usage_series, user_totals
 from hub.web.oidc import check_secrets, claim_groups, session_of
-
-
-@pytest.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = open_engine(database_url)
-    await upgrade(engine)
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
 
 
 async def test_sessions_live_expire_and_end(engine: AsyncEngine) -> None:

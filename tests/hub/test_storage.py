@@ -14,22 +14,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from hub.config import LimitsConfig
 from hub.key_store import KeyCache, KeyStore
-from hub.storage import open_engine, rate_counters, upgrade, usage
+from hub.storage import rate_counters, upgrade, usage
 from hub.usage.accounting import UsageRecord, UsageRecorder, usage_summary
 from hub.usage.counters import CounterStore
 from hub.usage.limits import window_bounds
 from tests.fixtures.standin import STANDIN_MODEL
 from tests.hub.helpers import hub_config, running_hub
-
-
-@pytest.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = open_engine(database_url)
-    try:
-        await upgrade(engine)
-        yield engine
-    finally:
-        await engine.dispose()
 
 
 async def test_migrations_create_the_schema_and_are_idempotent(engine: AsyncEngine) -> None:

@@ -13,6 +13,7 @@ from hpc.router import tracing as agent_tracing
 from hub.upstreams import tracing as hub_tracing
 from saia.base import protocol as wire
 from saia.base.tracing import Tracing, TracingConfig, format_traceparent, parse_traceparent
+from tests.hpc.router.test_router_waits import Sink
 
 PARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 # Never contacted: the spans go to the in-memory processor each test passes.
@@ -58,27 +59,6 @@ def test_a_malformed_traceparent_is_a_protocol_error(value: object) -> None:
 
 def test_an_all_zero_trace_id_is_no_parent() -> None:
     assert parse_traceparent("00-" + "0" * 32 + "-00f067aa0ba902b7-01") is None
-
-
-class Sink:
-    """The agent's response sink, recording what reaches it."""
-
-    def __init__(self) -> None:
-        self.status = 0
-        self.body = b""
-        self.finished = False
-
-    def start(self, status: int, headers: list[tuple[str, str]]) -> None:
-        self.status = status
-
-    async def send(self, data: bytes) -> None:
-        self.body += data
-
-    def finish(self) -> None:
-        self.finished = True
-
-    def fail(self, status: int, code: str, message: str) -> None:
-        self.status = status
 
 
 def test_a_side_traces_between_start_and_stop_only() -> None:
