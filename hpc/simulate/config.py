@@ -16,6 +16,7 @@ from pydantic import Field, model_validator
 
 from hpc.config import ServiceConfig
 from hpc.simulate.client import ClientModel
+from hpc.simulate.queue_sample import read_waits
 from saia.base.config_file import NO_FILE, ConfigError, Duration, Strict, read_yaml, validate
 
 __all__ = [
@@ -40,6 +41,8 @@ class QueueModel(Strict):
     gpus: int | None = Field(None, ge=0, description="GPUs ours may hold at once; None: any")
     preemptions_per_gpu_hour: float | None = Field(None, ge=0)
     """this queue's rate (a preemptible partition or QOS); None: the world's"""
+    waits: list[float] = Field(default_factory=list)
+    """recorded start waits (s) to draw from instead (filled from `queue_sample`)"""
 
     @model_validator(mode="after")
     def _order(self) -> QueueModel:
@@ -48,6 +51,8 @@ class QueueModel(Strict):
         return self
 
     def sample(self, rng: random.Random) -> float:
+        if self.waits:
+            return rng.choice(self.waits)
         if self.median <= 0:
             return 0.0
         if self.p95 <= self.median:
@@ -91,6 +96,8 @@ class SimConfig(Strict):
     """per service name: how an instance serves (default: InstanceModel())"""
     queues: dict[str, QueueModel] = Field(default_factory=dict)
     """start wait per `partition` or `partition/qos`; `default` for the rest"""
+    queue_sample: str | None = None
+    """a file of recorded waits (hpc/simulate/queue_sample.py), relative to this config"""
     preemptions_per_gpu_hour: float = Field(0.02, ge=0)
     """chance per GPU-hour that Slurm preempts a running job"""
     max_total_gpus: int | None = Field(8, ge=0)
@@ -175,4 +182,17 @@ def load_sim_config(path: Path | None) -> SimConfig:
     """The file's settings over the defaults; ConfigError with one line per problem."""
     if path is None:
         return default_config()
-    return parse_sim_config(read_yaml(path), path)
+    config = parse_sim_config(read_yaml(path), path)
+    if config.queue_sample is None:
+        return config
+    return with_recorded_waits(config, read_waits(path.parent / config.queue_sample))
+
+
+def with_recorded_waits(config: SimConfig, waits: dict[str, list[float]]) -> SimConfig:
+    """Each recorded queue draws from its waits; a queue also in `queues` keeps its other
+    settings (GPU limit, preemption rate)."""
+    queues = dict(config.queues)
+    for key, recorded in waits.items():
+        model = queues.get(key, QueueModel())
+        queues[key] = model.model_copy(update={"waits": recorded})
+    return config.model_copy(update={"queues": queues})
