@@ -4,21 +4,28 @@ figures and the router's counts, turned into the `Snapshot` the pure policy deci
 Functions over the agent's `LiveState` (`hpc/scheduler/live.py`): its methods record what
 the job list says (adopted and lost jobs, starts, readiness), the endpoints the jobs wrote
 and the load samples; everything else here only reads. The only files read are the ones
-the jobs write (endpoint.json, api_key).
+the jobs write (endpoint.json, api_key, and `stopping`, which slurm/common.sh writes when
+the job gets its stop signal).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
 
 from hpc.config import ServiceConfig
-from hpc.jobs.system import JobInfo, read_endpoint
+from hpc.jobs.system import JobInfo, job_dir, read_endpoint
 from hpc.registry import BackendRegistry
 from hpc.scheduler.health import ProbeTarget, read_backend_key
 from hpc.scheduler.live import LiveState
 from hpc.scheduler.placement import placement_of
-from hpc.scheduler.policy import Backoff, JobView, LoadSample, ServiceSnapshot, Snapshot
+from hpc.scheduler.policy import Backoff, JobView, LoadSample, LostJob, ServiceSnapshot, Snapshot
+
+log = logging.getLogger(__name__)
+STOPPING_FILE = "stopping"  # written by slurm/common.sh's saia_stop
 
 
 def observe(
@@ -32,7 +39,9 @@ def observe(
     and return what the policy needs to decide now."""
     starts = starts or {}
     lost = live.take_job_list(infos, now)
+    lost = {name: [_not_failed(live, job) for job in jobs] for name, jobs in lost.items()}
     _read_endpoints(live, infos)
+    _note_stops(live, infos)
     for service in live.services.values():
         live.add_load_sample(service, _load_sample(live, registry, service, now))
     snapshots = tuple(
@@ -65,6 +74,33 @@ def _read_endpoints(live: LiveState, infos: list[JobInfo]) -> None:
             endpoint = read_endpoint(state_dir, info.job_id)
             if endpoint is not None:
                 live.found_endpoint(info.job_id, endpoint, read_backend_key(state_dir, info.job_id))
+
+
+def stopping(state_dir: Path, job_id: str) -> bool:
+    """Whether the job's shell got its stop signal (Slurm's preemption or time limit, or
+    a scancel): slurm/common.sh writes the file before it stops the server."""
+    return (job_dir(state_dir, job_id) / STOPPING_FILE).exists()
+
+
+def _note_stops(live: LiveState, infos: list[JobInfo]) -> None:
+    """A running job that Slurm is stopping (not the agent: those are cancelled already)
+    drains at once: the router sends it nothing new, and the policy replaces the instance
+    now instead of after failed health checks or the job's end."""
+    for info in infos:
+        record = live.jobs.get(info.job_id)
+        if record is None or record.cancelled or record.draining or not info.running:
+            continue
+        if stopping(live.config.state_dir, info.job_id):
+            log.info("job %s (%s) got its stop signal from Slurm", info.job_id, info.service)
+            live.start_draining(info.job_id, "stopped by Slurm (preempted or out of time)")
+
+
+def _not_failed(live: LiveState, job: LostJob) -> LostJob:
+    """A job that ended after Slurm stopped it (preempted while loading, say) did not fail
+    to start: it counts like one the agent cancelled, with no back-off."""
+    if job.was_ready or job.cancelled or not stopping(live.config.state_dir, job.job_id):
+        return job
+    return replace(job, cancelled=True)
 
 
 def in_backends(live: LiveState, service: str) -> int:

@@ -33,6 +33,8 @@ from hpc.scheduler.snapshot import Snapshot as Snapshot
 DRAIN_DEADLINE_S = 5
 OPERATOR_REPLACE = "replace"  # JobView.operator_drain: hand over to a replacement first
 OPERATOR_NOW = "now"  # drain at once
+# Where a job that ran is after Slurm requeued it (it runs again later, same id).
+REQUEUED_STATES = frozenset({"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"})
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,11 @@ def _triage(plan: _Plan, threshold: int) -> list[JobView]:
         if job.cancelled:
             continue
         left = job.info.time_left_s
+        if job.running_since is not None and job.info.state in REQUEUED_STATES:
+            # Preempted with PreemptMode=REQUEUE (or requeued by an admin): Slurm holds it
+            # back for minutes (BeginTime) under the same id, folder and stale endpoint.
+            plan.cancel(job, "requeued by Slurm after it ran: a new job replaces it")
+            continue
         if job.draining:
             if job.in_flight == 0 or (left is not None and left <= DRAIN_DEADLINE_S):
                 plan.cancel(job, "drained")

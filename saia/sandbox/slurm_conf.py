@@ -5,6 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 GPUS = 4
+# Partitions beside the default `gpu` (not preemptible), all on the one node, for the
+# preemption tests (slurmctld without slurmdbd has no QOS objects, so partition tiers stand
+# in for a guaranteed and a preemptible QOS): jobs in URGENT (tier 2) preempt jobs in BURST
+# (tier 1, cancelled) and BURST_REQUEUE (tier 1, requeued); a preempted job's processes get
+# SIGTERM at once and SIGKILL GRACE_TIME seconds later (plus KillWait).
+BURST = "burst"
+BURST_REQUEUE = "burst-requeue"
+URGENT = "urgent"
+GRACE_TIME = 20
 
 
 # Settings every sandbox shares: root runs everything, no cgroups, no accounting.
@@ -21,6 +30,11 @@ FIXED_SETTINGS = (
     "AccountingStorageType=accounting_storage/none",
     "JobCompType=jobcomp/none",
     "MpiDefault=none",
+    # Partition-priority preemption: only BURST* partitions are preemptible (gpu and URGENT
+    # say PreemptMode=OFF); a valid cluster-wide mode is required once preemption is on.
+    "PreemptType=preempt/partition_prio",
+    "PreemptMode=CANCEL",
+    "SlurmctldParameters=preempt_send_user_signal",
     "SelectType=select/cons_tres",
     "SelectTypeParameters=CR_Core",
     "SchedulerType=sched/backfill",
@@ -69,7 +83,14 @@ def render_slurm_conf(
         *(["SlurmdParameters=config_overrides"] if overcommit else []),
         f"NodeName={host} NodeAddr=127.0.0.1 NodeHostname={host} CPUs={cpus} "
         f"RealMemory={memory_mb} Gres=gpu:{GPUS} State=UNKNOWN",
-        f"PartitionName=gpu Nodes={host} Default=YES MaxTime=INFINITE State=UP",
+        f"PartitionName=gpu Nodes={host} Default=YES MaxTime=INFINITE State=UP "
+        "PriorityTier=1 PreemptMode=OFF",
+        f"PartitionName={BURST} Nodes={host} MaxTime=INFINITE State=UP PriorityTier=1 "
+        f"PreemptMode=CANCEL GraceTime={GRACE_TIME}",
+        f"PartitionName={BURST_REQUEUE} Nodes={host} MaxTime=INFINITE State=UP PriorityTier=1 "
+        f"PreemptMode=REQUEUE GraceTime={GRACE_TIME}",
+        f"PartitionName={URGENT} Nodes={host} MaxTime=INFINITE State=UP PriorityTier=2 "
+        "PreemptMode=OFF",
     ]
     return "\n".join(lines) + "\n"
 
