@@ -16,21 +16,15 @@ from collections.abc import AsyncIterator, Callable
 
 from saia.base import protocol as wire
 
-# Bodies of these paths stream (multipart uploads of any size); other bodies are small JSON,
+# Bodies of these paths stream (multipart uploads of any size); other bodies are JSON,
 # buffered whole (the fast path, and the router may rewrite them: `with_priority`).
 STREAMED_PATHS = frozenset({"/v1/audio/transcriptions", "/v1/audio/translations"})
 
 
 def streams_in(head: wire.RequestHead | None) -> bool:
-    """Whether the request's body is passed on as it arrives (an upload)."""
-    if head is None or head.method != "POST":
-        return False
-    if head.path in STREAMED_PATHS:
-        return True
-    return any(
-        name.lower() == "content-type" and value.lower().startswith("multipart/")
-        for name, value in head.headers
-    )
+    """Whether the request's body is passed on as it arrives (an upload). One set lookup:
+    this runs for every request."""
+    return head is not None and head.path in STREAMED_PATHS and head.method == "POST"
 
 
 class Upload:
