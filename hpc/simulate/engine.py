@@ -202,7 +202,7 @@ class Simulator:
             floor = [p.name or "" for p in world.config.candidates if not p.preemptible]
             for _ in range(world.config.min_instances):
                 job = self.submit(world.name, None, start=False, placement=floor[0])
-                if self.partitions.try_start(job):  # else: behind the queue's GPU limit
+                if self.partitions.try_start(job, self.now):  # else: behind a GPU limit
                     self.begin(job)
                     job.ready_at = 0.0
 
@@ -232,7 +232,7 @@ class Simulator:
 
     def on_start(self, job: SimJob) -> None:
         """The job waited out its queue: it runs if its partition has a GPU free for it."""
-        if job.ended is None and self.partitions.try_start(job):
+        if job.ended is None and self.partitions.try_start(job, self.now):
             self.begin(job)
 
     def begin(self, job: SimJob) -> None:

@@ -15,6 +15,7 @@ Slurm then predicts the earliest time limit of ours there, as its plan does.
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
 from collections import deque
@@ -42,19 +43,27 @@ class Partition:
         limit = self.model.gpus
         return limit is None or self.gpus_used() + gpus <= limit
 
-    def room_after_ours(self, gpus: int) -> bool:
-        """Room for one more job once our jobs already queued here have started: Slurm's
-        plan puts a new job behind those (same priority, submitted earlier)."""
+    def gpus_free_at(self, now: float, gpus: int, waiting: bool = True) -> float:
+        """When Slurm's plan has `gpus` of the GPUs ours may hold here free for one more
+        job: after our running jobs' time limits and our jobs queued ahead of it (those
+        waiting for a GPU, and with `waiting` those still in the queue), in order. `now`
+        without a limit."""
         limit = self.model.gpus
-        queued = sum(job.gpus for job in self.waiting)
-        return limit is None or self.gpus_used() + queued + gpus <= limit
-
-    def earliest_end(self) -> float | None:
-        """When Slurm plans a GPU of ours here to be free: the soonest time limit of our
-        jobs running or queued here (a queued one from its planned start)."""
-        ends = [job.started + job.time_limit_s for job in self.running if job.started is not None]
-        ends += [j.planned_start + j.time_limit_s for j in self.waiting if j.planned_start]
-        return min(ends, default=None)
+        if limit is None:
+            return now
+        if gpus > limit:
+            return math.inf
+        free = [now] * max(0, limit - self.gpus_used())
+        for job in self.running:
+            free += [(job.started or now) + job.time_limit_s] * job.gpus
+        heapq.heapify(free)
+        for job in (*self.blocked, *(self.waiting if waiting else ())):
+            if job.gpus > limit:
+                continue
+            start = max([job.planned_start or now, *(heapq.heappop(free) for _ in range(job.gpus))])
+            for _ in range(job.gpus):
+                heapq.heappush(free, start + job.time_limit_s)
+        return max(heapq.nsmallest(gpus, free), default=now)
 
 
 class Partitions:
@@ -82,11 +91,7 @@ class Partitions:
         if fresh is None or now - fresh[0] > self.config.placement_probe_interval:
             fresh = (now, queue.model.sample(self.wait_rng), self.error())
             queue.next_wait = fresh
-        start = now + fresh[1] * fresh[2]
-        end = queue.earliest_end()
-        if not queue.room_after_ours(gpus) and end is not None:
-            start = max(start, end)
-        return start
+        return max(now + fresh[1] * fresh[2], queue.gpus_free_at(now, gpus))
 
     def plan(self, job: SimJob, queue: Partition, now: float) -> float:
         """A job submitted now: when it will have waited out the queue, and what `squeue
@@ -98,22 +103,19 @@ class Partitions:
             wait, error = queue.model.sample(self.wait_rng), self.error()
         queue.next_wait = None  # used: the next job draws its own
         job.queue_key = queue.key
-        job.planned_start = now + wait * error
-        end = queue.earliest_end()
-        if not queue.room_after_ours(job.gpus) and end is not None:
-            job.planned_start = max(job.planned_start, end)
+        job.planned_start = max(now + wait * error, queue.gpus_free_at(now, job.gpus))
         queue.waiting.append(job)
         return now + wait
 
-    def try_start(self, job: SimJob) -> bool:
+    def try_start(self, job: SimJob, now: float) -> bool:
         """The job waited out the queue: it starts if its partition has a GPU free, else it
         waits (FIFO) for one of ours there to end."""
         queue = self.queues[job.queue_key]
         if job in queue.waiting:
             queue.waiting.remove(job)
         if queue.blocked or not queue.has_room(job.gpus):
+            job.planned_start = queue.gpus_free_at(now, job.gpus, waiting=False)  # new plan
             queue.blocked.append(job)
-            job.planned_start = queue.earliest_end() or job.planned_start  # Slurm's new plan
             return False
         queue.running.append(job)
         return True

@@ -43,12 +43,12 @@ def test_a_full_partition_starts_the_next_job_when_one_of_ours_ends() -> None:
     queue = parts.of("gpu", None)
     first, second = job(1), job(2)
     assert parts.plan(first, queue, 0.0) == 60.0
-    assert parts.try_start(first)
+    assert parts.try_start(first, 60.0)
     first.started = 60.0
     assert parts.plan(second, queue, 100.0) == 160.0  # its own queue wait...
     assert second.planned_start == 60.0 + 3600.0  # ...but Slurm plans it after first's limit
-    assert not parts.try_start(second)
-    assert parts.predict(queue, 1, 200.0) == 3660.0  # --test-only: behind ours too
+    assert not parts.try_start(second, 160.0)
+    assert parts.predict(queue, 1, 200.0) == 7260.0  # --test-only: after second, too
     assert parts.release(first) == [second]  # first ended: second gets its GPU
     assert queue.running == [second]
 
@@ -58,7 +58,20 @@ def test_slurm_plans_a_new_job_behind_ours_already_queued_in_a_full_partition() 
     queue = parts.of("small", None)
     assert parts.predict(queue, 1, 0.0) == 10.0  # free: its own wait
     parts.plan(job(1), queue, 0.0)  # ours, starting at 10 s for up to an hour
-    assert parts.predict(queue, 1, 100.0) == 3610.0  # behind it, though nothing runs yet
+    assert parts.predict(queue, 1, 5.0) == 3610.0  # behind it, though nothing runs yet
+
+
+def test_a_job_waiting_for_a_gpu_of_ours_is_ahead_of_a_new_one() -> None:
+    parts = queues(queues={"small": {"median": "10s", "p95": "10s", "gpus": 1}})
+    queue = parts.of("small", None)
+    first, second = job(1), job(2)
+    parts.plan(first, queue, 0.0)
+    assert parts.try_start(first, 10.0)
+    first.started = 10.0
+    parts.plan(second, queue, 0.0)
+    assert not parts.try_start(second, 10.0)  # waited out the queue; first holds the GPU
+    assert second.planned_start == 3610.0
+    assert parts.predict(queue, 1, 20.0) == 7210.0  # a new job comes after second too
 
 
 def test_a_prediction_is_the_next_jobs_wait_with_the_error() -> None:
