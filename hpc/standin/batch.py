@@ -27,9 +27,10 @@ from hpc.standin.model import (
     EmbeddingRequest,
     GenerationRequest,
     chat_prompt,
+    completion,
+    completion_id,
     embedding,
     reply_tokens,
-    usage,
     words_of,
 )
 
@@ -68,18 +69,8 @@ def _generate(
 ) -> dict[str, Any]:
     limit = request.max_completion_tokens or request.max_tokens or 16
     tokens, finish = reply_tokens(prompt, limit)
-    text = " ".join(tokens)
-    choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": text}
-    else:
-        choice["text"] = text
-    return {
-        "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
-        "object": "chat.completion" if chat else "text_completion",
-        "created": int(time.time()), "model": model_name, "choices": [choice],
-        "usage": usage(len(words_of(prompt)), len(tokens)),
-    }  # fmt: skip
+    prompt_tokens = len(words_of(prompt))
+    return completion(completion_id(chat), model_name, chat, tokens, finish, prompt_tokens)
 
 
 def output_line(raw: str, model_name: str) -> dict[str, Any]:

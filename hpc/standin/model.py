@@ -9,6 +9,8 @@ import argparse
 import hashlib
 import json
 import math
+import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -113,6 +115,31 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def completion_id(chat: bool) -> str:
+    return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+
+
+def completion(
+    ident: str, model: str, chat: bool, tokens: list[str], finish: str, prompt_tokens: int
+) -> dict[str, Any]:
+    """A whole (not streamed) chat or text completion as vLLM answers it: the server's
+    and `run-batch`'s."""
+    text = " ".join(tokens)
+    choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    return {
+        "id": ident,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": usage(prompt_tokens, len(tokens)),
     }
 
 

@@ -21,7 +21,6 @@ import os
 import signal
 import struct
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from types import FrameType
@@ -48,6 +47,8 @@ from hpc.standin.model import (
     StreamShape,
     TokenizeRequest,
     chat_prompt,
+    completion,
+    completion_id,
     embedding,
     lora_module,
     reply_tokens,
@@ -205,7 +206,7 @@ class Standin:
     async def generate(self, body: GenerationRequest, prompt: str, *, chat: bool) -> Response:
         tokens, finish = reply_tokens(prompt, self.max_tokens(body))
         prompt_tokens = len(words_of(prompt))
-        ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        ident = completion_id(chat)
         if body.stream:
             options = body.stream_options
             include_usage = bool(options and options.include_usage)
@@ -219,22 +220,7 @@ class Standin:
             if self.token_delay:
                 await asyncio.sleep(self.token_delay * len(tokens))
             self.generation_tokens_total += len(tokens)
-        text = " ".join(tokens)
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        return JSONResponse(
-            {
-                "id": ident,
-                "object": "chat.completion" if chat else "text_completion",
-                "created": int(time.time()),
-                "model": body.model,
-                "choices": [choice],
-                "usage": usage(prompt_tokens, len(tokens)),
-            }
-        )
+        return JSONResponse(completion(ident, body.model, chat, tokens, finish, prompt_tokens))
 
     async def stream(
         self, shape: StreamShape, tokens: list[str], finish: str, prompt_tokens: int
