@@ -22,7 +22,7 @@ from sqlalchemy import select
 from hpc.standin.shapes import AUDIO_BYTES_PER_SECOND
 from hub.storage import open_engine, usage
 from saia.sandbox.slurm import SlurmSandbox
-from tests.faults.chain import ChainError, FaultChain
+from tests.faults.chain import FaultChain, running
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slurm, pytest.mark.ssh]
 
@@ -39,16 +39,9 @@ ROW_WAIT = 10.0  # the hub writes usage every 0.2 s
 def chain(
     slurm_cluster: SlurmSandbox, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[FaultChain]:
-    running = FaultChain(tmp_path_factory.mktemp("apis"), slurm_cluster, SERVICES, keys=1)
-    try:
-        running.start()
-    except ChainError as error:
-        pytest.fail(f"the chain did not start: {error}", pytrace=False)
-    try:
-        yield running
-    finally:
-        left = running.stop()
-    assert not left, f"the chain left behind: {left}"
+    chain = FaultChain(tmp_path_factory.mktemp("apis"), slurm_cluster, SERVICES, keys=1)
+    with running(chain):
+        yield chain
 
 
 async def usage_row(chain: FaultChain, request_id: str) -> dict[str, Any]:
