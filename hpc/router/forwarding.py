@@ -320,6 +320,8 @@ class Forwarder:
         body: bytes | Upload,
     ) -> bool:
         """Pass the backend's answer on; True if it arrived whole."""
+        if isinstance(body, Upload) and body.failure is not None:
+            raise body.failure  # refused (413) while it waited for a backend: not sent
         try:
             async with asyncio.timeout(self._config.first_byte_timeout) as budget:
                 sent: Body = (

@@ -157,9 +157,10 @@ class Agent:
 
 @contextlib.asynccontextmanager
 async def agent(
-    tmp_path: Path, *urls: str, max_body: int = 64 * MiB, streams: int = 64
+    tmp_path: Path, *urls: str, max_body: int = 64 * MiB, streams: int = 64, slots: int = 8
 ) -> AsyncIterator[Agent]:
-    service = ServiceConfig(name=MODEL, model=MODEL, endpoints=["transcriptions", "chat"])
+    endpoints: Any = ["transcriptions", "chat"]
+    service = ServiceConfig(name=MODEL, model=MODEL, endpoints=endpoints, target_concurrency=slots)
     config = AgentConfig(
         state_dir=tmp_path,
         services=[service],
@@ -343,3 +344,27 @@ async def test_a_stream_refused_at_its_head_gets_credit_for_its_body(
         held = await asyncio.wait_for(hub.answer(holder), 30)
     assert status == 503 and body["error"]["code"] == "too_many_streams"
     assert held == (200, {"size": 1000})
+
+
+async def test_an_upload_refused_while_it_waits_for_a_backend_is_never_sent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The backend's one slot is taken (an upload that stalls); a second upload passes the
+    413 limit (below the stream's window, so that its bytes arrive while it waits) in the
+    queue: once the slot frees it is answered 413 without a connection to the backend."""
+    async with (
+        Backend_() as backend,
+        agent(tmp_path, backend.url, max_body=300_000, slots=1) as running,
+        hub_end(running, monkeypatch) as hub,
+    ):
+        holder = hub.open()
+        await hub.channel.send_data(holder, b"a" * 1000)  # no END: it holds the slot
+        await until(lambda: backend.open == 1, 10, "the first upload at the backend")
+        waiting = hub.open()
+        await asyncio.wait_for(hub.upload(waiting, 3 * MiB), 30)  # credit for all of it
+        [kept] = running.sessions
+        await until(lambda: waiting.id not in kept.uploads, 10, "the upload's END handled")
+        hub.channel.send(wire.encode_frame(wire.CANCEL, holder.id))
+        status, body = await asyncio.wait_for(hub.answer(waiting), 30)
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+    assert len(backend.requests) == 1  # the holder's only
