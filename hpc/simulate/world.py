@@ -17,6 +17,7 @@ from hpc.scheduler.policy import (
     JobView,
     LoadSample,
     LostJob,
+    PlacementStart,
     ServiceSnapshot,
     Snapshot,
 )
@@ -38,6 +39,7 @@ class SimJob:
     replaces: str | None = None
     planned_start: float | None = None  # Slurm's estimate (hpc/simulate/partitions.py)
     placement: str = ""  # the service's placement it was submitted to
+    moved_from: str | None = None  # the pending job it took the place of
     queue_key: str = ""  # the queue it waits in (SimConfig.queue_for)
     started: float | None = None
     ready_at: float | None = None
@@ -113,6 +115,7 @@ class ServiceWorld:
     demand_since: float | None = None
     backoff: Backoff = field(default_factory=Backoff)
     dispatched: deque[float] = field(default_factory=deque)  # the router's recent dispatches
+    starts: dict[str, PlacementStart] = field(default_factory=dict)  # --test-only, per placement
 
     @property
     def name(self) -> str:
@@ -151,6 +154,8 @@ class ServiceWorld:
             replaces=job.replaces if job.replaces in alive else None,
             in_flight=job.in_flight,
             expected_start=job.planned_start if job.started is None else None,
+            placement=job.placement,
+            moved_from=job.moved_from,
         )
 
     def note_dispatch(self, now: float) -> None:
@@ -174,6 +179,7 @@ class ServiceWorld:
             load=tuple(self.loads),
             demand_since=self.demand_since,
             backoff=self.backoff,
+            placement_starts=tuple(self.starts.values()),
         )
 
 
