@@ -27,9 +27,10 @@ import httpx
 # bench/hub.py would shadow the `hub` package when this runs as a script: repo root first.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cloud_interface.relay import SOCKET_NAME
 from hpc.config import AgentConfig, RouterConfig, ServiceConfig
 from hpc.registry import Backend, BackendRegistry
-from hpc.router.server import SOCKET_NAME, serve_requests
+from hpc.router.server import serve_requests
 from hub.upstreams.hop_client import HopClient, HopTarget
 from saia.base.http11 import HttpClient
 from saia.sandbox.process import free_port, stop_process
@@ -123,11 +124,11 @@ except ImportError:
     new_loop, LOOP = asyncio.new_event_loop, "asyncio"
 
 
-def run_router(state_dir: str, url: str) -> None:
+def run_router(state_dir: str, url: str, target: str) -> None:
     """The agent's router alone (child process), with the stand-in published as ready."""
     config = AgentConfig(
         state_dir=Path(state_dir),
-        services=[ServiceConfig(name=MODEL, model=MODEL)],
+        services=[ServiceConfig(name=MODEL, model=MODEL, target_concurrency=int(target))],
         router=RouterConfig(max_queue=4096),
     )
     registry = BackendRegistry()
@@ -245,12 +246,21 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
-        "--serve-router", nargs=2, metavar=("STATE_DIR", "URL"), help=argparse.SUPPRESS
+        "--target-concurrency",
+        type=int,
+        default=0,
+        help="the service's target_concurrency: how many requests the router sends the "
+        "backend at once, queueing the rest fairly (default: --concurrent, so that the hop "
+        "sends all at once like the direct paths and this measures the hop, not the queue)",
+    )
+    parser.add_argument(
+        "--serve-router", nargs=3, metavar=("STATE_DIR", "URL", "TARGET"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
     if args.serve_router:
         run_router(*args.serve_router)
         return
+    target = args.target_concurrency or args.concurrent
     with tempfile.TemporaryDirectory(prefix="saia-bench-hop-") as tmp:
         root = Path(tmp)
         port = free_port()
@@ -258,12 +268,15 @@ def main() -> None:
         argv = [sys.executable, "-m", "hpc.standin", "--host", "127.0.0.1", "--port", str(port)]
         standin = start_process([*argv, "--model-name", MODEL], lambda: healthy(url))
         router = start_process(
-            [sys.executable, __file__, "--serve-router", str(root / "state"), url],
+            [sys.executable, __file__, "--serve-router", str(root / "state"), url, str(target)],
             lambda: (root / "state" / SOCKET_NAME).exists(),
         )
         try:
             with SshdSandbox(root / "ssh", root / "state") as sshd:
-                print(f"relay python: {sshd.python}; cores: {os.cpu_count()}; loop: {LOOP}")
+                print(
+                    f"relay python: {sshd.python}; cores: {os.cpu_count()}; loop: {LOOP}; "
+                    f"router target_concurrency: {target}"
+                )
                 assert sshd.process is not None
                 meter = CpuMeter(router.pid, standin.pid, sshd.process.pid)
                 with asyncio.Runner(loop_factory=new_loop) as runner:

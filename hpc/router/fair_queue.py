@@ -73,6 +73,17 @@ class _ClassQueue(Generic[T]):
             del self.flows[flow]
         self.virtual = max(self.virtual, entry.start)
         self.size -= 1
+        self._trim()
+        return entry
+
+    def pass_through(self, ticket: Ticket) -> None:
+        """A request dispatched at once, nobody waiting: tagged as if pushed and popped."""
+        start = max(self.virtual, self.finish.get(ticket.flow, 0.0))
+        self.finish[ticket.flow] = start + 1.0 / ticket.weight
+        self.virtual = start
+        self._trim()
+
+    def _trim(self) -> None:
         if not self.size and len(self.finish) > MAX_IDLE_FLOWS:
             # Many users came and went with nobody waiting: all start equal again (SFQ's
             # end of a busy period), which keeps the map bounded.
@@ -81,7 +92,6 @@ class _ClassQueue(Generic[T]):
         elif len(self.finish) > 2 * len(self.flows) + 64:
             # Finish tags at or below V no longer matter: drop them to keep the map small.
             self.finish = {f: t for f, t in self.finish.items() if t > self.virtual}
-        return entry
 
     def remove(self, item: T) -> bool:
         for flow, queue in self.flows.items():
@@ -124,6 +134,13 @@ class FairQueue(Generic[T]):
             return None
         self._streak = self._streak + 1 if batch.size else 0
         return interactive.pop().item
+
+    def pass_through(self, ticket: Ticket) -> None:
+        """A request that got a slot at once because nothing waited (`len(self) == 0`):
+        the flow's tags advance exactly as a push() then pop() would advance them."""
+        if self.fair:
+            self._classes[ticket.klass].pass_through(ticket)
+        self._streak = 0
 
     def remove(self, item: T) -> bool:
         """Take a request out that no longer waits (cancelled, timed out)."""

@@ -60,6 +60,11 @@ class ServiceSlots:
     async def acquire(self, ticket: Ticket, deadline: float) -> Backend | None:
         """A backend slot for this request, waiting in fair order until `deadline`;
         None if the deadline passed first. The caller must `release()` the backend."""
+        if not len(self.queue):  # the usual case: nobody waits, so a free slot is ours
+            backend = self._take(time.monotonic())
+            if backend is not None:
+                self.queue.pass_through(ticket)
+                return backend
         waiter = Waiter(asyncio.get_running_loop().create_future(), ticket)
         self.queue.push(waiter, ticket)
         granted = False
@@ -95,26 +100,33 @@ class ServiceSlots:
         if not len(self.queue):
             return
         now = time.monotonic()
-        target = self._target()
+        while len(self.queue):
+            backend = self._take(now)
+            if backend is None:
+                return
+            waiter = self.queue.pop()
+            assert waiter is not None
+            waiter.future.set_result(backend)
+
+    def _take(self, now: float) -> Backend | None:
+        """A free slot chosen by the routing policy, counted as taken; None if none is."""
         ready = self._registry.ready(self.name)
         for backend in ready:
             if backend.readings != backend.capped_at and backend.running is not None:
                 backend.cap = gauge_cap(backend.cap, backend.running, backend.waiting or 0)
                 backend.capped_at = backend.readings
-        while len(self.queue):
-            free = [b for b in ready if has_free_slot(b, slot_limit(target, b.cap), now)]
-            job_id = pick_backend(free, self._turn, now)
-            if job_id is None:
-                return
-            waiter = self.queue.pop()
-            assert waiter is not None
-            self._turn += 1
-            backend = next(b for b in free if b.job_id == job_id)
-            backend.in_flight += 1
-            if backend.failures:  # a trial: others skip it until it answers or fails
-                backend.retry_at = now + retry_delay(backend.failures)
-            self.dispatched.append(now)
-            waiter.future.set_result(backend)
+        target = self._target()
+        free = [b for b in ready if has_free_slot(b, slot_limit(target, b.cap), now)]
+        job_id = pick_backend(free, self._turn, now)
+        if job_id is None:
+            return None
+        self._turn += 1
+        backend = next(b for b in free if b.job_id == job_id)
+        backend.in_flight += 1
+        if backend.failures:  # a trial: others skip it until it answers or fails
+            backend.retry_at = now + retry_delay(backend.failures)
+        self.dispatched.append(now)
+        return backend
 
     def expected_wait(self, now: float) -> float:
         """About how long a request arriving now would wait, at the recent dispatch rate."""

@@ -158,3 +158,28 @@ def test_expected_wait_and_retry_after() -> None:
     assert expected_wait(10, [95.0 + i * 0.5 for i in range(10)], 100.0) == 5.0
     assert expected_wait(10, [1.0, 2.0], 100.0) == 0.0  # too old to tell
     assert (retry_after(0.0), retry_after(4.6), retry_after(1e6)) == (1, 5, 300)
+
+
+def test_passing_through_an_empty_queue_tags_like_a_push_and_pop() -> None:
+    # The router's fast path (a free slot, nobody waiting) skips the queue; the users it
+    # served must still be charged, or a heavy user's next request would tie a light one.
+    tickets = [
+        Ticket(f"user{i % 3}", "batch" if i % 5 == 0 else "interactive", 1 + i % 2)
+        for i in range(40)
+    ]
+    through: FairQueue[str] = FairQueue()
+    queued: FairQueue[str] = FairQueue()
+    for i, ticket in enumerate(tickets):
+        if i % 4 == 3:  # now and then a backlog forms, then drains
+            for queue in (through, queued):
+                queue.push(f"w{i}a", ticket)
+                queue.push(f"w{i}b", Ticket("light"))
+                assert queue.pop() is not None
+                assert queue.pop() is not None
+        through.pass_through(ticket)
+        queued.push(f"r{i}", ticket)
+        assert queued.pop() == f"r{i}"
+    for queue in (through, queued):
+        queue.push("heavy", Ticket(tickets[-1].flow))  # served last: tagged behind
+        queue.push("new", Ticket("newcomer"))
+    assert [through.pop(), through.pop()] == [queued.pop(), queued.pop()] == ["new", "heavy"]
