@@ -46,6 +46,13 @@ class OidcConfig(Strict):
     """how long a login lasts (the session cookie's lifetime)"""
     timeout: Duration = Field(10.0, gt=0)
     """bound on each call to the provider (discovery, keys, token)"""
+    provider_logout: bool = Field(
+        True,
+        description="logging out of the hub also ends the login at the provider (OpenID "
+        "Connect RP-initiated logout, where its discovery names an end_session_endpoint; "
+        "register <hub>/account/ there as a post-logout redirect URI); false: only the "
+        "hub's session ends, and the next login may pass the provider without a prompt",
+    )
 
     @field_validator("issuer", "redirect_url")
     @classmethod

@@ -6,7 +6,8 @@ until `/auth/callback`, where Authlib exchanges the code and checks the ID token
 from the provider's keys, issuer, audience, expiry, nonce). The hub then starts its own
 session (`hub.sessions`): an HttpOnly, SameSite=Strict cookie, Secure behind TLS. The ID
 token's claims name the user (`user_claim`) and their groups (`group_claim`, `group_map`).
-`POST /auth/logout` ends it.
+`POST /auth/logout` ends it, and names the provider's end-session URL for the page to
+visit next (RP-initiated logout; `oidc.provider_logout`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 from authlib.integrations.starlette_client import (  # type: ignore[import-untyped]
@@ -171,9 +173,34 @@ class Login:
                 await self._store().delete(token)
             except ApiError as error:
                 return error.response()
-        response = JSONResponse({"logged_out": True})
+        answer: dict[str, Any] = {"logged_out": True}
+        provider = await self._provider_logout(request) if self._oidc.provider_logout else None
+        if provider is not None:
+            answer["provider_logout_url"] = provider  # the page goes there next
+        response = JSONResponse(answer)
         response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
         return response
+
+    async def _provider_logout(self, request: Request) -> str | None:
+        """Where the browser ends its login at the provider (RP-initiated logout), coming
+        back to the account page; None if the provider has no end_session_endpoint or its
+        discovery fails (the hub's own session is ended either way)."""
+        try:
+            async with asyncio.timeout(self._oidc.timeout * 2):
+                metadata = await self.client.load_server_metadata()
+        except (httpx.HTTPError, TimeoutError, OAuthError, ValueError) as error:
+            log.warning("logout: the provider's discovery failed: %s", type(error).__name__)
+            return None
+        endpoint = metadata.get("end_session_endpoint")
+        if not isinstance(endpoint, str) or not endpoint.startswith(("https://", "http://")):
+            return None
+        if self._oidc.redirect_url:
+            base = self._oidc.redirect_url.rsplit("/auth/", 1)[0]
+        else:
+            here = request.url  # .../auth/logout, under any prefix the hub is mounted at
+            base = str(here.replace(path=here.path.rsplit("/auth/", 1)[0], query=""))
+        query = {"client_id": self._oidc.client_id, "post_logout_redirect_uri": f"{base}{PAGES[0]}"}
+        return f"{endpoint}{'&' if '?' in endpoint else '?'}{urlencode(query)}"
 
 
 def _error(status: int, message: str, code: str | None = None) -> Response:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.requests import Request
 
 from hub.config import ConfigError, load_config, parse_config
 from hub.db_health import DatabaseHealth
@@ -19,7 +21,7 @@ from hub.storage import usage
 from hub.usage.accounting import UsageRecord
 from hub.usage.records import sanitized
 from hub.usage.series import usage_series, user_totals
-from hub.web.oidc import check_secrets, claim_groups, session_of
+from hub.web.oidc import Login, check_secrets, claim_groups, session_of
 
 
 async def test_sessions_live_expire_and_end(engine: AsyncEngine) -> None:
@@ -133,3 +135,35 @@ def test_database_url_from_the_environment(tmp_path: Path) -> None:
     assert load_config(path, {}).database == "sqlite+aiosqlite:///file.db"
     path.write_text("database_url_env: HUB_DB\n")
     assert load_config(path, {"HUB_DB": url, "SAIA_HUB_DATABASE_URL": "x"}).database == url
+
+
+async def test_provider_logout_url_comes_from_discovery_or_is_left_out() -> None:
+    """RP-initiated logout: the end-session URL names the client and the account page to
+    come back to; no end_session_endpoint, or a discovery that fails, leaves it out (the
+    hub's own session ends either way)."""
+    secret = {"SAIA_HUB_SESSION_SECRET": "s" * 32}
+    config = parse_config(
+        {"oidc": {"issuer": "https://idp.example", "client_id": "saia hub",
+                  "redirect_url": "https://llm.example/hub/auth/callback"}}
+    )  # fmt: skip
+    login = Login(config, secret, lambda: None)  # type: ignore[arg-type,return-value]
+    request = Request({"type": "http", "method": "POST", "path": "/auth/logout", "headers": []})
+
+    async def discovered(metadata: dict[str, str]) -> dict[str, str]:
+        return metadata
+
+    login.client.load_server_metadata = lambda: discovered(
+        {"end_session_endpoint": "https://idp.example/logout?realm=x"}
+    )
+    assert await login._provider_logout(request) == (
+        "https://idp.example/logout?realm=x&client_id=saia+hub&post_logout_redirect_uri="
+        "https%3A%2F%2Fllm.example%2Fhub%2Faccount%2F"
+    )
+    login.client.load_server_metadata = lambda: discovered({})
+    assert await login._provider_logout(request) is None
+
+    async def unreachable() -> dict[str, str]:
+        raise httpx.ConnectError("refused")
+
+    login.client.load_server_metadata = unreachable
+    assert await login._provider_logout(request) is None

@@ -94,8 +94,11 @@ async function createKey(event) {
 }
 
 async function logout() {
-  try { await api("../auth/logout", { method: "POST" }); } catch (error) { showProblem(error); return; }
-  window.location.reload();
+  let answer;
+  try { answer = await api("../auth/logout", { method: "POST" }); } catch (error) { showProblem(error); return; }
+  // End the login at the provider too (it sends the browser back to this page).
+  if (answer && answer.provider_logout_url) window.location.assign(answer.provider_logout_url);
+  else window.location.reload();
 }
 
 async function start() {

@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import openai
@@ -235,6 +236,11 @@ async def test_login_create_key_chat_and_logout(browser: Browser, site: Site) ->
     await page.goto(f"{site.url}/account/")
     await page.locator("body[data-loaded=true]").wait_for(state="attached")
     await page.click("#logout")
+    # RP-initiated logout: the provider ends its login too, then sends the browser back.
+    await page.wait_for_url("**/oauth2/end_session?*")
+    assert "post_logout_redirect_uri=" + quote(f"{site.url}/account/", safe="") in page.url
+    await page.click("button[type=submit]")  # the provider's (mock's) confirmation
+    await page.wait_for_url(f"{site.url}/account/**")
     await page.locator("#login").wait_for(state="visible")
     assert "saia_session" not in {c["name"] for c in await context.cookies()}
     # The cookie from before the logout is dead on the server, not only in the browser.
