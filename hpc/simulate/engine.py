@@ -19,6 +19,7 @@ from typing import Any
 
 from hpc.router.policy import expected_wait
 from hpc.scheduler.capacity import load_time, predicted_wait
+from hpc.scheduler.placement_probes import may_submit
 from hpc.scheduler.policy import (
     Cancel,
     Decision,
@@ -273,8 +274,9 @@ class Simulator:
         if regular:
             for world in worlds:
                 world.sample_load(self.now)
-                self.probe_placements(world)
             self.record()
+        for world in worlds:
+            self.probe_placements(world)
         decision = self.policy.decide(
             snapshot(worlds, self.now, self.config.max_total_gpus), self.now
         )
@@ -284,18 +286,20 @@ class Simulator:
             self.act(action)
 
     def probe_placements(self, world: ServiceWorld) -> None:
-        """What the agent's `sbatch --test-only` of each placement would answer, asked
-        again once the last answer is `placement_probe_interval` old; only for a service
-        with placements to choose from."""
-        config = world.config
+        """What the agent's `sbatch --test-only` of each placement would answer, asked as
+        `hpc/scheduler/placement_probes.py` asks: for a service with two or more
+        placements that may submit or move a job soon, at most once per
+        `placement_probe_interval`; between probes the policy sees the last answers."""
+        config, every = world.config, self.config.placement_probe_interval
         if len(config.candidates) < 2:
             return
-        every = self.config.placement_probe_interval
+        asked = max((start.observed_at for start in world.starts.values()), default=None)
+        if asked is not None and self.now - asked < every:
+            return
+        if not may_submit(world.snapshot(self.now, consume=False), self.now, every):
+            return
         for candidate in config.candidates:
             name = candidate.name or ""
-            last = world.starts.get(name)
-            if last is not None and self.now - last.observed_at < every:
-                continue
             queue = self.partitions.of(candidate.partition, candidate.qos)
             start = self.partitions.predict(queue, gpus_per_job(config), self.now)
             world.starts[name] = PlacementStart(name, start, self.now)

@@ -134,7 +134,8 @@ def test_the_world_answers_test_only_per_placement_and_starts_the_job_where_plac
         return soonest(snapshot, now)
 
     run = simulate(config, requests([10.0]), Policy("t", record), seed=1, duration=120)
-    first = seen[0].services[0].placement_starts
+    assert seen[0].services[0].placement_starts == ()  # nothing to submit: no probe
+    first = next(s for s in seen if s.services[0].placement_starts).services[0].placement_starts
     starts = {p.placement: (p.start or 0.0) - p.observed_at for p in first}
     assert starts == {"big": 600.0, "small": 10.0}  # each queue's own wait, exact here
     (job,) = run.jobs
