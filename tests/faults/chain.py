@@ -39,19 +39,9 @@ from saia.sandbox.process import free_port, stop_process
 from saia.sandbox.slurm import SlurmSandbox
 from saia.sandbox.sshd import SshdSandbox
 from tests.faults.load import Load
-from tests.hpc.scheduler.test_agent_slurm import cluster_settings
+from tests.hpc.scheduler.test_agent_slurm import STANDIN_SERVICE, cluster_settings
 
-BASE_SERVICE: dict[str, Any] = {
-    "template": "standin",
-    "min_instances": 1,
-    "max_instances": 1,
-    "startup_timeout": "60s",
-    "renewal_lead": "60s",
-    "scale_down_delay": 0,
-    "startup_backoff": 1,
-    "resources": {"gpus": 1, "cpus": 1, "memory": "256M", "time_limit": "10:00"},
-    "server_args": ["--token-delay", "0.05"],
-}
+BASE_SERVICE: dict[str, Any] = STANDIN_SERVICE | {"server_args": ["--token-delay", "0.05"]}
 ROUTER: dict[str, Any] = {"queue_timeout": 30}  # longer than any replacement takes
 HUB_TIMEOUTS = {"connect": 10, "first_byte": 45, "idle": 30}
 START_LIMIT = 120.0  # the hub up and every service's first job ready

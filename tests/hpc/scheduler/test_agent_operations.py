@@ -25,6 +25,7 @@ from saia.base import protocol as wire
 from saia.base.mux import Channel
 from saia.sandbox.slurm import SlurmSandbox
 from tests.hpc.scheduler.test_agent_slurm import (
+    STANDIN_SERVICE,
     cluster_settings,
     our_jobs,
     published,
@@ -41,18 +42,7 @@ CHAT = "/v1/chat/completions"
 
 
 def service_data(name: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "model": name,
-        "template": "standin",
-        "min_instances": 1,
-        "max_instances": 1,
-        "startup_timeout": "60s",
-        "renewal_lead": "60s",
-        "scale_down_delay": 0,
-        "startup_backoff": 1,
-        "resources": {"gpus": 1, "cpus": 1, "memory": "256M", "time_limit": "10:00"},
-    }
+    return STANDIN_SERVICE | {"name": name, "model": name}
 
 
 def write_config(

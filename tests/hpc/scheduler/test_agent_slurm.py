@@ -52,21 +52,24 @@ def cluster_settings(cluster: SlurmSandbox, state_dir: Path, prefix: str) -> dic
     }
 
 
+# A service of the stand-in model server in one small job on the sandbox cluster, started
+# and replaced at once (add its name and model).
+STANDIN_SERVICE: dict[str, Any] = {
+    "template": "standin",
+    "min_instances": 1,
+    "max_instances": 1,
+    "startup_timeout": "60s",
+    "renewal_lead": "60s",
+    "scale_down_delay": 0,
+    "startup_backoff": 1,
+    "resources": {"gpus": 1, "cpus": 1, "memory": "256M", "time_limit": "10:00"},
+}
+
+
 def agent_config(
     cluster: SlurmSandbox, state_dir: Path, prefix: str, **service: Any
 ) -> AgentConfig:
-    standin = {
-        "name": SERVICE,
-        "model": "tiny",
-        "template": "standin",
-        "min_instances": 1,
-        "max_instances": 1,
-        "startup_timeout": "60s",
-        "renewal_lead": "60s",
-        "scale_down_delay": 0,
-        "startup_backoff": 1,
-        "resources": {"gpus": 1, "cpus": 1, "memory": "256M", "time_limit": "10:00"},
-    }
+    standin = STANDIN_SERVICE | {"name": SERVICE, "model": "tiny"}
     settings = cluster_settings(cluster, state_dir, prefix)
     return parse_config(settings | {"services": [standin | service]})
 
