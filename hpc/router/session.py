@@ -119,6 +119,7 @@ class Session:
         self.router, self.channel = router, channel
         self.incoming: dict[int, Incoming] = {}  # buffered bodies still arriving
         self.uploads: dict[int, Incoming] = {}  # streamed bodies still arriving
+        self.answering: dict[int, Incoming] = {}  # streams whose task was made
         self.last_id = 0
         self.tasks: asyncio.TaskGroup | None = None
         self.budget = max(router.min_budget, 4 * router.config.router.max_body_bytes)
@@ -162,9 +163,7 @@ class Session:
         if kind == wire.CANCEL:
             if state.task is not None:
                 state.task.cancel()
-            cancelled = self.incoming.pop(stream, None) or self.uploads.pop(stream, None)
-            if cancelled is not None:
-                self.release(cancelled)
+            self.forget(stream)
             self.channel.discard(state)
         elif kind == wire.DATA:
             self.receive(state, frame.payload)
@@ -197,7 +196,7 @@ class Session:
         incoming = Incoming(self.channel.open(stream), head, cost)
         if streams_in(head):  # an upload: its request starts now, the body follows
             incoming.upload = Upload(functools.partial(self.taken, incoming))
-            self.uploads[stream] = incoming
+            self.uploads[stream] = self.answering[stream] = incoming
             assert self.tasks is not None
             incoming.state.task = self.tasks.create_task(self.serve(incoming))
         else:
@@ -323,7 +322,17 @@ class Session:
             self.withheld.pop(incoming.state, None)  # no more DATA may come
             self.regrant()  # a new oldest upload
         assert self.tasks is not None
+        self.answering[stream] = incoming
         incoming.state.task = self.tasks.create_task(self.serve(incoming))
+
+    def forget(self, stream: int) -> None:
+        """A cancelled stream holds nothing more. Released here, not only by its task: a
+        task cancelled before it ran never runs its own cleanup (END and CANCEL in one
+        read, from a client that left just after sending)."""
+        for table in (self.incoming, self.uploads, self.answering):
+            incoming = table.pop(stream, None)
+            if incoming is not None:
+                self.release(incoming)  # once: it zeroes what the stream is charged
 
     async def serve(self, incoming: Incoming) -> None:
         """One request's task: never raises (the session's other streams go on)."""
@@ -342,6 +351,7 @@ class Session:
         except StreamClosed:
             pass
         finally:
+            self.answering.pop(incoming.state.id, None)
             self.release(incoming)
             self.channel.discard(incoming.state)
             if incoming.upload is not None:
