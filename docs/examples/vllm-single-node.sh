@@ -145,6 +145,8 @@ chmod 700 "$SAIA_JOB_DIR"
 # opens it with the submitter's umask, so it is narrowed here.
 chmod 600 "$SAIA_STATE_DIR/jobs/$SAIA_JOB_ID.log" 2>/dev/null || true
 ln -sfn "../$SAIA_JOB_ID.log" "$SAIA_JOB_DIR/job.log"
+# A job Slurm requeued runs again in the same folder: the stop of its last run is over.
+rm -f "$SAIA_JOB_DIR/stopping"
 
 # 32 random bytes as hex (keys and tokens; read from files, never from argv).
 saia_random_hex() {
@@ -279,6 +281,10 @@ saia_stop() {
     trap '' TERM INT # one graceful stop; Slurm's own SIGKILL follows KillWait anyway
     SAIA_STOPPING=1
     echo "saia: SIG$1 received, stopping the server (pid $SAIA_SERVER_PID)" >&2
+    # Tells the agent at its next look that this job is going (preemption, time limit, an
+    # admin's scancel): it takes the job out of rotation and replaces it at once, and a
+    # job stopped before it served is no failed start (hpc/scheduler/observation.py).
+    echo "SIG$1 $(date +%s)" >"$SAIA_JOB_DIR/stopping" 2>/dev/null || true
     sleep 0.5
     if [[ -z "${SAIA_PUBLISHED:-}" ]] || saia_server_listening; then
         kill -TERM "$SAIA_SERVER_PID" 2>/dev/null || true
