@@ -1,5 +1,5 @@
-"""Hub test fixtures: a database URL for SQLite and (marker `postgres`) PostgreSQL, and an
-engine on it with the schema migrated."""
+"""Hub test fixtures: a database URL for SQLite and (marker `postgres`) PostgreSQL, an
+engine on it with the schema migrated, and the counter store on that schema."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from hub.storage import open_engine, upgrade
+from hub.usage.counters import CounterStore
 
 
 @pytest.fixture(
@@ -30,3 +31,12 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
         yield engine
     finally:
         await engine.dispose()
+
+
+@pytest.fixture
+async def counters(engine: AsyncEngine, database_url: str) -> AsyncIterator[CounterStore]:
+    store = await CounterStore.open(database_url)
+    try:
+        yield store
+    finally:
+        await store.aclose()

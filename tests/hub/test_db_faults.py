@@ -83,15 +83,6 @@ async def test_a_lock_during_the_counter_prune_does_not_kill_accounting(
         assert request_id in await stored(hub.services.engine)
 
 
-@pytest.fixture
-async def counters(engine: AsyncEngine, database_url: str) -> AsyncIterator[CounterStore]:
-    store = await CounterStore.open(database_url)
-    try:
-        yield store
-    finally:
-        await store.aclose()
-
-
 def usage_record(request_id: str, prompt_tokens: int = 5) -> UsageRecord:
     now = time.time()
     return UsageRecord(

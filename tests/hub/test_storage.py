@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
 from sqlalchemy import inspect, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -52,15 +50,6 @@ async def test_keys_round_trip_and_revocation_within_cache_ttl(engine: AsyncEngi
     assert await store.set_limits(record.id, LimitsConfig(concurrent=1))
     updated = await store.get(record.id)
     assert updated is not None and updated.limits == LimitsConfig(concurrent=1)
-
-
-@pytest.fixture
-async def counters(engine: AsyncEngine, database_url: str) -> AsyncIterator[CounterStore]:
-    store = await CounterStore.open(database_url)
-    try:
-        yield store
-    finally:
-        await store.aclose()
 
 
 async def test_counter_increments_are_atomic(counters: CounterStore) -> None:
