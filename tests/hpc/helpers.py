@@ -1,8 +1,10 @@
-"""Waiting helpers of the hpc tests that run real jobs (local executor, Slurm, vLLM)."""
+"""Waiting helpers of the hpc tests that run real jobs (local executor, Slurm, vLLM), and
+the `saia` command run from async code."""
 
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -24,6 +26,20 @@ async def until(check: Callable[[], T], limit_s: float, what: str, poll_s: float
     except TimeoutError:
         pytest.fail(f"{what} within {limit_s:.0f} s")
     return value
+
+
+async def saia(*args: str) -> tuple[int, str]:
+    """Run `saia ...` (exit code, output) without blocking this loop (an agent under test
+    may run on it)."""
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).with_name("saia")),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
 
 
 async def wait_endpoint(state_dir: Path, job_id: str, limit_s: float = 60.0) -> Rendezvous:

@@ -24,6 +24,7 @@ from hpc.scheduler.status import (
     serving,
     write_status,
 )
+from tests.hpc.helpers import saia
 
 
 def config_file(tmp_path: Path, extra: str = "") -> Path:
@@ -181,18 +182,6 @@ services:
 """
     )
     return path
-
-
-async def saia(*args: str) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        str(Path(sys.executable).with_name("saia")),
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode()
 
 
 async def ready_job(state_dir: Path, pid: int, limit_s: float) -> JobStatus:

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from hpc.config import AgentConfig, load_config
 from saia.base import protocol as wire
 from saia.base.mux import Channel
 from saia.sandbox.slurm import SlurmSandbox
+from tests.hpc.helpers import saia
 from tests.hpc.scheduler.test_agent_slurm import (
     STANDIN_SERVICE,
     cluster_settings,
@@ -62,19 +62,6 @@ def prefix(slurm_cluster: SlurmSandbox) -> Any:
     yield name
     for service in (SERVICE, SECOND):
         slurm_cluster.run(["scancel", f"--name={name}-{service}"])
-
-
-async def saia(*args: str) -> tuple[int, str]:
-    """Run `saia ...` without blocking this loop (the agent under test runs on it)."""
-    proc = await asyncio.create_subprocess_exec(
-        str(Path(sys.executable).with_name("saia")),
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode()
 
 
 def job_status(state_dir: Path, job_id: str) -> dict[str, Any]:
