@@ -90,6 +90,7 @@ def _media(endpoint: str) -> str:
 
 
 def add_proxied_paths(schema: dict[str, Any], paths: dict[str, str]) -> None:
-    """Document each proxied path (endpoint -> path) in an OpenAPI schema, in place."""
+    """Document each proxied path (route -> path: hub.endpoints.ROUTES) in an OpenAPI schema,
+    in place."""
     for endpoint, path in paths.items():
         schema.setdefault("paths", {})[path] = {"post": proxied_operation(endpoint)}
