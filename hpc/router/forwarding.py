@@ -331,6 +331,11 @@ class Forwarder:
         except (ConnectFailed, NoResponse) as error:
             raise Unreachable(str(error)) from error
         except TimeoutError:
+            if isinstance(body, Upload) and not body.ended and not body.held:
+                idle = f"{self._config.idle_timeout:.0f} s"  # the client, not the model
+                raise Rejection(
+                    408, "upload_stalled", f"the upload sent nothing for {idle}"
+                ) from None
             raise Rejection(504, "backend_timeout", "the model did not answer in time") from None
         self._registry.note_answered(backend)
         try:

@@ -157,14 +157,19 @@ class Agent:
 
 @contextlib.asynccontextmanager
 async def agent(
-    tmp_path: Path, *urls: str, max_body: int = 64 * MiB, streams: int = 64, slots: int = 8
+    tmp_path: Path,
+    *urls: str,
+    max_body: int = 64 * MiB,
+    streams: int = 64,
+    slots: int = 8,
+    idle: float = 300,
 ) -> AsyncIterator[Agent]:
     endpoints: Any = ["transcriptions", "chat"]
     service = ServiceConfig(name=MODEL, model=MODEL, endpoints=endpoints, target_concurrency=slots)
     config = AgentConfig(
         state_dir=tmp_path,
         services=[service],
-        router=RouterConfig(max_body_bytes=max_body, queue_timeout=20),
+        router=RouterConfig(max_body_bytes=max_body, queue_timeout=20, idle_timeout=idle),
     )
     registry = BackendRegistry()
     registry.publish(MODEL, [Backend(MODEL, f"job-{i}", url) for i, url in enumerate(urls)])
@@ -368,3 +373,23 @@ async def test_an_upload_refused_while_it_waits_for_a_backend_is_never_sent(
         status, body = await asyncio.wait_for(hub.answer(waiting), 30)
     assert status == 413 and body["error"]["code"] == "request_too_large"
     assert len(backend.requests) == 1  # the holder's only
+
+
+async def test_an_upload_that_stalls_ends_after_the_idle_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client sends part of the upload and nothing more (no END): after idle_timeout
+    without a piece the request ends (408, the client's fault, not the model's) and the
+    backend's connection is closed; the first-byte timeout (600 s) does not hold it."""
+    async with (
+        Backend_() as backend,
+        agent(tmp_path, backend.url, idle=1.0) as running,
+        hub_end(running, monkeypatch) as hub,
+    ):
+        state = hub.open()
+        await hub.channel.send_data(state, b"a" * 200_000)
+        status, body = await asyncio.wait_for(hub.answer(state), 30)
+        await until(lambda: backend.open == 0, 10, "the backend's connection closed")
+        [kept] = running.sessions
+        assert kept.held == 0 and not kept.uploads
+    assert status == 408 and body["error"]["code"] == "upload_stalled"
