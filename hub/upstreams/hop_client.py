@@ -21,7 +21,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable
 from types import TracebackType
 from typing import Any
 
@@ -36,9 +36,10 @@ from hub.upstreams.hop_link import (
     Link,
     connect,
 )
+from hub.upstreams.hop_request import HopResponse, send_unless_answered
 from saia.base import protocol as wire
 from saia.base.handover import RETIRING_HEADER
-from saia.base.mux import Channel, Lost, StreamClosed, StreamState
+from saia.base.mux import Lost, StreamClosed, StreamState
 
 __all__ = [
     "HopClient",
@@ -55,36 +56,6 @@ log = logging.getLogger(__name__)
 BACKOFF_START = 0.2
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 5.0  # seconds a connection must live to reset the back-off
-
-
-class HopResponse:
-    """A response whose body streams from the login node (like httpx's stream mode)."""
-
-    def __init__(
-        self, status: int, headers: list[tuple[str, str]], link: Link, state: StreamState
-    ) -> None:
-        self.status = status
-        self.headers = headers
-        self._link = link
-        self._state = state
-        self.finished = False
-
-    async def aiter_bytes(self) -> AsyncIterator[bytes]:
-        channel, state = self._link.channel, self._state
-        while not self.finished:
-            item = await state.inbox.get()
-            if isinstance(item, Lost):
-                self.finished = True
-                raise HopError("the connection to the login node broke during the response")
-            if item.type == wire.DATA:
-                channel.consumed(state, len(item.payload))
-                yield item.payload
-            elif item.type == wire.END:
-                self.finished = True
-            else:
-                self.finished = True
-                error = wire.parse_error(item.payload)
-                raise HopError(error.message, error.status)
 
 
 class HopClient:
@@ -265,11 +236,11 @@ class HopClient:
         channel = link.channel
         try:
             channel.send(wire.encode_request(state.id, head))
-            if isinstance(body, bytes):
+            if isinstance(body, bytes) and len(body) <= state.credit:  # the usual case
                 await channel.send_data(state, body)
-            else:
-                await _send_pieces(channel, state, body, budget)
-            channel.send(wire.encode_end(state.id))
+                channel.send(wire.encode_end(state.id))
+            elif not await send_unless_answered(channel, state, body, budget):
+                channel.send(wire.encode_end(state.id))
         except StreamClosed:
             raise HopLost("the connection to the login node was lost") from None
         except ValueError as error:  # head too large for a frame
@@ -361,22 +332,6 @@ class HopStream:
         if response is None or not response.finished:
             link.channel.send(wire.encode_frame(wire.CANCEL, state.id))
         link.channel.discard(state)
-
-
-async def _send_pieces(
-    channel: Channel, state: StreamState, body: AsyncIterable[bytes], budget: asyncio.Timeout
-) -> None:
-    """A body that streams in: the hub holds one piece at a time (the mux's flow control
-    paces it to the agent). The client's pace is bounded by the hub server's body timeouts,
-    so the first-byte timeout is held while sending and starts anew after the last piece."""
-    loop = asyncio.get_running_loop()
-    deadline = budget.when()
-    limit = None if deadline is None else deadline - loop.time()
-    budget.reschedule(None)
-    async for piece in body:
-        if piece:
-            await channel.send_data(state, piece)
-    budget.reschedule(None if limit is None else loop.time() + limit)
 
 
 def _backoff(failures: int) -> float:

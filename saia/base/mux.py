@@ -83,6 +83,15 @@ class Inbox:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
+    async def wait(self) -> None:
+        """Until something is queued, without taking it."""
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
     async def get(self) -> wire.Frame | Lost:
         while not self._items:
             self._waiter = asyncio.get_running_loop().create_future()

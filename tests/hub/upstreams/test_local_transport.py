@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from hpc.registry import Backend
@@ -46,3 +46,29 @@ async def test_stream_over_the_agent_socket(
         assert [s["id"] for s in services] == [MODEL] and services[0]["status"] == "ready"
         await asyncio.sleep(0)
         assert registry.ready(MODEL)[0].in_flight == 0
+
+
+async def test_an_upload_answered_at_its_head_stops_sending(tmp_path: Path) -> None:
+    """The agent refuses an upload at its head (here: no such service) and answers at once:
+    the hub stops pulling the client's body instead of pushing the rest for nothing."""
+    pulled = 0
+
+    async def upload() -> AsyncIterator[bytes]:
+        nonlocal pulled
+        for _ in range(40):  # 10 MiB
+            pulled += 1
+            yield b"x" * 256 * 1024
+
+    async with router(tmp_path):
+        target = HopTarget(
+            host="localhost", port=0, user="", client_key=Path(), known_hosts=Path(),
+            socket=tmp_path / "state" / "agent.sock",
+        )  # fmt: skip
+        headers = [("content-type", "multipart/form-data; boundary=b")]
+        async with HopClient(target) as client, client.stream(
+            "no-such-service", "POST", "/v1/audio/transcriptions", headers, upload(),
+            first_byte_timeout=10,
+        ) as response:  # fmt: skip
+            body = b"".join([chunk async for chunk in response.aiter_bytes()])
+    assert response.status == 404, body
+    assert pulled <= 8, f"{pulled} pieces of 40 pulled after the refusal"  # about one window
