@@ -93,12 +93,8 @@ class Inbox:
                 self._waiter = None
 
     async def get(self) -> wire.Frame | Lost:
-        while not self._items:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+        if not self._items:
+            await self.wait()
         return self._items.popleft()
 
 
