@@ -6,7 +6,9 @@ request cost the caller ~1.0-1.5 ms of CPU through httpx 0.28 (~0.75 ms through 
 directly) and ~0.1 ms through this client, and httpx's pool collapsed to 150-350
 requests/s at 64 concurrent requests where this client does >1200/s. Both the router and
 the hub forward every request, so the client must be cheap. What it does: one pool of idle
-connections per origin, TLS for https (certifi's CA bundle, as httpx), the request head and
+connections per origin and TLS context, TLS for https (certifi's CA bundle, as httpx, or
+the caller's context per request: the router pins each backend job's own certificate,
+`saia.base.pinned_tls`; such a request never goes out as plain HTTP), the request head and
 a bytes body in one write (a streamed body, `BodyStream`, piece by piece: an upload passed
 on as it arrives), the response parsed by httptools (llhttp, C; installed with
 uvicorn[standard]) and handed on chunk by chunk as it arrives (messages and parsing:
@@ -41,11 +43,24 @@ from saia.base.http11_messages import (
     Connection,
     HttpResponse,
     NoResponse,
+    PoolKey,
     ResponseBroken,
     Target,
     encode_request,
     parse_url,
 )
+
+
+class Route:
+    """A target and the TLS context to reach it with; pooled connections are per `key`,
+    so a connection made under one job's pin never serves another context."""
+
+    __slots__ = ("key", "target", "tls")
+
+    def __init__(self, target: Target, tls: ssl.SSLContext | None) -> None:
+        self.target, self.tls = target, tls
+        self.key: PoolKey = (target.origin, tls)
+
 
 __all__ = [
     "Body",
@@ -85,7 +100,7 @@ class HttpClient:
         self._connect_timeout = connect_timeout
         self._max_idle_per_origin = max_idle_per_origin
         self._encoding = header_encoding
-        self._idle: defaultdict[tuple[str, str, int], deque[Connection]] = defaultdict(deque)
+        self._idle: defaultdict[PoolKey, deque[Connection]] = defaultdict(deque)
         self._idle_count = 0
         self._busy: set[Connection] = set()
         self._targets: dict[str, Target] = {}
@@ -129,15 +144,20 @@ class HttpClient:
         headers: list[tuple[str, str]],
         body: Body,
         connect_timeout: float | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> HttpResponse:
         """Send the request to `path` on `base_url`'s origin and return the response head;
-        the caller must `release()` it. Raises ConnectFailed, NoResponse, TimeoutError
-        (waiting for a free connection, as long as `connect_timeout`), and for a
-        `BodyStream` what its pieces raise and BodyMismatch."""
+        the caller must `release()` it. `tls`: the context of this origin (an https URL
+        only: ConnectFailed for http, never a plain fallback); None: the client's. Raises
+        ConnectFailed, NoResponse, TimeoutError (waiting for a free connection, as long as
+        `connect_timeout`), and for a `BodyStream` what its pieces raise and BodyMismatch."""
         target = self.target(base_url)
+        if tls is not None and target.scheme != "https":
+            raise ConnectFailed(f"a TLS context needs an https URL, not {base_url!r}")
         data = encode_request(method, path, target.host_header, headers, body, self._encoding)
         stream = None if isinstance(body, bytes) else body
-        return await self._send(target, data, stream, connect_timeout or self._connect_timeout)
+        timeout = connect_timeout or self._connect_timeout
+        return await self._send(Route(target, tls), data, stream, timeout)
 
     @asynccontextmanager
     async def stream(
@@ -147,12 +167,13 @@ class HttpClient:
         headers: list[tuple[str, str]],
         body: Body,
         connect_timeout: float | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> AsyncIterator[HttpResponse]:
         """Send the request to `url`; the response head on enter; the connection is pooled
         again on exit if the body was read to its end, closed otherwise (error,
         cancellation). Raises as `send`, and ResponseBroken while reading the body."""
         target = self.target(url)
-        response = await self.send(url, method, target.path, headers, body, connect_timeout)
+        response = await self.send(url, method, target.path, headers, body, connect_timeout, tls)
         try:
             yield response
         except BaseException:
@@ -170,7 +191,7 @@ class HttpClient:
             self._slots.release()
 
     async def _send(
-        self, target: Target, data: bytes, body: BodyStream | None, connect_timeout: float
+        self, target: Route, data: bytes, body: BodyStream | None, connect_timeout: float
     ) -> HttpResponse:
         if self._slots is not None:
             if self._slots.locked():  # all connections busy: wait, as long as for a connect
@@ -186,7 +207,7 @@ class HttpClient:
         return HttpResponse(await self._exchange(target, data, body, connect_timeout))
 
     async def _exchange(
-        self, target: Target, data: bytes, body: BodyStream | None, connect_timeout: float
+        self, target: Route, data: bytes, body: BodyStream | None, connect_timeout: float
     ) -> Connection:
         """A connection whose response head has arrived. A streamed body goes on a new
         connection: a pooled one the server is closing would fail it half-sent."""
@@ -212,7 +233,7 @@ class HttpClient:
 
     def _pool(self, connection: Connection, reuse: bool) -> None:
         self._busy.discard(connection)
-        pool = self._idle[connection.origin]
+        pool = self._idle[connection.pool_key]
         if (
             not reuse
             or not connection.reusable()
@@ -227,8 +248,8 @@ class HttpClient:
         pool.append(connection)
         self._idle_count += 1
 
-    async def _acquire(self, target: Target, connect_timeout: float, fresh: bool) -> Connection:
-        pool = None if fresh else self._idle.get(target.origin)
+    async def _acquire(self, target: Route, connect_timeout: float, fresh: bool) -> Connection:
+        pool = None if fresh else self._idle.get(target.key)
         now = time.monotonic()
         while pool:
             connection = pool.pop()
@@ -246,8 +267,11 @@ class HttpClient:
         oldest.popleft().close()
         self._idle_count -= 1
 
-    async def _connect(self, target: Target, connect_timeout: float) -> Connection:
-        tls = self._tls_context() if target.scheme == "https" else None
+    async def _connect(self, route: Route, connect_timeout: float) -> Connection:
+        target = route.target
+        tls = None
+        if target.scheme == "https":
+            tls = route.tls or self._tls_context()
         try:
             async with asyncio.timeout(connect_timeout):
                 reader, writer = await asyncio.open_connection(
@@ -257,9 +281,15 @@ class HttpClient:
                     server_hostname=target.host if tls else None,
                     limit=READ_SIZE,
                 )
+        except ssl.SSLCertVerificationError as error:
+            whose = "the one pinned for it" if route.tls else "trusted"
+            raise ConnectFailed(
+                f"TLS: the server's certificate is not {whose} "
+                f"(SSLCertVerificationError: {error.verify_message})"
+            ) from None
         except (OSError, ssl.SSLError) as error:
             raise ConnectFailed(f"{type(error).__name__}: {error}") from None
-        return Connection(target.origin, reader, writer)
+        return Connection(route.key, reader, writer)
 
     def _tls_context(self) -> ssl.SSLContext:
         if self._tls is None:

@@ -14,6 +14,7 @@ Responses are parsed by httptools (llhttp, C) and handed on chunk by chunk as th
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ import httptools
 READ_SIZE = 256 * 1024
 MAX_HEAD = 256 * 1024  # bytes before the end of the response head
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# The client pools connections per origin and TLS context (a job's pinned certificate).
+PoolKey = tuple[tuple[str, str, int], ssl.SSLContext | None]
 
 
 class ConnectFailed(Exception):
@@ -132,11 +135,11 @@ class Connection:
 
     def __init__(
         self,
-        origin: tuple[str, str, int],
+        pool_key: PoolKey,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
     ) -> None:
-        self.origin = origin
+        self.pool_key = pool_key  # the client's pool: origin and TLS context
         self.reader = reader
         self.writer = writer
         self.idle_since = 0.0
