@@ -146,6 +146,14 @@ class ServiceConfig(Strict):
     api_key: bool = Field(
         True, description="protect the backend with a random per-job key (VLLM_API_KEY)"
     )
+    backend_tls: bool = Field(
+        True,
+        description=(
+            "TLS between the agent and the job's server, pinned to a fresh per-job "
+            "certificate (docs/security.md); off only for a server built without ssl, or "
+            "where the measured CPU cost matters more than the cluster network's privacy"
+        ),
+    )
     vllm: VllmOptions = Field(default_factory=VllmOptions)
     """options of the vllm templates"""
     display_name: str | None = None
@@ -286,6 +294,10 @@ class BatchConfig(Strict):
     load_time: Duration = Field(600.0, ge=0, description="time to load the model (estimate)")
     min_time: Duration = Field(600.0, gt=0, description="shortest --time of a batch job")
     max_time: Duration = Field(86400.0, gt=0, description="longest --time of a batch job")
+    concurrency: int = Field(64, ge=1, description="requests the job's driver keeps in flight")
+    request_timeout: Duration = Field(600.0, gt=0, description="one request's answer at most")
+    stop_grace: Duration = Field(5.0, ge=0, description="in-flight requests' time after SIGTERM")
+    max_attempts: int = Field(4, ge=1, description="jobs per batch: the first and resubmissions")
 
 
 class AgentConfig(Strict):

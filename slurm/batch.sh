@@ -1,7 +1,9 @@
-# A batch job (hpc.batch.script): the runner (`vllm run-batch` or the stand-in's) over the
-# batch's input file; the exit status goes to <batch dir>/exit_code, which is how the agent
-# tells a finished batch from a job that died. Expects SAIA_BATCH_DIR, SAIA_STATE_DIR and
-# the array SAIA_BATCH_RUNNER (argv without -i/-o) from the lines above.
+# A batch job (hpc.batch.script): slurm/saia_batch_driver.py starts the service's model
+# server in the job and sends it the batch's input, appending each answer to output.jsonl
+# or errors.jsonl as it arrives (a rerun skips what they hold). The exit status goes to
+# <batch dir>/exit_code, which is how the agent tells a finished batch from a job that
+# stopped. Expects SAIA_BATCH_DIR, SAIA_STATE_DIR, the array SAIA_BATCH_RUNNER (the
+# driver's argv) and the driver's text in SAIA_BATCH_DRIVER from the lines above.
 umask 077
 export SAIA_JOB_ID="${SLURM_JOB_ID:?saia: not started by Slurm or the local executor}"
 chmod 600 "$SAIA_STATE_DIR/jobs/$SAIA_JOB_ID.log" 2>/dev/null || true
@@ -17,11 +19,14 @@ saia_batch_exit() {
     mv -f "$SAIA_BATCH_DIR/.exit_code.$$" "$SAIA_BATCH_DIR/exit_code"
 }
 
+printf '%s' "${SAIA_BATCH_DRIVER:?saia: the job script lacks the batch driver}" \
+    >"$SAIA_BATCH_DIR/saia_batch_driver.py"
 echo "saia: batch job $SAIA_JOB_ID runs $SAIA_BATCH_DIR" >&2
-"${SAIA_BATCH_RUNNER[@]}" -i "$SAIA_BATCH_DIR/input.jsonl" -o "$SAIA_BATCH_DIR/output.jsonl" &
+"${SAIA_BATCH_RUNNER[@]}" &
 SAIA_RUNNER_PID=$!
-# scancel, the time limit and the deadline send SIGTERM: the runner stops (the stand-in
-# keeps what it wrote) and its status is recorded all the same.
+# scancel, the time limit, preemption and the deadline send SIGTERM: the driver stops
+# sending, gives the requests in flight a grace, keeps what it wrote, and its status is
+# recorded all the same (the agent resubmits a batch with requests left).
 trap 'kill -TERM "$SAIA_RUNNER_PID" 2>/dev/null || true' TERM INT
 status=0
 wait "$SAIA_RUNNER_PID" || status=$?

@@ -2,15 +2,19 @@
 
 The router hands these requests here instead of to a backend. A batch lives in
 `<state_dir>/batches/<id>/` (0700): `input.jsonl` (written piece by piece at the offsets
-the hub sends), `batch.json` (the spec and the job id, written atomically), `exit_code`
-(written by the job script) and `output.jsonl` (by the runner). Everything the manager
+the hub sends), `batch.json` (the spec, the job id, the deadline and the jobs so far,
+written atomically), `exit_code` (written by the job script) and `output.jsonl` and
+`errors.jsonl` (appended by the job's driver as answers arrive). Everything the manager
 knows is in those files and in Slurm, so an agent restarted mid-batch carries on with the
 same job (its jobs carry the batch tag, `<prefix>-<batch id>` and comment
-`saia-agent:<batch tag>`, which the scheduler's own tag never matches).
+`saia-agent:<batch tag>`, which the scheduler's own tag never matches). A job that ended
+with requests left is followed by another (`hpc.batch.plan.batch_state` decides), whose
+driver skips what the files already answer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -20,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from hpc.batch.plan import BATCH_ID, batch_state, plan_job, progress
+from hpc.batch.plan import BATCH_ID, Observed, batch_state, plan_job
 from hpc.batch.script import render_batch
 from hpc.config import AgentConfig
 from hpc.jobs.script import JobScriptError
@@ -31,7 +35,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = "/saia/batches/"
 CHUNK = 256 * 1024
-LOG_TAIL = 16 * 1024
+RESULTS = ("output.jsonl", "errors.jsonl")  # answers, error answers: the driver's files
 JSON = [("content-type", "application/json")]
 LIST_TTL = 1.0  # seconds one squeue answers every status question
 
@@ -83,6 +87,8 @@ class BatchManager:
         self._make_jobs = jobs
         self._jobs: JobSystem | None = None
         self._list: tuple[float, dict[str, Any]] | None = None  # (when, job id -> JobInfo)
+        self._lock = asyncio.Lock()  # one status, resubmission or cancel at a time
+        self._counts: dict[Path, tuple[int, int]] = {}  # file -> (bytes counted, lines)
 
     @property
     def config(self) -> AgentConfig:
@@ -175,8 +181,23 @@ class BatchManager:
             )
         if not (folder / "input.jsonl").exists():
             raise BatchError(409, "no_input", f"batch {batch_id} has no input")
-        user, group = spec.get("user"), spec.get("group")
-        plan = plan_job(requests, window, user, group, service, config.batch, time.time())
+        record = {**spec, "service": service.name, "deadline": time.time() + window}
+        async with self._lock:
+            job_id = await self._start_job(batch_id, record, requests, attempts=1)
+        return {"job_id": job_id, "state": "queued", "completed": 0, "failed": 0,
+                "total": requests}  # fmt: skip
+
+    async def _start_job(
+        self, batch_id: str, record: dict[str, Any], requests: int, attempts: int
+    ) -> str:
+        """Submit a job for `requests` requests before the record's deadline; record it."""
+        config, folder, now = self.config, self.folder(batch_id), time.time()
+        service = config.service(str(record["service"]))
+        if service is None:
+            raise BatchError(404, "model_not_found", f"model {record['service']!r} is not served")
+        user, group = record.get("user"), record.get("group")
+        window = float(record["deadline"]) - now
+        plan = plan_job(requests, window, user, group, service, config.batch, now)
         try:
             submission = render_batch(batch_id, service, config, self.jobs_tag(), plan, folder)
         except JobScriptError as error:
@@ -184,18 +205,13 @@ class BatchManager:
         job_id = await self._submit(submission)
         self._list = None  # the next status sees the new job
         record = {
-            **spec, "job_id": job_id, "service": service.name, "submitted_at": time.time(),
+            **record, "job_id": job_id, "submitted_at": now, "attempts": attempts,
             "time_limit_s": plan.time_limit_s, "account": plan.account, "qos": plan.qos,
         }  # fmt: skip
         write_atomic(folder / "batch.json", json.dumps(record))
-        log.info(
-            "batch %s: job %s (%d requests, --time %d s)",
-            batch_id,
-            job_id,
-            requests,
-            plan.time_limit_s,
-        )
-        return {"job_id": job_id, "state": "queued", "completed": 0, "total": requests}
+        log.info("batch %s: job %s (attempt %d, %d requests, --time %d s)",
+                 batch_id, job_id, attempts, requests, plan.time_limit_s)  # fmt: skip
+        return job_id
 
     def jobs_tag(self) -> JobTag:
         return JobTag(self.config.job_prefix, batch_tag(self.config.state_dir))
@@ -210,17 +226,50 @@ class BatchManager:
             ) from None
 
     async def status(self, batch_id: str) -> dict[str, Any]:
+        async with self._lock:
+            return await self._status(batch_id)
+
+    async def _status(self, batch_id: str) -> dict[str, Any]:
         spec = self._spec(batch_id)
         if spec is None:
             raise BatchError(404, "batch_not_found", f"no batch {batch_id} here")
         folder, job_id = self.folder(batch_id), str(spec["job_id"])
         job = (await self._listed()).get(job_id)
-        state = batch_state(
-            job.state if job else None, _exit_code(folder), (folder / "cancel").exists()
-        )
-        done = progress(_tail(self.config.state_dir / "jobs" / f"{job_id}.log"), 0)
+        completed, failed = (self._count(folder / name) for name in RESULTS)
+        total = int(spec.get("requests") or 0)
+        deadline = spec.get("deadline", spec.get("submitted_at", 0) + spec.get("window_s", 0))
+        seen = Observed(
+            job.state if job else None, _exit_code(folder), (folder / "cancel").exists(),
+            completed + failed, total, int(spec.get("attempts", 1)), float(deadline),
+        )  # fmt: skip
+        state = batch_state(seen, self.config.batch, time.time())
+        if state.resubmit:
+            ended = folder / "exit_code"
+            if ended.exists():  # the next job writes its own
+                ended.replace(folder / f"exit_code.{job_id}")
+            left = total - completed - failed
+            job_id = await self._start_job(batch_id, spec, left, int(spec.get("attempts", 1)) + 1)
         return {"state": state.state, "message": state.message, "job_id": job_id,
-                "completed": done, "total": spec.get("requests")}  # fmt: skip
+                "completed": completed, "failed": failed, "total": total}  # fmt: skip
+
+    def _count(self, path: Path) -> int:
+        """Whole lines in `path`, reading only what was added since the last count (up to
+        the last newline, so a torn line the driver cuts off is never counted)."""
+        offset, lines = self._counts.get(path, (0, 0))
+        try:
+            handle = path.open("rb")
+        except FileNotFoundError:
+            return 0
+        with handle:
+            handle.seek(offset)
+            position = offset
+            while chunk := handle.read(CHUNK):
+                lines += chunk.count(b"\n")
+                if (end := chunk.rfind(b"\n")) >= 0:
+                    offset = position + end + 1
+                position += len(chunk)
+        self._counts[path] = (offset, lines)
+        return lines
 
     async def _listed(self) -> dict[str, Any]:
         """Slurm's list of our batch jobs, one squeue per LIST_TTL however many batches the
@@ -236,6 +285,10 @@ class BatchManager:
         return listed
 
     async def cancel(self, batch_id: str) -> dict[str, Any]:
+        async with self._lock:  # not while a resubmission is under way
+            return await self._cancel(batch_id)
+
+    async def _cancel(self, batch_id: str) -> dict[str, Any]:
         spec = self._spec(batch_id)
         if spec is None:
             raise BatchError(404, "batch_not_found", f"no batch {batch_id} here")
@@ -245,19 +298,26 @@ class BatchManager:
             await self.jobs().cancel(str(spec["job_id"]))
         except Exception as error:
             raise BatchError(503, "cancel_failed", f"scancel failed: {error}") from None
-        return await self.status(batch_id)
+        return await self._status(batch_id)
 
     async def output(self, sink: Sink, batch_id: str) -> None:
-        path = self.folder(batch_id) / "output.jsonl"
-        try:
-            handle = path.open("rb")
-        except FileNotFoundError:
-            raise BatchError(404, "no_output", f"batch {batch_id} has no output") from None
-        with handle:
-            sink.start(200, [("content-type", "application/jsonl")])
-            while chunk := handle.read(CHUNK):
-                await sink.send(chunk)
-            sink.finish()
+        """The answers, then the error answers: whole lines only (a torn last line of a
+        killed job would run into the next file's first)."""
+        folder = self.folder(batch_id)
+        paths = [folder / name for name in RESULTS if (folder / name).exists()]
+        if not paths:
+            raise BatchError(404, "no_output", f"batch {batch_id} has no output")
+        sink.start(200, [("content-type", "application/jsonl")])
+        for path in paths:
+            with path.open("rb") as handle:
+                carry = b""
+                while chunk := handle.read(CHUNK):
+                    data = carry + chunk
+                    end = data.rfind(b"\n") + 1
+                    whole, carry = data[:end], data[end:]
+                    if whole:
+                        await sink.send(whole)
+        sink.finish()
 
     async def forget(self, batch_id: str) -> dict[str, Any]:
         """Remove the batch's files once its job ended (the hub has taken the output)."""
@@ -266,6 +326,8 @@ class BatchManager:
             if state["state"] in ("queued", "running"):
                 raise BatchError(409, "batch_running", f"batch {batch_id} is still running")
         shutil.rmtree(self.folder(batch_id), ignore_errors=True)
+        for name in RESULTS:
+            self._counts.pop(self.folder(batch_id) / name, None)
         return {"deleted": True}
 
 
@@ -274,12 +336,3 @@ def _exit_code(folder: Path) -> int | None:
         return int((folder / "exit_code").read_text().strip())
     except (FileNotFoundError, ValueError):
         return None
-
-
-def _tail(path: Path) -> bytes:
-    try:
-        with path.open("rb") as handle:
-            handle.seek(max(0, handle.seek(0, os.SEEK_END) - LOG_TAIL))
-            return handle.read(LOG_TAIL)
-    except OSError:
-        return b""

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from hpc.config import BatchConfig, ServiceConfig
 
 BATCH_ID = re.compile(r"^batch-[A-Za-z0-9]{1,40}$")
-PROGRESS = re.compile(rb"Running batch:\s*\d+% Completed \| (\d+)/(\d+)")
 MARGIN = 1.5  # the estimate is a guess: a job cut by its limit loses the batch
 
 
@@ -57,32 +56,52 @@ def plan_job(
     return JobPlan(int(limit), now + window_s, account, qos, config.nice)
 
 
+PERMANENT_EXITS = (1, 2)  # the driver's own error or bad arguments: a rerun fails the same
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the manager saw of a batch: its job in Slurm, the files, the record."""
+
+    job_state: str | None  # Slurm's state while the job is listed
+    exit_code: int | None  # what the job script wrote when the driver ended
+    cancel_asked: bool
+    answered: int  # lines in the output and errors files
+    total: int
+    attempts: int  # jobs submitted so far
+    deadline: float  # epoch seconds: the end of the completion window
+
+
 @dataclass(frozen=True)
 class BatchState:
     state: str  # queued | running | completed | failed | cancelled
     message: str | None = None
+    resubmit: bool = False  # submit a job for the requests left (the state says queued)
 
 
-def batch_state(job_state: str | None, exit_code: int | None, cancel_asked: bool) -> BatchState:
-    """The batch's state from its job: Slurm's state while listed, the exit code the job
-    script wrote when it ended, and whether a cancel was asked."""
-    if exit_code is not None:
-        if exit_code == 0:
-            return BatchState("completed")
-        if cancel_asked:
-            return BatchState("cancelled")
-        return BatchState("failed", f"the batch job's runner exited with status {exit_code}")
-    if job_state is not None:
-        return BatchState("queued" if job_state == "PENDING" else "running")
-    if cancel_asked:
+def batch_state(seen: Observed, config: BatchConfig, now: float) -> BatchState:
+    """The batch's state from its job and files, and whether a new job should carry on
+    where an ended one stopped (time limit, preemption, node failure: requests left, time
+    left before the deadline for a job to load the model, attempts left)."""
+    if seen.exit_code == 0 or (seen.job_state is None and seen.answered >= seen.total):
+        return BatchState("completed")
+    if seen.job_state is not None:
+        return BatchState("queued" if seen.job_state == "PENDING" else "running")
+    if seen.cancel_asked:
         return BatchState("cancelled")
-    return BatchState("failed", "the batch job ended without a result (time limit, deadline, "
-                      "node failure or cancelled outside saia)")  # fmt: skip
-
-
-def progress(log_tail: bytes, output_lines: int) -> int:
-    """Requests done: the runner's last progress line (vLLM prints it), or the lines of
-    output written so far (the stand-in writes as it goes), whichever is more."""
-    found = PROGRESS.findall(log_tail)
-    reported = int(found[-1][0]) if found else 0
-    return max(reported, output_lines)
+    ended = (
+        "the batch job ended without a result (time limit, deadline, node failure or "
+        "cancelled outside saia)"
+        if seen.exit_code is None
+        else f"the batch job's runner exited with status {seen.exit_code}"
+    )
+    if seen.exit_code in PERMANENT_EXITS:
+        return BatchState("failed", ended)
+    if seen.attempts >= config.max_attempts:
+        return BatchState("failed", f"{ended}; {seen.attempts} jobs ran, the last allowed")
+    if seen.deadline - now <= config.load_time:
+        if now < seen.deadline:  # the hub expires it at the window's end, partial output kept
+            return BatchState("running", f"{ended}; too little time for another job")
+        return BatchState("failed", f"{ended}; the completion window has passed")
+    left = seen.total - seen.answered
+    return BatchState("queued", f"{ended}; resubmitted for {left} requests left", True)

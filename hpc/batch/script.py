@@ -1,8 +1,9 @@
 """Renders a batch job script (pure): `#SBATCH` lines, quoted values, `slurm/batch.sh`.
 
 The job asks for the service's resources, with the plan's --time, --deadline, --nice,
-account and QOS (`hpc.batch.plan`). The runner is `vllm run-batch` with the service's vLLM
-options for the vllm template, the stand-in's run-batch for `standin`.
+account and QOS (`hpc.batch.plan`). It runs `slurm/saia_batch_driver.py` (carried in the
+script as a here-document), which starts the service's server (`vllm serve` with the
+service's vLLM options, or the stand-in for `standin`) and sends it the batch's requests.
 """
 
 from __future__ import annotations
@@ -22,23 +23,52 @@ from saia.base.durations import format_slurm_time
 TEMPLATE = "batch.sh"
 
 
-def runner(service: ServiceConfig, config: AgentConfig) -> list[str]:
-    """The runner's argv without -i/-o. A service's `server_command` ending in `serve`
-    (`[.../vllm, serve]`) becomes the same program's `run-batch`."""
+DRIVER = "saia_batch_driver.py"
+_DRIVER_END = "SAIA_BATCH_DRIVER_END"
+
+
+def server(service: ServiceConfig, config: AgentConfig) -> list[str]:
+    """The model server's argv without --host/--port (the driver adds them): the stand-in
+    for the `standin` template, else the service's `vllm serve` with its vLLM options."""
     python = config.python or sys.executable
     if service.template == "standin":
-        return [python, "-m", "hpc.standin", "run-batch", "--model-name", service.model_id,
+        command = list(service.server_command or [python, "-m", "hpc.standin"])
+        return [*command, "--model-name", service.model_id, "--api-key-env", "VLLM_API_KEY",
                 *service.server_args]  # fmt: skip
     if service.template not in ("vllm", "vllm-multinode") or service.resources.nodes > 1:
         raise JobScriptError(f"service {service.name}: batches run on one node with vllm")
     command = list(service.server_command or ["vllm", "serve"])
-    if command[-1] == "serve":
-        command[-1] = "run-batch"
-    argv = [*command, "--model", service.model, *build_vllm_args(service, config)]
+    argv = [*command, service.model, *build_vllm_args(service, config)]
     if service.container:
         binds = [part for bind in container_binds(service, config) for part in ("--bind", bind)]
         argv = ["apptainer", "exec", "--nv", *binds, service.container, *argv]
     return argv
+
+
+def runner(service: ServiceConfig, config: AgentConfig, batch_dir: Path) -> list[str]:
+    """The driver's argv (`slurm/saia_batch_driver.py`, which the job writes into the batch
+    dir) over the batch's files, then `--` and the server's argv."""
+    knobs = config.batch
+    return [
+        config.python or sys.executable, str(batch_dir / DRIVER),
+        "-i", str(batch_dir / "input.jsonl"), "-o", str(batch_dir / "output.jsonl"),
+        "-e", str(batch_dir / "errors.jsonl"), "--concurrency", str(knobs.concurrency),
+        "--request-timeout", f"{knobs.request_timeout:g}", "--grace", f"{knobs.stop_grace:g}",
+        "--", *server(service, config),
+    ]  # fmt: skip
+
+
+def driver_lines() -> list[str]:
+    """`SAIA_BATCH_DRIVER=<slurm/saia_batch_driver.py>` as a quoted here-document."""
+    text = template_text(DRIVER)
+    if _DRIVER_END in text.splitlines():
+        raise JobScriptError(f"slurm/{DRIVER} contains the line {_DRIVER_END}")
+    return [
+        f"# ---- slurm/{DRIVER} (slurm/batch.sh writes it into the batch dir)",
+        f"IFS= read -r -d '' SAIA_BATCH_DRIVER <<'{_DRIVER_END}' || true",
+        text.rstrip("\n"),
+        _DRIVER_END,
+    ]
 
 
 def sbatch_lines(service: ServiceConfig, plan: JobPlan, state_dir: Path) -> list[str]:
@@ -70,7 +100,7 @@ def render_batch(
     plan: JobPlan,
     batch_dir: Path,
 ) -> Submission:
-    argv = runner(service, config)
+    argv = runner(service, config, batch_dir)
     values = {"SAIA_STATE_DIR": str(config.state_dir), "SAIA_BATCH_DIR": str(batch_dir),
               "SAIA_HF_HOME": service.hf_home or ""}  # fmt: skip
     lines = [
@@ -81,6 +111,7 @@ def render_batch(
         *(f"export {key}={shlex.quote(value)}" for key, value in values.items()),
         *(f"export {key}={shlex.quote(value)}" for key, value in service.environment.items()),
         "SAIA_BATCH_RUNNER=(" + " ".join(shlex.quote(part) for part in argv) + ")",
+        *driver_lines(),
         f"# ---- slurm/{TEMPLATE}",
         template_text(TEMPLATE).rstrip("\n"),
     ]

@@ -1,14 +1,16 @@
 """The pure parts of batch jobs: the plan (time, deadline, account, QOS, nice), the state
-from Slurm and the exit code, the progress line, and the rendered job script."""
+from Slurm, the exit code and the files (and when a new job carries on), and the rendered
+job script."""
 
 from __future__ import annotations
 
 import re
 import shlex
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
-from hpc.batch.plan import batch_state, plan_job, progress
+from hpc.batch.plan import Observed, batch_state, plan_job
 from hpc.batch.script import render_batch
 from hpc.config import parse_config
 from hpc.jobs.system import JobTag
@@ -46,24 +48,44 @@ def test_account_and_qos_by_user_then_group(tmp_path: Path) -> None:
     assert (eve.account, eve.qos) == (None, "low")
 
 
-def test_state_from_slurm_and_the_exit_code() -> None:
-    assert batch_state("PENDING", None, False).state == "queued"
-    assert batch_state("RUNNING", None, True).state == "running"
-    assert batch_state(None, 0, False).state == "completed"
-    assert batch_state("COMPLETING", 0, True).state == "completed"  # it finished first
-    assert batch_state(None, 143, True).state == "cancelled"
-    failed = batch_state(None, 1, False)
+BATCH = parse_config({"state_dir": "/s", "batch": {"load_time": 300, "max_attempts": 3},
+                     "services": [{"name": "s", "model": "m"}]}).batch  # fmt: skip
+# A job that ended (not listed, no exit code) with 40 of 100 answered, 1 job so far, a day left.
+ENDED = Observed(None, None, False, answered=40, total=100, attempts=1, deadline=NOW + 86400)
+
+
+def test_state_from_slurm_the_exit_code_and_the_files() -> None:
+    def state(seen: Observed) -> str:
+        return batch_state(seen, BATCH, NOW).state
+
+    assert state(replace(ENDED, job_state="PENDING")) == "queued"
+    assert state(replace(ENDED, job_state="RUNNING", cancel_asked=True)) == "running"
+    assert state(replace(ENDED, exit_code=0)) == "completed"
+    finished_first = replace(ENDED, job_state="COMPLETING", exit_code=0, cancel_asked=True)
+    assert state(finished_first) == "completed"
+    assert state(replace(ENDED, job_state="COMPLETING", exit_code=143)) == "running"  # not yet
+    assert state(replace(ENDED, exit_code=143, cancel_asked=True)) == "cancelled"
+    assert state(replace(ENDED, cancel_asked=True)) == "cancelled"
+    assert state(replace(ENDED, exit_code=143, answered=100)) == "completed"  # all answered
+    failed = batch_state(replace(ENDED, exit_code=1), BATCH, NOW)
     assert failed.state == "failed" and "status 1" in (failed.message or "")
-    assert batch_state(None, None, True).state == "cancelled"
-    gone = batch_state(None, None, False)
-    assert gone.state == "failed" and "without a result" in (gone.message or "")
+    assert not failed.resubmit
 
 
-def test_progress_from_the_runner_line() -> None:
-    log = b"INFO\nRunning batch:  40% Completed | 8/20 [00:05<00:07]\n"
-    log += b"Running batch:  45% Completed | 9/20\n"
-    assert progress(log, 0) == 9
-    assert progress(b"no progress yet", 3) == 3
+def test_a_job_that_stopped_with_requests_left_is_resubmitted_within_bounds() -> None:
+    for ended in (ENDED, replace(ENDED, exit_code=143), replace(ENDED, exit_code=3)):
+        again = batch_state(ended, BATCH, NOW)  # time limit, preemption, node failure
+        assert (again.state, again.resubmit) == ("queued", True), ended
+        assert "60 requests left" in (again.message or "")
+    last = batch_state(replace(ENDED, attempts=3), BATCH, NOW)
+    assert (last.state, last.resubmit) == ("failed", False)
+    assert "3 jobs ran" in (last.message or "") and "without a result" in (last.message or "")
+    near = batch_state(replace(ENDED, deadline=NOW + 300), BATCH, NOW)  # load_time 300 s
+    assert (near.state, near.resubmit) == ("running", False)  # the hub expires it at the end
+    assert "too little time" in (near.message or "")
+    late = batch_state(replace(ENDED, deadline=NOW - 1), BATCH, NOW)
+    assert (late.state, late.resubmit) == ("failed", False)
+    assert batch_state(replace(ENDED, deadline=NOW + 301), BATCH, NOW).resubmit
 
 
 def test_job_script_asks_for_deadline_nice_time_and_account(tmp_path: Path) -> None:
@@ -84,6 +106,10 @@ def test_job_script_asks_for_deadline_nice_time_and_account(tmp_path: Path) -> N
     runner = re.search(r"^SAIA_BATCH_RUNNER=\((.*)\)$", job.script, re.M)
     assert runner is not None
     argv = shlex.split(runner.group(1))
-    assert argv[:4] == ["/venv/bin/vllm", "run-batch", "--model", "/models/bulk"]
-    assert argv[argv.index("--max-model-len") :][:2] == ["--max-model-len", "2048"]
+    driver = str(tmp_path / "batches" / "batch-abc" / "saia_batch_driver.py")
+    assert argv[1] == driver and argv[argv.index("--concurrency") + 1] == "64"
+    server = argv[argv.index("--") + 1 :]
+    assert server[:3] == ["/venv/bin/vllm", "serve", "/models/bulk"]
+    assert server[server.index("--max-model-len") :][:2] == ["--max-model-len", "2048"]
+    assert "SAIA_BATCH_DRIVER_END" in job.script
     assert subprocess.run(["bash", "-n"], input=job.script, text=True, check=False).returncode == 0
