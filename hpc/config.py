@@ -104,7 +104,7 @@ class ServiceConfig(Strict):
     """what each job asks Slurm for"""
     placements: list[Placement] = Field(default_factory=list)
     """where jobs may queue; each goes where Slurm predicts the soonest start; empty: resources'"""
-    replace_pending_gain: Duration = Field(600.0, gt=0)
+    replace_pending_gain: Duration = Field(300.0, gt=0)
     """move a pending job (once) to another placement predicted to start this much sooner"""
     min_instances: int = Field(1, ge=0, le=64)
     """jobs kept running even without load (0 allows scale to zero)"""

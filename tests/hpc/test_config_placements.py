@@ -31,7 +31,7 @@ def test_without_placements_the_service_has_its_resources_as_one_placement() -> 
     assert plain.placed("") is plain
     config = parse_config({"state_dir": "/s", "services": []})
     assert config.placement_probe_interval == 60.0
-    assert plain.replace_pending_gain == 600.0
+    assert plain.replace_pending_gain == 300.0
     assert plain.resources.time_min is None
 
 

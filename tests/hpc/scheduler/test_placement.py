@@ -114,9 +114,9 @@ def test_a_pending_job_moves_once_to_a_placement_predicted_much_sooner() -> None
 
 
 def test_a_pending_job_stays_when_the_gain_is_small_or_unknown() -> None:
-    close = pending("1", "guaranteed", NOW + 500)
+    close = pending("1", "guaranteed", NOW + 250)
     early = starts(reserved=NOW, burst=NOW)
-    assert decide(snap(close, placement_starts=early), NOW).actions == ()  # 500 s < 600 s
+    assert decide(snap(close, placement_starts=early), NOW).actions == ()  # 250 s < 300 s
     unknown = pending("1", "guaranteed", None)
     assert decide(snap(unknown, placement_starts=early), NOW).actions == ()  # no estimate
 
