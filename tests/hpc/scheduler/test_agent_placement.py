@@ -15,6 +15,7 @@ from hpc.scheduler.agent import Agent
 from hpc.scheduler.backend_load import BackendLoad, LoadReading
 from hpc.scheduler.state import AgentState
 from tests.hpc.scheduler.test_agent_loop import SERVICE, START, render, rig, service
+from tests.hpc.scheduler.test_preemption import stop_signal
 
 FLOOR = {"name": "floor", "partition": "gpu"}
 BURST = {"name": "burst", "partition": "scavenger", "preemptible": True}
@@ -136,3 +137,29 @@ async def test_renewal_follows_the_limit_slurm_granted(tmp_path: Path) -> None:
     await r.step(seconds=10)  # 58 s left of the granted limit (358 of the configured)
     assert len(r.slurm.submissions) == 2
     assert r.jobs()[r.slurm.live(SERVICE)[-1]].replaces == job
+
+
+async def test_a_preempted_burst_job_is_replaced_at_once_and_the_floor_stays(
+    tmp_path: Path,
+) -> None:
+    """Slurm preempts the burst instance (its shell writes `stopping`): it drains, its
+    replacement goes in the same loop where a start is predicted soonest, with no back-off,
+    and the floor instance is untouched."""
+    r = rig(tmp_path, placed(min_instances=1, max_instances=2, target_concurrency=1))
+    r.slurm.placement_starts = {"floor": START, "burst": START + 600, "reserved": START + 600}
+    await r.step()
+    [floor] = r.slurm.live(SERVICE)
+    await r.serve(floor)
+    r.slurm.placement_starts = {"floor": START + 3600, "burst": START, "reserved": None}
+    r.agent.live.health.record_load(LoadReading(floor, BackendLoad(2, 0)))
+    await r.step(seconds=61)
+    [burst] = [job for job in r.slurm.live(SERVICE) if job != floor]
+    assert placements(r) == ["floor", "burst"]
+    await r.serve(burst)
+    r.agent.live.health.record_load(LoadReading(floor, BackendLoad(1, 0)))
+    r.agent.live.health.record_load(LoadReading(burst, BackendLoad(1, 0)))
+    stop_signal(r, burst)  # preempted: SIGTERM now, killed after GraceTime
+    assert await r.step(seconds=61) is True
+    assert r.jobs()[burst].draining and not r.jobs()[floor].draining
+    assert placements(r) == ["floor", "burst", "burst"]  # the replacement, at once
+    assert r.agent.live.backoff[SERVICE].failures == 0
