@@ -60,6 +60,9 @@ def _service(name: str, delay: float) -> dict[str, Any]:
         "target_concurrency": 20000,  # the stand-in never queues: let every stream run
         "startup_timeout": "60s",
         "api_key": False,  # direct calls and the openai hub reach it without a key
+        # ... and without the job's pinned certificate, which only the agent trusts; the
+        # router's TLS cost is measured by `python -m bench.hop --backend-tls`.
+        "backend_tls": False,
         "resources": {"gpus": 0, "cpus": 1, "memory": "1G", "time_limit": "8:00:00"},
         "server_args": ["--token-delay", str(delay)],
     }

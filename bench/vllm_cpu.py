@@ -19,6 +19,7 @@ import json
 import os
 import selectors
 import signal
+import ssl
 import statistics
 import subprocess
 import sys
@@ -31,6 +32,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from hpc.jobs.system import read_endpoint
 from saia.sandbox.demo_config import VLLM_MODEL_ID
 from saia.sandbox.process import free_port
 from saia.sandbox.vllm import ensure
@@ -45,6 +47,7 @@ class Target:
     label: str
     base_url: str  # ends in /v1
     key: str
+    verify: ssl.SSLContext | bool = True  # the job's own certificate when it serves TLS
 
 
 @dataclass(frozen=True)
@@ -82,10 +85,13 @@ def read_ready(demo: subprocess.Popen[bytes], limit_s: float) -> dict[str, str]:
 
 def backend_target(root: Path) -> Target:
     """The vLLM job's own endpoint and key, as the agent reads them."""
-    for endpoint in sorted((root / "agent-state" / "jobs").glob("*/endpoint.json")):
-        where = json.loads(endpoint.read_text())
+    state_dir = root / "agent-state"
+    for endpoint in sorted((state_dir / "jobs").glob("*/endpoint.json")):
+        found = read_endpoint(state_dir, endpoint.parent.name)
+        if found is None:
+            continue
         key = (endpoint.parent / "api_key").read_text().strip()
-        return Target("direct", f"http://{where['host']}:{where['port']}/v1", key)
+        return Target("direct", f"{found.url}/v1", key, found.tls() or True)
     raise SystemExit(f"no endpoint.json under {root}/agent-state/jobs")
 
 
@@ -145,7 +151,11 @@ async def one_chat(client: httpx.AsyncClient, max_tokens: int) -> Reply:
 async def measure(target: Target, args: argparse.Namespace) -> None:
     headers = {"Authorization": f"Bearer {target.key}"}
     async with httpx.AsyncClient(
-        base_url=target.base_url, headers=headers, timeout=300, trust_env=False
+        base_url=target.base_url,
+        headers=headers,
+        timeout=300,
+        trust_env=False,
+        verify=target.verify,
     ) as client:
         await one_chat(client, 4)  # warm-up: the first request pays one-off costs
         replies = [await one_chat(client, args.max_tokens) for _ in range(args.requests)]

@@ -22,6 +22,7 @@ class Backend:
     job_id: str
     url: str
     api_key: str | None = None
+    certificate: str | None = None  # the job's own TLS certificate (PEM): pinned, https
     draining: bool = False
     in_flight: int = 0
     served: int = 0  # answers it completed (failed attempts and broken streams not counted)
@@ -95,6 +96,7 @@ class BackendRegistry:
             old = state.backends.get(backend.job_id)
             if old is not None:
                 old.url, old.api_key, old.draining = backend.url, backend.api_key, backend.draining
+                old.certificate = backend.certificate
                 _take_gauges(old, backend)
                 fresh[backend.job_id] = old
             else:

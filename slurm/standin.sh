@@ -16,4 +16,5 @@ saia_serve "${SAIA_STANDIN[@]}" \
     --model-name "$SAIA_SERVED_MODEL_NAME" \
     "${SAIA_STANDIN_KEY_ARGS[@]}" \
     "${SAIA_GUARD_ARGS[@]}" \
+    "${SAIA_TLS_ARGS[@]}" \
     "${SAIA_SERVER_ARGS[@]}"

@@ -25,6 +25,8 @@ export SAIA_CONTAINER=/images/vllm-0.32.0.sif
 export SAIA_PYTHON=/srv/saia/venv/bin/python
 export SAIA_STOP_TIMEOUT=60
 export SAIA_MAKE_API_KEY=1
+export SAIA_BACKEND_TLS=1
+export SAIA_TLS_DAYS=1
 export SAIA_HF_HOME=/scratch/hf
 export SAIA_RAY_PORT=''
 export SAIA_RAY_JOIN_TIMEOUT=300
@@ -174,6 +176,47 @@ if [[ -z "$SAIA_ADVERTISE_HOST" ]]; then
     export SAIA_ADVERTISE_HOST
 fi
 
+# TLS between the agent and the server (backend_tls): a fresh EC P-256 key and self-signed
+# certificate for this job alone, valid for the job's time limit (SAIA_TLS_DAYS), both 0600
+# in the job's private dir. The certificate's SHA-256 goes into endpoint.json; the agent
+# trusts this certificate and nothing else for this job (docs/security.md), so the name in
+# it is for people reading it, not for checking.
+SAIA_TLS_ARGS=()
+SAIA_TLS_SHA256=""
+saia_san_entry() {
+    if [[ "$1" =~ ^[0-9.]+$ || "$1" == *:* ]]; then
+        echo "IP:$1"
+    else
+        echo "DNS:$1"
+    fi
+}
+saia_make_certificate() {
+    local dir="$SAIA_JOB_DIR/tls" address san
+    mkdir -p "$dir"
+    chmod 700 "$dir"
+    rm -f "$dir/key.pem" "$dir/cert.pem" # a requeued job's run gets its own
+    san="$(saia_san_entry "$SAIA_ADVERTISE_HOST")"
+    address="$(hostname -I 2>/dev/null | awk '{print $1}')" || address=""
+    if [[ -n "$address" && "$address" != "$SAIA_ADVERTISE_HOST" ]]; then
+        san="$san,IP:$address"
+    fi
+    if ! timeout 60 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+        -keyout "$dir/key.pem" -out "$dir/cert.pem" -days "${SAIA_TLS_DAYS:-1}" \
+        -subj "/CN=$SAIA_ADVERTISE_HOST" -addext "subjectAltName=$san" \
+        -addext "basicConstraints=critical,CA:FALSE" 2>"$dir/openssl.err"; then
+        echo "saia: openssl could not make the job's TLS certificate:" \
+            "$(tr '\n' ' ' <"$dir/openssl.err")" >&2
+        exit 1
+    fi
+    chmod 600 "$dir/key.pem" "$dir/cert.pem"
+    SAIA_TLS_SHA256="$(openssl x509 -in "$dir/cert.pem" -noout -fingerprint -sha256 |
+        sed 's/.*=//; s/://g' | tr 'A-F' 'a-f')"
+    SAIA_TLS_ARGS=(--ssl-keyfile "$dir/key.pem" --ssl-certfile "$dir/cert.pem")
+}
+if [[ "${SAIA_BACKEND_TLS:-}" == 1 ]]; then
+    saia_make_certificate
+fi
+
 # A TCP port nobody listens on right now (the server binds it a moment later).
 saia_free_port() {
     if "$SAIA_PYTHON" -c 'import socket
@@ -200,9 +243,12 @@ export SAIA_PORT
 # Write endpoint.json atomically (tmp + mv) so the agent never reads half a file; 0600,
 # the agent refuses any other mode.
 saia_write_endpoint() {
-    local tmp="$SAIA_JOB_DIR/.endpoint.json.$$"
-    printf '{"host": "%s", "port": %d, "job_id": "%s"}\n' \
-        "$SAIA_ADVERTISE_HOST" "$SAIA_PORT" "$SAIA_JOB_ID" >"$tmp"
+    local tmp="$SAIA_JOB_DIR/.endpoint.json.$$" tls=', "scheme": "http"'
+    if [[ -n "$SAIA_TLS_SHA256" ]]; then
+        tls=', "scheme": "https", "tls_sha256": "'"$SAIA_TLS_SHA256"'"'
+    fi
+    printf '{"host": "%s", "port": %d, "job_id": "%s"%s}\n' \
+        "$SAIA_ADVERTISE_HOST" "$SAIA_PORT" "$SAIA_JOB_ID" "$tls" >"$tmp"
     chmod 600 "$tmp"
     mv -f "$tmp" "$SAIA_JOB_DIR/endpoint.json"
 }
@@ -370,6 +416,7 @@ saia_serve_vllm() {
         --host "$SAIA_BIND_HOST" \
         --port "$SAIA_PORT" \
         "${SAIA_GUARD_ARGS[@]}" \
+        "${SAIA_TLS_ARGS[@]}" \
         "${SAIA_SERVER_ARGS[@]}"
 }
 # ---- slurm/vllm.sh

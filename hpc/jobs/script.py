@@ -62,6 +62,12 @@ def stop_warning(time_limit_s: int) -> int:
     return max(1, min(STOP_WARNING_MAX, time_limit_s // 4))
 
 
+def tls_days(time_limit_s: int) -> int:
+    """Validity of a job's certificate: whole days covering its time limit (openssl's
+    unit), from the moment the job starts and makes it."""
+    return time_limit_s // 86400 + 1
+
+
 def template_text(name: str) -> str:
     """The text of `slurm/<name>`; JobScriptError when there is no such template."""
     try:
@@ -131,6 +137,8 @@ def job_variables(service: ServiceConfig, config: AgentConfig) -> list[str]:
         "SAIA_PYTHON": config.python or sys.executable,
         "SAIA_STOP_TIMEOUT": str(stop_warning(service.resources.time_min_seconds)),
         "SAIA_MAKE_API_KEY": "1" if service.api_key else "",
+        "SAIA_BACKEND_TLS": "1" if service.backend_tls else "",
+        "SAIA_TLS_DAYS": str(tls_days(service.resources.time_limit_seconds)),
         "SAIA_HF_HOME": service.hf_home or "",
         "SAIA_RAY_PORT": str(service.vllm.ray_port or ""),
         "SAIA_RAY_JOIN_TIMEOUT": str(round(service.vllm.ray_join_timeout)),

@@ -10,16 +10,20 @@ import json
 import logging
 import os
 import secrets
+import ssl
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from saia.base.pinned_tls import fingerprint, pinned_context
+
 log = logging.getLogger(__name__)
 _refused: set[str] = set()
 # endpoint.json and api_key are a few dozen bytes; more is not a file a job wrote.
 MAX_PRIVATE_FILE = 4096
+TLS_CERTIFICATE = "tls/cert.pem"  # a job's own certificate (slurm/common.sh), in its dir
 ACTIVE_STATES = frozenset(
     {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "RESIZING", "REQUEUED"}
 )
@@ -119,15 +123,22 @@ class JobSystem(Protocol):
 
 @dataclass(frozen=True)
 class Rendezvous:
-    """The rendezvous record a job writes once its server listens."""
+    """The rendezvous record a job writes once its server listens; `certificate` (PEM) is
+    the job's own TLS certificate when it serves https (the one the agent pins)."""
 
     job_id: str
     host: str
     port: int
+    certificate: str | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.certificate else "http"
+        return f"{scheme}://{self.host}:{self.port}"
+
+    def tls(self) -> ssl.SSLContext | None:
+        """The client context that trusts this job's certificate alone (None: plain)."""
+        return pinned_context(self.certificate) if self.certificate else None
 
 
 def job_dir(state_dir: Path, job_id: str) -> Path:
@@ -179,11 +190,34 @@ def read_endpoint(state_dir: Path, job_id: str) -> Rendezvous | None:
     try:
         data = json.loads(text)
         host, port = str(data["host"]), int(data["port"])
-    except (ValueError, KeyError, TypeError):
+        scheme = data.get("scheme", "http")
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
-    if not host or not 0 < port < 65536:
+    if not host or not 0 < port < 65536 or scheme not in ("http", "https"):
         return None
-    return Rendezvous(job_id=job_id, host=host, port=port)
+    certificate = None
+    if scheme == "https":
+        certificate = read_certificate(state_dir, job_id, data.get("tls_sha256"))
+        if certificate is None:
+            return None  # never a plain fallback for a job that serves TLS
+    return Rendezvous(job_id=job_id, host=host, port=port, certificate=certificate)
+
+
+def read_certificate(state_dir: Path, job_id: str, sha256: object) -> str | None:
+    """The job's certificate (`<job dir>/tls/cert.pem`, ours and 0600) if its SHA-256 is
+    the one endpoint.json names; a mismatch is logged once per job."""
+    path = job_dir(state_dir, job_id) / TLS_CERTIFICATE
+    pem = read_private(path)
+    if pem is None or not isinstance(sha256, str):
+        return None
+    try:
+        matches = fingerprint(pem) == sha256.lower()
+    except ValueError:
+        matches = False
+    if not matches and str(path) not in _refused:
+        _refused.add(str(path))
+        log.warning("job %s: %s is not the certificate its endpoint.json names", job_id, path)
+    return pem if matches else None
 
 
 def write_atomic(path: Path, text: str, mode: int = 0o600) -> None:

@@ -35,6 +35,7 @@ from saia.base.http11 import (
     NoResponse,
     ResponseBroken,
 )
+from saia.base.pinned_tls import pinned_context
 from saia.base.protocol import Caller, RequestHead
 
 log = logging.getLogger(__name__)
@@ -327,7 +328,10 @@ class Forwarder:
                 sent: Body = (
                     body if isinstance(body, bytes) else BodyStream(self._paced(body, budget))
                 )
-                response = await self._http.send(backend.url, head.method, head.path, headers, sent)
+                tls = pinned_context(backend.certificate) if backend.certificate else None
+                response = await self._http.send(
+                    backend.url, head.method, head.path, headers, sent, tls=tls
+                )
         except (ConnectFailed, NoResponse) as error:
             raise Unreachable(str(error)) from error
         except TimeoutError:

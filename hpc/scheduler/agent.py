@@ -270,6 +270,7 @@ class Agent:
                 job_id=job_id,
                 url=endpoint.url,
                 api_key=live.key(job_id),
+                certificate=endpoint.certificate,
                 draining=record.draining or not configured,
                 running=load.running if load else None,
                 waiting=load.waiting if load else None,

@@ -6,13 +6,17 @@ of rotation (the policy cancels and replaces it). All probes of a round run conc
 on the agent's one keep-alive `httpx.AsyncClient`, each bounded by `health_timeout`.
 Each round also reads every ready job's own load figures from its `GET /metrics`
 (`hpc/scheduler/backend_load.py`); a failed read leaves the figures unknown and is no
-health failure.
+health failure. A job that serves TLS is probed on a client of its own that trusts its
+certificate alone (`PinnedClients`; httpx verifies per client, not per request): a server
+showing another certificate fails its probes before the job's key is sent, and is logged
+once with the job id.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +25,11 @@ import httpx
 
 from hpc.jobs.system import job_dir, read_private
 from hpc.scheduler.backend_load import BackendLoad, LoadReading, read_load
+from saia.base.pinned_tls import pinned_context
 
 log = logging.getLogger(__name__)
 API_KEY_FILE = "api_key"
+TLS_REFUSED = "TLS: the server's certificate is not the one the job published"
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,7 @@ class ProbeTarget:
     model_id: str
     api_key: str | None = None
     ready: bool = False  # already ready: liveness (/health) only
+    certificate: str | None = None  # the job's own (PEM): the only one its probes trust
 
 
 @dataclass(frozen=True)
@@ -81,15 +88,59 @@ async def probe(client: httpx.AsyncClient, target: ProbeTarget, limit_s: float) 
         problem = f"no answer within {limit_s:g}s"
     except httpx.HTTPError as error:
         problem = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        if _certificate_refused(error):
+            problem = f"{TLS_REFUSED} ({problem})"
     return ProbeResult(job_id=target.job_id, ok=not problem, detail=problem)
 
 
+def _certificate_refused(error: BaseException) -> bool:
+    """Whether the TLS handshake refused the server's certificate (httpx wraps the error)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+class PinnedClients:
+    """One keep-alive httpx client per job certificate, each trusting that certificate
+    alone (never the system store); owned by the monitor, closed once the job is gone."""
+
+    def __init__(self) -> None:
+        self._clients: dict[str, httpx.AsyncClient] = {}
+
+    def get(self, shared: httpx.AsyncClient, target: ProbeTarget) -> httpx.AsyncClient:
+        """The client for `target`: `shared` for a plain backend."""
+        pem = target.certificate
+        if pem is None:
+            return shared
+        client = self._clients.get(pem)
+        if client is None:
+            limits = httpx.Limits(max_keepalive_connections=4, keepalive_expiry=30)
+            client = httpx.AsyncClient(verify=pinned_context(pem), limits=limits, trust_env=False)
+            self._clients[pem] = client
+        return client
+
+    async def keep_only(self, certificates: set[str]) -> None:
+        for pem in [pem for pem in self._clients if pem not in certificates]:
+            await self._clients.pop(pem).aclose()
+
+
 async def probe_all(
-    client: httpx.AsyncClient, targets: list[ProbeTarget], limit_s: float
+    client: httpx.AsyncClient,
+    targets: list[ProbeTarget],
+    limit_s: float,
+    pinned: PinnedClients | None = None,
 ) -> list[ProbeResult]:
-    """Probe every target concurrently; returns one result per target, in order."""
+    """Probe every target concurrently (a TLS job on its `pinned` client); returns one
+    result per target, in order."""
+    pinned = pinned or PinnedClients()
     async with asyncio.TaskGroup() as group:
-        tasks = [group.create_task(probe(client, target, limit_s)) for target in targets]
+        tasks = [
+            group.create_task(probe(pinned.get(client, target), target, limit_s))
+            for target in targets
+        ]
     return [task.result() for task in tasks]
 
 
@@ -176,22 +227,35 @@ class HealthMonitor:
         self.book, self.targets, self.on_change = book, targets, on_change
         self.interval, self.limit_s, self.clock = interval, limit_s, clock
         self._announced: set[str] = set()
+        self._tls_refused: set[str] = set()
+        self.pinned = PinnedClients()
 
     async def run(self, client: httpx.AsyncClient) -> None:
         """Until cancelled."""
-        while True:
-            targets = self.targets()
-            if targets:
-                await self.round(client, targets)
-            await asyncio.sleep(self.interval)
+        try:
+            while True:
+                targets = self.targets()
+                if targets:
+                    await self.round(client, targets)
+                await asyncio.sleep(self.interval)
+        finally:
+            await self.pinned.keep_only(set())
 
     async def round(self, client: httpx.AsyncClient, targets: list[ProbeTarget]) -> None:
         """Probe all targets and read the ready ones' load, all at once; record both."""
+        await self.pinned.keep_only({t.certificate for t in targets if t.certificate})
         async with asyncio.TaskGroup() as group:
-            probes = group.create_task(probe_all(client, targets, self.limit_s))
+            probes = group.create_task(probe_all(client, targets, self.limit_s, self.pinned))
             reads = [
                 group.create_task(
-                    read_load(client, t.job_id, t.url, t.model_id, t.api_key, self.limit_s)
+                    read_load(
+                        self.pinned.get(client, t),
+                        t.job_id,
+                        t.url,
+                        t.model_id,
+                        t.api_key,
+                        self.limit_s,
+                    )
                 )
                 for t in targets
                 if t.ready
@@ -212,6 +276,9 @@ class HealthMonitor:
             log.info("job %s: no load figures (%s)", reading.job_id, reading.problem)
 
     def _log(self, target: ProbeTarget, result: ProbeResult) -> None:
+        if result.detail.startswith(TLS_REFUSED) and target.job_id not in self._tls_refused:
+            self._tls_refused.add(target.job_id)  # once: it fails every round until replaced
+            log.warning("job %s at %s: %s", target.job_id, target.url, result.detail)
         record = self.book.get(target.job_id) if target.job_id in self.book.known() else None
         if record is None or record.ready_since is None:
             return  # still starting: the startup timeout speaks for it

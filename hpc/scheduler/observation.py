@@ -159,6 +159,7 @@ def probe_targets(live: LiveState) -> list[ProbeTarget]:
                 url=endpoint.url,
                 model_id=live.services[record.service].model_id,
                 api_key=live.key(job_id),
+                certificate=endpoint.certificate,
                 ready=live.health.get(job_id).ready_since is not None,
             )
         )

@@ -343,6 +343,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lora-modules", nargs="+", default=[], type=lora_module)
     parser.add_argument("--enable-lora", action="store_true")
     parser.add_argument("--max-loras", type=int, default=1)
+    # vLLM's (uvicorn's) TLS options: a job serves over TLS with its own certificate.
+    parser.add_argument("--ssl-keyfile", help="the private key (PEM) to serve TLS with")
+    parser.add_argument("--ssl-certfile", help="the certificate (PEM) to serve TLS with")
     parser.add_argument(
         "--middleware",
         action="append",
@@ -354,6 +357,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if (args.ssl_keyfile is None) != (args.ssl_certfile is None):
+        raise SystemExit("standin: --ssl-keyfile and --ssl-certfile go together")
     api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
     if args.api_key_env and not api_key:
         raise SystemExit(f"standin: environment variable {args.api_key_env} is empty or unset")
@@ -373,6 +378,8 @@ def main(argv: list[str] | None = None) -> None:
         access_log=False,
         lifespan="off",
         timeout_graceful_shutdown=5,
+        ssl_keyfile=args.ssl_keyfile,
+        ssl_certfile=args.ssl_certfile,
     )
     server = StandinServer(config)
     server.run()

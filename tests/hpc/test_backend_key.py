@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 import sys
@@ -52,8 +53,10 @@ WAIT = 30.0
 TAG = JobTag(prefix="saia", agent_id="test")
 
 
-def answers(url: str, headers: dict[str, str]) -> dict[str, int]:
-    with httpx.Client(base_url=url, timeout=10, trust_env=False) as client:
+def answers(
+    url: str, headers: dict[str, str], verify: ssl.SSLContext | bool = True
+) -> dict[str, int]:
+    with httpx.Client(base_url=url, timeout=10, trust_env=False, verify=verify) as client:
         return {
             path: client.request(method, path, json=body, headers=headers).status_code
             for method, path, body in ROUTES
@@ -221,12 +224,17 @@ def test_job_publishes_0600_endpoint_of_its_guarded_server(tmp_path: Path, jobs:
         (job.dir / "endpoint.json", 0o600),
         (job.dir / "api_key", 0o600),
         (job.dir / "python" / "saia_backend_auth.py", 0o600),
+        (job.dir / "tls", 0o700),
+        (job.dir / "tls" / "key.pem", 0o600),
+        (job.dir / "tls" / "cert.pem", 0o600),
     ):
         assert stat.S_IMODE(path.stat().st_mode) == mode, path
     key = read_backend_key(config.state_dir, "41")
     assert key is not None
-    assert set(answers(endpoint.url, {}).values()) == {401}
-    assert set(answers(endpoint.url, bearer(key)).values()) == {200}
+    tls = endpoint.tls()  # the job serves TLS by default (backend_tls), pinned
+    assert tls is not None and endpoint.url.startswith("https://")
+    assert set(answers(endpoint.url, {}, tls).values()) == {401}
+    assert set(answers(endpoint.url, bearer(key), tls).values()) == {200}
     job.close()
     assert job.process.returncode == 0, job.text()
     assert not (job.dir / "endpoint.json").exists()  # the port is no longer the job's

@@ -24,7 +24,9 @@ FRANCE = "What is the capital of France? Answer in one word."
 
 async def ask(job: VllmJob, body: dict[str, Any], path: str = "/v1/chat/completions") -> Any:
     headers = {"Authorization": f"Bearer {job.key}"}
-    async with httpx.AsyncClient(base_url=job.url, trust_env=False, timeout=120) as client:
+    async with httpx.AsyncClient(
+        base_url=job.url, trust_env=False, timeout=120, verify=job.verify
+    ) as client:
         answer = await client.post(path, json={"model": job.model, **body}, headers=headers)
     assert answer.status_code == 200, answer.text[:300]
     return answer.json()
@@ -35,7 +37,9 @@ async def ask_streamed(job: VllmJob, body: dict[str, Any]) -> list[dict[str, Any
     request = {"model": job.model, "stream": True, "stream_options": {"include_usage": True}}
     headers = {"Authorization": f"Bearer {job.key}"}
     async with (
-        httpx.AsyncClient(base_url=job.url, trust_env=False, timeout=120) as client,
+        httpx.AsyncClient(
+            base_url=job.url, trust_env=False, timeout=120, verify=job.verify
+        ) as client,
         client.stream(
             "POST", "/v1/chat/completions", json={**request, **body}, headers=headers
         ) as answer,

@@ -47,7 +47,9 @@ async def keyless_answers(
 async def test_vllm_job_refuses_every_path_without_its_key(smollm2_job: VllmJob) -> None:
     assert smollm2_job.key, "the job wrote no 0600 api_key"
     auth = {"Authorization": f"Bearer {smollm2_job.key}"}
-    async with httpx.AsyncClient(base_url=smollm2_job.url, trust_env=False, timeout=60) as client:
+    async with httpx.AsyncClient(
+        base_url=smollm2_job.url, trust_env=False, timeout=60, verify=smollm2_job.verify
+    ) as client:
         assert (await client.get("/health")).status_code == 200  # open, liveness only
         schema = (await client.get("/openapi.json", headers=auth)).json()
         routes = [r for r in served_routes(schema) if r[1] != "/health"]

@@ -66,7 +66,10 @@ async def routed(job: VllmJob, state_dir: Path) -> AsyncIterator[RouterClient]:
         state_dir=state_dir, services=[ServiceConfig(name=job.model, model=job.model)]
     )
     registry = BackendRegistry()
-    registry.publish(job.model, [Backend(job.model, job.job_id, job.url, api_key=job.key)])
+    registry.publish(
+        job.model,
+        [Backend(job.model, job.job_id, job.url, api_key=job.key, certificate=job.certificate)],
+    )
     task = asyncio.create_task(serve_requests(config, registry))
     try:
         async with asyncio.timeout(10):

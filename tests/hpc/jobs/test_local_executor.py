@@ -106,7 +106,8 @@ async def test_standin_job_serves_and_cancel_leaves_nothing(tmp_path: Path) -> N
         endpoint = await wait_endpoint(tmp_path, job_id, limit_s=30)
         key = (job_dir(tmp_path, job_id) / "api_key").read_text()  # the job guards its server
         auth = {"Authorization": f"Bearer {key}"}
-        async with httpx.AsyncClient(base_url=endpoint.url, timeout=5) as client:
+        verify = endpoint.tls() or True  # the job's own certificate (backend_tls)
+        async with httpx.AsyncClient(base_url=endpoint.url, timeout=5, verify=verify) as client:
             await wait_healthy(client)
             models = (await client.get("/v1/models", headers=auth)).json()
         assert [model["id"] for model in models["data"]] == ["tiny"]

@@ -16,6 +16,7 @@ import pytest
 
 from hpc.jobs.script import log_path
 from hpc.jobs.system import job_dir
+from saia.base.pinned_tls import pinned_context
 from saia.sandbox.slurm import SlurmSandbox
 from tests.hpc.scheduler.test_agent_slurm import agent_config, prefix, ready, running_agent, until
 from tests.hpc.test_vllm_slurm import router_client
@@ -44,7 +45,11 @@ async def test_job_files_are_private_and_the_router_still_serves(
         for name in ("endpoint.json", "api_key"):
             assert mode(folder / name) == 0o600, name
         assert mode(log_path(tmp_path, backend.job_id)) == 0o600
-        async with httpx.AsyncClient(base_url=backend.url, trust_env=False, timeout=10) as client:
+        assert backend.certificate and backend.url.startswith("https://")
+        verify = pinned_context(backend.certificate)  # the job's own certificate alone
+        async with httpx.AsyncClient(
+            base_url=backend.url, trust_env=False, timeout=10, verify=verify
+        ) as client:
             assert (await client.get("/health")).status_code == 200
             assert (await client.get("/metrics")).status_code == 401
             assert (await client.post("/tokenize", json={"prompt": "a"})).status_code == 401

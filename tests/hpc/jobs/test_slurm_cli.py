@@ -197,7 +197,8 @@ async def test_standin_job_serves_and_stops(slurm_cluster: SlurmSandbox, tmp_pat
         assert endpoint.host == "127.0.0.1"
         key = (job_dir(config.state_dir, job_id) / "api_key").read_text()  # the job's own
         auth = {"Authorization": f"Bearer {key}"}
-        async with httpx.AsyncClient(base_url=endpoint.url, timeout=5) as client:
+        verify = endpoint.tls() or True  # the job's own certificate (backend_tls)
+        async with httpx.AsyncClient(base_url=endpoint.url, timeout=5, verify=verify) as client:
             await wait_healthy(client)
             models = (await client.get("/v1/models", headers=auth)).json()
         assert [model["id"] for model in models["data"]] == ["tiny"]

@@ -27,6 +27,7 @@ from hpc.jobs.system import JobInfo, JobTag
 from hpc.registry import Backend, BackendRegistry
 from hpc.scheduler.agent import run_agent
 from hpc.scheduler.state import agent_id
+from saia.base.pinned_tls import pinned_context
 from saia.sandbox.slurm import SlurmSandbox
 from tests.hpc.helpers import until as poll_until
 
@@ -130,7 +131,9 @@ async def test_min_instance_becomes_ready_and_serves(
         key_file = tmp_path / "jobs" / backend.job_id / "api_key"
         assert backend.api_key and backend.api_key == key_file.read_text().strip()
         chat = {"model": "tiny", "messages": [{"role": "user", "content": "hello there"}]}
-        async with httpx.AsyncClient(trust_env=False, timeout=10) as client:
+        assert backend.certificate  # backend_tls: the job's own certificate, pinned
+        verify = pinned_context(backend.certificate)
+        async with httpx.AsyncClient(trust_env=False, timeout=10, verify=verify) as client:
             url = f"{backend.url}/v1/chat/completions"
             assert (await client.post(url, json=chat)).status_code == 401
             headers = {"Authorization": f"Bearer {backend.api_key}"}
