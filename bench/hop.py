@@ -3,9 +3,13 @@ calls to the same stand-in (httpx, and the router's own lean client, which shows
 hop adds without httpx's pool overhead), alternating in one run. Prints figures only.
 
     .venv/bin/python bench/hop.py [--sequential 400] [--concurrent 64] [--requests 2000]
+        [--backend-tls]
 
 Runs everything on 127.0.0.1: a stand-in server, a throw-away sshd with the forced-command
-key, and the agent's router in its own process (as on a login node).
+key, and the agent's router in its own process (as on a login node). `--backend-tls`
+serves the stand-in with its own certificate, as a job does (backend_tls), and publishes
+it as https pinned to it: the router's (and the direct calls') TLS cost; the router's
+connections to the stand-in are counted (each one is a TLS handshake).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import ssl
 import statistics
 import subprocess
 import sys
@@ -33,6 +38,8 @@ from hpc.registry import Backend, BackendRegistry
 from hpc.router.server import serve_requests
 from hub.upstreams.hop_client import HopClient, HopTarget
 from saia.base.http11 import HttpClient
+from saia.base.pinned_tls import pinned_context
+from saia.sandbox.certs import make_certificate
 from saia.sandbox.process import free_port, stop_process
 from saia.sandbox.sshd import SshdSandbox
 
@@ -76,13 +83,41 @@ def children(pid: int) -> list[tuple[int, str]]:
     return found
 
 
-class CpuMeter:
-    """CPU seconds of each process of the hop, grouped (the sshd tree split by name)."""
+def connected_ports(pid: int, port: int) -> set[int]:
+    """Local ports of `pid`'s TCP connections to 127.0.0.1:`port` (IPv4)."""
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        lines = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return set()
+    inodes = set()
+    for fd in fds:
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = set()
+    for line in lines:
+        fields = line.split()
+        local, remote, inode = fields[1], fields[2], fields[9]
+        if inode in inodes and int(remote.split(":")[1], 16) == port:
+            found.add(int(local.split(":")[1], 16))
+    return found
 
-    def __init__(self, router: int, standin: int, sshd: int) -> None:
+
+class CpuMeter:
+    """CPU seconds of each process of the hop, grouped (the sshd tree split by name), and
+    the router's connections to the stand-in seen at each sample (keep-alive: few)."""
+
+    def __init__(self, router: int, standin: int, sshd: int, backend_port: int) -> None:
         self.router, self.standin, self.sshd = router, standin, sshd
+        self.backend_port = backend_port
+        self.backend_connections: set[int] = set()
 
     def sample(self) -> dict[str, float]:
+        self.backend_connections |= connected_ports(self.router, self.backend_port)
         sample = {
             "client": cpu_seconds(os.getpid()),
             "sshd": 0.0,
@@ -108,9 +143,9 @@ def start_process(argv: list[str], ready: Callable[[], bool]) -> subprocess.Pope
     raise SystemExit(f"{argv[:3]} did not start")
 
 
-def healthy(url: str) -> bool:
+def healthy(url: str, verify: ssl.SSLContext | bool = True) -> bool:
     try:
-        return httpx.get(f"{url}/health", timeout=1).status_code == 200
+        return httpx.get(f"{url}/health", timeout=1, verify=verify).status_code == 200
     except httpx.TransportError:
         return False
 
@@ -124,15 +159,17 @@ except ImportError:
     new_loop, LOOP = asyncio.new_event_loop, "asyncio"
 
 
-def run_router(state_dir: str, url: str, target: str) -> None:
-    """The agent's router alone (child process), with the stand-in published as ready."""
+def run_router(state_dir: str, url: str, target: str, cert_file: str | None) -> None:
+    """The agent's router alone (child process), with the stand-in published as ready
+    (pinned to its certificate when it serves TLS)."""
     config = AgentConfig(
         state_dir=Path(state_dir),
         services=[ServiceConfig(name=MODEL, model=MODEL, target_concurrency=int(target))],
         router=RouterConfig(max_queue=4096),
     )
     registry = BackendRegistry()
-    registry.publish(MODEL, [Backend(MODEL, "bench", url)])
+    pem = Path(cert_file).read_text() if cert_file else None
+    registry.publish(MODEL, [Backend(MODEL, "bench", url, certificate=pem)])
     with asyncio.Runner(loop_factory=new_loop) as runner:
         runner.run(serve_requests(config, registry))
 
@@ -199,16 +236,24 @@ async def concurrent(
     for name in (n for n in calls if n != "hop"):
         ratio = statistics.median(rates["hop"]) / statistics.median(rates[name])
         print(f"  hop / {name:12s} (medians): {ratio:.2f}")
+    seen = len(meter.backend_connections)
+    print(f"router -> stand-in connections seen (each a handshake under TLS): {seen}")
     print("CPU ms per request in those rounds (client = this process):")
     for name, groups in cpu.items():
         shares = "  ".join(f"{g} {1000 * s / (rounds * total):5.3f}" for g, s in groups.items())
         print(f"  {name:12s} {shares}  total {1000 * sum(groups.values()) / (rounds * total):5.3f}")
 
 
-async def measure(url: str, sshd: SshdSandbox, meter: CpuMeter, args: argparse.Namespace) -> None:
+async def measure(
+    url: str,
+    tls: ssl.SSLContext | None,
+    sshd: SshdSandbox,
+    meter: CpuMeter,
+    args: argparse.Namespace,
+) -> None:
     target = HopTarget(sshd.host, sshd.port, sshd.user, sshd.client_key, sshd.known_hosts)
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-    http = httpx.AsyncClient(limits=limits, trust_env=False)
+    http = httpx.AsyncClient(limits=limits, trust_env=False, verify=tls or True)
     async with (
         http,
         HttpClient(connect_timeout=10, header_encoding="utf-8") as lean,
@@ -220,7 +265,7 @@ async def measure(url: str, sshd: SshdSandbox, meter: CpuMeter, args: argparse.N
             assert response.status_code == 200, response.text
 
         async def direct_lean() -> None:
-            response = await lean.send(url, "POST", "/v1/chat/completions", HEADERS, BODY)
+            response = await lean.send(url, "POST", "/v1/chat/completions", HEADERS, BODY, tls=tls)
             try:
                 body = b"".join([chunk async for chunk in response.chunks()])
             finally:
@@ -254,33 +299,49 @@ def main() -> None:
         "sends all at once like the direct paths and this measures the hop, not the queue)",
     )
     parser.add_argument(
-        "--serve-router", nargs=3, metavar=("STATE_DIR", "URL", "TARGET"), help=argparse.SUPPRESS
+        "--backend-tls",
+        action="store_true",
+        help="the stand-in serves TLS with its own certificate, pinned (as backend_tls)",
+    )
+    parser.add_argument(
+        "--serve-router",
+        nargs="+",
+        metavar="STATE_DIR URL TARGET [CERT]",
+        help=argparse.SUPPRESS,
     )
     args = parser.parse_args()
     if args.serve_router:
-        run_router(*args.serve_router)
+        state_dir, url, target, *cert = args.serve_router
+        run_router(state_dir, url, target, cert[0] if cert else None)
         return
     target = args.target_concurrency or args.concurrent
     with tempfile.TemporaryDirectory(prefix="saia-bench-hop-") as tmp:
         root = Path(tmp)
         port = free_port()
-        url = f"http://127.0.0.1:{port}"
         argv = [sys.executable, "-m", "hpc.standin", "--host", "127.0.0.1", "--port", str(port)]
-        standin = start_process([*argv, "--model-name", MODEL], lambda: healthy(url))
+        route = [str(root / "state")]
+        tls = None
+        if args.backend_tls:
+            cert = make_certificate(root / "tls")
+            argv += ["--ssl-keyfile", str(cert.key_file), "--ssl-certfile", str(cert.cert_file)]
+            tls = pinned_context(cert.pem)
+        url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+        route += [url, str(target)] + ([str(cert.cert_file)] if args.backend_tls else [])
+        standin = start_process([*argv, "--model-name", MODEL], lambda: healthy(url, tls or True))
         router = start_process(
-            [sys.executable, __file__, "--serve-router", str(root / "state"), url, str(target)],
+            [sys.executable, __file__, "--serve-router", *route],
             lambda: (root / "state" / SOCKET_NAME).exists(),
         )
         try:
             with SshdSandbox(root / "ssh", root / "state") as sshd:
                 print(
                     f"relay python: {sshd.python}; cores: {os.cpu_count()}; loop: {LOOP}; "
-                    f"router target_concurrency: {target}"
+                    f"router target_concurrency: {target}; backend TLS: {bool(tls)}"
                 )
                 assert sshd.process is not None
-                meter = CpuMeter(router.pid, standin.pid, sshd.process.pid)
+                meter = CpuMeter(router.pid, standin.pid, sshd.process.pid, port)
                 with asyncio.Runner(loop_factory=new_loop) as runner:
-                    runner.run(measure(url, sshd, meter, args))
+                    runner.run(measure(url, tls, sshd, meter, args))
         finally:
             stop_process(router, 10)
             stop_process(standin, 10)
