@@ -10,10 +10,12 @@ load through the whole chain: tests/faults/test_preemption.py.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,7 +23,7 @@ from hpc.jobs.system import job_dir
 from hpc.scheduler.observation import STOPPING_FILE
 from hpc.scheduler.status import read_status
 from saia.sandbox.slurm import SlurmSandbox
-from saia.sandbox.slurm_conf import BURST_REQUEUE, GPUS, URGENT
+from saia.sandbox.slurm_conf import BURST, BURST_REQUEUE, GPUS, URGENT
 from tests.hpc.scheduler.test_agent_slurm import (
     STANDIN_SERVICE,
     agent_config,
@@ -95,6 +97,43 @@ async def test_preemption_with_requeue_mode_cancels_and_replaces_our_job(
                 slurm_cluster.run(["scancel", urgent])
 
 
+async def test_a_job_preempted_while_loading_is_replaced_without_back_off(
+    slurm_cluster: SlurmSandbox, prefix: str, tmp_path: Path
+) -> None:
+    """Preemption is no failed start: with startup_backoff 600 s, a failed start would
+    hold the replacement back for ten minutes; a preempted one is submitted at once."""
+    config = agent_config(
+        slurm_cluster, tmp_path, prefix,
+        resources=STANDIN_SERVICE["resources"] | {"partition": BURST},
+        server_command=["bash", "-c", "exec sleep 600", "loads-forever"],
+        startup_timeout="10m", startup_backoff="10m", startup_backoff_max="10m",
+    )  # fmt: skip
+    urgent = None
+    async with running_agent(config):
+        try:
+
+            async def loading() -> str | None:
+                return next((j.job_id for j in await our_jobs(config) if j.running), None)
+
+            first = await _value(loading, "the job did not start")
+            urgent = submit_urgent(slurm_cluster, prefix)
+
+            async def replacement() -> str | None:
+                jobs = await our_jobs(config)
+                return next((j.job_id for j in jobs if j.job_id != first), None)
+
+            await _value(replacement, "no replacement (a back-off?)")
+            assert (job_dir(tmp_path, first) / STOPPING_FILE).exists()
+            # once the agent has taken in the job's end, its back-off is still clear
+            saved = await until(lambda: _saved_without(tmp_path, first), LIMIT, "still saved")
+            assert saved is not None and saved["backoff"]["tiny"]["failures"] == 0, saved
+            warnings = [w for s in read_status(tmp_path).services for w in s.warnings]
+            assert not any("failed start" in w for w in warnings), warnings
+        finally:
+            if urgent is not None:
+                slurm_cluster.run(["scancel", urgent])
+
+
 async def test_a_job_requeued_after_it_ran_is_cancelled_and_replaced(
     slurm_cluster: SlurmSandbox, prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -131,3 +170,22 @@ async def _poll(check: Callable[[], Awaitable[bool]], what: str) -> None:
     while not await check():
         assert loop.time() < deadline, f"{what} within {LIMIT:.0f} s"
         await asyncio.sleep(0.2)
+
+
+async def _value(check: Callable[[], Awaitable[str | None]], what: str) -> str:
+    """Poll an async check (bounded) until it returns a value."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + LIMIT
+    while (value := await check()) is None:
+        assert loop.time() < deadline, f"{what} within {LIMIT:.0f} s"
+        await asyncio.sleep(0.2)
+    return value
+
+
+def _saved_without(state_dir: Path, job_id: str) -> dict[str, Any] | None:
+    """The agent's saved state once it no longer lists the job, else None."""
+    try:
+        saved: dict[str, Any] = json.loads((state_dir / "agent-state.json").read_text())
+    except (OSError, ValueError):  # being replaced right now
+        return None
+    return saved if job_id not in saved["jobs"] else None
