@@ -22,6 +22,7 @@ from hpc.jobs.system import write_atomic
 
 if TYPE_CHECKING:
     from hpc.config import ServiceConfig
+    from hpc.jobs.system import JobInfo
     from hpc.registry import BackendRegistry
     from hpc.scheduler.live import LiveState
 
@@ -50,6 +51,7 @@ class JobStatus:
     metrics: str = ""  # why the last /metrics read gave no figures
     operator_drain: str = ""  # an operator asked to drain it: "replace" or "now"
     drain_reason: str = ""
+    placement: str = ""  # the service's placement it is in ("" without placements, or none)
 
 
 @dataclass(frozen=True)
@@ -199,8 +201,9 @@ def _jobs_table(status: AgentStatus, age: float) -> Table:
     for j in status.jobs:
         left = None if j.time_left_s is None else j.time_left_s - age
         note = j.drain_reason if j.draining else j.health or j.reason or j.metrics
+        state = f"{j.state} in {j.placement}" if j.placement else j.state
         table.add_row(
-            j.job_id, j.service, j.state, j.endpoint or "-", serving(j), _duration(left), note
+            j.job_id, j.service, state, j.endpoint or "-", serving(j), _duration(left), note
         )
     return table
 
@@ -261,7 +264,15 @@ def _job_status(live: LiveState, job_id: str) -> JobStatus | None:
         metrics=health.load_problem,
         operator_drain=record.operator_drain,
         drain_reason=record.drain_reason,
+        placement=_placement(live, info),
     )
+
+
+def _placement(live: LiveState, info: JobInfo) -> str:
+    from hpc.scheduler.placement import placement_of  # the agent's side only
+
+    service = live.services.get(info.service)
+    return (placement_of(service, info) or "") if service is not None else ""
 
 
 def drain_waits(live: LiveState, service: str, now: float) -> list[str]:

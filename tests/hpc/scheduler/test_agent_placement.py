@@ -41,6 +41,7 @@ async def test_each_job_goes_where_slurm_predicts_the_soonest_start(tmp_path: Pa
     views = r.agent.observe(await r.slurm.list_jobs(), r.clock()).services[0].jobs
     assert [view.placement for view in views] == ["reserved"]
     await r.serve(job)
+    assert [status.placement for status in r.status().jobs] == ["reserved"]  # hpc status
     # 3 requests on 1 slot each: two more instances, on burst, where they start soonest
     r.agent.live.health.record_load(LoadReading(job, BackendLoad(3, 0)))
     await r.step(seconds=61)  # the probe interval passed
