@@ -9,6 +9,7 @@ from typing import Any
 from hpc.config import ServiceConfig
 from hpc.jobs.system import JobInfo
 from hpc.scheduler.placement import placement_of
+from hpc.scheduler.placement_probes import may_submit
 from hpc.scheduler.policy import (
     Cancel,
     Drain,
@@ -162,3 +163,18 @@ def test_a_job_is_attributed_to_its_placement_from_what_slurm_lists() -> None:
     assert placement_of(config, info("gpu", "normal", "floor")) == "reserved"  # most specific
     assert placement_of(config, info("other", "normal")) is None
     assert placement_of(service(), info("")) == ""  # no placements: the one default
+
+
+def test_slurm_is_asked_where_only_when_a_job_may_be_submitted_or_moved() -> None:
+    def may(*jobs: JobView, config: ServiceConfig | None = None, **fields: Any) -> bool:
+        one = ServiceSnapshot(config=config or placed(), jobs=jobs, **fields)
+        return may_submit(one, NOW, horizon=60)
+
+    floor = job("1", placement="guaranteed", time_left=3000)
+    assert not may(floor)  # steady: nothing to place
+    assert may()  # the floor is short
+    assert may(floor, load=loads(0, 0, 4))  # the load wants more
+    assert may(job("1", placement="guaranteed", time_left=100))  # renewal within 60 + 60 s
+    assert may(floor, pending("2", "reserved"))  # a pending job may be moved
+    assert not may(floor, replace(pending("2", "reserved"), moved_from="0"))  # not twice
+    assert not may(config=service())  # one placement: no choice to make
