@@ -20,8 +20,12 @@ from hpc.jobs.slurm import SlurmJobSystem
 from hpc.jobs.system import JobInfo, JobTag, Submission, private_dir
 from hpc.registry import BackendRegistry
 from hpc.scheduler.agent import Agent
+from hpc.scheduler.placement import floor_count, placement_of
+from hpc.scheduler.placement_probes import placed_submission
+from hpc.scheduler.policy import JobView, ServiceSnapshot
 from hpc.scheduler.state import AgentState
 from saia.sandbox.slurm import SlurmSandbox
+from saia.sandbox.slurm_conf import BURST
 
 pytestmark = pytest.mark.slurm
 SERVICE = "svc"
@@ -121,3 +125,42 @@ async def until_state(jobs: SlurmJobSystem, job_id: str, state: str) -> JobInfo:
             return info
         assert time.monotonic() < deadline, f"job {job_id}: {info}"
         await asyncio.sleep(0.5)
+
+
+async def test_each_partition_answers_test_only_and_a_burst_job_is_known_as_burst(
+    slurm_cluster: SlurmSandbox, tmp_path: Path
+) -> None:
+    """Two real partitions (`gpu`, and the sandbox's preemptible `burst`): sbatch --test-only
+    gives a start for each, and a job placed in `burst` is listed there and counted as
+    preemptible (it holds no floor)."""
+    state_dir = private_dir(tmp_path / "state")
+    prefix = "b" + uuid.uuid4().hex[:8]
+    resources = {"cpus": 1, "memory": "100M", "time_limit": "30:00"}
+    placements = [
+        {"name": "floor", "partition": "gpu"},
+        {"name": "burst", "partition": BURST, "preemptible": True},
+    ]
+    config = parse_config(
+        settings(slurm_cluster, state_dir, prefix, resources=resources, placements=placements)
+    )
+    tag = JobTag(prefix, "burst")
+    jobs = SlurmJobSystem(config, tag)
+    service = config.services[0]
+
+    def render(placed: ServiceConfig) -> Submission:
+        return sleeper(placed, config, tag)
+
+    try:
+        before = time.time()
+        for name, partition in (("floor", "gpu"), ("burst", BURST)):
+            estimate = await jobs.test_start(placed_submission(render, service, name))
+            assert estimate.partition == partition
+            assert before - 60 <= estimate.start <= before + 60  # idle: now
+        job_id = await jobs.submit(placed_submission(render, service, "burst"))
+        [info] = [info for info in await jobs.list_jobs() if info.job_id == job_id]
+        assert info.partition == BURST and placement_of(service, info) == "burst"
+        snapshot = ServiceSnapshot(service, jobs=(JobView(info, first_seen=before),))
+        assert floor_count(snapshot, snapshot.jobs) == 0  # the floor is still to be placed
+    finally:
+        slurm_cluster.run(["scancel", f"--name={prefix}-{SERVICE}"])
+        await jobs.aclose()
