@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from hpc.jobs.system import job_dir
@@ -93,74 +94,107 @@ async def state_of(chain: FaultChain, job_id: str) -> str:
     return (await slurm(chain, *squeue, check=False)).strip()
 
 
+@dataclass
+class Preemption:
+    """What the test saw, event-loop times of when it saw it."""
+
+    first: dict[str, str]  # the ready jobs before: job id -> partition
+    burst: str  # the job Slurm preempted
+    urgent: str = ""
+    urgent_at: float = 0.0  # the urgent job submitted
+    signalled: float = 0.0  # the burst job's shell got SIGTERM (its stopping file)
+    replacement: str = ""  # the first job submitted after it
+    submitted: float = 0.0
+    urgent_then: str = ""  # the urgent job's state when the replacement was seen
+    urgent_ran: float = 0.0  # the urgent job running
+    freed: float = 0.0  # the urgent job cancelled
+    serving: str = ""  # the replacement that served (the policy may have moved it)
+    ready: float = 0.0
+
+    def line(self) -> str:
+        return (
+            f"  SIGTERM {self.signalled - self.urgent_at:.1f}s after the urgent job was "
+            f"submitted; replacement {self.replacement} submitted "
+            f"{self.submitted - self.signalled:.1f}s after the SIGTERM (urgent job "
+            f"{self.urgent_then} then); {self.serving} ready {self.ready - self.freed:.1f}s "
+            f"after the urgent job ended, {self.ready - self.signalled:.1f}s after the preemption"
+        )
+
+
+async def burst_instance(chain: FaultChain) -> Preemption:
+    """Under load: the floor on gpu and the load instance on burst, both ready."""
+
+    async def both_ready() -> dict[str, str] | None:
+        jobs = await ready_jobs(chain)
+        return jobs if sorted(jobs.values()) == sorted([BURST, "gpu"]) else None
+
+    first = await eventually(both_ready, "no ready burst instance beside the floor")
+    [burst] = [job for job, partition in first.items() if partition == BURST]
+    return Preemption(first, burst)
+
+
+async def preempt_and_replace(chain: FaultChain, seen: Preemption) -> None:
+    """The urgent job preempts the burst one; it runs URGENT_S, then the replacement serves."""
+    loop = asyncio.get_running_loop()
+    seen.urgent, seen.urgent_at = await submit_urgent(chain), loop.time()
+    marker = job_dir(chain.state_dir, seen.burst) / STOPPING_FILE
+    await until(marker.exists, STEP_LIMIT, "the burst job got no SIGTERM", poll_s=0.1)
+    seen.signalled = loop.time()
+
+    async def replacement() -> str | None:
+        return next((j.job_id for j in await chain.jobs() if j.job_id not in seen.first), None)
+
+    seen.replacement = await eventually(replacement, "no replacement submitted")
+    seen.submitted, seen.urgent_then = loop.time(), await state_of(chain, seen.urgent)
+    await eventually(lambda: _is(state_of(chain, seen.urgent), "RUNNING"), "no urgent run")
+    seen.urgent_ran = loop.time()
+    await asyncio.sleep(URGENT_S)  # the urgent job's run itself, not a wait for something
+    await slurm(chain, "scancel", seen.urgent)
+    seen.freed = loop.time()
+
+    async def replacement_ready() -> str | None:
+        # The placement policy may move the pending replacement (cancel, submit anew)
+        # to another placement while it waits: any new job serving counts.
+        return next((job for job in await ready_jobs(chain) if job not in seen.first), None)
+
+    seen.serving = await eventually(replacement_ready, "no replacement served")
+    seen.ready = loop.time()
+
+
 async def test_preempted_burst_instance_drains_and_is_replaced(fault_chain: FaultChain) -> None:
-    chain, loop = fault_chain, asyncio.get_running_loop()
+    chain = fault_chain
     state, back = await wait_steady(chain)
     assert back, f"the chain is not steady before the fault: {state}"
     load = Load(chain.hub_url, SERVICE, chain.keys, clients=8, duration=LOAD_LIMIT)
     result, stop = LoadResult(), asyncio.Event()
     task = asyncio.create_task(run_load(load, result, stop))
-    urgent: str | None = None
+    seen: Preemption | None = None
     try:
-
-        async def both_ready() -> dict[str, str] | None:
-            jobs = await ready_jobs(chain)
-            return jobs if sorted(jobs.values()) == sorted([BURST, "gpu"]) else None
-
-        first = await eventually(both_ready, "no ready burst instance beside the floor")
-        [burst] = [job for job, partition in first.items() if partition == BURST]
-        urgent, urgent_at = await submit_urgent(chain), loop.time()
-        marker = job_dir(chain.state_dir, burst) / STOPPING_FILE
-        await until(marker.exists, STEP_LIMIT, "the burst job got no SIGTERM", poll_s=0.1)
-        signalled = loop.time()
-
-        async def replacement() -> str | None:
-            new = [j.job_id for j in await chain.jobs() if j.job_id not in first]
-            return new[0] if new else None
-
-        new = await eventually(replacement, "no replacement submitted")
-        submitted = loop.time()
-        running = await state_of(chain, urgent)
-        await eventually(
-            lambda: _is(state_of(chain, urgent), "RUNNING"), "the urgent job did not start"
-        )
-        urgent_ran = loop.time()
-        await asyncio.sleep(URGENT_S)  # the urgent job's run itself, not a wait for something
-        await slurm(chain, "scancel", urgent)
-        freed = loop.time()
-
-        async def replacement_ready() -> str | None:
-            # The placement policy may move the pending replacement (cancel, submit anew)
-            # to another placement while it waits: any new job serving counts.
-            return next((job for job in await ready_jobs(chain) if job not in first), None)
-
-        serving_job = await eventually(replacement_ready, "no replacement served")
-        ready = loop.time()
+        seen = await burst_instance(chain)
+        await preempt_and_replace(chain, seen)
     finally:
         stop.set()
         await task  # every request ends within its own timeout
-        if urgent is not None:
-            await slurm(chain, "scancel", urgent, check=False)
-    report = await build_report(chain, "k. burst instance preempted (Slurm)", result, signalled)
-    check_targets(report, result, died_at=None)  # the preempted server drained: none failed
-    print(
-        f"  SIGTERM {signalled - urgent_at:.1f}s after the urgent job was submitted; "
-        f"replacement {new} submitted {submitted - signalled:.1f}s after the SIGTERM "
-        f"(urgent job {running} then); {serving_job} ready {ready - freed:.1f}s after the "
-        "urgent job ended, "
-        f"{ready - signalled:.1f}s after the preemption"
+        if seen is not None and seen.urgent:
+            await slurm(chain, "scancel", seen.urgent, check=False)
+    report = await build_report(
+        chain, "k. burst instance preempted (Slurm)", result, seen.signalled
     )
-    alone = [o for o in result.outcomes if urgent_ran <= o.started and (o.ended or 0) <= freed]
+    check_targets(report, result, died_at=None)  # the preempted server drained: none failed
+    print(seen.line())
+    alone = [
+        o for o in result.outcomes if seen.urgent_ran <= o.started and (o.ended or 0) <= seen.freed
+    ]
     print(f"  {len(alone)} requests sent and ended while the floor served alone")
     log = (chain.root / "agent.log").read_text(errors="replace")
     for line in log.splitlines():
-        if f"job {burst} " in line or "submitted job" in line or "cancelling job" in line:
+        if f"job {seen.burst} " in line or "submitted job" in line or "cancelling job" in line:
             print("  agent:", line[11:])
-    assert f"job {burst} ({SERVICE}) got its stop signal from Slurm" in log
+    assert f"job {seen.burst} ({SERVICE}) got its stop signal from Slurm" in log
     assert "failed start" not in log, "the preemption was counted as a failed start"
     assert alone and all(o.kind == "ok" for o in alone), result.summary()
-    assert burst not in {j.job_id for j in await chain.jobs()}
-    assert await state_of(chain, urgent) not in ("PENDING", "RUNNING"), "urgent job left"
+    assert seen.burst not in {j.job_id for j in await chain.jobs()}
+    assert await state_of(chain, seen.urgent) not in ("PENDING", "RUNNING"), "urgent job left"
 
 
 async def _is(value: Awaitable[str], wanted: str) -> bool | None:
