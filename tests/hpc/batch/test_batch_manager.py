@@ -88,3 +88,49 @@ async def test_bad_requests_are_refused_and_nothing_is_submitted(tmp_path: Path)
     status, answer = await ask(batches, "POST", BATCH, SPEC)
     assert status == 503 and "sbatch: error" in answer["error"]["message"]
     assert jobs.submissions == []
+
+
+def answers(*ids: str) -> str:
+    return "".join(
+        json.dumps({"custom_id": i, "response": {"status_code": 200, "body": {}}, "error": None})
+        + "\n"
+        for i in ids
+    )
+
+
+async def test_a_stopped_job_is_followed_by_another_until_the_attempts_run_out(
+    tmp_path: Path,
+) -> None:
+    batches, jobs = manager(tmp_path)  # batch.max_attempts: 4 by default
+    folder = tmp_path / "batches" / BATCH
+    await ask(batches, "PUT", f"{BATCH}/input", b"a\nb\nc\n", "0")
+    spec = json.dumps({"service": "bulk", "requests": 3, "window_s": 86400}).encode()
+    job = (await ask(batches, "POST", BATCH, spec))[1]["job_id"]
+    (folder / "output.jsonl").write_text(answers("a") + '{"custom_id": "b", "resp')  # torn
+    (folder / "errors.jsonl").write_text(answers("x"))
+    jobs.end(job)  # Slurm ended it at its time limit: the script wrote 143
+    (folder / "exit_code").write_text("143\n")
+    batches._list = None
+    state = (await ask(batches, "GET", BATCH))[1]
+    assert (state["state"], state["completed"], state["failed"]) == ("queued", 1, 1)
+    assert state["job_id"] != job and list(jobs.jobs) == [state["job_id"]]
+    assert (folder / f"exit_code.{job}").read_text() == "143\n"  # the next job writes anew
+    assert not (folder / "exit_code").exists()
+    assert "resubmitted for 1 requests left" in state["message"]
+    assert "--time=" in jobs.submissions[1].script  # planned for what is left
+    for _attempt in range(3):  # jobs 2, 3 and 4 end with no result at all (node failure)
+        jobs.end(state["job_id"])
+        batches._list = None
+        state = (await ask(batches, "GET", BATCH))[1]
+    assert state["state"] == "failed" and "4 jobs ran" in state["message"]
+    assert len(jobs.submissions) == 4
+    output = await ask(batches, "GET", f"{BATCH}/output", raw=True)
+    assert output == (200, (answers("a") + answers("x")).encode())  # whole lines of both
+
+
+async def test_a_cancelled_batch_is_not_resubmitted(tmp_path: Path) -> None:
+    batches, jobs = manager(tmp_path)
+    await ask(batches, "PUT", f"{BATCH}/input", b"a\nb\n", "0")
+    job = (await ask(batches, "POST", BATCH, SPEC))[1]["job_id"]
+    assert (await ask(batches, "POST", f"{BATCH}/cancel"))[1]["state"] == "cancelled"
+    assert jobs.cancelled == [job] and len(jobs.submissions) == 1
