@@ -485,7 +485,9 @@ saia_ray_stop() {
     done
 }
 trap saia_ray_stop EXIT
-trap 'exit 143' TERM INT # until saia_serve takes the stop signal over
+# Until saia_serve takes the stop signal over; a stop meanwhile (preemption while Ray
+# starts) is noted for the agent as saia_stop does: no failed start.
+trap 'echo "SIGTERM $(date +%s)" >"$SAIA_JOB_DIR/stopping" 2>/dev/null; exit 143' TERM INT
 
 # How many Ray nodes are alive (empty while the head does not answer).
 saia_ray_nodes() {
