@@ -97,9 +97,10 @@ def pending_moves(service: ServiceSnapshot, jobs: Iterable[JobView], floor: set[
     """Pending jobs worth moving: Slurm expects each to start (its own `squeue --start`)
     at least `replace_pending_gain` after another allowed placement is predicted to. Never
     a job that was moved already (no ping-pong), nor one whose start nobody knows; a job
-    in `floor` only to a placement that is not preemptible."""
+    in `floor` only to a placement that is not preemptible. Only predictions Slurm made
+    after the job was queued count: an older one did not see the job itself, nor what
+    happened since (a preemption that freed or took GPUs)."""
     gain = service.config.replace_pending_gain
-    starts = predicted_starts(service)
     moves: list[Move] = []
     for job in jobs:
         expected = job.expected_start
@@ -107,6 +108,11 @@ def pending_moves(service: ServiceSnapshot, jobs: Iterable[JobView], floor: set[
             continue
         if expected is None or job.placement is None:
             continue
+        starts = {
+            entry.placement: entry.start
+            for entry in service.placement_starts
+            if entry.observed_at >= job.first_seen
+        }
         for placement in ranked(service, floor=job.job_id in floor):
             name = placement.name or ""
             start = starts.get(name)

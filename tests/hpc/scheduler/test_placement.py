@@ -122,6 +122,17 @@ def test_a_pending_job_stays_when_the_gain_is_small_or_unknown() -> None:
     assert decide(snap(unknown, placement_starts=early), NOW).actions == ()  # no estimate
 
 
+def test_a_pending_job_is_not_moved_on_a_prediction_made_before_it_was_queued() -> None:
+    late = pending("1", "guaranteed", NOW + 3600)  # first seen NOW - 5
+    stale = tuple(replace(entry, observed_at=NOW - 60) for entry in starts(reserved=NOW))
+    assert decide(snap(late, placement_starts=stale), NOW).actions == ()
+    fresh = tuple(replace(entry, observed_at=NOW - 1) for entry in stale)
+    (submit,) = [
+        a for a in decide(snap(late, placement_starts=fresh), NOW).actions if isinstance(a, Submit)
+    ]
+    assert (submit.placement, submit.moves) == ("reserved", "1")
+
+
 def test_a_burst_pending_job_may_move_to_a_preemptible_placement() -> None:
     floor = job("1", placement="guaranteed")
     extra = pending("2", "reserved", NOW + 4000)
