@@ -315,6 +315,7 @@ def main() -> None:
         run_router(state_dir, url, target, cert[0] if cert else None)
         return
     target = args.target_concurrency or args.concurrent
+    os.environ.setdefault("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", "35")  # the stand-in's, as in a job
     with tempfile.TemporaryDirectory(prefix="saia-bench-hop-") as tmp:
         root = Path(tmp)
         port = free_port()

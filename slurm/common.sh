@@ -83,6 +83,10 @@ saia_make_certificate() {
 if [[ "${SAIA_BACKEND_TLS:-}" == 1 ]]; then
     saia_make_certificate
 fi
+# The agent's router keeps an idle connection to the server 30 s (its HttpClient's
+# keepalive_expiry); vLLM (and the stand-in) would close it after 5 s. Longer here, so the
+# router closes first and an idle gap under 30 s costs no new TCP and TLS handshake.
+export VLLM_HTTP_TIMEOUT_KEEP_ALIVE="${VLLM_HTTP_TIMEOUT_KEEP_ALIVE:-35}"
 
 # A TCP port nobody listens on right now (the server binds it a moment later).
 saia_free_port() {

@@ -380,6 +380,8 @@ def main(argv: list[str] | None = None) -> None:
         timeout_graceful_shutdown=5,
         ssl_keyfile=args.ssl_keyfile,
         ssl_certfile=args.ssl_certfile,
+        # As vLLM: idle keep-alive connections are closed after this many seconds.
+        timeout_keep_alive=int(os.environ.get("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", "5")),
     )
     server = StandinServer(config)
     server.run()
