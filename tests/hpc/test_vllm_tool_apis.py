@@ -61,7 +61,9 @@ class RouterClient:
 
 @asynccontextmanager
 async def routed(job: VllmJob, state_dir: Path) -> AsyncIterator[RouterClient]:
-    """The agent's router on its socket, with the vLLM job as the service's one backend."""
+    """The agent's router on its socket, with the vLLM job as the service's one backend:
+    over TLS, pinned to the job's own certificate (backend_tls, the default)."""
+    assert job.certificate and job.url.startswith("https://")
     config = AgentConfig(
         state_dir=state_dir, services=[ServiceConfig(name=job.model, model=job.model)]
     )
