@@ -12,9 +12,10 @@ moment it arrives: at any time the two files hold every finished request.
 
 Resume: the custom_ids already in either file are not sent again; a torn last line (the
 job was killed mid-write) is cut off, so that request is sent again. A request the server
-did not answer (connection lost, server gone) is written nowhere and is sent by the next
-run. SIGTERM (time limit, preemption, scancel) stops new requests, lets those in flight
-finish within `--grace` seconds, and exits 143.
+did not answer (connection lost, server gone), or answered with a 5xx while stopping or
+unhealthy, is written nowhere and is sent by the next run. SIGTERM (time limit, preemption,
+scancel) stops new requests, lets those in flight finish within `--grace` seconds, and
+exits 143.
 
 Why asyncio with raw HTTP/1.1 (one short connection per request) and not http.client in
 threads: a few dozen requests in flight are a few dozen coroutines; a stop is one event
@@ -224,11 +225,24 @@ class Driver:
                 return
             try:
                 line = await self.one(request)
+                if line["response"]["status_code"] >= 500 and not await self.healthy():
+                    raise ServerGone(f"status {line['response']['status_code']}, not healthy")
             except ServerGone as error:
                 self.server_failed = self.server_failed or str(error)
                 self.stopping.set()
                 return
             self.write(line)
+
+    async def healthy(self) -> bool:
+        """Whether a server error is the request's own: a server that is shutting down (its
+        engine stopped by the same SIGTERM) fails what it holds, which the next job sends."""
+        if self.stopping.is_set():
+            return False
+        try:
+            status, _ = await asyncio.wait_for(http(self.port, self.key, "GET", "/health"), 10)
+        except (ServerGone, asyncio.TimeoutError):  # noqa: UP041 (not TimeoutError before 3.11)
+            return False
+        return status == 200
 
     async def one(self, request: Any) -> dict[str, Any]:
         refused = refusal(request)

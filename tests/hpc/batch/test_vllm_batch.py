@@ -1,6 +1,7 @@
-"""A 20-request batch through the real `vllm run-batch` (CPU build, SmolLM2-135M-Instruct)
-in a sandbox Slurm job, driven by the agent's batch manager as the hop would drive it:
-input in pieces, submit, status until completed, output streamed, files removed."""
+"""Batches through the real `vllm serve` (CPU build, SmolLM2-135M-Instruct) that the job's
+driver starts in a sandbox Slurm job, driven by the agent's batch manager as the hop would
+drive it: 20 requests from input in pieces to output streamed and files removed; a batch
+cancelled mid-way keeps the answers made so far."""
 
 from __future__ import annotations
 
@@ -100,3 +101,47 @@ async def until_done(manager: BatchManager, batch: str) -> dict[str, Any]:
             return state
         await asyncio.sleep(2)
     raise AssertionError(f"the batch did not end within {RUN_LIMIT:.0f} s: {state}")
+
+
+async def test_a_cancelled_vllm_batch_keeps_the_answers_made_so_far(
+    tmp_path: Path, slurm_cluster: SlurmSandbox, vllm_install: VllmInstall
+) -> None:
+    prefix = "v" + uuid.uuid4().hex[:8]
+    config = vllm_config(
+        slurm_cluster, vllm_install, tmp_path / "state", prefix, min_instances=0,
+        model=str(vllm_install.chat_model_dir),
+        vllm={"max_model_len": 1024, "dtype": "float32", "enforce_eager": True},
+    )  # fmt: skip
+    # Two at a time, so the answers arrive one after another and a cancel falls mid-way.
+    config = config.model_copy(update={"batch": config.batch.model_copy(update={"concurrency": 2})})
+    manager, batch = BatchManager(lambda: config), f"batch-{uuid.uuid4().hex[:24]}"
+    lines = [
+        {"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": SERVICE, "max_tokens": 16, "temperature": 0,
+                  "messages": [{"role": "user", "content": f"Tell a story about {i}."}]}}
+        for i in range(60)
+    ]  # fmt: skip
+    data = b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+    assert (await ask(manager, "PUT", f"{batch}/input", data, 0))[0] == 200
+    spec = {"service": SERVICE, "requests": 60, "window_s": 3600}
+    assert (await ask(manager, "POST", batch, json.dumps(spec).encode()))[0] == 200
+    try:
+        deadline, state = time.monotonic() + RUN_LIMIT, {}
+        while time.monotonic() < deadline:
+            state = json.loads((await ask(manager, "GET", batch))[1])
+            if state["completed"] >= 4 or state["state"] not in ("queued", "running"):
+                break
+            await asyncio.sleep(1)
+        assert state["state"] == "running" and 4 <= state["completed"] < 60, state
+        assert (await ask(manager, "POST", f"{batch}/cancel"))[0] == 200
+        state = await until_done(manager, batch)
+        assert state["state"] == "cancelled" and 4 <= state["completed"] < 60, state
+        status, output = await ask(manager, "GET", f"{batch}/output")
+        results = [json.loads(line) for line in output.splitlines()]
+        assert status == 200 and len(results) == state["completed"] + state["failed"]
+        assert len({r["custom_id"] for r in results}) == len(results)
+        for result in results:
+            assert result["response"]["status_code"] == 200
+            assert result["response"]["body"]["choices"][0]["message"]["content"]
+    finally:
+        slurm_cluster.run(["scancel", f"--name={prefix}-{batch}"])
