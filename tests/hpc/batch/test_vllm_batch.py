@@ -92,10 +92,10 @@ async def test_vllm_run_batch_answers_20_requests(
 
 
 async def until_done(manager: BatchManager, batch: str) -> dict[str, Any]:
-    deadline, state = time.monotonic() + RUN_LIMIT, {}
+    deadline, state = time.monotonic() + RUN_LIMIT, dict[str, Any]()
     while time.monotonic() < deadline:
         status, answer = await ask(manager, "GET", batch)
-        state = json.loads(answer)
+        state = dict(json.loads(answer))
         assert status == 200, state
         if state["state"] not in ("queued", "running"):
             return state
@@ -126,9 +126,9 @@ async def test_a_cancelled_vllm_batch_keeps_the_answers_made_so_far(
     spec = {"service": SERVICE, "requests": 60, "window_s": 3600}
     assert (await ask(manager, "POST", batch, json.dumps(spec).encode()))[0] == 200
     try:
-        deadline, state = time.monotonic() + RUN_LIMIT, {}
+        deadline, state = time.monotonic() + RUN_LIMIT, dict[str, Any]()
         while time.monotonic() < deadline:
-            state = json.loads((await ask(manager, "GET", batch))[1])
+            state = dict(json.loads((await ask(manager, "GET", batch))[1]))
             if state["completed"] >= 4 or state["state"] not in ("queued", "running"):
                 break
             await asyncio.sleep(1)
