@@ -56,19 +56,27 @@ class Run:
         return int(found.group(1)) if found else None
 
 
+STANDIN = [sys.executable, "-m", "hpc.standin", "--model-name", "m", "--api-key-env",
+           "VLLM_API_KEY"]  # fmt: skip
+
+
 @asynccontextmanager
 async def driver(
-    folder: Path, concurrency: int = 4, token_delay: float = 0.01, grace: float = 5.0
+    folder: Path,
+    concurrency: int = 4,
+    token_delay: float = 0.01,
+    grace: float = 5.0,
+    options: tuple[str, ...] = (),
+    server: tuple[str, ...] = (),
 ) -> AsyncIterator[Run]:
-    """The driver over folder/in.jsonl with its own stand-in; killed with its server (its
-    process group) at the end if still running."""
+    """The driver over folder/in.jsonl with its own stand-in (or `server`); killed with its
+    server (its process group) at the end if still running."""
     log = folder / f"driver-{time.monotonic_ns()}.log"
     argv = [
         sys.executable, str(DRIVER), "-i", str(folder / "in.jsonl"),
         "-o", str(folder / "out.jsonl"), "-e", str(folder / "err.jsonl"),
-        "--concurrency", str(concurrency), "--grace", str(grace), "--",
-        sys.executable, "-m", "hpc.standin", "--model-name", "m",
-        "--api-key-env", "VLLM_API_KEY", "--token-delay", str(token_delay),
+        "--concurrency", str(concurrency), "--grace", str(grace), *options, "--",
+        *(server or [*STANDIN, "--token-delay", str(token_delay)]),
     ]  # fmt: skip
     with log.open("wb") as sink:
         proc = await asyncio.create_subprocess_exec(
@@ -170,3 +178,24 @@ async def test_error_answers_go_to_the_errors_file(tmp_path: Path) -> None:
     assert "stream" in errors["r2"]["error"] and "not supported" in errors["r3"]["error"]
     async with driver(tmp_path) as run:  # all answered: nothing is sent again
         assert await finished(run) == 0 and "5 requests, 0 left to send" in run.text()
+
+
+async def test_a_request_past_its_timeout_is_an_error_line(tmp_path: Path) -> None:
+    write_input(tmp_path, [request(0, words=1, max_tokens=2), request(1, words=30, max_tokens=30)])
+    async with driver(tmp_path, token_delay=0.2, options=("--request-timeout", "2")) as run:
+        assert await finished(run) == 0, run.text()  # r0 takes 0.4 s, r1 6 s
+    assert [line["custom_id"] for line in results(tmp_path / "out.jsonl")] == ["r0"]
+    [late] = results(tmp_path / "err.jsonl")
+    assert late["custom_id"] == "r1" and late["response"]["status_code"] == 504
+    assert late["error"]["message"] == "no answer within 2 s"
+
+
+async def test_a_server_that_does_not_start_leaves_every_request_for_the_next_job(
+    tmp_path: Path,
+) -> None:
+    write_input(tmp_path, [request(i) for i in range(3)])
+    broken = (sys.executable, "-c", "import sys; sys.exit(7)")
+    async with driver(tmp_path, server=broken) as run:
+        assert await finished(run) == 3, run.text()
+        assert "the server exited with status 7" in run.text()
+    assert results(tmp_path / "out.jsonl") == results(tmp_path / "err.jsonl") == []
