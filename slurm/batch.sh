@@ -3,7 +3,8 @@
 # or errors.jsonl as it arrives (a rerun skips what they hold). The exit status goes to
 # <batch dir>/exit_code, which is how the agent tells a finished batch from a job that
 # stopped. Expects SAIA_BATCH_DIR, SAIA_STATE_DIR, the array SAIA_BATCH_RUNNER (the
-# driver's argv) and the driver's text in SAIA_BATCH_DRIVER from the lines above.
+# driver's argv), the driver's text in SAIA_BATCH_DRIVER and, for a service with a backend
+# key, the middleware's in SAIA_AUTH_MODULE from the lines above.
 umask 077
 export SAIA_JOB_ID="${SLURM_JOB_ID:?saia: not started by Slurm or the local executor}"
 chmod 600 "$SAIA_STATE_DIR/jobs/$SAIA_JOB_ID.log" 2>/dev/null || true
@@ -21,6 +22,12 @@ saia_batch_exit() {
 
 printf '%s' "${SAIA_BATCH_DRIVER:?saia: the job script lacks the batch driver}" \
     >"$SAIA_BATCH_DIR/saia_batch_driver.py"
+if [[ -n "${SAIA_AUTH_MODULE:-}" ]]; then
+    # the server's key middleware (slurm/saia_backend_auth.py), as in serving jobs
+    mkdir -p "$SAIA_BATCH_DIR/python"
+    printf '%s' "$SAIA_AUTH_MODULE" >"$SAIA_BATCH_DIR/python/saia_backend_auth.py"
+    export PYTHONPATH="$SAIA_BATCH_DIR/python${PYTHONPATH:+:$PYTHONPATH}"
+fi
 echo "saia: batch job $SAIA_JOB_ID runs $SAIA_BATCH_DIR" >&2
 "${SAIA_BATCH_RUNNER[@]}" &
 SAIA_RUNNER_PID=$!

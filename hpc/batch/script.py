@@ -15,7 +15,7 @@ from pathlib import Path
 
 from hpc.batch.plan import JobPlan
 from hpc.config import AgentConfig, ServiceConfig
-from hpc.jobs.script import JobScriptError, log_path, template_text
+from hpc.jobs.script import JobScriptError, auth_module_lines, log_path, template_text
 from hpc.jobs.system import JobTag, Submission
 from hpc.jobs.vllm_args import build_vllm_args, container_binds
 from saia.base.durations import format_slurm_time
@@ -31,14 +31,17 @@ def server(service: ServiceConfig, config: AgentConfig) -> list[str]:
     """The model server's argv without --host/--port (the driver adds them): the stand-in
     for the `standin` template, else the service's `vllm serve` with its vLLM options."""
     python = config.python or sys.executable
+    # The driver's key guards /v1 (the server checks VLLM_API_KEY); the job's middleware,
+    # as in serving jobs, every other path of the port other users of the node can reach.
+    guard = ["--middleware", "saia_backend_auth.BackendKeyMiddleware"] if service.api_key else []
     if service.template == "standin":
         command = list(service.server_command or [python, "-m", "hpc.standin"])
         return [*command, "--model-name", service.model_id, "--api-key-env", "VLLM_API_KEY",
-                *service.server_args]  # fmt: skip
+                *guard, *service.server_args]  # fmt: skip
     if service.template not in ("vllm", "vllm-multinode") or service.resources.nodes > 1:
         raise JobScriptError(f"service {service.name}: batches run on one node with vllm")
     command = list(service.server_command or ["vllm", "serve"])
-    argv = [*command, service.model, *build_vllm_args(service, config)]
+    argv = [*command, service.model, *build_vllm_args(service, config), *guard]
     if service.container:
         binds = [part for bind in container_binds(service, config) for part in ("--bind", bind)]
         argv = ["apptainer", "exec", "--nv", *binds, service.container, *argv]
@@ -112,6 +115,7 @@ def render_batch(
         *(f"export {key}={shlex.quote(value)}" for key, value in service.environment.items()),
         "SAIA_BATCH_RUNNER=(" + " ".join(shlex.quote(part) for part in argv) + ")",
         *driver_lines(),
+        *(auth_module_lines() if service.api_key else []),
         f"# ---- slurm/{TEMPLATE}",
         template_text(TEMPLATE).rstrip("\n"),
     ]

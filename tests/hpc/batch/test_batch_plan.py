@@ -111,5 +111,6 @@ def test_job_script_asks_for_deadline_nice_time_and_account(tmp_path: Path) -> N
     server = argv[argv.index("--") + 1 :]
     assert server[:3] == ["/venv/bin/vllm", "serve", "/models/bulk"]
     assert server[server.index("--max-model-len") :][:2] == ["--max-model-len", "2048"]
-    assert "SAIA_BATCH_DRIVER_END" in job.script
+    assert server[-2:] == ["--middleware", "saia_backend_auth.BackendKeyMiddleware"]
+    assert "SAIA_BATCH_DRIVER_END" in job.script and "SAIA_AUTH_MODULE_END" in job.script
     assert subprocess.run(["bash", "-n"], input=job.script, text=True, check=False).returncode == 0
