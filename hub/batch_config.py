@@ -31,3 +31,15 @@ class BatchesConfig(Strict):
     """cost of a batch token relative to an interactive one, kept with each batch for billing"""
     transfer_chunk_bytes: int = Field(1024 * 1024, ge=4096)
     """input files go to the agent in pieces of this size (one hop request each)"""
+    lease_time: Duration = Field(
+        60.0,
+        gt=0,
+        description="how long a replica holds a batch whose input it sends or output it copies"
+        " (renewed every third of it; another replica takes over once it expired)",
+    )
+    file_lifetime: Duration | None = Field(
+        30 * 86400.0,
+        gt=0,
+        description="files without the client's `expires_after` are removed this long after"
+        " their creation; null: kept until deleted",
+    )

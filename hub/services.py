@@ -108,9 +108,12 @@ class HubServices:
         db = self.database
         interval = self.config.usage_flush_interval
         sync = self.counter_sync.status() if self.counter_sync is not None else None
-        return health_report(
+        code, body = health_report(
             db.down_since, db.reason, self.recorder.status(), interval, time.time(), sync
         )
+        if self.batches is not None and self.batches.failing:  # shown, not a reason for 503
+            body["batches"] = dict(self.batches.failing)
+        return code, body
 
     async def catalog(self) -> tuple[list[ModelConfig], dict[str, dict[str, ModelState]]]:
         """The models (configured, then discovered from the agents) and the states asked

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from sqlalchemy import insert, select
 
 from hub.auth import Principal
-from hub.batches.files import before, caller, new_id, owned_file, owner_of
+from hub.batches.files import before, caller, expires_after, new_id, owned_file, owner_of
 from hub.batches.hop import AgentBatchError
 from hub.batches.service import Batches
 from hub.batches.tables import batches
@@ -99,6 +99,7 @@ async def create_batch(request: Request) -> dict[str, Any]:
     principal, keeper = await caller(request)
     data = await _request_json(request)
     file_id, window, metadata = _checked_request(keeper, data)
+    output_lifetime = expires_after(data.get("output_expires_after"), "output_expires_after")
     source = await owned_file(keeper, principal, file_id)
     if source.purpose != "batch":
         raise ApiError(400, f"file {file_id} is not a batch input file", param="input_file_id",
@@ -118,6 +119,9 @@ async def create_batch(request: Request) -> dict[str, Any]:
         "completion_window": window, "status": "validating", "created_at": now,
         "total": source.lines, "completed": 0, "failed": 0, "prompt_tokens": 0,
         "completion_tokens": 0, "price_factor": keeper.settings.price_factor, "meta": metadata,
+        "output_expires_after": output_lifetime,
+        # This replica sends the input: held from the start, so no poller sends it too.
+        "lease_owner": keeper.leases.owner, "lease_until": now + keeper.leases.ttl,
     }  # fmt: skip
     async with keeper.engine.begin() as connection:
         await connection.execute(insert(batches).values(**row))

@@ -25,6 +25,7 @@ from hub.batches.upload import FormUpload
 from hub.errors import ApiError
 
 PURPOSES = ("batch", "batch_output")
+LIFETIME_BOUNDS = (3600, 30 * 86400)  # OpenAI's bounds of expires_after.seconds
 UPLOAD_SLACK = 64 * 1024  # form framing around the file in Content-Length
 
 
@@ -55,9 +56,43 @@ def file_object(row: Any) -> dict[str, Any]:
         "filename": row.filename,
         "purpose": row.purpose,
         "status": "processed",
-        "expires_at": None,
+        "expires_at": int(row.expires_at) if row.expires_at is not None else None,
         "status_details": None,
     }
+
+
+def expires_after(value: Any, param: str) -> float | None:
+    """OpenAI's `{"anchor": "created_at", "seconds": N}`: N seconds, or None when absent."""
+    if value is None:
+        return None
+    low, high = LIFETIME_BOUNDS
+    seconds = value.get("seconds") if isinstance(value, dict) else None
+    if isinstance(seconds, str) and seconds.isdigit():  # a form field's text
+        seconds = int(seconds)
+    if (
+        not isinstance(value, dict) or value.get("anchor") != "created_at"
+        or not isinstance(seconds, int) or isinstance(seconds, bool)
+        or not low <= seconds <= high
+    ):  # fmt: skip
+        raise ApiError(400, f"{param} must be {{\"anchor\": \"created_at\", \"seconds\": N}}"
+                       f" with N from {low} to {high}", param=param,
+                       code="invalid_expires_after")  # fmt: skip
+    return float(seconds)
+
+
+def form_expires_after(fields: dict[str, str]) -> float | None:
+    """expires_after from a multipart form: `expires_after[anchor]`, `expires_after[seconds]`
+    (how the openai SDK sends the object)."""
+    names = ("anchor", "seconds")
+    if not any(f"expires_after[{name}]" in fields for name in names):
+        return None
+    value = {name: fields.get(f"expires_after[{name}]") for name in names}
+    return expires_after(value, "expires_after")
+
+
+def lifetime_end(created: float, lifetime: float | None, default: float | None) -> float | None:
+    chosen = lifetime or default
+    return created + chosen if chosen else None
 
 
 def new_id(prefix: str) -> str:
@@ -109,11 +144,13 @@ async def create_file(request: Request) -> dict[str, Any]:
                            param="purpose", code="invalid_purpose")  # fmt: skip
         if summary is None:
             raise ApiError(400, "the form has no file part", param="file", code="missing_file")
+        lifetime, now = form_expires_after(form.fields), time.time()
         row = {
             "id": file_id, "owner": owner_of(principal), "key_id": principal.key_id,
             "user_name": principal.user, "group_name": principal.group, "purpose": purpose,
             "filename": form.filename, "bytes": writer.size, "lines": summary.lines,
-            "model": summary.model, "url": summary.url, "created_at": time.time(),
+            "model": summary.model, "url": summary.url, "created_at": now,
+            "expires_at": lifetime_end(now, lifetime, limits.file_lifetime),
         }  # fmt: skip
         writer.commit()
     try:
@@ -145,8 +182,15 @@ def _too_large(limit: int) -> ApiError:
                     code="file_too_large")  # fmt: skip
 
 
+def unexpired(now: float) -> ColumnElement[bool]:
+    """Files not expired by `now` (an expired one reads as gone before the sweep removed it)."""
+    return or_(files.c.expires_at.is_(None), files.c.expires_at > now)
+
+
 async def owned_file(batches: Batches, principal: Principal, file_id: str) -> Any:
-    statement = select(files).where(files.c.id == file_id, files.c.owner == owner_of(principal))
+    statement = select(files).where(
+        files.c.id == file_id, files.c.owner == owner_of(principal), unexpired(time.time())
+    )
     async with batches.engine.connect() as connection:
         row = (await connection.execute(statement)).first()
     if row is None:
@@ -162,7 +206,7 @@ async def list_files(
     order: str = "desc",
 ) -> dict[str, Any]:
     principal, batches = await caller(request)
-    statement = select(files).where(files.c.owner == owner_of(principal))
+    statement = select(files).where(files.c.owner == owner_of(principal), unexpired(time.time()))
     if purpose:
         statement = statement.where(files.c.purpose == purpose)
     newest_first = order != "asc"

@@ -4,22 +4,30 @@ The agent's output (vLLM's run-batch lines) streams down line by line: answers w
 200 go to the output file, the rest to the error file; a failed job's requests that have
 no line at all get an error line each. Every answered request is one usage row, endpoint
 `batch:<url>`, on no rate-limit counter (batches do not use the interactive limits).
+
+The copy runs under the batch's lease (`hub/batches/lease.py`): one replica copies, the
+others skip the batch while the lease is held, and a replica that stops mid-copy leaves a
+lease that expires, after which another copies it all again. Store files are invisible
+until committed, and the batch's last status and its file rows are one transaction, taken
+only while the lease is still this replica's: a half copy is never visible.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sqlalchemy import insert
+from sqlalchemy import insert, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from hub.batch_config import BatchesConfig
 from hub.batches.file_store import FileStore, StoreWriter
 from hub.batches.hop import AgentBatches
+from hub.batches.lease import LeaseLost, Leases
 from hub.batches.lines import (
     custom_id_of,
     final_status,
@@ -27,13 +35,15 @@ from hub.batches.lines import (
     read_output_line,
     renamed_line,
 )
-from hub.batches.tables import files
+from hub.batches.tables import batches, files
 from hub.config import HubConfig
 from hub.usage.accounting import UsageRecorder
 from hub.usage.records import UsageRecord
 
 log = logging.getLogger(__name__)
 MAX_OUTPUT_LINE = 64 * 1024 * 1024  # one answer line held at most (an embedding is large)
+FREE = {"lease_owner": None, "lease_until": None}  # the lease released with a change
+CLAIMED = ("in_progress", "cancelling", "finalizing")
 
 
 class Keeper(Protocol):
@@ -44,10 +54,13 @@ class Keeper(Protocol):
     engine: AsyncEngine
     recorder: UsageRecorder
     store: FileStore
+    leases: Leases
 
     def agent(self, upstream: str, site: int) -> AgentBatches: ...
 
-    async def change(self, batch_id: str, expected: tuple[str, ...], **values: Any) -> bool: ...
+    async def change(
+        self, batch_id: str, expected: tuple[str, ...], held: bool = False, **values: Any
+    ) -> bool: ...
 
 
 @dataclass
@@ -75,37 +88,58 @@ async def lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 
 
 async def finish(keeper: Keeper, row: Any, state: dict[str, Any], now: float) -> None:
-    """Pull, split and record the output, then give the batch its last status."""
-    claimed = ("in_progress", "cancelling", "finalizing")
+    """Pull, split and record the output, then give the batch its last status: by one
+    replica at a time (the others return at once)."""
+    if not await keeper.leases.take(row.id, CLAIMED, now):
+        return
+    try:
+        async with keeper.leases.held(row.id):
+            await _finish(keeper, row, state, now)
+    except LeaseLost as error:
+        log.warning("%s", error)
+    except Exception:  # the agent or the database failed: the next poll tries again
+        with contextlib.suppress(Exception):
+            await keeper.leases.release(row.id)
+        raise
+
+
+async def _finish(keeper: Keeper, row: Any, state: dict[str, Any], now: float) -> None:
     # A cancelled batch stays `cancelling` until `cancelled` (OpenAI's statuses: `finalizing`
     # is for a finished one), which also keeps the cancel if this hub stops half-way.
     interim = "cancelling" if row.status == "cancelling" else "finalizing"
-    if not await keeper.change(row.id, claimed, status=interim, finalizing_at=now):
+    if not await keeper.change(row.id, CLAIMED, True, status=interim, finalizing_at=now):
         return
     final = final_status(
         str(state.get("state")), row.status == "cancelling",
         bool(row.expires_at) and now > row.expires_at,
     )  # fmt: skip
     message = str(state.get("message") or "the batch job failed")
-    tally, output_id, error_id = await _collect(keeper, row, final == "failed", message, now)
+    tally, kept = await _collect(keeper, row, final == "failed", message, now)
+    output_id = next((file_id for _, file_id, name in kept if name == "output"), None)
+    error_id = next((file_id for _, file_id, name in kept if name == "errors"), None)
     values: dict[str, Any] = {
         "status": final, f"{final}_at": now, "output_file_id": output_id,
         "error_file_id": error_id, "completed": tally.completed, "failed": tally.failed,
         "prompt_tokens": tally.prompt_tokens, "completion_tokens": tally.completion_tokens,
-        "price_factor": keeper.settings.price_factor, "message": message,
+        "price_factor": keeper.settings.price_factor, "message": message, **FREE,
     }  # fmt: skip
     if final == "failed":
         values["errors"] = [{"code": "batch_failed", "message": message, "line": None}]
     if final == "expired" or final == "cancelled":
         values["total"] = max(row.total, tally.completed + tally.failed)
-    await keeper.change(row.id, (interim,), **values)
+    if not await _record(keeper, row, interim, values, kept, now):
+        for _size, file_id, _name in kept:  # another replica took over: its copy counts
+            await keeper.store.delete(file_id)
+        return
     log.info("batch %s %s: %d answered, %d failed", row.id, final, tally.completed, tally.failed)
     await keeper.agent(row.upstream, row.site).forget(row.id)
 
 
 async def _collect(
     keeper: Keeper, row: Any, failed: bool, message: str, now: float
-) -> tuple[Tally, str | None, str | None]:
+) -> tuple[Tally, list[tuple[int, str, str]]]:
+    """The output and error files written and committed to the store (no rows yet):
+    (size, file id, name) of each that is not empty."""
     store, tally = keeper.store, Tally()
     output_id, error_id = f"file-{secrets.token_hex(12)}", f"file-{secrets.token_hex(12)}"
     model = keeper.config.model(row.model)
@@ -118,13 +152,11 @@ async def _collect(
                     _take(keeper, row, line, (good, bad), tally, (target, now))
         if failed:
             await _missing(keeper, row, bad, tally, message)
-        kept = [(good, output_id), (bad, error_id)]
-        for writer, _file_id in kept:
+        for writer in (good, bad):
             if writer.size:
                 writer.commit()
-        named = [(good.size, output_id, "output"), (bad.size, error_id, "errors")]
-        await _register(keeper, row, [entry for entry in named if entry[0]], now)
-    return tally, output_id if good.size else None, error_id if bad.size else None
+    named = [(good.size, output_id, "output"), (bad.size, error_id, "errors")]
+    return tally, [entry for entry in named if entry[0]]
 
 
 def _take(
@@ -181,22 +213,31 @@ async def _missing(keeper: Keeper, row: Any, bad: StoreWriter, tally: Tally, mes
             bad.write(missing_line(custom_id, row.id, message) + b"\n")
 
 
-async def _register(keeper: Keeper, row: Any, kept: list[tuple[int, str, str]], now: float) -> None:
+async def _record(
+    keeper: Keeper,
+    row: Any,
+    interim: str,
+    values: dict[str, Any],
+    kept: list[tuple[int, str, str]],
+    now: float,
+) -> bool:
+    """The batch's last status and its files' rows in one transaction, only while this
+    replica still holds the lease; False (nothing written) when it does not."""
+    lifetime = row.output_expires_after or keeper.settings.file_lifetime
+    held = update(batches).where(
+        batches.c.id == row.id, batches.c.status == interim,
+        batches.c.lease_owner == keeper.leases.owner,
+    )  # fmt: skip
     async with keeper.engine.begin() as connection:
+        if (await connection.execute(held.values(**values))).rowcount != 1:
+            return False
         for size, file_id, name in kept:
-            await connection.execute(
-                insert(files).values(
-                    id=file_id,
-                    owner=row.owner,
-                    key_id=row.key_id,
-                    user_name=row.user_name,
-                    group_name=row.group_name,
-                    purpose="batch_output",
-                    filename=f"{row.id}_{name}.jsonl",
-                    bytes=size,
-                    lines=0,
-                    model=row.model,
-                    url=row.endpoint,
-                    created_at=now,
-                )
-            )
+            entry = {
+                "id": file_id, "owner": row.owner, "key_id": row.key_id,
+                "user_name": row.user_name, "group_name": row.group_name,
+                "purpose": "batch_output", "filename": f"{row.id}_{name}.jsonl", "bytes": size,
+                "lines": 0, "model": row.model, "url": row.endpoint, "created_at": now,
+                "expires_at": now + lifetime if lifetime else None,
+            }  # fmt: skip
+            await connection.execute(insert(files).values(**entry))
+    return True

@@ -3,8 +3,11 @@
 One `Batches` per hub, opened by the services with the app's lifespan. The poller asks
 the agent of every running batch for its progress each `batches.poll_interval`, updates
 `request_counts`, and once the job ended pulls the output (`hub/batches/finish.py`).
-A batch is changed only by conditional updates (`WHERE status = ...`), so two hub
-replicas polling the same batch do not finish it twice.
+A batch is changed only by conditional updates (`WHERE status = ...`), and its input
+transfer and output copy run under a lease (`hub/batches/lease.py`), so several hub replicas
+polling the same batches send and copy each once; a batch left `validating` or `finalizing`
+by a replica that stopped is taken over once its lease expired. Expired files are removed
+here too (`hub/batches/expiry.py`).
 """
 
 from __future__ import annotations
@@ -12,28 +15,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any, Protocol, runtime_checkable
 
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from hub.batches.expiry import ACTIVE, sweep_once
 from hub.batches.file_store import FileStore, LocalFileStore
 from hub.batches.finish import finish
 from hub.batches.hop import AgentBatchError, AgentBatches
+from hub.batches.lease import LeaseLost, Leases
 from hub.batches.start import start_batch
 from hub.batches.tables import batches
 from hub.config import HubConfig
+from hub.db_health import describe
 from hub.upstreams.base import Upstream
 from hub.upstreams.hop_client import HopClient
 from hub.usage.accounting import UsageRecorder
 
 log = logging.getLogger(__name__)
 
-ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
 HOP_TIMEOUT = 60.0  # first byte of an agent's answer about a batch
-VALIDATING_STALE = 3600.0  # a batch left `validating` (its hub died meanwhile): failed
 
 
 @runtime_checkable
@@ -56,8 +60,10 @@ class Batches:
         self.engine, self.recorder, self.upstreams = engine, recorder, upstreams
         folder = self.settings.files_dir or config.data_dir / "files"
         self.store: FileStore = store or LocalFileStore(folder)
+        self.leases = Leases(engine, self.settings.lease_time)
         self.wake = asyncio.Event()
         self._starting: set[asyncio.Task[None]] = set()  # owned here, cancelled at the end
+        self.failing: dict[str, str] = {}  # background work failing now -> why (/health)
 
     def launch(self, row: dict[str, Any], target: str, expires_at: float) -> None:
         """Send a new batch's input and submit its job, in the background."""
@@ -67,8 +73,11 @@ class Batches:
 
     async def _start(self, row: dict[str, Any], target: str, expires_at: float) -> None:
         try:
-            await start_batch(self, row, target, expires_at)
-        except Exception:  # a database outage, a bug: the poller fails it when stale
+            async with self.leases.held(row["id"]):
+                await start_batch(self, row, target, expires_at)
+        except LeaseLost as error:
+            log.warning("%s", error)
+        except Exception:  # a database outage, a bug: its lease expires, a poller sends again
             log.exception("batch %s: sending it to the agent failed", row["id"])
 
     def runs_batches(self, upstream: str) -> bool:
@@ -86,13 +95,15 @@ class Batches:
         async with self.engine.connect() as connection:
             return (await connection.execute(statement.limit(1))).first() is not None
 
-    async def change(self, batch_id: str, expected: tuple[str, ...], **values: Any) -> bool:
-        """Set `values` if the batch is still in one of the `expected` states."""
-        statement = (
-            update(batches)
-            .where(batches.c.id == batch_id, batches.c.status.in_(expected))
-            .values(**values)
-        )
+    async def change(
+        self, batch_id: str, expected: tuple[str, ...], held: bool = False, **values: Any
+    ) -> bool:
+        """Set `values` if the batch is still in one of the `expected` states (and, `held`,
+        while this replica holds its lease)."""
+        statement = update(batches).where(batches.c.id == batch_id, batches.c.status.in_(expected))
+        if held:
+            statement = statement.where(batches.c.lease_owner == self.leases.owner)
+        statement = statement.values(**values)
         async with self.engine.begin() as connection:
             return (await connection.execute(statement)).rowcount == 1
 
@@ -115,16 +126,25 @@ class Batches:
 
     async def _poll_forever(self) -> None:
         while True:
-            try:
-                await self.poll_once()
-            except Exception:  # a database outage, a bug: log it, poll again later
-                log.exception("polling batches failed")
+            await self._noted("poller", self.poll_once())
+            await self._noted("file expiry", sweep_once(self, time.time()))
             self.wake.clear()
             try:
                 async with asyncio.timeout(self.settings.poll_interval):
                     await self.wake.wait()
             except TimeoutError:
                 pass
+
+    async def _noted(self, name: str, work: Awaitable[Any]) -> None:
+        """Run one round of background work; a failure is logged and kept for /health
+        until a round succeeds (a database outage, a bug: the next round tries again)."""
+        try:
+            await work
+        except Exception as error:
+            log.exception("batches: the %s failed", name)
+            self.failing[name] = describe(error)  # no statement, no parameters
+        else:
+            self.failing.pop(name, None)
 
     async def poll_once(self) -> None:
         statement = select(batches).where(batches.c.status.in_(ACTIVE))
@@ -141,10 +161,12 @@ class Batches:
 
     async def follow(self, row: Any) -> None:
         now = time.time()
+        if row.lease_until is not None and row.lease_until >= now:
+            # A replica (maybe this one) sends its input or copies its output now.
+            log.debug("batch %s: held by %s, skipped", row.id, row.lease_owner)
+            return
         if row.status == "validating":
-            if now - row.created_at > VALIDATING_STALE:
-                await self.change(row.id, ("validating",), status="failed", failed_at=now,
-                                  message="the hub stopped while sending the input")  # fmt: skip
+            await self.resend(row, now)
             return
         agent = self.agent(row.upstream, row.site)
         if row.status == "in_progress" and row.expires_at and now > row.expires_at:
@@ -158,3 +180,22 @@ class Batches:
                               job_id=state.get("job_id"), message=state.get("message"))  # fmt: skip
             return
         await finish(self, row, state, now)
+
+    async def resend(self, row: Any, now: float) -> None:
+        """A batch left `validating` by a replica that stopped: its input sent again (the
+        agent answers for a batch it has already, so it is never run twice)."""
+        window = self.settings.completion_windows.get(row.completion_window, 86400.0)
+        model = self.config.model(row.model)
+        reason = None
+        if now > row.created_at + window:
+            reason = "the completion window passed before the input reached the agent"
+        elif model is None:
+            reason = f"model {row.model} is no longer configured"
+        if reason is not None:
+            await self.change(row.id, ("validating",), status="failed", failed_at=now,
+                              message=reason)  # fmt: skip
+            return
+        if await self.leases.take(row.id, ("validating",), now):
+            log.info("batch %s: sending its input again (its replica stopped)", row.id)
+            assert model is not None
+            self.launch(dict(row._mapping), model.target, row.created_at + window)

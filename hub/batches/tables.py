@@ -1,4 +1,4 @@
-"""The tables of the Files and Batches API (schema: alembic revision 0003)."""
+"""The tables of the Files and Batches API (schema: alembic revisions 0003 and 0004)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ files = Table(
     Column("model", String(200), nullable=True),  # the one model of a batch input file
     Column("url", String(64), nullable=True),  # its one endpoint
     Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=True),  # removed then (None: kept until deleted)
     Index("ix_files_owner_created", "owner", "created_at"),
+    Index("ix_files_expires_at", "expires_at"),
 )
 
 batches = Table(
@@ -60,6 +62,10 @@ batches = Table(
     Column("errors", JSON, nullable=True),  # OpenAI's errors.data: [{code, message, line}]
     Column("meta", JSON, nullable=True),  # the client's metadata
     Column("message", Text, nullable=True),  # for operators: the agent's last word
+    # The replica sending the input or copying the output, until when (hub/batches/lease.py).
+    Column("lease_owner", String(64), nullable=True),
+    Column("lease_until", Float, nullable=True),
+    Column("output_expires_after", Float, nullable=True),  # seconds; None: the hub's default
     Index("ix_batches_owner_created", "owner", "created_at"),
     Index("ix_batches_status", "status"),
 )

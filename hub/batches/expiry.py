@@ -1,0 +1,49 @@
+"""Expired files removed from the store and the table (`expires_after`, `batches.file_lifetime`).
+
+Run by every replica's poller after each poll. Deleting is idempotent, so replicas that
+sweep at the same time need no lease: the contents go first, then the row (a replica that
+stops in between leaves an expired row, which reads as gone and the next sweep removes).
+The input file of a batch still running is kept until the batch ended.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from hub.batches.file_store import FileStore
+from hub.batches.tables import batches, files
+
+log = logging.getLogger(__name__)
+
+ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
+SWEEP_LIMIT = 500  # files removed per round at most (the next round takes the rest)
+
+
+class Sweeper(Protocol):
+    engine: AsyncEngine
+    store: FileStore
+
+
+async def sweep_once(keeper: Sweeper, now: float) -> int:
+    """Remove up to SWEEP_LIMIT files that expired by `now`; how many were removed."""
+    in_use = select(batches.c.input_file_id).where(batches.c.status.in_(ACTIVE))
+    due = (
+        select(files.c.id)
+        .where(files.c.expires_at < now, files.c.id.not_in(in_use))
+        .limit(SWEEP_LIMIT)
+    )
+    async with keeper.engine.connect() as connection:
+        found: list[Any] = list((await connection.execute(due)).scalars())
+    for file_id in found:
+        await keeper.store.delete(file_id)
+        async with keeper.engine.begin() as connection:
+            await connection.execute(
+                delete(files).where(files.c.id == file_id, files.c.expires_at < now)
+            )
+    if found:
+        log.info("removed %d expired file(s)", len(found))
+    return len(found)
