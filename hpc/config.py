@@ -260,7 +260,12 @@ class RouterConfig(Strict):
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     """largest request body accepted (413 beyond)"""
     queue_timeout: Duration = Field(300.0, ge=0, description="wait this long for a ready backend")
-    max_queue: int = Field(256, ge=0, description="requests waiting per service")
+    max_queue: int = Field(
+        4096,
+        ge=0,
+        description="requests waiting per service (each user at most "
+        "fairness.max_queue_per_user); more get 503 queue_full",
+    )
     connect_timeout: Duration = Field(5.0, gt=0)
     """connecting to a backend"""
     first_byte_timeout: Duration = Field(600.0, gt=0)

@@ -105,7 +105,7 @@ class SimConfig(Strict):
     poll_interval: Duration = Field(5.0, gt=0, description="the agent's loop period")
     health_failures: int = Field(3, ge=1)
     queue_timeout: Duration = Field(300.0, ge=0, description="router: longest wait for a slot")
-    max_queue: int = Field(256, ge=0, description="router: requests waiting per service")
+    max_queue: int = Field(4096, ge=0, description="router: requests waiting per service")
     estimate_error: float = Field(0.5, ge=0, le=3)
     """sigma of the log-normal error of Slurm's predicted starts (0: exact)"""
     placement_probe_interval: Duration = Field(60.0, gt=0)
