@@ -65,7 +65,9 @@ class PlacementProbes:
     def __init__(self) -> None:
         self._asked: dict[str, float] = {}  # service -> when it was last probed
         self._latest: dict[str, tuple[PlacementStart, ...]] = {}
-        self._outage = Episode(log, "sbatch --test-only answers again after %.0f s")
+        # One outage per service: another service's good answers do not end it (logging
+        # its failure again and "answers again" every interval).
+        self._outages: dict[str, Episode] = {}
 
     async def update(
         self,
@@ -87,6 +89,7 @@ class PlacementProbes:
             services.append(replace(service, placement_starts=self._latest.get(name, ())))
         names = {service.config.name for service in snapshot.services}
         self._latest = {name: got for name, got in self._latest.items() if name in names}
+        self._outages = {name: got for name, got in self._outages.items() if name in names}
         return replace(snapshot, services=tuple(services))
 
     async def _probe(
@@ -99,10 +102,15 @@ class PlacementProbes:
             ]
         answers = [task.result() for task in tasks]
         errors = [error for _start, error in answers if error]
+        outage = self._outages.get(service.name)
+        if outage is None:
+            name = service.name.replace("%", "%%")  # the message is a %-format
+            recovered = f"{name}: sbatch --test-only answers again after %.0f s"
+            outage = self._outages[service.name] = Episode(log, recovered)
         if errors:
-            self._outage.failed(now, f"{service.name}: cannot predict a start: {errors[0]}")
+            outage.failed(now, f"{service.name}: cannot predict a start: {errors[0]}")
         else:
-            self._outage.ok(now)
+            outage.ok(now)
         names = [placement.name or "" for placement in service.candidates]
         return tuple(
             PlacementStart(name, start, now)
