@@ -3,7 +3,9 @@
 Run by every replica's poller after each poll. Deleting is idempotent, so replicas that
 sweep at the same time need no lease: the contents go first, then the row (a replica that
 stops in between leaves an expired row, which reads as gone and the next sweep removes).
-The input file of a batch still running is kept until the batch ended.
+The input file of a batch still running is kept until the batch ended. What a killed
+writer left in the store (`.<id>.part`) goes once it is STALE_PART old, looked for at most
+once per STALE_EVERY.
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ log = logging.getLogger(__name__)
 
 ACTIVE = ("validating", "in_progress", "finalizing", "cancelling")
 SWEEP_LIMIT = 500  # files removed per round at most (the next round takes the rest)
+STALE_PART = 86400.0  # no writer runs this long (an upload or a copy under its lease)
+STALE_EVERY = 3600.0  # a whole listing of the store: not every round
 
 
 class Sweeper(Protocol):
     engine: AsyncEngine
     store: FileStore
+    stale_swept: float  # when the store was last searched for stale writes
 
 
 async def sweep_once(keeper: Sweeper, now: float) -> int:
@@ -46,4 +51,8 @@ async def sweep_once(keeper: Sweeper, now: float) -> int:
             )
     if found:
         log.info("removed %d expired file(s)", len(found))
+    if now - keeper.stale_swept >= STALE_EVERY:
+        keeper.stale_swept = now
+        if stale := await keeper.store.remove_stale(now - STALE_PART):
+            log.warning("removed %d write(s) left unfinished in the file store", stale)
     return len(found)

@@ -52,6 +52,11 @@ class FileStore(Protocol):
 
     async def delete(self, file_id: str) -> None: ...
 
+    async def remove_stale(self, before: float) -> int:
+        """Remove what writers left uncommitted (their process was killed) before `before`
+        (a wall-clock time); how many were removed."""
+        ...
+
 
 def _checked(file_id: str) -> str:
     if not _ID.match(file_id):  # never a path: ids are ours, but checked all the same
@@ -128,3 +133,17 @@ class LocalFileStore:
 
     async def delete(self, file_id: str) -> None:
         self._path(file_id).unlink(missing_ok=True)
+
+    async def remove_stale(self, before: float) -> int:
+        removed = 0
+        with os.scandir(self.folder) as entries:
+            for entry in entries:
+                if not (entry.name.startswith(".") and entry.name.endswith(".part")):
+                    continue
+                try:
+                    if entry.stat().st_mtime < before:
+                        os.unlink(entry.path)
+                        removed += 1
+                except FileNotFoundError:  # its writer ended meanwhile
+                    continue
+        return removed

@@ -64,6 +64,7 @@ class Batches:
         self.wake = asyncio.Event()
         self._starting: set[asyncio.Task[None]] = set()  # owned here, cancelled at the end
         self.failing: dict[str, str] = {}  # background work failing now -> why (/health)
+        self.stale_swept = 0.0  # when the store was last searched for stale writes
 
     def launch(self, row: dict[str, Any], target: str, expires_at: float) -> None:
         """Send a new batch's input and submit its job, in the background."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -119,3 +120,16 @@ async def test_bad_expires_after_is_refused(hub: RunningHub) -> None:
     assert isinstance(caught.value.body, dict)
     assert caught.value.body["param"] == "output_expires_after"
     assert await rows(hub) == [good.id]  # nothing of the refused uploads kept
+
+
+async def test_writes_a_killed_replica_left_are_removed_once_stale(
+    hub: RunningHub, tmp_path: Path
+) -> None:
+    folder, old = tmp_path / "files", time.time() - 2 * 86400
+    for name in (".file-old.part", ".file-new.part"):
+        (folder / name).write_bytes(b'{"custom_id": "half')
+    os.utime(folder / ".file-old.part", (old, old))  # as a writer killed two days ago left it
+    assert hub.services.batches is not None
+    hub.services.batches.stale_swept = 0.0  # due now, not in an hour
+    await until(lambda: ".file-old.part" not in os.listdir(folder), 30, "the stale write gone")
+    assert os.listdir(folder) == [".file-new.part"]  # a write under way is left alone
