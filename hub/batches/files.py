@@ -138,20 +138,7 @@ async def create_file(request: Request) -> dict[str, Any]:
             summary = checker.finish() if form.filename is not None else None
         except LineError as error:
             raise _bad_line(error) from None
-        purpose = form.fields.get("purpose", "")
-        if purpose != "batch":
-            raise ApiError(400, f"purpose {purpose[:40]!r} is not supported; use batch",
-                           param="purpose", code="invalid_purpose")  # fmt: skip
-        if summary is None:
-            raise ApiError(400, "the form has no file part", param="file", code="missing_file")
-        lifetime, now = form_expires_after(form.fields), time.time()
-        row = {
-            "id": file_id, "owner": owner_of(principal), "key_id": principal.key_id,
-            "user_name": principal.user, "group_name": principal.group, "purpose": purpose,
-            "filename": form.filename, "bytes": writer.size, "lines": summary.lines,
-            "model": summary.model, "url": summary.url, "created_at": now,
-            "expires_at": lifetime_end(now, lifetime, limits.file_lifetime),
-        }  # fmt: skip
+        row = _file_row(batches, principal, form, summary) | {"id": file_id, "bytes": writer.size}
         writer.commit()
     try:
         async with batches.engine.begin() as connection:
@@ -160,6 +147,24 @@ async def create_file(request: Request) -> dict[str, Any]:
         await batches.store.delete(file_id)
         raise
     return file_object(SimpleNamespace(**row))
+
+
+def _file_row(batches: Batches, principal: Principal, form: FormUpload, summary: Any) -> Any:
+    """The new file's row but its id and size; an ApiError for a form that is not one."""
+    purpose = form.fields.get("purpose", "")
+    if purpose != "batch":
+        raise ApiError(400, f"purpose {purpose[:40]!r} is not supported; use batch",
+                       param="purpose", code="invalid_purpose")  # fmt: skip
+    if summary is None:
+        raise ApiError(400, "the form has no file part", param="file", code="missing_file")
+    lifetime, now = form_expires_after(form.fields), time.time()
+    return {
+        "owner": owner_of(principal), "key_id": principal.key_id,
+        "user_name": principal.user, "group_name": principal.group, "purpose": purpose,
+        "filename": form.filename, "lines": summary.lines, "model": summary.model,
+        "url": summary.url, "created_at": now,
+        "expires_at": lifetime_end(now, lifetime, batches.settings.file_lifetime),
+    }  # fmt: skip
 
 
 def _bad_line(error: LineError) -> ApiError:

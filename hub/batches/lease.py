@@ -12,6 +12,7 @@ The times are the replicas' wall clocks: they must agree to well within `lease_t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -26,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from hub.batches.tables import batches
 
 log = logging.getLogger(__name__)
+RELEASE_TIMEOUT = 2.0  # a stopping hub's last write for a lease it gives up
 
 
 class LeaseLost(Exception):
@@ -85,6 +87,10 @@ class Leases:
         except asyncio.CancelledError:
             if lost and task.uncancel() == 0:
                 raise LeaseLost(f"batch {batch_id}: another replica holds it now") from None
+            # This hub stops: another replica may take the batch over now, not at expiry.
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(RELEASE_TIMEOUT):
+                    await self.release(batch_id)
             raise
         finally:
             renewer.cancel()

@@ -68,3 +68,25 @@ async def test_a_holder_that_lost_its_lease_is_cancelled(engine: AsyncEngine) ->
             assert await b.take(BATCH, ("finalizing",), time.time() + 1.0)
             await until(lambda: False, 10, "a's work cancelled")
     assert renewals == 3 and await holder(engine) == "b"
+
+
+async def test_a_holder_that_stops_gives_its_lease_up(engine: AsyncEngine) -> None:
+    """A hub stopping (its tasks cancelled) releases what it held: another replica takes
+    the batch over at its next poll, not once the lease expired."""
+    await add_batch(engine, "finalizing")
+    a = Leases(engine, 30.0, "a")
+    assert await a.take(BATCH, ("finalizing",), time.time())
+    started = asyncio.Event()
+
+    async def work() -> None:
+        async with a.held(BATCH):
+            started.set()
+            await asyncio.Event().wait()
+
+    task = asyncio.create_task(work())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await holder(engine) is None
+    assert await Leases(engine, 30.0, "b").take(BATCH, ("finalizing",), time.time())
