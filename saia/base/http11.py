@@ -105,6 +105,7 @@ class HttpClient:
         self._busy: set[Connection] = set()
         self._targets: dict[str, Target] = {}
         self._tls = tls
+        self._swept_at = time.monotonic()
 
     async def __aenter__(self) -> HttpClient:
         return self
@@ -233,6 +234,7 @@ class HttpClient:
 
     def _pool(self, connection: Connection, reuse: bool) -> None:
         self._busy.discard(connection)
+        self._sweep(time.monotonic())
         pool = self._idle[connection.pool_key]
         if (
             not reuse
@@ -261,6 +263,24 @@ class HttpClient:
         if self._max is not None and self._idle_count and self._idle_count + busy >= self._max:
             self._close_oldest_idle()
         return await self._connect(target, connect_timeout)
+
+    def _sweep(self, now: float) -> None:
+        """Close idle connections that expired or that the server closed, in every pool
+        (at most once a second): backends come and go (each job its own origin and TLS
+        pin), and a pool nobody asks for again would keep them, and their sockets, forever."""
+        if now - self._swept_at < min(1.0, self._expiry):
+            return
+        self._swept_at = now
+        for key, pool in list(self._idle.items()):
+            for connection in [c for c in pool if self._stale(c, now)]:
+                pool.remove(connection)
+                connection.close()
+                self._idle_count -= 1
+            if not pool:
+                del self._idle[key]
+
+    def _stale(self, connection: Connection, now: float) -> bool:
+        return now - connection.idle_since >= self._expiry or connection.reader.at_eof()
 
     def _close_oldest_idle(self) -> None:
         oldest = min((p for p in self._idle.values() if p), key=lambda p: p[0].idle_since)
