@@ -177,7 +177,7 @@ class Driver:
         self.signalled = False
         self.server_failed: str | None = None
         self.total = self.done = 0
-        self._pending: Iterator[tuple[Any, bytes]] = iter(())
+        self._pending: Iterator[Any] = iter(())  # request objects not answered yet
         self._files = {
             True: os.open(args.output_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600),
             False: os.open(args.error_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600),
@@ -204,7 +204,7 @@ class Driver:
         """Skip what the files already answer; returns how many requests are left."""
         answered = answered_ids(self.args.output_file) | answered_ids(self.args.error_file)
 
-        def pending() -> Iterator[tuple[Any, bytes]]:
+        def pending() -> Iterator[Any]:
             for raw in input_lines(self.args.input_file):
                 try:
                     request = json.loads(raw)
@@ -212,7 +212,7 @@ class Driver:
                     request = None
                 custom_id = request.get("custom_id") if isinstance(request, dict) else None
                 if custom_id not in answered:
-                    yield request, raw.encode()
+                    yield request
 
         self.total = sum(1 for _ in input_lines(self.args.input_file))
         left = sum(1 for _ in pending())
@@ -220,7 +220,7 @@ class Driver:
         return left
 
     async def worker(self) -> None:
-        for request, _raw in self._pending:
+        for request in self._pending:  # shared: each request goes to one worker
             if self.stopping.is_set():
                 return
             try:
