@@ -21,6 +21,7 @@ benchmark's comparison).
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar
@@ -95,14 +96,25 @@ class _ClassQueue(Generic[T]):
 
     def remove(self, item: T) -> bool:
         for flow, queue in self.flows.items():
-            for entry in queue:
+            for index, entry in enumerate(queue):
                 if entry.item == item:
-                    queue.remove(entry)
+                    del queue[index]
+                    self._give_back(flow, queue, index, 1.0 / entry.ticket.weight)
                     if not queue:
                         del self.flows[flow]
                     self.size -= 1
                     return True
         return False
+
+    def _give_back(self, flow: str, queue: deque[_Entry[T]], index: int, cost: float) -> None:
+        """A request left unserved (cancelled, timed out): the flow's later requests and
+        its next one are tagged as if it had never arrived, else a user whose requests
+        timed out would go behind everyone with its retries. Exact: the tags of one flow's
+        waiting requests are consecutive (none can start below V while another waits)."""
+        for later in itertools.islice(queue, index, None):
+            later.start -= cost
+        if flow in self.finish:
+            self.finish[flow] -= cost
 
 
 class FairQueue(Generic[T]):
