@@ -147,8 +147,9 @@ chmod 700 "$SAIA_JOB_DIR"
 # opens it with the submitter's umask, so it is narrowed here.
 chmod 600 "$SAIA_STATE_DIR/jobs/$SAIA_JOB_ID.log" 2>/dev/null || true
 ln -sfn "../$SAIA_JOB_ID.log" "$SAIA_JOB_DIR/job.log"
-# A job Slurm requeued runs again in the same folder: the stop of its last run is over.
-rm -f "$SAIA_JOB_DIR/stopping"
+# A job Slurm requeued (or a job id Slurm reused after wrapping) runs in the same folder:
+# the stop of the last run is over, and its address is no longer where a server listens.
+rm -f "$SAIA_JOB_DIR/stopping" "$SAIA_JOB_DIR/endpoint.json"
 
 # 32 random bytes as hex (keys and tokens; read from files, never from argv).
 saia_random_hex() {
