@@ -174,10 +174,11 @@ class Batches:
             await agent.cancel(row.id)
         state = await agent.status(row.id)
         done = int(state.get("completed", 0) or 0)
+        failed = int(state.get("failed", 0) or 0)  # answered with an error so far
         if row.status == "cancelling" and state.get("state") in ("queued", "running"):
             state = await agent.cancel(row.id)  # again, or first: `saia hub batches cancel`
         if state.get("state") in ("queued", "running"):
-            await self.change(row.id, ("in_progress", "cancelling"), completed=done,
+            await self.change(row.id, ("in_progress", "cancelling"), completed=done, failed=failed,
                               job_id=state.get("job_id"), message=state.get("message"))  # fmt: skip
             return
         await finish(self, row, state, now)

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import pytest
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from hub.batches.lease import LeaseLost, Leases
+from hub.batches.service import Batches
 from hub.batches.tables import batches
+from hub.config import parse_config
 from tests.hpc.helpers import until
 
 BATCH = "batch-lease"
@@ -90,3 +93,22 @@ async def test_a_holder_that_stops_gives_its_lease_up(engine: AsyncEngine) -> No
         await task
     assert await holder(engine) is None
     assert await Leases(engine, 30.0, "b").take(BATCH, ("finalizing",), time.time())
+
+
+class RunningAgent:
+    """The agent's answer for a batch whose job runs: what its files hold so far."""
+
+    async def status(self, batch_id: str) -> dict[str, object]:
+        return {"state": "running", "job_id": "77", "completed": 5, "failed": 2, "total": 9}
+
+
+async def test_a_running_batch_shows_its_failed_requests_so_far(
+    engine: AsyncEngine, tmp_path: Path
+) -> None:
+    await add_batch(engine, "in_progress")
+    config = parse_config({"data_dir": str(tmp_path)})
+    service = Batches(config, engine, None, {})  # type: ignore[arg-type]  # no usage is written
+    service.agent = lambda upstream, site: RunningAgent()  # type: ignore[assignment,method-assign,return-value]
+    await service.follow(await service.row(BATCH))
+    row = await service.row(BATCH)
+    assert (row.status, row.completed, row.failed, row.job_id) == ("in_progress", 5, 2, "77")
