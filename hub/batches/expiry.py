@@ -4,8 +4,9 @@ Run by every replica's poller after each poll. Deleting is idempotent, so replic
 sweep at the same time need no lease: the contents go first, then the row (a replica that
 stops in between leaves an expired row, which reads as gone and the next sweep removes).
 The input file of a batch still running is kept until the batch ended. What a killed
-writer left in the store (`.<id>.part`) goes once it is STALE_PART old, looked for at most
-once per STALE_EVERY.
+writer left in the store (`.<id>.part`), and a stored file no row names (a replica
+stopped between committing it and recording it), go once they are STALE_PART old, looked
+for at most once per STALE_EVERY.
 """
 
 from __future__ import annotations
@@ -55,4 +56,23 @@ async def sweep_once(keeper: Sweeper, now: float) -> int:
         keeper.stale_swept = now
         if stale := await keeper.store.remove_stale(now - STALE_PART):
             log.warning("removed %d write(s) left unfinished in the file store", stale)
+        if orphans := await _remove_orphans(keeper, now - STALE_PART):
+            log.warning("removed %d stored file(s) that no file row names", orphans)
     return len(found)
+
+
+async def _remove_orphans(keeper: Sweeper, before: float) -> int:
+    """Remove stored files older than `before` that no row names: a replica stopped after
+    committing a batch's output to the store and before recording it (the row and the
+    batch's status are written in one transaction after the store commit)."""
+    stored = await keeper.store.committed_before(before)
+    named: set[str] = set()
+    for start in range(0, len(stored), SWEEP_LIMIT):
+        chunk = stored[start : start + SWEEP_LIMIT]
+        async with keeper.engine.connect() as connection:
+            query = select(files.c.id).where(files.c.id.in_(chunk))
+            named.update((await connection.execute(query)).scalars())
+    orphans = [file_id for file_id in stored if file_id not in named]
+    for file_id in orphans:
+        await keeper.store.delete(file_id)
+    return len(orphans)

@@ -57,6 +57,10 @@ class FileStore(Protocol):
         (a wall-clock time); how many were removed."""
         ...
 
+    async def committed_before(self, before: float) -> list[str]:
+        """The ids of committed files last written before `before` (a wall-clock time)."""
+        ...
+
 
 def _checked(file_id: str) -> str:
     if not _ID.match(file_id):  # never a path: ids are ours, but checked all the same
@@ -147,3 +151,16 @@ class LocalFileStore:
                 except FileNotFoundError:  # its writer ended meanwhile
                     continue
         return removed
+
+    async def committed_before(self, before: float) -> list[str]:
+        found = []
+        with os.scandir(self.folder) as entries:
+            for entry in entries:
+                if entry.name.startswith(".") or not _ID.match(entry.name):
+                    continue
+                try:
+                    if entry.stat().st_mtime < before:
+                        found.append(entry.name)
+                except FileNotFoundError:  # deleted meanwhile
+                    continue
+        return found

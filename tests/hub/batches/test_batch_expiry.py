@@ -133,3 +133,22 @@ async def test_writes_a_killed_replica_left_are_removed_once_stale(
     hub.services.batches.stale_swept = 0.0  # due now, not in an hour
     await until(lambda: ".file-old.part" not in os.listdir(folder), 30, "the stale write gone")
     assert os.listdir(folder) == [".file-new.part"]  # a write under way is left alone
+
+
+async def test_a_stored_file_no_row_names_is_removed_once_stale(
+    hub: RunningHub, tmp_path: Path
+) -> None:
+    """A replica stopped between committing a batch's output to the store and recording it:
+    the file is named by no row, and goes once it is a day old."""
+    api = client(hub, await hub.create_key(owner="ann"))
+    kept = await upload(api)
+    folder, old = tmp_path / "files", time.time() - 2 * 86400
+    for name in ("file-orphan-old", "file-orphan-new"):
+        (folder / name).write_bytes(b'{"custom_id": "x"}\n')
+    os.utime(folder / "file-orphan-old", (old, old))
+    os.utime(folder / kept.id, (old, old))  # old, but named by its row
+    assert hub.services.batches is not None
+    hub.services.batches.stale_swept = 0.0  # due now, not in an hour
+    await until(lambda: "file-orphan-old" not in os.listdir(folder), 30, "the orphan gone")
+    assert sorted(os.listdir(folder)) == sorted(["file-orphan-new", kept.id])
+    assert (await api.files.content(kept.id)).content
