@@ -349,6 +349,8 @@ class AgentConfig(Strict):
     """OpenTelemetry spans of routed requests, joined to the hub's traces; off if absent"""
     metrics_textfile: Path | None = None
     """node_exporter textfile (*.prom, absolute path) rewritten after every loop; off if absent"""
+    job_retention: Duration = Field(7 * 86400.0, gt=0)
+    """an ended job's folder and log stay in <state_dir>/jobs/ this long; its vLLM cache 10 min"""
 
     @model_validator(mode="after")
     def _unique(self) -> AgentConfig:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import signal
@@ -35,6 +34,7 @@ from hpc.router.server import serve_requests
 from hpc.scheduler.episode import Episode
 from hpc.scheduler.handover import HANDOVER_GRACE, hand_over
 from hpc.scheduler.health import HealthMonitor, ProbeTarget
+from hpc.scheduler.job_pruning import JobFolderPruner
 from hpc.scheduler.leader import LOCK_FILE, LeaderLock
 from hpc.scheduler.live import LiveState
 from hpc.scheduler.metrics_file import write_metrics
@@ -94,6 +94,7 @@ class Agent:
         self._probes = PlacementProbes()  # and where a new job would start soonest
         self._wake = asyncio.Event()
         self._handed_over = False
+        self.folders = JobFolderPruner(self.live, jobs, clock)  # <state_dir>/jobs/ bounded
 
     @property
     def config(self) -> AgentConfig:
@@ -111,6 +112,7 @@ class Agent:
         ):
             group.create_task(self.health_monitor().run(client), name="health")
             group.create_task(self._forward_wakeups(), name="wakeups")
+            group.create_task(self.folders.run(), name="job-folders")
             grace = HANDOVER_GRACE if hand_over else 0.0
             group.create_task(serve_requests(lambda: self.config, self.registry, grace))
             try:
@@ -282,11 +284,8 @@ class Agent:
 
     def status(self, now: float, stopped: bool = False) -> AgentStatus:
         """What `saia hpc status` shows (`hpc/scheduler/status.py`)."""
-        status = build_status(self.live, self.registry, now, stopped)
-        if self._write_outage.message:  # a full disk may still take the small status file
-            error = "; ".join(e for e in (status.error, self._write_outage.message) if e)
-            status = dataclasses.replace(status, error=error)
-        return status
+        problems = (self._write_outage.message, self.folders.error)  # status fits a full disk
+        return build_status(self.live, self.registry, now, stopped, problems)
 
     def _save(self, now: float, stopped: bool = False) -> None:
         """State and status, each written atomically; a failure (full disk, quota) is

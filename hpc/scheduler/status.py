@@ -21,6 +21,8 @@ from rich.text import Text
 from hpc.jobs.system import write_atomic
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from hpc.config import ServiceConfig
     from hpc.jobs.system import JobInfo
     from hpc.registry import BackendRegistry
@@ -327,10 +329,15 @@ def _service_status(
 
 
 def build_status(
-    live: LiveState, registry: BackendRegistry, now: float, stopped: bool = False
+    live: LiveState,
+    registry: BackendRegistry,
+    now: float,
+    stopped: bool = False,
+    problems: Sequence[str] = (),
 ) -> AgentStatus:
     """What `saia hpc status` shows, read from the agent's live state and the router's
-    counts (nothing here changes either)."""
+    counts (nothing here changes either); `problems` of the agent's other tasks (writing
+    its state, pruning job folders) join the live state's error."""
     jobs = [j for j in (_job_status(live, job_id) for job_id in live.jobs) if j]
     services = [_service_status(live, registry, s, jobs, now) for s in live.config.services]
     return AgentStatus(
@@ -341,7 +348,7 @@ def build_status(
         stopped=stopped,
         services=services,
         jobs=jobs,
-        error=live.error,
+        error="; ".join(e for e in (live.error, *problems) if e),
         reloaded_at=live.reloaded_at,
         reload_error=live.reload_error,
     )
