@@ -1,5 +1,7 @@
-// The self-service page: the logged-in user's usage against their limits, and their keys.
+// The self-service page: the logged-in user's usage against their limits, their keys and
+// their batches (batches.js).
 import { api, drawChart, el, number, seriesData, when } from "../chat/pages/charts.js";
+import { startBatches } from "./batches.js";
 
 const $ = (id) => document.getElementById(id);
 
@@ -119,7 +121,7 @@ async function start() {
   $("content").hidden = false;
   $("new-key").addEventListener("submit", createKey);
   $("logout").addEventListener("click", logout);
-  await refresh().catch(showProblem);
+  await Promise.all([refresh().catch(showProblem), startBatches()]);
   document.body.dataset.loaded = "true";
 }
 

@@ -1,0 +1,223 @@
+"""The account page's Batches panel in a real browser (Chromium, Playwright).
+
+The real chain on this machine: the mock OpenID provider, the hub (`saia hub serve`) whose
+`hpc` upstream reaches the real agent (`saia hpc agent`, local executor: a batch runs as the
+batch job script with the stand-in server) on its Unix socket. All are subprocesses stopped
+by pid. A person logs in, makes a key on the page, runs batches with the openai SDK and
+follows them on the page: progress, completion, the output downloaded through the link with
+the session, a cancel; nobody sees another person's batches, not even an admin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import openai
+import pytest
+from playwright.async_api import Browser, Page
+
+from saia.sandbox.process import free_port, stop_process
+from tests.hub.web.test_chat_page import CHROMIUM, browser
+from tests.hub.web.test_login_pages import (
+    ADMIN_TOKEN,
+    SESSION_SECRET,
+    Site,
+    insert_session,
+    log_in,
+    new_page,
+    register,
+    spawn,
+    start_provider,
+    wait_for,
+)
+
+pytestmark = pytest.mark.e2e
+__all__ = ["browser"]  # the fixture, shared with the chat page's tests
+
+FAST, SLOW = "bulk", "slow-bulk"
+BATCH_LIMIT_MS = 180_000  # a local batch job starting the stand-in on a loaded machine
+
+
+def agent_config(directory: Path) -> Path:
+    standin = {"template": "standin", "min_instances": 0}
+    config = {
+        "state_dir": str(directory / "agent"), "executor": "local",
+        "services": [
+            {"name": FAST, "model": FAST, **standin},
+            # One answer at a time, paced: 200 requests take minutes, time to cancel.
+            {"name": SLOW, "model": SLOW, **standin,
+             "server_args": ["--token-delay", "0.05", "--max-running", "1"]},
+        ],
+    }  # fmt: skip
+    path = directory / "agent.yaml"
+    path.write_text(json.dumps(config), encoding="utf-8")
+    return path
+
+
+def hub_config(directory: Path, port: int, provider: str, client_id: str) -> Path:
+    site = {"socket": str(directory / "agent" / "agent.sock")}
+    config = {
+        "host": "127.0.0.1", "port": port, "data_dir": str(directory / "data"),
+        "usage_flush_interval": 0.2,
+        "upstreams": {"cluster": {"kind": "hpc", "sites": [site]}},
+        "models": [{"id": FAST, "upstream": "cluster"}, {"id": SLOW, "upstream": "cluster"}],
+        "batches": {"poll_interval": 0.5},
+        "oidc": {
+            "issuer": provider, "client_id": client_id, "client_secret_env": "OIDC_CLIENT_SECRET",
+            "group_claim": "groups", "admin_group": "saia-admins",
+        },
+        "self_service": {"keys_per_user": 2},
+    }  # fmt: skip
+    path = directory / "hub.yaml"
+    path.write_text(json.dumps(config), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    if not CHROMIUM.exists():
+        pytest.fail("chromium is missing: run `python -m saia.sandbox.packages`", pytrace=False)
+    directory = tmp_path_factory.mktemp("batches-panel")
+    saia = [sys.executable, "-c", "from saia.cli import main; main()"]
+    with contextlib.ExitStack() as stack:
+        provider, provider_proc = start_provider(directory)
+        stack.callback(stop_process, provider_proc, 10.0)
+        agent = spawn([*saia, "hpc", "agent", "-c", str(agent_config(directory))],
+                      directory / "agent.log")  # fmt: skip
+        stack.callback(stop_process, agent, 20.0)
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        client_id, client_secret = register(provider, f"{url}/auth/callback")
+        env = {
+            "SAIA_HUB_SESSION_SECRET": SESSION_SECRET,
+            "OIDC_CLIENT_SECRET": client_secret,
+            "SAIA_HUB_ADMIN_TOKEN": ADMIN_TOKEN,
+        }
+        config = hub_config(directory, port, provider, client_id)
+        hub = spawn([*saia, "hub", "serve", "-c", str(config)], directory / "hub.log", env)
+        stack.callback(stop_process, hub, 10.0)
+        wait_for(f"{url}/health", hub, directory / "hub.log")
+        yield Site(url, provider, directory / "data" / "hub.db")
+
+
+def requests_file(model: str, count: int, words: int = 3, max_tokens: int = 4) -> bytes:
+    lines = []
+    for i in range(count):
+        text = " ".join(f"w{i}-{j}" for j in range(words))
+        body = {"model": model, "max_tokens": max_tokens,
+                "messages": [{"role": "user", "content": text}]}  # fmt: skip
+        lines.append({"custom_id": f"row-{i}", "method": "POST",
+                      "url": "/v1/chat/completions", "body": body})  # fmt: skip
+    return b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+
+
+async def start_batch(api: openai.AsyncOpenAI, content: bytes) -> Any:
+    uploaded = await api.files.create(file=("in.jsonl", io.BytesIO(content)), purpose="batch")
+    return await api.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+
+
+async def key_from_page(page: Page) -> str:
+    await page.fill("#key-name", "batches")
+    await page.click("#create-key")
+    await page.locator("#new-secret").wait_for(state="visible")
+    return (await page.text_content("#secret") or "").strip()
+
+
+def row(page: Page, batch_id: str, status: str | None = None) -> Any:
+    which = f"tr[data-batch='{batch_id}']"
+    return page.locator(f"{which}[data-status='{status}']" if status else which)
+
+
+@pytest.fixture
+def bobs_batch(site: Site) -> str:
+    """Another person's batch, made with a key bob made with his session."""
+    cookie = {"cookie": "saia_session=" + insert_session(site.database, "bob", time.time() + 600)}
+    made = httpx.post(f"{site.url}/me/keys", json={"name": "b"}, headers=cookie, trust_env=False)
+    assert made.status_code == 201, made.text
+    api = openai.OpenAI(base_url=f"{site.url}/v1", api_key=made.json()["secret"], max_retries=0)
+    uploaded = api.files.create(
+        file=("bob.jsonl", io.BytesIO(requests_file(FAST, 2))), purpose="batch"
+    )
+    batch = api.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    return batch.id
+
+
+async def test_follow_download_and_cancel_batches(
+    browser: Browser, site: Site, bobs_batch: str
+) -> None:
+    context, page, problems = await new_page(browser)
+    await log_in(page, site, "alice")
+    await page.locator("#batches-empty").wait_for(state="visible")  # none yet: how to start
+    assert f"{site.url}/v1" in (await page.text_content("#batches-empty") or "")
+    api = openai.AsyncOpenAI(base_url=f"{site.url}/v1", api_key=await key_from_page(page),
+                             max_retries=0, timeout=60)  # fmt: skip
+    fast = await start_batch(api, requests_file(FAST, 12))
+    slow = await start_batch(api, requests_file(SLOW, 200, words=12, max_tokens=12))
+    await page.reload()
+    await page.locator("body[data-loaded=true]").wait_for(state="attached")
+    ids = await page.eval_on_selector_all(
+        "tr[data-batch]", "rows => rows.map(r => r.dataset.batch)"
+    )
+    assert ids == [slow.id, fast.id]  # newest first; bob's is not there
+    assert await row(page, fast.id).locator("td").first.text_content() == FAST
+    text = await row(page, slow.id).locator("td.progress .count").text_content() or ""
+    assert re.fullmatch(r"[\d,]+ of 200", text), text
+
+    # The page follows the batch by itself until it is done.
+    await row(page, fast.id, "completed").wait_for(timeout=BATCH_LIMIT_MS)
+    assert await row(page, fast.id).locator(".count").text_content() == "12 of 12"
+    assert await row(page, fast.id).locator("progress").get_attribute("value") == "12"
+    done = await api.batches.retrieve(fast.id)
+    assert done.output_file_id
+    async with page.expect_download() as downloading:
+        await row(page, fast.id).locator("a[data-file=output]").click()
+    download = await downloading.value
+    assert download.suggested_filename == f"{fast.id}-output.jsonl"
+    saved = await anyio.Path(await download.path()).read_bytes()
+    assert saved == (await api.files.content(done.output_file_id)).content
+    assert len(saved.splitlines()) == 12
+
+    # Cancel with the keyboard: the first press asks, the second cancels.
+    await row(page, slow.id, "in_progress").wait_for(timeout=BATCH_LIMIT_MS)
+    button = row(page, slow.id).locator("button[data-cancel]")
+    await button.focus()
+    await page.keyboard.press("Enter")
+    await page.locator(f"button[data-cancel='{slow.id}']", has_text="Confirm cancel").wait_for()
+    await page.keyboard.press("Enter")
+    stopping = "[data-status=cancelling], [data-status=cancelled]"
+    await page.locator(f"tr[data-batch='{slow.id}']:is({stopping})").wait_for()
+    await row(page, slow.id, "cancelled").wait_for(timeout=BATCH_LIMIT_MS)
+    assert (await api.batches.retrieve(slow.id)).status == "cancelled"
+    assert await row(page, slow.id).locator("button").count() == 0
+
+    # The session lists alice's batches only, as her key does.
+    listed = await page.evaluate("async () => (await fetch('../v1/batches')).json()")
+    assert [b["id"] for b in listed["data"]] == [slow.id, fast.id] and bobs_batch not in str(listed)
+    # At a phone's width the page does not scroll sideways (the table scrolls in its box).
+    await page.set_viewport_size({"width": 375, "height": 800})
+    widths = await page.evaluate("() => [document.documentElement.scrollWidth, window.innerWidth]")
+    assert widths[0] <= widths[1], widths
+    await context.close()
+    assert not problems, problems
+
+    # An admin's page shows her own batches (none), not everybody's.
+    context, page, problems = await new_page(browser)
+    await log_in(page, site, "olga")
+    await page.locator("#batches-empty").wait_for(state="visible")
+    assert await page.locator("tr[data-batch]").count() == 0
+    await context.close()
+    assert not problems, problems
