@@ -14,6 +14,7 @@ import contextlib
 import io
 import json
 import re
+import sqlite3
 import sys
 import time
 from collections.abc import Iterator
@@ -219,5 +220,66 @@ async def test_follow_download_and_cancel_batches(
     await log_in(page, site, "olga")
     await page.locator("#batches-empty").wait_for(state="visible")
     assert await page.locator("tr[data-batch]").count() == 0
+    await context.close()
+    assert not problems, problems
+
+
+HOSTILE_ID = "batch-<img src=x id=pwn>"
+HOSTILE_MODEL = "<b id=bold>m</b>"
+HOSTILE_MESSAGE = '<img src=x id=pwn2> & "quoted"'
+
+
+@pytest.fixture
+def carols_session(site: Site) -> str:
+    """carol's session and 13 ended batches of hers written into the database: 12 plain
+    ones, and the newest with markup in its id, model and error message (a user's text)."""
+    now = time.time()
+    rows = []
+    for i in range(13):
+        hostile = i == 12
+        errors = [{"code": "x", "message": HOSTILE_MESSAGE, "line": None}] if hostile else None
+        rows.append((
+            HOSTILE_ID if hostile else f"batch-carol-{i:02d}", "user:carol", "carol",
+            "/v1/chat/completions", HOSTILE_MODEL if hostile else FAST, "cluster", 0,
+            "file-none", "24h", "failed", now - 100 + i, now - 50 + i, 4, 1, 3,
+            json.dumps(errors),
+        ))  # fmt: skip
+    with contextlib.closing(sqlite3.connect(site.database, timeout=10)) as db, db:
+        db.executemany(
+            "INSERT INTO batches (id, owner, user_name, endpoint, model, upstream, site,"
+            " input_file_id, completion_window, status, created_at, failed_at, total,"
+            " completed, failed, prompt_tokens, completion_tokens, price_factor, errors)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0, 1.0, ?)",
+            rows,
+        )
+    return insert_session(site.database, "carol", now + 600)
+
+
+async def test_pages_and_text_only(browser: Browser, site: Site, carols_session: str) -> None:
+    context, page, problems = await new_page(browser)
+    await context.add_cookies([{"name": "saia_session", "value": carols_session, "url": site.url}])
+    await page.goto(f"{site.url}/account/")
+    await page.locator("body[data-loaded=true]").wait_for(state="attached")
+    shown = "rows => rows.map(r => r.dataset.batch)"
+    first = await page.eval_on_selector_all("tr[data-batch]", shown)
+    assert first == [HOSTILE_ID] + [f"batch-carol-{i:02d}" for i in range(11, 2, -1)]
+    # Markup from the API is text on the page, never elements.
+    hostile = page.locator("tr[data-batch]").first
+    assert await hostile.locator("th").text_content() == HOSTILE_ID
+    assert await hostile.locator("td").first.text_content() == HOSTILE_MODEL
+    assert await hostile.locator(".why").text_content() == HOSTILE_MESSAGE
+    assert await page.locator("#batches img, #batches b").count() == 0
+    assert await hostile.locator(".count").text_content() == "4 of 4, 3 failed"
+    assert await hostile.locator("button").count() == 0  # an ended batch: no Cancel
+    # Paged with `after`, as the API: older, then back to the newest.
+    assert await page.is_hidden("#batches-newer")
+    await page.click("#batches-older")
+    await page.locator("tr[data-batch='batch-carol-00']").wait_for()
+    older = await page.eval_on_selector_all("tr[data-batch]", shown)
+    assert older == [f"batch-carol-{i:02d}" for i in (2, 1, 0)]
+    assert await page.is_hidden("#batches-older")
+    await page.click("#batches-newer")
+    await page.locator("tr[data-batch='batch-carol-11']").wait_for()
+    assert await page.eval_on_selector_all("tr[data-batch]", shown) == first
     await context.close()
     assert not problems, problems
