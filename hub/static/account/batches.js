@@ -16,6 +16,7 @@ const state = {
   timer: null, // the one pending refresh, if any
   armed: new Set(), // batches whose Cancel was pressed once (the second press cancels)
   loading: false,
+  again: false,
 };
 
 function say(text) {
@@ -111,8 +112,10 @@ function schedule(page) {
 }
 
 export async function load() {
-  if (state.loading) return;
+  // One request at a time; a load asked for meanwhile (a click) runs once it is back.
+  if (state.loading) { state.again = true; return; }
   state.loading = true;
+  state.again = false;
   const after = state.cursors[state.cursors.length - 1];
   const query = new URLSearchParams({ limit: String(PAGE_SIZE) });
   if (after) query.set("after", after);
@@ -130,6 +133,7 @@ export async function load() {
   } finally {
     state.loading = false;
   }
+  if (state.again) await load();
 }
 
 async function pressCancel(id) {

@@ -5,7 +5,8 @@ The real chain on this machine: the mock OpenID provider, the hub (`saia hub ser
 batch job script with the stand-in server) on its Unix socket. All are subprocesses stopped
 by pid. A person logs in, makes a key on the page, runs batches with the openai SDK and
 follows them on the page: progress, completion, the output downloaded through the link with
-the session, a cancel; nobody sees another person's batches, not even an admin.
+the session, a cancel; nobody sees another person's batches, not even an admin. Set
+SAIA_PAGES_SCREENSHOTS=DIR to keep a picture of the panel (docs/screenshot-batches.png).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 import sqlite3
 import sys
@@ -205,6 +207,10 @@ async def test_follow_download_and_cancel_batches(
     assert (await api.batches.retrieve(slow.id)).status == "cancelled"
     assert await row(page, slow.id).locator("button").count() == 0
 
+    shots = os.environ.get("SAIA_PAGES_SCREENSHOTS")  # docs/screenshot-batches.png
+    if shots:
+        panel = page.locator("#batches-panel")
+        await panel.screenshot(path=str(Path(shots) / "screenshot-batches.png"))
     # The session lists alice's batches only, as her key does.
     listed = await page.evaluate("async () => (await fetch('../v1/batches')).json()")
     assert [b["id"] for b in listed["data"]] == [slow.id, fast.id] and bobs_batch not in str(listed)
