@@ -131,6 +131,27 @@ async def start_batch(api: openai.AsyncOpenAI, content: bytes) -> Any:
     )
 
 
+async def set_hidden(page: Page, hidden: bool) -> None:
+    """The tab hidden or shown, as the page sees it (headless Chromium is never hidden)."""
+    await page.evaluate(
+        "(hidden) => { Object.defineProperty(document, 'hidden', {value: hidden,"
+        " configurable: true}); document.dispatchEvent(new Event('visibilitychange')); }",
+        hidden,
+    )
+
+
+async def no_refresh_while_hidden(page: Page) -> None:
+    """With a batch running the panel asks every 3 s, but not while the tab is hidden."""
+    asked: list[str] = []
+    page.on("request", lambda r: asked.append(r.url) if "/v1/batches?" in r.url else None)
+    await set_hidden(page, True)
+    before = len(asked)
+    await page.wait_for_timeout(7000)  # two refresh periods and more: none may come
+    assert len(asked) == before, asked
+    async with page.expect_request(lambda r: "/v1/batches?" in r.url):
+        await set_hidden(page, False)  # shown again: at once
+
+
 async def key_from_page(page: Page) -> str:
     await page.fill("#key-name", "batches")
     await page.click("#create-key")
@@ -194,8 +215,10 @@ async def test_follow_download_and_cancel_batches(
     assert saved == (await api.files.content(done.output_file_id)).content
     assert len(saved.splitlines()) == 12
 
-    # Cancel with the keyboard: the first press asks, the second cancels.
     await row(page, slow.id, "in_progress").wait_for(timeout=BATCH_LIMIT_MS)
+    await no_refresh_while_hidden(page)
+
+    # Cancel with the keyboard: the first press asks, the second cancels.
     button = row(page, slow.id).locator("button[data-cancel]")
     await button.focus()
     await page.keyboard.press("Enter")
