@@ -312,3 +312,19 @@ async def test_pages_and_text_only(browser: Browser, site: Site, carols_session:
     assert await page.eval_on_selector_all("tr[data-batch]", shown) == first
     await context.close()
     assert not problems, problems
+    # What the panel does with the session, a page of another site cannot.
+    cookie = {"cookie": f"saia_session={carols_session}"}
+    async with httpx.AsyncClient(base_url=site.url, headers=cookie, trust_env=False) as http:
+        form = await http.post(
+            "/v1/batches/batch-carol-00/cancel", content=b"x=1",
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )  # fmt: skip
+        foreign = await http.get(
+            "/v1/files/file-none/content",
+            headers={"origin": "https://evil.example", "sec-fetch-site": "cross-site"},
+        )
+        ended = await http.post("/v1/batches/batch-carol-00/cancel", json={})
+    for answer in (form, foreign):
+        assert answer.status_code == 403, answer.text
+        assert answer.json()["error"]["code"] == "cross_site_request"
+    assert ended.status_code == 409  # the same request as the page's, on an ended batch
