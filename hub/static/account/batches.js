@@ -50,6 +50,7 @@ function download(fileId, batchId, kind) {
     href: `../v1/files/${encodeURIComponent(fileId)}/content`,
     download: `${batchId}-${kind}.jsonl`,
     "data-file": kind,
+    "data-focus-key": `${kind}:${batchId}`,
     text: kind === "output" ? "Output" : "Errors",
   });
 }
