@@ -180,28 +180,8 @@ def bobs_batch(site: Site) -> str:
     return batch.id
 
 
-async def test_follow_download_and_cancel_batches(
-    browser: Browser, site: Site, bobs_batch: str
-) -> None:
-    context, page, problems = await new_page(browser)
-    await log_in(page, site, "alice")
-    await page.locator("#batches-empty").wait_for(state="visible")  # none yet: how to start
-    assert f"{site.url}/v1" in (await page.text_content("#batches-empty") or "")
-    api = openai.AsyncOpenAI(base_url=f"{site.url}/v1", api_key=await key_from_page(page),
-                             max_retries=0, timeout=60)  # fmt: skip
-    fast = await start_batch(api, requests_file(FAST, 12))
-    slow = await start_batch(api, requests_file(SLOW, 200, words=12, max_tokens=12))
-    await page.reload()
-    await page.locator("body[data-loaded=true]").wait_for(state="attached")
-    ids = await page.eval_on_selector_all(
-        "tr[data-batch]", "rows => rows.map(r => r.dataset.batch)"
-    )
-    assert ids == [slow.id, fast.id]  # newest first; bob's is not there
-    assert await row(page, fast.id).locator("td").first.text_content() == FAST
-    text = await row(page, slow.id).locator("td.progress .count").text_content() or ""
-    assert re.fullmatch(r"[\d,]+ of 200", text), text
-
-    # The page follows the batch by itself until it is done.
+async def download_output(page: Page, api: openai.AsyncOpenAI, fast: Any) -> None:
+    """The page follows the batch by itself until it is done; its link downloads the output."""
     await row(page, fast.id, "completed").wait_for(timeout=BATCH_LIMIT_MS)
     assert await row(page, fast.id).locator(".count").text_content() == "12 of 12"
     assert await row(page, fast.id).locator("progress").get_attribute("value") == "12"
@@ -215,10 +195,9 @@ async def test_follow_download_and_cancel_batches(
     assert saved == (await api.files.content(done.output_file_id)).content
     assert len(saved.splitlines()) == 12
 
-    await row(page, slow.id, "in_progress").wait_for(timeout=BATCH_LIMIT_MS)
-    await no_refresh_while_hidden(page)
 
-    # Cancel with the keyboard: the first press asks, the second cancels.
+async def cancel_on_page(page: Page, api: openai.AsyncOpenAI, slow: Any) -> None:
+    """Cancel with the keyboard: the first press asks, the second cancels."""
     button = row(page, slow.id).locator("button[data-cancel]")
     await button.focus()
     await page.keyboard.press("Enter")
@@ -229,6 +208,36 @@ async def test_follow_download_and_cancel_batches(
     await row(page, slow.id, "cancelled").wait_for(timeout=BATCH_LIMIT_MS)
     assert (await api.batches.retrieve(slow.id)).status == "cancelled"
     assert await row(page, slow.id).locator("button").count() == 0
+
+
+async def test_follow_download_and_cancel_batches(
+    browser: Browser, site: Site, bobs_batch: str
+) -> None:
+    context, page, problems = await new_page(browser)
+    await log_in(page, site, "alice")
+    await page.locator("#batches-empty").wait_for(state="visible")  # none yet: how to start
+    assert f"{site.url}/v1" in (await page.text_content("#batches-empty") or "")
+    api = openai.AsyncOpenAI(base_url=f"{site.url}/v1", api_key=await key_from_page(page),
+                             max_retries=0, timeout=60)  # fmt: skip
+    fast = await start_batch(api, requests_file(FAST, 12))
+    slow = await start_batch(api, requests_file(SLOW, 200, words=12, max_tokens=12))
+    try:
+        await page.reload()
+        await page.locator("body[data-loaded=true]").wait_for(state="attached")
+        ids = await page.eval_on_selector_all(
+            "tr[data-batch]", "rows => rows.map(r => r.dataset.batch)"
+        )
+        assert ids == [slow.id, fast.id]  # newest first; bob's is not there
+        assert await row(page, fast.id).locator("td").first.text_content() == FAST
+        text = await row(page, slow.id).locator("td.progress .count").text_content() or ""
+        assert re.fullmatch(r"[\d,]+ of 200", text), text
+        await download_output(page, api, fast)
+        await row(page, slow.id, "in_progress").wait_for(timeout=BATCH_LIMIT_MS)
+        await no_refresh_while_hidden(page)
+        await cancel_on_page(page, api, slow)
+    finally:  # a failed test leaves no batch job running on this machine
+        with contextlib.suppress(openai.APIError):
+            await api.batches.cancel(slow.id)
 
     shots = os.environ.get("SAIA_PAGES_SCREENSHOTS")  # docs/screenshot-batches.png
     if shots:
