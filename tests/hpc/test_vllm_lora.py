@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import struct
 import uuid
 from pathlib import Path
@@ -79,14 +80,17 @@ def test_vllm_serves_a_declared_adapter_under_its_own_id(
     tag = JobTag(config.job_prefix, "lora-" + uuid.uuid4().hex[:6])
     job = asyncio.run(_start(config, tag))
     try:
-        asyncio.run(check(job.url, job.key))
+        asyncio.run(check(job.url, job.key, job.verify))
     finally:
         asyncio.run(_stop(config, tag, job.job_id))
 
 
-async def check(url: str, key: str) -> None:
+async def check(url: str, key: str, verify: ssl.SSLContext | bool) -> None:
+    """`verify`: the job's own certificate, pinned (backend_tls, the default)."""
     headers = {"Authorization": f"Bearer {key}"}
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=120) as client:
+    async with httpx.AsyncClient(
+        base_url=url, headers=headers, timeout=120, verify=verify, trust_env=False
+    ) as client:
         models = {m["id"]: m for m in (await client.get("/v1/models")).json()["data"]}
         assert set(models) == {MODEL_NAME, ADAPTER}
         assert models[ADAPTER]["parent"] == MODEL_NAME

@@ -33,6 +33,7 @@ from hpc.scheduler.status import JobStatus, StatusError, read_status
 from hpc.scheduler.vllm_metrics import parse_vllm_metrics
 from saia.base import protocol as wire
 from saia.base.mux import Channel
+from saia.base.pinned_tls import pinned_context
 from saia.sandbox.slurm import SlurmSandbox
 from saia.sandbox.vllm import VllmInstall
 from tests.hpc.helpers import job_processes, until, wait_endpoint, wait_healthy
@@ -168,7 +169,10 @@ async def check_backend_directly(backend: Backend) -> None:
     """The key guards every path (401 without it); /metrics is vLLM's real Prometheus
     output."""
     assert backend.api_key, "the agent did not read the job's backend key"
-    async with httpx.AsyncClient(base_url=backend.url, trust_env=False, timeout=30) as client:
+    pinned = pinned_context(backend.certificate) if backend.certificate else True
+    async with httpx.AsyncClient(
+        base_url=backend.url, trust_env=False, timeout=30, verify=pinned
+    ) as client:
         assert (await client.get("/v1/models")).status_code == 401
         auth = {"Authorization": f"Bearer {backend.api_key}"}
         models = (await client.get("/v1/models", headers=auth)).json()
@@ -260,7 +264,10 @@ async def test_embeddings_job_without_backend_key(
         # Slurm may hold it until the previous test's job has released the node's memory.
         endpoint = await wait_endpoint(tmp_path, job_id, START_LIMIT)
         assert not (job_dir(tmp_path, job_id) / "api_key").exists()
-        async with httpx.AsyncClient(base_url=endpoint.url, trust_env=False, timeout=30) as client:
+        pinned = endpoint.tls() or True  # the job's own certificate (backend_tls, the default)
+        async with httpx.AsyncClient(
+            base_url=endpoint.url, trust_env=False, timeout=30, verify=pinned
+        ) as client:
             await wait_healthy(client, START_LIMIT, poll_s=1)
             answer = await client.post(
                 "/v1/embeddings", json={"model": SERVICE, "input": ["hello world", "slurm"]}
