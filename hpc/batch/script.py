@@ -15,7 +15,13 @@ from pathlib import Path
 
 from hpc.batch.plan import JobPlan
 from hpc.config import AgentConfig, ServiceConfig
-from hpc.jobs.script import JobScriptError, auth_module_lines, log_path, template_text
+from hpc.jobs.script import (
+    JobScriptError,
+    auth_module_lines,
+    heredoc_lines,
+    log_path,
+    template_text,
+)
 from hpc.jobs.system import JobTag, Submission
 from hpc.jobs.vllm_args import build_vllm_args, container_binds
 from saia.base.durations import format_slurm_time
@@ -63,15 +69,8 @@ def runner(service: ServiceConfig, config: AgentConfig, batch_dir: Path) -> list
 
 def driver_lines() -> list[str]:
     """`SAIA_BATCH_DRIVER=<slurm/saia_batch_driver.py>` as a quoted here-document."""
-    text = template_text(DRIVER)
-    if _DRIVER_END in text.splitlines():
-        raise JobScriptError(f"slurm/{DRIVER} contains the line {_DRIVER_END}")
-    return [
-        f"# ---- slurm/{DRIVER} (slurm/batch.sh writes it into the batch dir)",
-        f"IFS= read -r -d '' SAIA_BATCH_DRIVER <<'{_DRIVER_END}' || true",
-        text.rstrip("\n"),
-        _DRIVER_END,
-    ]
+    note = "slurm/batch.sh writes it into the batch dir"
+    return heredoc_lines(DRIVER, "SAIA_BATCH_DRIVER", _DRIVER_END, note)
 
 
 def sbatch_lines(service: ServiceConfig, plan: JobPlan, state_dir: Path) -> list[str]:

@@ -160,14 +160,22 @@ def template_file(service: ServiceConfig) -> str:
 
 def auth_module_lines() -> list[str]:
     """`SAIA_AUTH_MODULE=<slurm/saia_backend_auth.py>` as a quoted here-document."""
-    text = template_text(AUTH_MODULE)
-    if _AUTH_END in text.splitlines():
-        raise JobScriptError(f"slurm/{AUTH_MODULE} contains the line {_AUTH_END}")
+    return heredoc_lines(
+        AUTH_MODULE, "SAIA_AUTH_MODULE", _AUTH_END, "the prologue writes it into the job dir"
+    )
+
+
+def heredoc_lines(name: str, variable: str, end: str, note: str) -> list[str]:
+    """`<variable>=<slurm/<name>>` as a quoted here-document (the file travels inside the
+    job script: compute nodes need not see this package)."""
+    text = template_text(name)
+    if end in text.splitlines():
+        raise JobScriptError(f"slurm/{name} contains the line {end}")
     return [
-        f"# ---- slurm/{AUTH_MODULE} (the prologue writes it into the job dir)",
-        f"IFS= read -r -d '' SAIA_AUTH_MODULE <<'{_AUTH_END}' || true",
+        f"# ---- slurm/{name} ({note})",
+        f"IFS= read -r -d '' {variable} <<'{end}' || true",
         text.rstrip("\n"),
-        _AUTH_END,
+        end,
     ]
 
 
