@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Protocol
@@ -140,27 +140,36 @@ class LocalFileStore:
 
     async def remove_stale(self, before: float) -> int:
         removed = 0
-        with os.scandir(self.folder) as entries:
-            for entry in entries:
-                if not (entry.name.startswith(".") and entry.name.endswith(".part")):
-                    continue
-                try:
-                    if entry.stat().st_mtime < before:
-                        os.unlink(entry.path)
-                        removed += 1
-                except FileNotFoundError:  # its writer ended meanwhile
-                    continue
+        for name in self._written_before(before, _is_partial):
+            try:
+                os.unlink(self.folder / name)
+                removed += 1
+            except FileNotFoundError:  # its writer ended meanwhile
+                continue
         return removed
 
     async def committed_before(self, before: float) -> list[str]:
+        return self._written_before(before, _is_committed)
+
+    def _written_before(self, before: float, wanted: Callable[[str], bool]) -> list[str]:
+        """Names in the folder that `wanted` accepts, last written before `before`."""
         found = []
         with os.scandir(self.folder) as entries:
             for entry in entries:
-                if entry.name.startswith(".") or not _ID.match(entry.name):
+                if not wanted(entry.name):
                     continue
                 try:
                     if entry.stat().st_mtime < before:
                         found.append(entry.name)
-                except FileNotFoundError:  # deleted meanwhile
+                except FileNotFoundError:  # gone meanwhile
                     continue
         return found
+
+
+def _is_partial(name: str) -> bool:
+    """A writer's file before its commit (`.<id>.part`)."""
+    return name.startswith(".") and name.endswith(".part")
+
+
+def _is_committed(name: str) -> bool:
+    return not name.startswith(".") and _ID.match(name) is not None
